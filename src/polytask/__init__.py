@@ -1,0 +1,30 @@
+"""polytask: multi-task learning on PyTorch.
+
+Every method yields task weights; tasks are named everywhere. See DESIGN in the repository.
+"""
+
+from polytask import data, engine, methods, metrics, models
+from polytask.core import ConfigError, DataError, InvalidParameterError, PolytaskError, ShapeError, Task
+from polytask.engine import Engine, backward
+from polytask.metrics import delta_m
+from polytask.models import encoders
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "Engine",
+    "InvalidParameterError",
+    "PolytaskError",
+    "ShapeError",
+    "Task",
+    "backward",
+    "data",
+    "delta_m",
+    "encoders",
+    "engine",
+    "methods",
+    "metrics",
+    "models",
+]

@@ -1,0 +1,163 @@
+"""Turn per-task losses into one update: method weights → one weighted backward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError
+from polytask.engine.jacobian import gramian, task_jacobian
+from polytask.methods.base import Method, Step, get_method
+
+Mode = Literal["auto", "parameters", "features"]
+
+
+class Engine:
+    """Computes what a method ``needs`` and applies d = Σ wᵢ ∇Lᵢ into ``.grad``.
+
+    Args:
+        method: a Method or a registry name.
+        shared_params: θ, the parameters every task's gradient is compared on (a subset, such
+            as the last shared layer, is allowed).
+        mode: where Gramian methods compare gradients: ``parameters`` (θ, exact), ``features``
+            (the shared representation z, ≈ one backward) or ``auto`` (``features`` only for
+            methods that declare ``needs == "features"``).
+        every: recompute the weights every ``every`` steps and reuse them in between.
+        seed: seed of the generator handed to random methods.
+    """
+
+    def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, mode: Mode = "auto",
+                 every: int = 1, seed: int = 0) -> None:
+        self.method = get_method(method)
+        self.shared = [p for p in shared_params if p.requires_grad]
+        if mode not in ("auto", "parameters", "features"):
+            raise InvalidParameterError(f"`mode` of the engine must be auto, parameters or features; found {mode!r}")
+        if not isinstance(every, int) or every < 1:
+            raise InvalidParameterError(f"`every` of the engine must be an int >= 1; found {every!r}")
+        self.mode = mode
+        self.every = every
+        self.generator = torch.Generator().manual_seed(seed)
+        self._cached: tuple[tuple[str, ...], Tensor] | None = None
+
+    @property
+    def needs(self) -> str:
+        needs = self.method.needs
+        if needs == "gramian" and self.mode == "features":
+            return "features"
+        return needs
+
+    def state_dict(self) -> dict:
+        cached = None if self._cached is None else {"tasks": list(self._cached[0]), "w": self._cached[1]}
+        return {"generator": self.generator.get_state(), "cached": cached}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.generator.set_state(state["generator"])
+        c = state.get("cached")
+        self._cached = None if c is None else (tuple(c["tasks"]), c["w"])
+
+    def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,
+                 index: int = 0, epoch: int = 0, extra_loss: Tensor | None = None,
+                 scale: float = 1.0) -> dict[str, float]:
+        """Accumulate the update into ``.grad`` and return the task weights.
+
+        ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
+        sample this step (it gets weight 0 and no gradient). ``features`` are the shared
+        representation tensors (needed in ``features`` mode). ``extra_loss`` (e.g. a soft-sharing
+        penalty) is added to the total with weight 1. ``scale`` multiplies the total (loss scaling
+        or gradient accumulation) without changing the weights.
+        """
+        active = tuple(t for t, v in losses.items() if v is not None)
+        if not active:
+            return {t: 0.0 for t in losses}
+        vec = torch.stack([losses[t] for t in active])  # type: ignore[misc]
+        step = Step(tasks=active, losses=vec.detach(), index=index, epoch=epoch, generator=self.generator)
+
+        reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
+        jacobian = None
+        if reuse:
+            w = self._cached[1]  # type: ignore[index]
+        else:
+            needs = self.needs
+            if needs == "features":
+                zs = [z for z in (features or []) if z.requires_grad]
+                if not zs:
+                    raise InvalidParameterError(
+                        f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
+                step.gramian = gramian(task_jacobian(list(vec), zs))
+            elif needs in ("gramian", "jacobian"):
+                jacobian = task_jacobian(list(vec), self.shared)
+                step.gramian = gramian(jacobian)
+                if needs == "jacobian":
+                    step.jacobian = jacobian
+            w = self.method.weights(step)
+            if w.shape != (len(active),):
+                raise InvalidParameterError(
+                    f"method '{type(self.method).__name__}' returned weights of shape {tuple(w.shape)}; expected ({len(active)},)")
+            if self.every > 1:
+                self._cached = (active, w.detach())
+
+        total = (w * vec).sum()
+        penalty = self.method.penalty(step, vec)
+        if penalty is not None:
+            total = total + penalty
+        if extra_loss is not None:
+            total = total + extra_loss
+        if jacobian is not None and self.shared:
+            # J is already materialised: put d = Jᵀ w (or the method's direction) on θ directly and
+            # back-propagate the total only into the other parameters, skipping a second pass
+            # through the shared encoder.
+            direction = self.method.direction(step) if self.method.returns_direction else w.detach() @ jacobian
+            self._add_flat_grad(direction * scale)
+            others = _other_leaves(total, self.shared)
+            if others:
+                torch.autograd.backward(total * scale, inputs=others)
+        else:
+            (total * scale).backward()
+        weights = {t: 0.0 for t in losses}
+        weights.update(zip(active, w.detach().tolist(), strict=True))
+        return weights
+
+    def _add_flat_grad(self, flat: Tensor) -> None:
+        offset = 0
+        for p in self.shared:
+            n = p.numel()
+            g = flat[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad + g
+            offset += n
+
+
+def _other_leaves(total: Tensor, exclude: list[Tensor]) -> list[Tensor]:
+    """Leaf tensors requiring grad that ``total`` depends on, minus ``exclude``."""
+    skip = {id(p) for p in exclude}
+    seen: set[int] = set()
+    leaves: list[Tensor] = []
+    stack = [total.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            if id(var) not in skip:
+                leaves.append(var)
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def backward(losses: Mapping[str, Tensor | None], shared_params: Iterable[Tensor], method: str | Method = "equal",
+             *, features: Iterable[Tensor] | None = None, mode: Mode = "auto", index: int = 0) -> dict[str, float]:
+    """One multi-task backward from any training loop.
+
+    Leaves d = Σ wᵢ ∇Lᵢ in ``.grad`` of the shared and private parameters and returns the task
+    weights by name. ``method`` is a registry name (``"pcgrad"``) or a Method object; keep the
+    object between calls for stateful methods, or use :class:`Engine` directly.
+    """
+    engine = Engine(method, shared_params, mode=mode)
+    if isinstance(method, str):
+        engine.method.setup(list(losses))
+    return engine.backward(losses, features=features, index=index)

@@ -1,0 +1,48 @@
+"""Static per-task weights λ."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError, closest
+from polytask.methods.base import Method, Step, register
+
+
+@register("static")
+class Static(Method):
+    """Static weighted sum: Total = Σᵢ λᵢ Lᵢ with user-chosen λ.
+
+    ``weights`` maps task name → λ; tasks left out take their ``Task.weight`` (default 1).
+    """
+
+    needs = "losses"
+
+    def __init__(self, *, weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        weights = dict(weights or {})
+        for name, value in weights.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InvalidParameterError(f"`weights['{name}']` of `static` must be a finite number >= 0; found {value!r}")
+        self.given = weights
+        self.lambdas: dict[str, float] = dict(weights)
+        self._remember(weights=weights)
+
+    def setup(self, tasks: Sequence[str], *, sizes=None, static_weights=None) -> None:
+        super().setup(tasks)
+        for name in self.given:
+            if name not in tasks:
+                raise InvalidParameterError(
+                    f"`weights` of `static` names unknown task '{name}'.{closest(name, tasks)} Tasks: {', '.join(tasks)}"
+                )
+        defaults = dict(static_weights or {})
+        self.lambdas = {t: float(self.given.get(t, defaults.get(t, 1.0))) for t in tasks}
+
+    def weights(self, step: Step) -> Tensor:
+        missing = [t for t in step.tasks if t not in self.lambdas]
+        if missing:
+            raise InvalidParameterError(f"`static` has no weight for task(s) {missing}; call setup() with all tasks")
+        return torch.tensor([self.lambdas[t] for t in step.tasks], dtype=step.losses.dtype, device=step.losses.device)

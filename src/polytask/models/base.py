@@ -1,0 +1,46 @@
+"""What every multi-task architecture exposes to the engine and the trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from polytask.core.registry import Registry
+from polytask.core.task import Task, task_names
+
+
+class MultiTaskModel(nn.Module):
+    """Base of all architectures.
+
+    ``encode(x, task)`` gives the shared representation z (what the engine's ``features`` mode
+    differentiates), ``decode(z, tasks)`` the raw outputs per task; ``forward`` chains them.
+    ``shared_parameters`` (θ) and ``task_parameters(name)`` partition the trainable parameters.
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        self.task_names = task_names(tuple(tasks))
+        self.tasks = {t.name: t for t in tasks}
+
+    def encode(self, x: Tensor, task: str | None = None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, tasks: Sequence[str] | None = None, task: str | None = None) -> dict[str, Tensor]:
+        return self.decode(self.encode(x, task), tasks)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_loss(self) -> Tensor | None:
+        """A regulariser added to the total loss (soft sharing's parameter distance)."""
+        return None
+
+
+ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")

@@ -1,0 +1,7 @@
+"""Encoders: map an input batch to a (batch, out_features) shared representation."""
+
+from polytask.models.encoders.base import ENCODERS
+from polytask.models.encoders.cnn import CNN
+from polytask.models.encoders.mlp import MLP
+
+__all__ = ["CNN", "ENCODERS", "MLP"]

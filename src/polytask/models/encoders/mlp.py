@@ -1,0 +1,29 @@
+"""Fully connected encoder for flat feature vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from polytask.core.errors import InvalidParameterError
+from polytask.models.encoders.base import ENCODERS
+from polytask.models.heads import mlp_layers
+
+
+@ENCODERS.register("mlp")
+class MLP(nn.Module):
+    """Multilayer perceptron: ``in_features`` → hidden[0] → … → hidden[-1], ReLU between."""
+
+    def __init__(self, *, in_features: int, hidden: Sequence[int] = (128, 64), dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(in_features, int) or in_features < 1:
+            raise InvalidParameterError(f"`in_features` of `mlp` must be a positive int; found {in_features!r}")
+        if not hidden:
+            raise InvalidParameterError("`hidden` of `mlp` needs at least one layer size")
+        self.net = mlp_layers(in_features, list(hidden), None, dropout=dropout)
+        self.in_features = in_features
+        self.out_features = int(list(hidden)[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
