@@ -58,6 +58,9 @@ class Method(nn.Module):
     #: True when ``weights`` may return values that are not a plain weighting of the gradients
     #: (e.g. GradDrop); such methods implement :meth:`direction` instead.
     returns_direction: ClassVar[bool] = False
+    #: θ the per-task gradients are taken on: all shared parameters, or only the last shared layer
+    #: (GradNorm's choice, and a cheap approximation for any Gramian method).
+    scope: ClassVar[Literal["shared", "last_shared"]] = "shared"
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:

@@ -35,6 +35,18 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> Iterator[nn.Parameter]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the last shared module that owns any (e.g. the encoder's last layer)."""
+        owners = [m for m in self.modules_shared() if any(True for _ in m.parameters(recurse=False))]
+        if not owners:
+            return []
+        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad]
+
+    def modules_shared(self) -> list[nn.Module]:
+        """Shared modules in registration order (defaults to the ``encoder`` attribute)."""
+        encoder = getattr(self, "encoder", None)
+        return list(encoder.modules()) if isinstance(encoder, nn.Module) else []
+
     def task_parameters(self, name: str) -> Iterator[nn.Parameter]:  # pragma: no cover - abstract
         raise NotImplementedError
 
