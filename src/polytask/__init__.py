@@ -3,11 +3,12 @@
 Every method yields task weights; tasks are named everywhere. See DESIGN in the repository.
 """
 
-from polytask import data, engine, methods, metrics, models
+from polytask import data, datasets, engine, methods, metrics, models
 from polytask.core import ConfigError, DataError, InvalidParameterError, PolytaskError, ShapeError, Task
 from polytask.engine import Engine, backward
 from polytask.metrics import delta_m
 from polytask.models import encoders
+from polytask.train import Trainer
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,10 @@ __all__ = [
     "PolytaskError",
     "ShapeError",
     "Task",
+    "Trainer",
     "backward",
     "data",
+    "datasets",
     "delta_m",
     "encoders",
     "engine",

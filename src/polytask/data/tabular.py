@@ -1,0 +1,87 @@
+"""Turn a table into a float feature matrix: standardised numbers, one-hot categories."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from polytask.core.errors import DataError
+
+
+class TabularPreprocessor:
+    """Fit on the training table, then transform any table with the same columns.
+
+    Numeric columns are standardised with the training mean and standard deviation; categorical
+    columns (string, categorical or boolean dtype) become one-hot blocks over the training
+    categories plus one "unseen" slot. The fitted state is plain JSON (``to_dict``), so a run
+    directory can rebuild it for ``polytask predict`` without pickles.
+    """
+
+    def __init__(self, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
+                 means: Mapping[str, float] | None = None, stds: Mapping[str, float] | None = None,
+                 categories: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.numeric = list(numeric)
+        self.categorical = list(categorical)
+        self.means = dict(means or {})
+        self.stds = dict(stds or {})
+        self.categories = {k: list(v) for k, v in (categories or {}).items()}
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, features: Sequence[str]) -> TabularPreprocessor:
+        missing = [c for c in features if c not in frame.columns]
+        if missing:
+            raise DataError(f"feature column(s) {missing} not found; columns are: {', '.join(map(str, frame.columns))}")
+        numeric, categorical = [], []
+        for col in features:
+            kind = frame[col].dtype
+            if pd.api.types.is_bool_dtype(kind) or not pd.api.types.is_numeric_dtype(kind):
+                categorical.append(col)
+            else:
+                numeric.append(col)
+        means = {c: float(frame[c].mean()) for c in numeric}
+        stds = {c: float(frame[c].std(ddof=0)) or 1.0 for c in numeric}
+        categories = {c: sorted(map(str, frame[c].dropna().unique())) for c in categorical}
+        return cls(numeric, categorical, means, stds, categories)
+
+    @property
+    def features(self) -> list[str]:
+        return self.numeric + self.categorical
+
+    @property
+    def out_features(self) -> int:
+        return len(self.numeric) + sum(len(v) + 1 for v in self.categories.values())
+
+    def transform(self, frame: pd.DataFrame, where: str = "data") -> Tensor:
+        missing = [c for c in self.features if c not in frame.columns]
+        if missing:
+            raise DataError(f"{where} lacks feature column(s) {missing}; expected: {', '.join(self.features)}")
+        blocks: list[np.ndarray] = []
+        for col in self.numeric:
+            values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
+            if np.isnan(values).any():
+                row = int(np.isnan(values).nonzero()[0][0])
+                raise DataError(f"{where} column '{col}' has a missing or non-numeric value at row {row}")
+            blocks.append(((values - self.means[col]) / self.stds[col])[:, None])
+        for col in self.categorical:
+            cats = self.categories[col]
+            codes = pd.Categorical(frame[col].astype(str), categories=cats).codes.astype(np.int64)
+            codes[codes < 0] = len(cats)  # unseen or missing category
+            one_hot = np.zeros((len(frame), len(cats) + 1), dtype=np.float64)
+            one_hot[np.arange(len(frame)), codes] = 1.0
+            blocks.append(one_hot)
+        if not blocks:
+            raise DataError(f"{where}: no feature columns to encode")
+        return torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.float32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numeric": self.numeric, "categorical": self.categorical, "means": self.means,
+                "stds": self.stds, "categories": self.categories}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> TabularPreprocessor:
+        return cls(**state)

@@ -1,0 +1,17 @@
+"""Bundled real data sets that load offline from installed packages: ``load(name)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from polytask.datasets import adult, multimnist  # noqa: F401  (register the loaders)
+from polytask.datasets.base import DATASETS, LoadedData, PackagedFile, split_by_task
+from polytask.datasets.download import fetch, sha256
+
+
+def load(name: str, /, **options: Any) -> LoadedData:
+    """Load a bundled data set by name (``polytask list datasets``)."""
+    return DATASETS.create(name, **options)
+
+
+__all__ = ["DATASETS", "LoadedData", "PackagedFile", "fetch", "load", "sha256", "split_by_task"]

@@ -1,0 +1,60 @@
+"""Optimizer with per-task parameter groups, and learning-rate schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from polytask.core.errors import InvalidParameterError, closest
+from polytask.core.task import Task
+from polytask.models.base import MultiTaskModel
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step", "exponential")
+
+
+def parameter_groups(model: MultiTaskModel, tasks: Sequence[Task], extra: Iterable[nn.Parameter], *, lr: float,
+                     weight_decay: float) -> list[dict]:
+    """Shared parameters at the global settings; each task's private parameters at its own
+    ``lr`` / ``weight_decay`` when the task sets them; method parameters (e.g. uncertainty
+    log-variances) at the global learning rate without decay."""
+    groups, seen = [], set()
+    for task in tasks:
+        params = [p for p in model.task_parameters(task.name) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "name": f"task:{task.name}",
+                           "lr": task.lr if task.lr is not None else lr,
+                           "weight_decay": task.weight_decay if task.weight_decay is not None else weight_decay})
+    shared = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups.insert(0, {"params": shared, "name": "shared", "lr": lr, "weight_decay": weight_decay})
+    method_params = [p for p in extra if p.requires_grad]
+    if method_params:
+        groups.append({"params": method_params, "name": "method", "lr": lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise InvalidParameterError(f"unknown optimizer '{name}'.{closest(name, OPTIMIZERS)} Valid: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, step_size: int = 10,
+                    gamma: float = 0.5) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-epoch schedule: cosine annealing to 0 over ``epochs``, step decay or exponential decay."""
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if name == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    raise InvalidParameterError(f"unknown scheduler '{name}'.{closest(name, SCHEDULERS)} Valid: {', '.join(SCHEDULERS)}")

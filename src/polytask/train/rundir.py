@@ -1,0 +1,63 @@
+"""The run directory contract: config.yaml, metrics.csv, steps.csv, summary.json, training.png,
+checkpoints/{last,best}.pt. Every file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from polytask.core.errors import ConfigError
+from polytask.train.checkpoint import atomic_write_text
+
+METRIC_FIELDS = ("epoch", "split", "task", "metric", "value")
+STEP_FIELDS = ("step", "epoch", "task", "loss", "weight")
+
+
+class RunDir:
+    """A run's folder. ``prepare`` refuses an existing one unless resuming or overwriting."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        exists = self.path.exists() and any(self.path.iterdir())
+        if exists and not (resume or overwrite):
+            raise ConfigError(
+                f"run directory {self.path} already exists; pass --resume to continue it or --overwrite to replace it")
+        if resume and not self.last.exists():
+            raise ConfigError(f"cannot resume: {self.last} does not exist")
+        if exists and overwrite:
+            shutil.rmtree(self.path)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def write_csv(self, name: str, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        self.write_text(name, buffer.getvalue())

@@ -1,0 +1,375 @@
+"""The training loop: forward, per-task losses, method → weights, one backward, metrics, logs."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from polytask.core.errors import DataError, InvalidParameterError, PolytaskError, closest
+from polytask.core.task import Task, task_names
+from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
+from polytask.data.samplers import SAMPLERS, Sampler
+from polytask.engine.backward import Engine
+from polytask.methods.base import Method, get_method
+from polytask.metrics.delta_m import delta_m
+from polytask.metrics.registry import METRICS
+from polytask.metrics.tracker import TaskMetrics
+from polytask.models.base import MultiTaskModel
+from polytask.train.checkpoint import load_checkpoint, save_checkpoint
+from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
+from polytask.train.plots import plot_training
+from polytask.train.rundir import METRIC_FIELDS, STEP_FIELDS, RunDir
+
+Data = MultiOutputDataset | TaskDatasets
+
+
+class NonFiniteLossError(PolytaskError):
+    """A task's loss became NaN or infinite."""
+
+
+@dataclass
+class Report:
+    """What ``fit`` returns: per-epoch rows, the best epoch and the final per-task metrics."""
+
+    metrics: dict[str, dict[str, float]]
+    best_epoch: int
+    history: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains a :class:`MultiTaskModel` on named tasks with any registered method.
+
+    Args:
+        model: the architecture. tasks: its tasks (order sets the order of logs).
+        method: registry name or Method; ``method_params`` go to its constructor.
+        sampler: registry name or Sampler, used when each task has its own data set.
+        epochs, batch_size, optimizer (adam|adamw|sgd), lr, weight_decay, momentum: the usual.
+        scheduler: none|cosine|step|exponential (stepped once per epoch).
+        monitor: what picks the best epoch and drives early stopping: ``loss`` (mean validation
+            loss over tasks), ``TASK/METRIC`` or ``delta_m`` (needs ``baselines``).
+        patience: epochs without improvement before stopping (None: never stop early).
+        baselines: single-task metrics {task: {metric: value}} for Δm.
+        grad_clip: max global gradient norm (None: no clipping).
+        engine_mode / engine_every: see :class:`polytask.engine.Engine`.
+        output_dir: run directory (None: nothing written). resume / overwrite: see RunDir.
+        config_text: the resolved YAML written to config.yaml.
+    """
+
+    def __init__(self, model: MultiTaskModel, tasks: Sequence[Task], *, method: str | Method = "static",
+                 method_params: Mapping[str, Any] | None = None, sampler: str | Sampler = "proportional",
+                 sampler_params: Mapping[str, Any] | None = None, epochs: int = 10, batch_size: int = 256,
+                 optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
+                 scheduler: str = "none", monitor: str = "loss", patience: int | None = None,
+                 baselines: Mapping[str, Mapping[str, float]] | None = None, grad_clip: float | None = None,
+                 engine_mode: str = "auto", engine_every: int = 1, output_dir: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, seed: int = 0, device: str = "cpu",
+                 progress: bool = True, config_text: str | None = None) -> None:
+        self.tasks = list(tasks)
+        self.names = task_names(self.tasks)
+        if not isinstance(model, MultiTaskModel):
+            raise InvalidParameterError(f"model must be a polytask MultiTaskModel; found {type(model).__name__}")
+        if set(model.task_names) != set(self.names):
+            raise InvalidParameterError(f"model tasks {list(model.task_names)} differ from trainer tasks {list(self.names)}")
+        for key, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or value < low:
+                raise InvalidParameterError(f"`{key}` must be an int >= {low}; found {value!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise InvalidParameterError(f"`lr` must be > 0; found {lr!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise InvalidParameterError(f"`patience` must be an int >= 1 or None; found {patience!r}")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        self.model = model.to(self.device)
+        self.method = get_method(method, **dict(method_params or {}))
+        self.method.to(self.device)
+        self.sampler = sampler if isinstance(sampler, Sampler) else SAMPLERS.create(sampler, **dict(sampler_params or {}))
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.baselines = {t: dict(v) for t, v in (baselines or {}).items()}
+        self.monitor, self.patience, self.grad_clip = monitor, patience, grad_clip
+        self.higher_is_better = self._check_monitor(monitor)
+        self.progress = progress
+        shared = model.last_shared_parameters() if self.method.scope == "last_shared" else list(model.shared_parameters())
+        self.engine = Engine(self.method, shared, mode=engine_mode, every=engine_every, seed=seed + 3)  # type: ignore[arg-type]
+        groups = parameter_groups(model, self.tasks, self.method.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = build_optimizer(optimizer, groups, lr=lr, momentum=momentum)
+        self.scheduler = build_scheduler(scheduler, self.optimizer, epochs=epochs)
+        self.data_generator = torch.Generator().manual_seed(seed + 1)
+        self.sampler_generator = torch.Generator().manual_seed(seed + 2)
+        self.run = RunDir(output_dir) if output_dir is not None else None
+        self.resume, self.overwrite, self.config_text = resume, overwrite, config_text
+        self.main_metrics = {t.name: t.main_metric for t in self.tasks}
+        self.metrics = TaskMetrics(self.tasks, self.device)  # validates metric names early
+        self.history: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.step_index = 0
+        self.best: dict[str, Any] = {"epoch": -1, "score": None}
+        self.bad_epochs = 0
+
+    # ------------------------------------------------------------------------------- public API
+    def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
+        """Train for ``epochs`` (or until early stopping) and return the report."""
+        for split, data in (("train", train), ("val", val), ("test", test)):
+            if data is not None:
+                self._check_data(data, split)
+        if self.monitor != "loss" and val is None:
+            raise InvalidParameterError(f"monitor '{self.monitor}' needs validation data")
+        sizes = train.sizes if isinstance(train, TaskDatasets) else {t: len(train) for t in self.names}
+        self.method.setup(self.names, sizes=sizes, static_weights={t.name: t.weight for t in self.tasks})
+        if isinstance(train, TaskDatasets):
+            self.sampler.setup({t: sizes[t] for t in self.names})
+        if self.run is not None:
+            self.run.prepare(resume=self.resume, overwrite=self.overwrite)
+            if self.config_text is not None:
+                self.run.write_text("config.yaml", self.config_text)
+            if self.resume:
+                self._load_state(load_checkpoint(self.run.last))
+        started = time.perf_counter()
+        while self.epoch < self.epochs and not self._should_stop():
+            rows = self._train_epoch(train)
+            if val is not None:
+                rows += self._rows("val", self.evaluate(val))
+            self.history.extend(rows)
+            self._end_epoch(rows)
+        summary = self._finish(train, val, test, time.perf_counter() - started)
+        return Report(metrics=summary["tasks"], best_epoch=summary["best_epoch"], history=self.history, summary=summary)
+
+    @torch.no_grad()
+    def evaluate(self, data: Data) -> dict[str, dict[str, float]]:
+        """Per-task metrics and mean loss on ``data`` (each task on its own set if per-task)."""
+        self.model.eval()
+        tracker = self.metrics
+        tracker.reset()
+        for batch in self._eval_batches(data):
+            batch = batch.to(self.device)
+            active = self._active(batch)
+            outputs = self.model(batch.x, tasks=active, task=batch.source)
+            losses = {t: self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t)) for t in active}
+            tracker.update(outputs, batch.targets, batch.masks, losses)
+        return tracker.compute()
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, *, task: str | None = None, batch_size: int = 1024) -> dict[str, Tensor]:
+        """Predictions per task: values (regression), probabilities (binary, multilabel) or classes."""
+        self.model.eval()
+        chunks: dict[str, list[Tensor]] = {t: [] for t in self.names}
+        for start in range(0, len(x), batch_size):
+            out = self.model(x[start:start + batch_size].to(self.device), task=task)
+            for name, value in out.items():
+                chunks[name].append(self._task(name).predict(value).cpu())
+        return {t: torch.cat(v) for t, v in chunks.items() if v}
+
+    # ------------------------------------------------------------------------------ the loop
+    def _train_epoch(self, train: Data) -> list[dict[str, Any]]:
+        self.model.train()
+        self.metrics.reset()
+        weight_sums = {t: 0.0 for t in self.names}
+        weight_counts = {t: 0 for t in self.names}
+        batches = self._train_batches(train)
+        total = self._steps_per_epoch(train)
+        bar = tqdm(batches, total=total, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True)
+        for batch in bar:
+            weights, losses = self._train_step(batch.to(self.device))
+            for t, w in weights.items():
+                if losses.get(t) is not None:
+                    weight_sums[t] += w
+                    weight_counts[t] += 1
+                    self.steps.append({"step": self.step_index, "epoch": self.epoch, "task": t,
+                                       "loss": losses[t], "weight": w})
+            self.step_index += 1
+        bar.close()
+        computed = self.metrics.compute()
+        for t in self.names:
+            if weight_counts[t]:
+                computed[t]["weight"] = weight_sums[t] / weight_counts[t]
+        return self._rows("train", computed)
+
+    def _train_step(self, batch: Batch) -> tuple[dict[str, float], dict[str, float | None]]:
+        active = self._active(batch)
+        z = self.model.encode(batch.x, batch.source)
+        outputs = self.model.decode(z, active)
+        losses = {t: self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t)) for t in active}
+        present = [t for t, v in losses.items() if v is not None]
+        if present:
+            values = torch.stack([losses[t] for t in present]).detach()  # type: ignore[misc]
+            if not bool(torch.isfinite(values).all()):
+                bad = [t for t, v in zip(present, values.tolist(), strict=True) if not math.isfinite(v)]
+                raise NonFiniteLossError(
+                    f"loss of task(s) {bad} is not finite at step {self.step_index} (epoch {self.epoch + 1}); "
+                    "lower the learning rate, clip gradients, or check the targets")
+        self.optimizer.zero_grad(set_to_none=True)
+        weights = self.engine.backward(losses, features=[z], index=self.step_index, epoch=self.epoch,
+                                       extra_loss=self.model.extra_loss())
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.metrics.update(outputs, batch.targets, batch.masks, losses)
+        loss_values = dict(zip(present, values.tolist(), strict=True)) if present else {}
+        return weights, {t: loss_values.get(t) for t in active}
+
+    def _end_epoch(self, rows: list[dict[str, Any]]) -> None:
+        train_losses = {r["task"]: r["value"] for r in rows if r["split"] == "train" and r["metric"] == "loss"}
+        val_metrics: dict[str, dict[str, float]] = {}
+        for r in rows:
+            if r["split"] == "val":
+                val_metrics.setdefault(r["task"], {})[r["metric"]] = r["value"]
+        self.method.on_epoch_end(self.epoch, train_losses, val_metrics or None)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        score = self._score(rows)
+        improved = self.best["score"] is None or (score > self.best["score"] if self.higher_is_better
+                                                  else score < self.best["score"])
+        self.epoch += 1
+        if improved:
+            self.best = {"epoch": self.epoch, "score": score}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        if improved and self.run is None:
+            self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.run is not None:
+            if improved:
+                save_checkpoint(self.run.best, {"model": self.model.state_dict(), "epoch": self.epoch})
+            save_checkpoint(self.run.last, self._state())
+            self.run.write_csv("metrics.csv", METRIC_FIELDS, self.history)
+            self.run.write_csv("steps.csv", STEP_FIELDS, self.steps)
+            plot_training(self.run.path / "training.png", self.history, self.main_metrics)
+
+    def _should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def _finish(self, train: Data, val: Data | None, test: Data | None, seconds: float) -> dict[str, Any]:
+        if self.run is not None and self.run.best.exists():
+            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
+        elif self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        split, data = ("test", test) if test is not None else ("val", val) if val is not None else ("train", train)
+        final = self.evaluate(data)
+        summary: dict[str, Any] = {
+            "tasks": final, "split": split, "best_epoch": self.best["epoch"], "epochs_run": self.epoch,
+            "monitor": self.monitor, "method": type(self.method).registry_name,  # type: ignore[attr-defined]
+            "main_metrics": self.main_metrics, "train_seconds": round(seconds, 2),
+        }
+        if self.baselines:
+            summary["baselines"] = self.baselines
+            summary["delta_m"] = delta_m(final, self.baselines, self.main_metrics)
+        if self.run is not None:
+            self.run.write_json("summary.json", summary)
+        return summary
+
+    # ---------------------------------------------------------------------------- batching
+    def _train_batches(self, train: Data) -> Iterator[Batch]:
+        if isinstance(train, MultiOutputDataset):
+            yield from train.batches(self.batch_size, shuffle=True, generator=self.data_generator)
+            return
+        streams = {t: _cycle(ds, self.batch_size, self.data_generator, t) for t, ds in train.datasets.items()}
+        total_steps = self._steps_per_epoch(train) * self.epochs
+        for _ in range(self._steps_per_epoch(train)):
+            task = self.sampler.sample(self.sampler_generator, self.step_index, total_steps)
+            yield next(streams[task])
+
+    def _eval_batches(self, data: Data) -> Iterator[Batch]:
+        size = max(self.batch_size, 1024)
+        if isinstance(data, MultiOutputDataset):
+            yield from data.batches(size)
+        else:
+            for name, ds in data.datasets.items():
+                yield from ds.batches(size, source=name)
+
+    def _steps_per_epoch(self, train: Data) -> int:
+        if isinstance(train, MultiOutputDataset):
+            return math.ceil(len(train) / self.batch_size)
+        return sum(math.ceil(n / self.batch_size) for n in train.sizes.values())
+
+    # ----------------------------------------------------------------------------- helpers
+    _best_state: dict[str, Tensor] | None = None
+
+    def _active(self, batch: Batch) -> list[str]:
+        return [t for t in self.names if t in batch.targets]
+
+    def _task(self, name: str) -> Task:
+        return self.model.tasks[name]
+
+    def _check_data(self, data: Data, split: str) -> None:
+        if not isinstance(data, (MultiOutputDataset, TaskDatasets)):
+            raise DataError(f"{split} data must be a MultiOutputDataset or TaskDatasets; found {type(data).__name__}")
+        data.validate(self.tasks, where=f"{split} data")
+
+    def _check_monitor(self, monitor: str) -> bool:
+        if monitor == "loss":
+            return False
+        if monitor == "delta_m":
+            if not self.baselines:
+                raise InvalidParameterError("monitor 'delta_m' needs single-task `baselines`")
+            return True
+        task, _, metric = monitor.partition("/")
+        if task not in self.names:
+            raise InvalidParameterError(
+                f"monitor '{monitor}': unknown task '{task}'.{closest(task, self.names)} "
+                "Use 'loss', 'delta_m' or 'TASK/METRIC'")
+        valid = self._task(task).metric_names
+        if metric not in valid:
+            raise InvalidParameterError(
+                f"monitor '{monitor}': task '{task}' has no metric '{metric}'.{closest(metric, valid)} "
+                f"Valid: {', '.join(valid)}")
+        return METRICS.higher_is_better(metric)
+
+    def _score(self, rows: list[dict[str, Any]]) -> float:
+        split = "val" if any(r["split"] == "val" for r in rows) else "train"
+        values: dict[str, dict[str, float]] = {}
+        for r in rows:
+            if r["split"] == split:
+                values.setdefault(r["task"], {})[r["metric"]] = r["value"]
+        if self.monitor == "loss":
+            return sum(v.get("loss", 0.0) for v in values.values()) / max(1, len(values))
+        if self.monitor == "delta_m":
+            return delta_m(values, self.baselines, self.main_metrics)
+        task, _, metric = self.monitor.partition("/")
+        return values[task][metric]
+
+    def _rows(self, split: str, computed: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+        return [{"epoch": self.epoch + 1, "split": split, "task": t, "metric": m, "value": v}
+                for t in self.names for m, v in computed.get(t, {}).items()]
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "method": self.method.state_dict(), "engine": self.engine.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
+                    "sampler": self.sampler_generator.get_state()},
+            "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
+            "history": list(self.history), "steps": list(self.steps),
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.engine.load_state_dict(state["engine"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.data_generator.set_state(state["rng"]["data"])
+        self.sampler_generator.set_state(state["rng"]["sampler"])
+        self.epoch, self.step_index = state["epoch"], state["step"]
+        self.best, self.bad_epochs = dict(state["best"]), state["bad_epochs"]
+        self.history, self.steps = list(state["history"]), list(state["steps"])
+
+
+def _cycle(data: MultiOutputDataset, batch_size: int, generator: torch.Generator, source: str) -> Iterator[Batch]:
+    """Endless shuffled batches of one task's data set (re-shuffled at every pass)."""
+    while True:
+        yield from data.batches(batch_size, shuffle=True, generator=generator, source=source)
