@@ -16,6 +16,8 @@ from polytask.train.checkpoint import atomic_write_text
 
 METRIC_FIELDS = ("epoch", "split", "task", "metric", "value")
 STEP_FIELDS = ("step", "epoch", "task", "loss", "weight")
+RUN_FILES = ("config.yaml", "metrics.csv", "steps.csv", "summary.json", "training.png", "preprocess.json",
+             "checkpoints", "single_task")
 
 
 class RunDir:
@@ -36,18 +38,34 @@ class RunDir:
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
 
-    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
+    def exists(self) -> bool:
+        """A run was started here (any file of the contract is present)."""
+        return any((self.path / name).exists() for name in RUN_FILES if name != "single_task")
+
+    def check(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Refuse to touch an existing run unless told how; touches nothing itself."""
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
-        exists = self.path.exists() and any(self.path.iterdir())
-        if exists and not (resume or overwrite):
+        if self.exists() and not (resume or overwrite):
             raise ConfigError(
                 f"run directory {self.path} already exists; pass --resume to continue it or --overwrite to replace it")
+
+    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.check(resume=resume, overwrite=overwrite)
         if resume and not self.last.exists():
             raise ConfigError(f"cannot resume: {self.last} does not exist")
-        if exists and overwrite:
-            shutil.rmtree(self.path)
+        if overwrite:
+            self.clear()
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        """Remove the files of a previous run, and only those (never the folder's other files)."""
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)

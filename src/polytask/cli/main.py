@@ -1,0 +1,138 @@
+"""`polytask` command line: train, eval, predict, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from polytask.core.errors import PolytaskError
+
+LISTS = ("methods", "architectures", "encoders", "samplers", "datasets", "metrics")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polytask", description="Multi-task learning on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a multi-task model from a YAML config")
+    train.add_argument("config", type=Path)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, e.g. --set train.epochs=1 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    train.add_argument("--baselines", action="store_true",
+                       help="also train each task alone with the same encoder and report Δm against them")
+    train.add_argument("--single-task", action="store_true", help="only train each task alone (baselines)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="evaluate a finished run on a data split")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--checkpoint", default="best", choices=("best", "last"))
+
+    pr = sub.add_parser("predict", help="predict every task for new inputs (CSV/Parquet table or .npy array)")
+    pr.add_argument("run_dir", type=Path)
+    pr.add_argument("--input", required=True, type=Path)
+    pr.add_argument("--output", type=Path, help="CSV file to write (default: print)")
+    pr.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    pr.add_argument("--task", help="for runs with per-task inputs: the task whose input columns the file has")
+
+    ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics")
+    ls.add_argument("what", nargs="?", choices=LISTS)
+    return parser
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> str:
+    """Per-task metrics, with single-task values and the relative change when given."""
+    from polytask.metrics.registry import METRICS
+
+    header = f"{'task':<12} {'metric':<10} {'multi-task':>11}"
+    if baselines:
+        header += f" {'single-task':>12} {'change':>8}"
+    lines = [header, "-" * len(header)]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            line = f"{task:<12} {metric:<10} {value:>11.4f}"
+            base = (baselines or {}).get(task, {}).get(metric)
+            if base is not None:
+                better = METRICS.higher_is_better(metric) if metric in METRICS else False
+                change = (value - base) / abs(base) * 100 * (1 if better else -1) if base else float("nan")
+                line += f" {base:>12.4f} {change:>+7.2f}%"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from polytask.cli import pipeline
+    from polytask.config.schema import load_config
+
+    overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
+    cfg = load_config(args.config, overrides)
+    summary = pipeline.train(cfg, resume=args.resume, overwrite=args.overwrite, baselines=args.baselines,
+                             single_task_only=args.single_task)
+    if args.single_task:
+        print(format_table(summary["baselines"]))
+        return 0
+    print(f"\n{summary['method']} on {summary['split']} split (best epoch {summary['best_epoch']}, "
+          f"{summary['train_seconds']} s of training); run directory: {cfg.output_dir}")
+    print(format_table(summary["tasks"], summary.get("baselines")))
+    if "delta_m" in summary:
+        print(f"Δm = {summary['delta_m']:+.2f}% against single-task baselines (positive: multi-task is better)")
+    return 0
+
+
+def _list(what: str | None) -> int:
+    from polytask.data.samplers import SAMPLERS
+    from polytask.datasets import DATASETS
+    from polytask.methods import METHODS
+    from polytask.metrics.registry import METRICS
+    from polytask.models import ARCHITECTURES
+    from polytask.models.encoders import ENCODERS
+
+    registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
+                                  "samplers": SAMPLERS, "datasets": DATASETS}
+    for name in [what] if what else LISTS:
+        print(f"{name}:")
+        if name == "metrics":
+            for metric in METRICS.names():
+                spec = METRICS.get(metric)
+                direction = "higher is better" if spec.higher_is_better else "lower is better"
+                print(f"  {metric:<18} {direction}; {', '.join(spec.kinds)}")
+            continue
+        registry = registries[name]
+        for entry in registry.names():
+            extra = f" [needs {registry.get(entry).needs}]" if name == "methods" else ""
+            print(f"  {entry:<18} {registry.describe(entry)}{extra}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "list":
+            return _list(args.what)
+        from polytask.cli import pipeline
+
+        if args.command == "eval":
+            print(format_table(pipeline.evaluate(args.run_dir, args.split, args.checkpoint)))
+            return 0
+        out = pipeline.predict(args.run_dir, args.input, args.output, args.checkpoint, args.task)
+        if args.output is None:
+            print(out.to_csv(index=False), end="")
+        else:
+            print(json.dumps({"rows": len(out), "output": str(args.output)}))
+        return 0
+    except PolytaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

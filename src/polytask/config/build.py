@@ -1,0 +1,191 @@
+"""Turn a validated Config into data, tasks, a model and Trainer arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from polytask.config.schema import Config, Files, TaskConfig
+from polytask.core.errors import ConfigError, DataError, closest
+from polytask.core.task import Task
+from polytask.data.dataset import MultiOutputDataset, TaskDatasets
+from polytask.data.files import label_vocabulary, read_table, table_dataset
+from polytask.data.samplers import SAMPLERS
+from polytask.data.tabular import TabularPreprocessor
+from polytask.datasets import DATASETS, LoadedData
+from polytask.datasets.base import split_indices
+from polytask.methods.base import METHODS
+from polytask.models.base import ARCHITECTURES, MultiTaskModel
+from polytask.models.encoders import ENCODERS
+
+
+@dataclass
+class Preprocessing:
+    """How raw inputs become tensors, saved as preprocess.json in the run directory."""
+
+    features: dict[str, Any] | None  # TabularPreprocessor state (one for all tasks)
+    per_task: dict[str, dict[str, Any]] | None = None
+    labels: dict[str, list[str] | None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": self.features, "per_task": self.per_task, "labels": self.labels}
+
+
+def check_registries(cfg: Config) -> None:
+    """Fail early, before any file is touched, on unknown names and parameters."""
+    for registry, block, reserved in ((METHODS, cfg.method, ()), (SAMPLERS, cfg.sampler, ())):
+        registry.get(block.name)
+        registry.check_params(block.name, block.params, reserved)
+    ARCHITECTURES.get(cfg.model.architecture)
+    if cfg.model.encoder is not None:
+        ENCODERS.get(cfg.model.encoder.name)
+    if cfg.data.dataset is not None:
+        DATASETS.get(cfg.data.dataset)
+    elif cfg.data.files is None and not (cfg.tasks and all(t.data for t in cfg.tasks.values())):
+        raise ConfigError("data: give `dataset` (a bundled name), `files`, or `data` for every task")
+
+
+def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
+    kind = tc.kind or (base.kind if base else None)
+    if kind is None:
+        raise ConfigError(f"tasks.{name}.kind is required (regression, binary, multiclass or multilabel)")
+    if base is not None and tc.kind is not None and tc.kind != base.kind:
+        raise ConfigError(f"tasks.{name}.kind: the bundled task is {base.kind}; found {tc.kind}")
+    num_classes = tc.num_classes if tc.num_classes is not None else (base.num_classes if base else None)
+    metrics = tuple(tc.metrics) if tc.metrics else (base.metrics if base else None)
+    return Task(name, kind=kind, num_classes=num_classes, weight=tc.weight, metrics=metrics, lr=tc.lr,
+                weight_decay=tc.weight_decay, target=tc.target or name)
+
+
+def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
+    if cfg.data.dataset is not None:
+        names = list(cfg.tasks) if cfg.tasks else None
+        options = dict(cfg.data.options)
+        DATASETS.check_params(cfg.data.dataset, options, ())
+        loaded = DATASETS.create(cfg.data.dataset, tasks=names, seed=cfg.seed, **options)
+        if cfg.tasks:
+            loaded.tasks = [_task(t.name, cfg.tasks[t.name], t) for t in loaded.tasks]
+        return loaded, Preprocessing(loaded.preprocessor)
+    if not cfg.tasks:
+        raise ConfigError("`tasks` are required when data come from files (name, kind and target column)")
+    tasks = [_task(name, tc) for name, tc in cfg.tasks.items()]
+    if cfg.data.files is not None:
+        return _from_files(cfg, tasks, cfg.data.files)
+    return _from_task_files(cfg, tasks)
+
+
+def _splits(cfg: Config, files: Files) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    train = read_table(files.train)
+    test = read_table(files.test) if files.test else None
+    if files.val is not None:
+        return train, read_table(files.val), test
+    tr, va, _ = split_indices(len(train), (cfg.data.val_fraction, 0.0), cfg.seed)
+    return train.iloc[tr.numpy()], train.iloc[va.numpy()], test
+
+
+def _feature_columns(cfg: Config, frame: pd.DataFrame, targets: list[str]) -> list[str]:
+    if cfg.data.features is not None:
+        return list(cfg.data.features)
+    return [c for c in frame.columns if c not in targets]
+
+
+def _from_files(cfg: Config, tasks: list[Task], files: Files) -> tuple[LoadedData, Preprocessing]:
+    assert cfg.tasks is not None
+    train, val, test = _splits(cfg, files)
+    columns = {t.name: t.target or t.name for t in tasks}
+    prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, list(columns.values())))
+    labels = {t.name: label_vocabulary(train, t, columns[t.name]) for t in tasks}
+    missing = {name: tc.allow_missing for name, tc in cfg.tasks.items()}
+    build = lambda frame, where: table_dataset(frame, tasks, columns, prep, labels, missing, where)  # noqa: E731
+    tasks = _with_inferred_classes(tasks, labels)
+    loaded = LoadedData("files", tasks, build(train, str(files.train)), build(val, "validation data"),
+                        build(test, str(files.test)) if test is not None else None, prep.to_dict(),
+                        {"name": "mlp", "in_features": prep.out_features, "hidden": [128, 64]})
+    return loaded, Preprocessing(prep.to_dict(), labels=labels)
+
+
+def _from_task_files(cfg: Config, tasks: list[Task]) -> tuple[LoadedData, Preprocessing]:
+    assert cfg.tasks is not None
+    train_sets, val_sets, per_task, labels = {}, {}, {}, {}
+    for task in tasks:
+        files = cfg.tasks[task.name].data
+        if files is None:
+            raise ConfigError(f"tasks.{task.name}.data is required when tasks have their own data sets")
+        train, val, _ = _splits(cfg, files)
+        column = task.target or task.name
+        prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, [column]))
+        labels[task.name] = label_vocabulary(train, task, column)
+        allow = {task.name: cfg.tasks[task.name].allow_missing}
+        train_sets[task.name] = table_dataset(train, [task], {task.name: column}, prep, labels, allow, str(files.train))
+        val_sets[task.name] = table_dataset(val, [task], {task.name: column}, prep, labels, allow, f"validation data of '{task.name}'")
+        per_task[task.name] = prep.to_dict()
+    tasks = _with_inferred_classes(tasks, labels)
+    widths = {name: TabularPreprocessor.from_dict(s).out_features for name, s in per_task.items()}
+    loaded = LoadedData("task_files", tasks, TaskDatasets(train_sets), TaskDatasets(val_sets), None, None,
+                        {"name": "mlp", "in_features": cfg.model.stem_dim, "hidden": [128, 64], "_stems": widths})
+    return loaded, Preprocessing(None, per_task=per_task, labels=labels)
+
+
+def _with_inferred_classes(tasks: list[Task], labels: dict[str, list[str] | None]) -> list[Task]:
+    out = []
+    for t in tasks:
+        vocab = labels.get(t.name)
+        if t.kind == "binary" and vocab is not None and len(vocab) != 2:
+            raise DataError(f"binary task '{t.name}' has {len(vocab)} distinct labels {vocab[:5]}; expected 2")
+        if t.kind == "multiclass" and t.num_classes is None:
+            raise ConfigError(f"tasks.{t.name}.num_classes is required for a multiclass task")
+        out.append(t)
+    return out
+
+
+def encoder_spec(cfg: Config, loaded: LoadedData) -> dict[str, Any]:
+    """The encoder's name and parameters: the data's default, updated with the config's."""
+    default = {k: v for k, v in loaded.encoder.items() if not k.startswith("_")}
+    if cfg.model.encoder is None:
+        return default
+    spec = {"name": cfg.model.encoder.name, **cfg.model.encoder.params}
+    if spec["name"] == default.get("name"):
+        spec = {**default, **spec}
+    elif spec["name"] == "mlp":
+        spec.setdefault("in_features", int(torch.tensor(loaded.input_shape).prod()))
+    elif spec["name"] == "cnn" and len(loaded.input_shape) == 3:
+        spec.setdefault("in_channels", loaded.input_shape[0])
+    return spec
+
+
+def build_model(cfg: Config, tasks: list[Task], encoder: dict[str, Any], stems: dict[str, int] | None = None
+                ) -> MultiTaskModel:
+    params = {k: v for k, v in encoder.items() if k != "name"}
+    module = ENCODERS.create(encoder["name"], **params)
+    stem_modules = {t: nn.Linear(width, cfg.model.stem_dim) for t, width in (stems or {}).items()}
+    architecture = ARCHITECTURES.get(cfg.model.architecture)
+    return architecture(encoder=module, tasks=tasks, head_hidden=cfg.model.head.hidden,
+                        head_dropout=cfg.model.head.dropout, stems=stem_modules or None)
+
+
+def trainer_kwargs(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    return dict(method=cfg.method.name, method_params=cfg.method.params, sampler=cfg.sampler.name,
+                sampler_params=cfg.sampler.params, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
+                lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, scheduler=t.scheduler, monitor=t.monitor,
+                patience=t.patience, grad_clip=t.grad_clip, engine_mode=t.engine.mode, engine_every=t.engine.every,
+                seed=cfg.seed, device=t.device, progress=t.progress)
+
+
+def restrict(data: MultiOutputDataset | TaskDatasets | None, task: str) -> MultiOutputDataset | TaskDatasets | None:
+    """The same data with only one task's targets (for single-task baselines)."""
+    if data is None:
+        return None
+    if isinstance(data, TaskDatasets):
+        return TaskDatasets({task: data.datasets[task]})
+    masks = {task: data.masks[task]} if task in data.masks else None
+    return MultiOutputDataset(data.x, {task: data.targets[task]}, masks)
+
+
+def unknown_task(name: str, tasks: list[Task]) -> ConfigError:
+    names = [t.name for t in tasks]
+    return ConfigError(f"unknown task '{name}'.{closest(name, names)} Tasks: {', '.join(names)}")

@@ -1,0 +1,189 @@
+"""The YAML configuration: a validated schema (unknown keys rejected with the closest name)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from polytask.core.errors import ConfigError, closest
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Named(BaseModel):
+    """A registry entry by name plus its keyword parameters (checked against the entry)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Files(Strict):
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+
+
+class DataConfig(Strict):
+    dataset: str | None = None
+    files: Files | None = None
+    features: list[str] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.dataset is not None and self.files is not None:
+            raise ValueError("give either `dataset` or `files`, not both")
+        return self
+
+
+class TaskConfig(Strict):
+    kind: Literal["regression", "binary", "multiclass", "multilabel"] | None = None
+    target: str | None = None
+    num_classes: int | None = None
+    weight: float = Field(1.0, ge=0)
+    metrics: list[str] | None = None
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    allow_missing: bool = False
+    data: Files | None = None
+
+
+class HeadConfig(Strict):
+    hidden: list[int] = Field(default_factory=list)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(Strict):
+    architecture: str = "hard_sharing"
+    encoder: Named | None = None
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    stem_dim: int = Field(64, ge=1)
+
+
+class EngineConfig(Strict):
+    mode: Literal["auto", "parameters", "features"] = "auto"
+    every: int = Field(1, ge=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    scheduler: Literal["none", "cosine", "step", "exponential"] = "none"
+    monitor: str = "loss"
+    patience: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    device: str = "cpu"
+    progress: bool = True
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class Config(Strict):
+    seed: int = 0
+    output_dir: Path = Path("runs/run")
+    data: DataConfig
+    tasks: dict[str, TaskConfig] | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: Named = Field(default_factory=lambda: Named(name="static"))
+    sampler: Named = Field(default_factory=lambda: Named(name="proportional"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys of the model reached by following ``loc`` from ``Config``."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            return []
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            # a dict of TaskConfig: the key is a task name
+            return list(TaskConfig.model_fields) if model is dict else []
+        annotation = field.annotation
+        model = _model_of(annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    import typing
+
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        if typing.get_origin(arg) is dict:
+            return dict
+        for inner in typing.get_args(arg):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "config"
+        if item["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            valid = _fields_at(parent) if not (parent[:1] == ("tasks",) and len(parent) == 2) else list(TaskConfig.model_fields)
+            lines.append(f"unknown key '{where}'.{closest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
+        else:
+            found = item.get("input")
+            shown = "" if isinstance(found, dict) else f"; found {found!r}"
+            lines.append(f"{where}: {item['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.sub=value`` (value parsed as YAML) to the raw config mapping."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=1); found {assignment!r}")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                raw: dict[str, Any] | None = None) -> Config:
+    """Read YAML (or take ``raw``), apply ``--set`` overrides, validate."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("no config given")
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of keys; found {type(raw).__name__}")
+    raw = dict(raw)
+    for assignment in overrides:
+        set_override(raw, assignment)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
