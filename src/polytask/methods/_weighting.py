@@ -1,0 +1,121 @@
+"""Shared pieces of the loss-weighting methods: per-task state keyed by task name, safe logs.
+
+Per-task state lives in tensors whose first dimension follows ``self.all_tasks`` (fixed by
+``setup``); the task names travel in ``state_dict()`` as extra state, so a checkpoint is only
+loaded into a method that was set up with the same tasks, or into a fresh one, which adopts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError, closest
+from polytask.methods.base import Method, Step
+
+#: Floor for losses that enter a logarithm or a denominator (FAMO's and DB-MTL's reference code add 1e-8).
+EPS = 1e-8
+
+
+def owner(method: Method) -> str:
+    """The registry name used in error messages (``DWA`` → ``dwa``)."""
+    return getattr(type(method), "registry_name", type(method).__name__)
+
+
+def check_tasks(method: Method, param: str, names: Sequence[str], tasks: Sequence[str]) -> None:
+    """Fail when a per-task hyper-parameter names a task that does not exist."""
+    for name in names:
+        if name not in tasks:
+            raise InvalidParameterError(
+                f"`{param}` of `{owner(method)}` names unknown task '{name}'.{closest(name, tasks)} "
+                f"Tasks: {', '.join(tasks)}")
+
+
+class PerTaskMethod(Method):
+    """A method whose state is one entry per task, in ``all_tasks`` order.
+
+    Subclasses create their state in :meth:`reset_state` (called by ``setup``, which then moves
+    it to the method's device) and read the rows of the active tasks with :meth:`index`.
+    Learnable state is created with ``param.data = ...`` so that an optimizer built before
+    ``setup`` (as the Trainer does) holds the right tensors. Used without ``setup``, the method
+    sets itself up with the first step's tasks.
+    """
+
+    def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
+              static_weights: Mapping[str, float] | None = None) -> None:
+        device = self._device()
+        super().setup(tasks, sizes=sizes, static_weights=static_weights)
+        self.reset_state(len(self.all_tasks))
+        self.to(device)
+
+    def reset_state(self, num_tasks: int) -> None:
+        """(Re)create the per-task buffers / parameters for ``num_tasks`` tasks."""
+
+    def index(self, step: Step) -> Tensor:
+        """Positions of ``step.tasks`` in ``all_tasks`` (sets up lazily with the step's tasks)."""
+        tasks: tuple[str, ...] | None = getattr(self, "all_tasks", None)
+        if tasks is None:
+            self.setup(step.tasks)
+            tasks = self.all_tasks
+        position = {t: i for i, t in enumerate(tasks)}
+        missing = [t for t in step.tasks if t not in position]
+        if missing:
+            raise InvalidParameterError(
+                f"`{owner(self)}` was set up for tasks {list(tasks)}; the step has unknown task(s) {missing}")
+        return torch.tensor([position[t] for t in step.tasks], dtype=torch.long, device=self._device())
+
+    def _device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tasks": list(getattr(self, "all_tasks", ()))}
+
+    def set_extra_state(self, state: Any) -> None:
+        tasks = tuple(state.get("tasks", ()))
+        mine = getattr(self, "all_tasks", None)
+        if mine is None:
+            if tasks:
+                self.all_tasks = tasks
+        elif tasks and mine != tasks:
+            raise InvalidParameterError(
+                f"the saved state of `{owner(self)}` is for tasks {list(tasks)}; this method was set up "
+                f"for {list(mine)} (same names in the same order are required)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        if getattr(self, "all_tasks", None) is None:
+            # A fresh method adopts the saved shapes (its own tensors are still empty).
+            for store in (self._buffers, self._parameters):
+                for name, tensor in store.items():
+                    saved = state_dict.get(prefix + name)
+                    if tensor is not None and saved is not None and saved.shape != tensor.shape:
+                        fresh = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                        if isinstance(tensor, torch.nn.Parameter):
+                            tensor.data = fresh  # keeps the identity an optimizer holds
+                        else:
+                            store[name] = fresh
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, count: Tensor, *,
+              lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One element-wise Adam step (``torch.optim.Adam`` semantics, L2 weight decay) on plain tensors.
+
+    Takes the rows of the tasks being updated (``count`` is each row's number of past steps) and
+    returns their new (param, exp_avg, exp_avg_sq, count).
+    """
+    grad = grad + weight_decay * param
+    b1, b2 = betas
+    exp_avg = b1 * exp_avg + (1 - b1) * grad
+    exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * grad * grad
+    count = count + 1
+    corrected_avg = exp_avg / (1 - b1 ** count)
+    corrected_sq = exp_avg_sq / (1 - b2 ** count)
+    return param - lr * corrected_avg / (corrected_sq.sqrt() + eps), exp_avg, exp_avg_sq, count

@@ -1,0 +1,57 @@
+"""Dynamic Weight Average (DWA)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from polytask.methods._weighting import EPS, PerTaskMethod
+from polytask.methods.base import Step, check_positive, register
+
+
+@register("dwa")
+class DWA(PerTaskMethod):
+    """Dynamic Weight Average — Liu, Johns & Davison, "End-to-End Multi-Task Learning with
+    Attention", CVPR 2019 (Eq. 7; the MTAN paper).
+
+        wᵢ(t) = T · exp(rᵢ(t−1)/τ) / Σⱼ exp(rⱼ(t−1)/τ),   rᵢ(t−1) = Lᵢ(t−1) / Lᵢ(t−2)
+
+    with Lᵢ(t) the average training loss of task i over epoch t (from ``on_epoch_end``) and τ the
+    ``temperature``. A task with fewer than two finished epochs has weight 1 (the paper's
+    wᵢ(1) = wᵢ(2) = 1); the softmax runs over the active tasks that do have a rate, scaled by
+    their number, so Σ w = T always.
+    """
+
+    needs = "losses"
+
+    def __init__(self, *, temperature: float = 2.0) -> None:
+        super().__init__()
+        self.temperature = check_positive("dwa", "temperature", temperature)
+        self.register_buffer("history", torch.empty(2, 0, dtype=torch.float64))  # rows: L(t−2), L(t−1)
+        self.register_buffer("epochs_seen", torch.empty(0, dtype=torch.long))
+        self._remember(temperature=temperature)
+
+    def reset_state(self, num_tasks: int) -> None:
+        self.history = torch.ones(2, num_tasks, dtype=torch.float64)
+        self.epochs_seen = torch.zeros(num_tasks, dtype=torch.long)
+
+    def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float],
+                     val_metrics: Mapping[str, Mapping[str, float]] | None = None) -> None:
+        if getattr(self, "all_tasks", None) is None:
+            self.setup(list(train_losses))
+        for i, task in enumerate(self.all_tasks):
+            if task in train_losses:
+                self.history[0, i] = self.history[1, i]
+                self.history[1, i] = float(train_losses[task])
+                self.epochs_seen[i] += 1
+
+    def weights(self, step: Step) -> Tensor:
+        idx = self.index(step)
+        w = torch.ones(len(idx), dtype=torch.float64, device=idx.device)
+        ready = self.epochs_seen[idx] >= 2
+        if ready.any():
+            rates = self.history[1, idx[ready]] / self.history[0, idx[ready]].clamp_min(EPS)
+            w[ready] = int(ready.sum()) * torch.softmax(rates / self.temperature, dim=0)
+        return w.to(step.losses)

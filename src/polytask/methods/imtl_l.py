@@ -1,0 +1,35 @@
+"""IMTL-L: learnable loss scales from impartial multi-task learning."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from polytask.methods._weighting import PerTaskMethod
+from polytask.methods.base import Step, register
+
+
+@register("imtl_l")
+class IMTLL(PerTaskMethod):
+    """IMTL-L — Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (Sec. 3.1).
+
+    Each task has a learnable scale parameter sᵢ (``nn.Parameter``, initialised to 0) and the
+    scaled loss e^(sᵢ) Lᵢ − sᵢ. At the optimum in sᵢ, e^(sᵢ) Lᵢ = 1: every scaled loss is kept
+    at the same value. ``weights`` returns the differentiable e^(sᵢ), ``penalty`` −Σ sᵢ.
+    """
+
+    needs = "losses"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scales = nn.Parameter(torch.empty(0))
+        self._remember()
+
+    def reset_state(self, num_tasks: int) -> None:
+        self.log_scales.data = torch.zeros(num_tasks)
+
+    def weights(self, step: Step) -> Tensor:
+        return torch.exp(self.log_scales[self.index(step)]).to(step.losses.dtype)
+
+    def penalty(self, step: Step, losses: Tensor) -> Tensor:
+        return -self.log_scales[self.index(step)].sum().to(losses.dtype)

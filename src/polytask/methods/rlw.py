@@ -1,0 +1,34 @@
+"""Random Loss Weighting (RLW)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polytask.methods._weighting import PerTaskMethod
+from polytask.methods.base import Step, register
+
+
+@register("rlw")
+class RLW(PerTaskMethod):
+    """Random Loss Weighting — Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
+
+        w = T · softmax(z),   z ~ N(0, I_T) drawn afresh every step
+
+    (the paper's normal-distribution variant, scaled so that Σ w = T like equal weighting).
+    Every step draws one zⱼ per task of ``setup`` (in that order) from ``step.generator`` (seeded,
+    identical on every rank; torch's global generator when the step carries none) and keeps the
+    active tasks', so a task's draw does not depend on the order or subset of the step's tasks.
+    """
+
+    needs = "losses"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._remember()
+
+    def weights(self, step: Step) -> Tensor:
+        idx = self.index(step)
+        z = torch.randn(len(self.all_tasks), generator=step.generator, dtype=torch.float64)
+        return (len(idx) * torch.softmax(z.to(idx.device)[idx], dim=0)).to(step.losses)

@@ -1,0 +1,56 @@
+"""Homoscedastic uncertainty weighting (UW)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from polytask.core.errors import InvalidParameterError
+from polytask.methods._weighting import PerTaskMethod, check_tasks
+from polytask.methods.base import Step, register
+
+FORMS = ("regression", "classification")
+
+
+@register("uncertainty")
+class Uncertainty(PerTaskMethod):
+    """Uncertainty weighting — Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
+    Weigh Losses for Scene Geometry and Semantics", CVPR 2018 (Eq. 7 and 10).
+
+    Each task has a learnable log-variance sᵢ = log σᵢ² (an ``nn.Parameter``, initialised to 0):
+
+    - regression (Gaussian likelihood):  1/(2σᵢ²) Lᵢ + log σᵢ = ½ e^(−sᵢ) Lᵢ + ½ sᵢ
+    - classification (scaled softmax):   1/σᵢ² Lᵢ + log σᵢ   = e^(−sᵢ) Lᵢ + ½ sᵢ
+
+    ``weights`` returns the differentiable precision factor (½ e^(−sᵢ) or e^(−sᵢ)), ``penalty``
+    the Σ ½ sᵢ term, so the optimiser learns sᵢ through the same backward. ``forms`` maps a
+    task name to its form; unlisted tasks use ``"regression"``.
+    """
+
+    needs = "losses"
+
+    def __init__(self, *, forms: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        forms = dict(forms or {})
+        for task, form in forms.items():
+            if form not in FORMS:
+                raise InvalidParameterError(
+                    f"`forms['{task}']` of `uncertainty` must be 'regression' or 'classification'; found {form!r}")
+        self.forms = forms
+        self.log_vars = nn.Parameter(torch.empty(0))
+        self.register_buffer("scale", torch.empty(0))
+        self._remember(forms=forms)
+
+    def reset_state(self, num_tasks: int) -> None:
+        check_tasks(self, "forms", list(self.forms), self.all_tasks)
+        self.log_vars.data = torch.zeros(num_tasks)
+        self.scale = torch.tensor([1.0 if self.forms.get(t) == "classification" else 0.5 for t in self.all_tasks])
+
+    def weights(self, step: Step) -> Tensor:
+        idx = self.index(step)
+        return (self.scale[idx] * torch.exp(-self.log_vars[idx])).to(step.losses.dtype)
+
+    def penalty(self, step: Step, losses: Tensor) -> Tensor:
+        return 0.5 * self.log_vars[self.index(step)].sum().to(losses.dtype)
