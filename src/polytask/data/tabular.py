@@ -69,7 +69,7 @@ class TabularPreprocessor:
             blocks.append(((values - self.means[col]) / self.stds[col])[:, None])
         for col in self.categorical:
             cats = self.categories[col]
-            codes = pd.Categorical(frame[col].astype(str), categories=cats).codes.astype(np.int64)
+            codes = pd.Index(cats).get_indexer(frame[col].astype(str)).astype(np.int64)
             codes[codes < 0] = len(cats)  # unseen or missing category
             one_hot = np.zeros((len(frame), len(cats) + 1), dtype=np.float64)
             one_hot[np.arange(len(frame)), codes] = 1.0
