@@ -1,0 +1,49 @@
+"""GradDrop: per coordinate, keep only the task gradients of one randomly chosen sign."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError
+from polytask.methods.base import Method, Step, register
+
+
+@register("graddrop")
+class GradDrop(Method):
+    """Gradient Sign Dropout — Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick
+    a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020 (Alg. 1).
+
+    Per coordinate k of θ, the positive sign purity P_k = ½ (1 + Σᵢ g_ik / Σᵢ |g_ik|) and one draw
+    U_k ~ Uniform(0, 1) give the masks M_ik = [P_k > U_k][g_ik > 0] + [P_k < U_k][g_ik < 0];
+    the update is d_k = Σᵢ (ℓ + (1 − ℓ) M_ik) g_ik with ``leak`` ℓ ∈ [0, 1] (ℓ = 1 is the plain
+    sum). Coordinates where every gᵢ is 0 take P = ½. As in TorchJD, the masks act on the
+    parameter gradients J rather than on the activation gradients of the paper (where P is
+    taken over the batch at the layer GradDrop is inserted after). The heads get their own
+    gradients unchanged (weights 1). U comes from ``step.generator`` (a generator seeded with
+    ``step.index`` when the step has none).
+    """
+
+    needs = "jacobian"
+    returns_direction = True
+
+    def __init__(self, *, leak: float = 0.0) -> None:
+        super().__init__()
+        if not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and 0 <= leak <= 1):
+            raise InvalidParameterError(f"`leak` of `GradDrop` must be in [0, 1]; found {leak!r}")
+        self.leak = float(leak)
+        self._remember(leak=leak)
+
+    def weights(self, step: Step) -> Tensor:
+        return torch.ones_like(step.losses)
+
+    def direction(self, step: Step) -> Tensor:
+        if step.jacobian is None:
+            raise InvalidParameterError("`GradDrop` needs step.jacobian")
+        j = step.jacobian
+        total = j.abs().sum(dim=0)
+        purity = torch.where(total > 0, 0.5 * (1 + j.sum(dim=0) / total.clamp(min=torch.finfo(j.dtype).tiny)), 0.5)
+        generator = step.generator if step.generator is not None else torch.Generator().manual_seed(step.index)
+        u = torch.rand(j.shape[1], generator=generator, dtype=j.dtype, device=generator.device).to(j.device)
+        keep = ((purity > u) & (j > 0)) | ((purity < u) & (j < 0))
+        return ((self.leak + (1 - self.leak) * keep.to(j.dtype)) * j).sum(dim=0)

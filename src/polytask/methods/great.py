@@ -1,0 +1,130 @@
+"""GREAT: gradient adversarial training with a task discriminator on the task gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polytask.core.errors import InvalidParameterError
+from polytask.methods._lazy_state import LazyStateMixin
+from polytask.methods._weighting import PerTaskMethod, adam_step
+from polytask.methods.base import Step, check_positive, register
+
+_PARAMS = ("hidden_weight", "hidden_bias", "out_weight", "out_bias")
+
+
+@register("great")
+class GREAT(LazyStateMixin, PerTaskMethod):
+    """Gradient adversarial training — Sinha, Chen, Badrinarayanan & Rabinovich, "Gradient
+    Adversarial Training of Neural Networks", arXiv:1806.08028, 2018 (GREAT, multi-task setting).
+
+    The paper trains an auxiliary network to tell which task a gradient tensor came from and
+    makes the main network its adversary through gradient reversal, so that the task gradients
+    become statistically indistinguishable. Our formulation on the shared parameters θ:
+
+    - the discriminator D (one hidden ReLU layer of ``hidden`` units, one logit per task) sees
+      the unit task gradients uᵢ = gᵢ/‖gᵢ‖ and minimises L_D = mean_i CE(D(uᵢ), i);
+      ``weights(step)`` takes one Adam step (``lr``) on it and returns 1 for every task;
+    - ``direction(step)`` moves every task gradient up L_D (the reversal), along the part aᵢ of
+      ∇_{uᵢ} L_D orthogonal to uᵢ: d = Σᵢ gᵢ + ``strength`` · Σᵢ ‖gᵢ‖ aᵢ/‖aᵢ‖.
+
+    Honest departures: the paper feeds D the per-sample gradients w.r.t. the shared feature map
+    and sends the reversed signal into θ by second-order back-propagation (through gradient
+    alignment layers); the engine hands us only the batch gradients J on θ, so we use J's rows
+    and a first-order step in gradient space. D's input layer has P inputs (P = |θ|): it is
+    created at the first step from ``step.generator``, so prefer ``last_shared`` scope or small θ.
+    D's parameters are ``nn.Parameter`` s updated only here (their ``.grad`` stays None); their
+    Adam moments and step count are buffers, so ``state_dict`` resumes exactly.
+    """
+
+    needs = "jacobian"
+    returns_direction = True
+    permutation_equivariant: ClassVar[bool] = False  # D's initial rows follow the task order
+
+    def __init__(self, *, strength: float = 0.1, hidden: int = 32, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.strength = check_positive("GREAT", "strength", strength, allow_zero=True)
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise InvalidParameterError(f"`hidden` of `GREAT` must be an int >= 1; found {hidden!r}")
+        self.hidden = hidden
+        self.lr = check_positive("GREAT", "lr", lr)
+        for name in _PARAMS:
+            setattr(self, name, nn.Parameter(torch.empty(0)))
+            self.register_buffer(f"{name}_avg", torch.empty(0))
+            self.register_buffer(f"{name}_sq", torch.empty(0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_loss", torch.full((), math.nan))
+        self._remember(strength=strength, hidden=hidden, lr=lr)
+
+    def reset_state(self, num_tasks: int) -> None:
+        for name in _PARAMS:
+            getattr(self, name).data = torch.empty(0)
+        self.count.zero_()
+
+    def discriminator_loss(self, step: Step, params: list[Tensor] | None = None, units: Tensor | None = None) -> Tensor:
+        """L_D on the step's unit task gradients (or on ``units``), with D's parameters or ``params``."""
+        w1, b1, w2, b2 = params if params is not None else [getattr(self, n) for n in _PARAMS]
+        u = _unit(self._jacobian(step)) if units is None else units
+        logits = F.linear(torch.relu(F.linear(u, w1.to(u.dtype), b1.to(u.dtype))), w2.to(u.dtype), b2.to(u.dtype))
+        return F.cross_entropy(logits, self.index(step))
+
+    def weights(self, step: Step) -> Tensor:
+        self._materialise(step)
+        params = [getattr(self, n).detach().requires_grad_() for n in _PARAMS]
+        with torch.enable_grad():
+            loss = self.discriminator_loss(step, params)
+            grads = torch.autograd.grad(loss, params)
+        for name, p, g in zip(_PARAMS, params, grads, strict=True):
+            new, avg, sq, _ = adam_step(p.detach(), g, getattr(self, f"{name}_avg"), getattr(self, f"{name}_sq"),
+                                        self.count, lr=self.lr, weight_decay=0.0)
+            getattr(self, name).data.copy_(new)
+            getattr(self, f"{name}_avg").copy_(avg)
+            getattr(self, f"{name}_sq").copy_(sq)
+        self.count += 1
+        self.last_loss.fill_(float(loss.detach()))
+        return torch.ones_like(step.losses)
+
+    def direction(self, step: Step) -> Tensor:
+        j = self._jacobian(step)
+        if self.strength == 0 or self.hidden_weight.shape != (self.hidden, j.shape[1]):
+            return j.sum(dim=0)
+        return j.sum(dim=0) + self.strength * (j.norm(dim=1, keepdim=True) * self.adversarial(step)).sum(dim=0)
+
+    def adversarial(self, step: Step) -> Tensor:
+        """aᵢ/‖aᵢ‖ (T×P): the unit directions in which each uᵢ most increases L_D."""
+        u = _unit(self._jacobian(step)).requires_grad_()
+        params = [getattr(self, n).detach() for n in _PARAMS]
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.discriminator_loss(step, params, u), u)
+        tangent = grad - (grad * u).sum(dim=1, keepdim=True) * u
+        return _unit(tangent.detach())
+
+    def _materialise(self, step: Step) -> None:
+        size = self._jacobian(step).shape[1]
+        if self.hidden_weight.shape == (self.hidden, size):
+            return
+        if int(self.count) > 0:
+            raise InvalidParameterError(f"`GREAT`'s discriminator was built for {self.hidden_weight.shape[1]} "
+                                        f"parameters; the step has {size}")
+        generator = step.generator if step.generator is not None else torch.Generator().manual_seed(step.index)
+        shapes = {"hidden_weight": (self.hidden, size), "hidden_bias": (self.hidden,),
+                  "out_weight": (len(self.all_tasks), self.hidden), "out_bias": (len(self.all_tasks),)}
+        for name, shape in shapes.items():
+            bound = 1 / math.sqrt(size if name.startswith("hidden") else self.hidden)
+            init = (torch.rand(shape, generator=generator, device=generator.device) * 2 - 1) * bound
+            getattr(self, name).data = init.to(step.losses.device)
+            setattr(self, f"{name}_avg", torch.zeros(shape, device=step.losses.device))
+            setattr(self, f"{name}_sq", torch.zeros(shape, device=step.losses.device))
+
+    def _jacobian(self, step: Step) -> Tensor:
+        if step.jacobian is None:
+            raise InvalidParameterError("`GREAT` needs step.jacobian")
+        return step.jacobian.detach()
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)

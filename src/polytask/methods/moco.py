@@ -1,0 +1,98 @@
+"""MoCo: multi-objective gradient correction with tracked task gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError
+from polytask.methods._lazy_state import LazyStateMixin
+from polytask.methods._simplex import project_simplex
+from polytask.methods._weighting import PerTaskMethod
+from polytask.methods.base import Step, check_positive, register
+
+
+@register("moco")
+class MoCo(LazyStateMixin, PerTaskMethod):
+    """MoCo — Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient Bias in
+    Multi-objective Learning: A Provably Convergent Approach", ICLR 2023 (Algorithm 1).
+
+    Each task keeps a tracking variable yᵢ of its gradient and λ lives on the simplex; at step k
+    (β_k = β/k^βσ, γ_k = γ/k^γσ, step sizes decayed as in the authors' code):
+
+        yᵢ ← yᵢ − β_k (yᵢ − gᵢ)                 (a task's first gradient initialises yᵢ)
+        λ  ← Π_Δ(λ − γ_k (Yᵀ Y + ρ I) λ)        (Euclidean projection onto the simplex)
+        d  = Y λ
+
+    Y mixes gradients taken at earlier parameters, so it is not a combination of this step's
+    gradients: the method needs J and returns d. Y (T×P), λ and the step count are buffers and
+    round-trip through ``state_dict``. ``weights(step)`` advances the state and returns λ (the
+    heads get Σ λᵢ ∇Lᵢ); ``direction(step)`` reads it. On a step with a subset S of the tasks,
+    λ_S is renormalised, updated on the simplex of S and written back with its previous mass.
+    """
+
+    needs = "jacobian"
+    returns_direction = True
+
+    def __init__(self, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
+                 gamma_sigma: float = 0.5, rho: float = 0.0) -> None:
+        super().__init__()
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta <= 1):
+            raise InvalidParameterError(f"`beta` of `MoCo` must be in (0, 1]; found {beta!r}")
+        self.beta = float(beta)
+        self.beta_sigma = check_positive("MoCo", "beta_sigma", beta_sigma, allow_zero=True)
+        self.gamma = check_positive("MoCo", "gamma", gamma)
+        self.gamma_sigma = check_positive("MoCo", "gamma_sigma", gamma_sigma, allow_zero=True)
+        self.rho = check_positive("MoCo", "rho", rho, allow_zero=True)
+        self.register_buffer("tracked", torch.empty(0, 0))
+        self.register_buffer("seen", torch.empty(0, dtype=torch.bool))
+        self.register_buffer("lam", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._remember(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+
+    def reset_state(self, num_tasks: int) -> None:
+        self.tracked = torch.empty(num_tasks, 0)
+        self.seen = torch.zeros(num_tasks, dtype=torch.bool)
+        self.lam = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.long)
+
+    def weights(self, step: Step) -> Tensor:
+        idx, j = self.index(step), self._jacobian(step)
+        if self.tracked.shape[1] != j.shape[1]:
+            if bool(self.seen.any()):
+                raise InvalidParameterError(
+                    f"`MoCo` tracks gradients of {self.tracked.shape[1]} parameters; the step has {j.shape[1]}")
+            self.tracked = torch.zeros(len(self.seen), j.shape[1], dtype=j.dtype, device=j.device)
+        self.count += 1
+        k = float(self.count)
+        beta, gamma = self.beta / k ** self.beta_sigma, self.gamma / k ** self.gamma_sigma
+        y = self.tracked[idx]
+        y = torch.where(self.seen[idx, None], y - beta * (y - j.to(y.dtype)), j.to(y.dtype))
+        self.tracked[idx] = y
+        self.seen[idx] = True
+        mass, lam = self._active_lambda(idx)
+        gram = (y @ y.T).to(lam.dtype)
+        lam = project_simplex(lam - gamma * (gram @ lam + self.rho * lam))
+        full = self.lam.clone()
+        full[idx] = lam * (mass if mass > 1e-12 else len(idx) / len(full))
+        self.lam.copy_(full / full.sum())
+        return self._active_lambda(idx)[1].to(step.losses.dtype)
+
+    def direction(self, step: Step) -> Tensor:
+        idx, j = self.index(step), self._jacobian(step)
+        if self.tracked.shape[1] == j.shape[1]:
+            y = torch.where(self.seen[idx, None], self.tracked[idx].to(j.dtype), j)
+        else:
+            y = j
+        return self._active_lambda(idx)[1].to(j.dtype) @ y
+
+    def _active_lambda(self, idx: Tensor) -> tuple[float, Tensor]:
+        lam = self.lam[idx]
+        mass = float(lam.sum())
+        return mass, (lam / mass if mass > 1e-12 else torch.full_like(lam, 1.0 / len(lam)))
+
+    @staticmethod
+    def _jacobian(step: Step) -> Tensor:
+        if step.jacobian is None:
+            raise InvalidParameterError("`MoCo` needs step.jacobian")
+        return step.jacobian.detach()
