@@ -61,6 +61,9 @@ class Method(nn.Module):
     #: θ the per-task gradients are taken on: all shared parameters, or only the last shared layer
     #: (GradNorm's choice, and a cheap approximation for any Gramian method).
     scope: ClassVar[Literal["shared", "last_shared"]] = "shared"
+    #: False for methods whose weights are not permuted along with the tasks (random task orders,
+    #: as in PCGrad); the conformance suite skips the permutation check for them.
+    permutation_equivariant: ClassVar[bool] = True
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:

@@ -1,0 +1,97 @@
+"""CAGrad: the best worst-case improvement within a ball around the mean gradient."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polytask.core.errors import InvalidParameterError
+from polytask.methods._gramian_qp import as_float64, factor, project_polyhedron, to_step
+from polytask.methods.base import Method, Step, check_positive, register
+
+
+@register("cagrad")
+class CAGrad(Method):
+    """Conflict-averse gradient descent — Liu et al., "Conflict-Averse Gradient Descent for
+    Multi-task Learning", NeurIPS 2021, Algorithm 1.
+
+    d = argmax_d minᵢ gᵢᵀd s.t. ‖d − g₀‖ ≤ r, with g₀ the mean gradient and r = c‖g₀‖. The paper
+    solves the dual min_{w ∈ Δ} wᵀGe/T + r√(wᵀGw) and sets d = g₀ + r g_w/‖g_w‖. Solved exactly
+    here through its primal: for a level t, x(t) = argmin ‖x‖² s.t. gᵢᵀ(g₀ + x) ≥ t is a QP whose
+    multipliers y ≥ 0 give x = Jᵀy; ‖x(t)‖ grows with t and the optimum is the t with ‖x(t)‖ = r.
+    That t is found by a safeguarded root search that is exact on each active set (there y(t) is
+    affine in t, so ‖x(t)‖² = r² is a quadratic), each QP in the rank-k factor of G by quadprog.
+    Then w = 1/T + y (y = r w_dual/‖g_w‖), divided by (1 + c²) when ``rescale`` (the official
+    code's default ``rescale=1``). ``c = 0`` gives the mean gradient.
+    """
+
+    needs = "gramian"
+
+    def __init__(self, *, c: float = 0.4, rescale: bool = True) -> None:
+        super().__init__()
+        self.c = check_positive("CAGrad", "c", c, allow_zero=True)
+        if not isinstance(rescale, bool):
+            raise InvalidParameterError(f"`rescale` of `CAGrad` must be a bool; found {rescale!r}")
+        self.rescale = rescale
+        self._remember(c=c, rescale=rescale)
+
+    def weights(self, step: Step) -> Tensor:
+        g = as_float64(step.gramian, type(self).__name__)
+        n = len(g)
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        scale = float(g.diagonal().mean())
+        if self.c > 0 and scale > 0:
+            g = g / scale  # the weights do not depend on the scale of G
+            b = g.sum(dim=1) / n  # gᵢᵀg₀
+            radius = self.c * float((b.sum() / n).clamp_min(0).sqrt())  # c‖g₀‖
+            if radius > 0:
+                w = w + _ball_multipliers(g, b, radius)
+        if self.rescale:
+            w = w / (1 + self.c**2)
+        return to_step(w, step.gramian)
+
+
+def _ball_multipliers(g: Tensor, b: Tensor, radius: float, iters: int = 100) -> Tensor:
+    """y ≥ 0 with ‖Jᵀy‖ = radius, Jᵀy = argmin ‖x‖² s.t. b + Jx ≥ t for the matching level t."""
+    f, target = factor(g), radius**2
+    zero = torch.zeros(f.shape[1], dtype=g.dtype)
+
+    def solve(t: float) -> tuple[Tensor, float]:
+        sol = project_polyhedron(f, zero, t - b)
+        return (torch.zeros_like(b), float("inf")) if sol is None else (sol[1], float(sol[0] @ sol[0]))
+
+    lo = float(b.min())  # x = 0 is feasible: ‖x‖ = 0
+    hi = float((b + radius * g.diagonal().clamp_min(0).sqrt()).min())  # no d in the ball does better
+    y_lo = torch.zeros_like(b)
+    y, val = solve(hi)
+    while val < target:  # round-off only: widen
+        lo, y_lo, hi = hi, y, hi + (hi - lo) + 1e-12
+        y, val = solve(hi)
+    t, best = hi, y
+    for _ in range(iters):
+        if abs(val - target) <= 1e-10 * target or hi - lo <= 1e-14 * (abs(lo) + abs(hi)):
+            break
+        if val < target:
+            lo, y_lo = t, y
+        else:
+            hi, best = t, y
+        t = _piece_root(g, b, y if val < float("inf") else y_lo, target, lo, hi)
+        y, val = solve(t)
+    return y if val < float("inf") else best
+
+
+def _piece_root(g: Tensor, b: Tensor, y: Tensor, target: float, lo: float, hi: float) -> float:
+    """t with yᵀGy = target if the active set of y is kept (y_F = G_FF⁺(t − b_F)); else bisect."""
+    free = y > 1e-12 * float(y.max().clamp_min(1e-300))
+    mid = (lo + hi) / 2
+    if not bool(free.any()):
+        return mid
+    gff = g[free][:, free]
+    sol = torch.linalg.lstsq(gff, torch.stack([torch.ones_like(b[free]), b[free]], dim=1)).solution
+    p, q = sol[:, 0], sol[:, 1]  # y_F(t) = t·p − q
+    qa, qb, qc = float(p @ gff @ p), float(-2 * (p @ gff @ q)), float(q @ gff @ q) - target
+    disc = qb * qb - 4 * qa * qc
+    if qa <= 0 or disc < 0:
+        return mid
+    t = (-qb + disc**0.5) / (2 * qa)
+    return t if lo < t < hi else mid

@@ -1,0 +1,44 @@
+"""PCGrad: project away the conflicting component of each task gradient."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from polytask.methods._gramian_qp import as_float64, to_step
+from polytask.methods.base import Method, Step, register
+
+
+@register("pcgrad")
+class PCGrad(Method):
+    """Gradient surgery — Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1.
+
+    For each task i, in a random order of the other tasks j: if g_i^PCᵀgⱼ < 0, then
+    g_i^PC ← g_i^PC − (g_i^PCᵀgⱼ / ‖gⱼ‖²) gⱼ; the update is the sum Σᵢ g_i^PC (as in the paper).
+    Each g_i^PC = Σₖ Cᵢₖ gₖ is tracked by its coefficient row Cᵢ, so g_i^PCᵀgⱼ = (Cᵢ G)ⱼ and a
+    projection is Cᵢⱼ −= (CᵢG)ⱼ / Gⱼⱼ; w = Σᵢ Cᵢ. The orders come from ``step.generator``
+    (one ``randperm`` per task, the same draws as TorchJD's PCGrad).
+    """
+
+    needs = "gramian"
+    permutation_equivariant: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._remember()
+
+    def weights(self, step: Step) -> Tensor:
+        g = as_float64(step.gramian, type(self).__name__)
+        n = len(g)
+        w = torch.zeros(n, dtype=torch.float64)
+        for i in range(n):
+            c = torch.zeros(n, dtype=torch.float64)
+            c[i] = 1.0
+            for j in torch.randperm(n, generator=step.generator).tolist():
+                dot = float(g[j] @ c)
+                if j != i and dot < 0.0 and g[j, j] > 0:
+                    c[j] -= dot / g[j, j]
+            w += c
+        return to_step(w, step.gramian)
