@@ -239,8 +239,12 @@ def test_dtp_focal_weights_and_ema() -> None:
 
 def test_dtp_kpi_errors_and_choice() -> None:
     method = fresh("dtp")
+    with pytest.raises(InvalidParameterError, match="no metric of task 'a' usable as a KPI"):
+        method.on_epoch_end(0, {}, {"a": {"loss": 0.3, "rmse": 3.2, "r2": 0.5}})
     with pytest.raises(InvalidParameterError, match="higher-is-better KPI in \\[0, 1\\]"):
-        method.on_epoch_end(0, {}, {"a": {"rmse": 3.2}})
+        fresh("dtp", kpis={"a": "r2"}).on_epoch_end(0, {}, {"a": {"r2": -0.5}})
+    method.on_epoch_end(0, {}, {"a": {"loss": 0.3, "accuracy": 0.25}})  # skips the loss
+    close(method.weights(make_step([1.0], ("a",))), [-(0.75 ** 2) * math.log(0.25)])
     with pytest.raises(InvalidParameterError, match="not among its metrics"):
         fresh("dtp", kpis={"a": "f1"}).on_epoch_end(0, {}, {"a": {"accuracy": 0.3}})
     with pytest.raises(InvalidParameterError, match="higher-is-better"):

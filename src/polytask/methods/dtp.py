@@ -14,6 +14,8 @@ from polytask.methods.base import Step, check_positive, register
 
 #: Metrics where lower is better: never a DTP key performance indicator.
 LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "error", "err", "nll", "brier", "log_loss")
+#: Higher-is-better metrics that can leave [0, 1]: a KPI only when named in ``kpis``.
+UNBOUNDED = ("r2",)
 #: Floor of κ inside the logarithm.
 KPI_FLOOR = 1e-6
 
@@ -21,15 +23,16 @@ KPI_FLOOR = 1e-6
 @register("dtp")
 class DTP(PerTaskMethod):
     """Dynamic task prioritization — Guo, Haque, Huang, Yeung & Fei-Fei, "Dynamic Task
-    Prioritization for Multitask Learning", ECCV 2018 (Eq. 4–6, task-level prioritisation).
+    Prioritization for Multitask Learning", ECCV 2018 (task-level prioritisation).
 
         wᵢ = FL(κ̄ᵢ, γ) = −(1 − κ̄ᵢ)^γ log κ̄ᵢ,   κ̄ᵢ ← ema · κ̄ᵢ + (1 − ema) · κᵢ
 
     κᵢ is task i's key performance indicator on the validation set (a metric in [0, 1], higher is
     better, e.g. accuracy), read in ``on_epoch_end``; the paper's smoothing α is 1 − ``ema``. Hard
     tasks (low κ̄) get large weights, mastered ones tend to 0. ``kpis`` maps a task to its metric
-    name; by default the first metric reported for the task. A task weighs 1 until its KPI is
-    known. κ̄ is floored at 1e-6 inside the log.
+    name; by default the first metric reported for the task that is neither lower-is-better
+    (loss, rmse, mae, …) nor unbounded (r2), e.g. accuracy. A task weighs 1 until its KPI is
+    known; a KPI outside [0, 1] is an error. κ̄ is floored at 1e-6 inside the log.
     """
 
     needs = "losses"
@@ -65,7 +68,12 @@ class DTP(PerTaskMethod):
                 self.kappa[i] = value if math.isnan(old) else self.ema * old + (1 - self.ema) * value
 
     def _kpi(self, task: str, metrics: Mapping[str, float]) -> float:
-        name = self.kpis.get(task, next(iter(metrics)))
+        usable = [m for m in metrics if m.lower() not in LOWER_IS_BETTER + UNBOUNDED]
+        if task not in self.kpis and not usable:
+            raise InvalidParameterError(
+                f"`dtp` found no metric of task '{task}' usable as a KPI in [0, 1], higher is better, among "
+                f"{list(metrics)}; name one with kpis={{'{task}': ...}}")
+        name = self.kpis.get(task, usable[0] if usable else "")
         if name not in metrics:
             raise InvalidParameterError(
                 f"`dtp` KPI '{name}' of task '{task}' is not among its metrics {list(metrics)}; set `kpis`")

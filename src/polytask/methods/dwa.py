@@ -14,7 +14,7 @@ from polytask.methods.base import Step, check_positive, register
 @register("dwa")
 class DWA(PerTaskMethod):
     """Dynamic Weight Average — Liu, Johns & Davison, "End-to-End Multi-Task Learning with
-    Attention", CVPR 2019 (Eq. 7; the MTAN paper).
+    Attention", CVPR 2019 (the MTAN paper).
 
         wᵢ(t) = T · exp(rᵢ(t−1)/τ) / Σⱼ exp(rⱼ(t−1)/τ),   rᵢ(t−1) = Lᵢ(t−1) / Lᵢ(t−2)
 

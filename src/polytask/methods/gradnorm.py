@@ -19,7 +19,7 @@ def gradnorm_targets(norms: Tensor, weights: Tensor, losses: Tensor, initial: Te
 @register("gradnorm")
 class GradNorm(PerTaskMethod):
     """GradNorm — Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
-    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018 (Eq. 1–2, Algorithm 1).
+    Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018 (Algorithm 1).
 
     With gᵢ = ∇_W Lᵢ on the last shared layer W (``scope = "last_shared"``; ‖gᵢ‖² = Gᵢᵢ), the
     weights wᵢ descend

@@ -11,7 +11,7 @@ from polytask.methods.base import Step, register
 
 @register("imtl_l")
 class IMTLL(PerTaskMethod):
-    """IMTL-L — Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (Sec. 3.1).
+    """IMTL-L — Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (the loss-balance part).
 
     Each task has a learnable scale parameter sᵢ (``nn.Parameter``, initialised to 0) and the
     scaled loss e^(sᵢ) Lᵢ − sᵢ. At the optimum in sᵢ, e^(sᵢ) Lᵢ = 1: every scaled loss is kept

@@ -15,14 +15,15 @@ from polytask.methods.base import Step, check_positive, register
 @register("stch")
 class STCH(PerTaskMethod):
     """Smooth Tchebycheff scalarization — Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff
-    Scalarization for Multi-Objective Optimization", ICML 2024 (Eq. 9, equal preferences).
+    Scalarization for Multi-Objective Optimization", ICML 2024 (equal preferences).
 
         Total = μ log Σᵢ exp(L̃ᵢ / μ),   L̃ᵢ = Lᵢ / nᵢ
 
     a smooth upper bound of maxᵢ L̃ᵢ that tends to it as μ → 0. With the ideal point at 0 and
     ``warmup_epochs = 0`` the nadir is nᵢ = 1; otherwise nᵢ is the mean of task i's epoch-average
-    training loss over the first ``warmup_epochs`` epochs (equal weights meanwhile), as the
-    authors' multi-task code normalises losses. The weights are the exact gradient of Total:
+    training loss over the first ``warmup_epochs`` epochs (equal weights meanwhile); the
+    authors' multi-task code also normalises by a warm-up average, but its exact transform (and
+    per-step averaging) is not reproduced here. The weights are the exact gradient of Total:
     wᵢ = softmax(L̃/μ)ᵢ / nᵢ (Σ w = 1 when nᵢ = 1), detached.
     """
 

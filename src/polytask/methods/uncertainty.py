@@ -17,7 +17,7 @@ FORMS = ("regression", "classification")
 @register("uncertainty")
 class Uncertainty(PerTaskMethod):
     """Uncertainty weighting — Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to
-    Weigh Losses for Scene Geometry and Semantics", CVPR 2018 (Eq. 7 and 10).
+    Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
 
     Each task has a learnable log-variance sᵢ = log σᵢ² (an ``nn.Parameter``, initialised to 0):
 
