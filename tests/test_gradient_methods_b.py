@@ -314,3 +314,18 @@ def test_engine_applies_the_method(name: str) -> None:
     for i in range(3):
         for p, g in zip(heads[i], head_grads[i], strict=True):
             torch.testing.assert_close(p.grad, w[i] * g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["moco", "great"])
+def test_state_advances_once_per_step_whichever_call_comes_first(name: str) -> None:
+    by_weights, by_direction = get_method(name), get_method(name)
+    by_weights.setup(TASKS)
+    by_direction.setup(TASKS)
+    for k in range(3):
+        step_w, step_d = jacobian_step(jacobian(3, 12, seed=k), seed=k), jacobian_step(jacobian(3, 12, seed=k), seed=k)
+        by_weights.weights(step_w)
+        first = by_direction.direction(step_d)
+        assert torch.equal(by_direction.direction(step_d), first)  # a second call on the same step reads
+        assert torch.equal(by_weights.direction(step_w), first)
+    for (key, a), b in zip(by_weights.state_dict().items(), by_direction.state_dict().values(), strict=True):
+        assert key == "_extra_state" or torch.equal(a, b), key

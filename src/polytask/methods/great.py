@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._lazy_state import LazyStateMixin
+from polytask.methods._lazy_state import LazyStateMixin, first_visit
 from polytask.methods._weighting import PerTaskMethod, adam_step
 from polytask.methods.base import Step, check_positive, register
 
@@ -27,8 +26,9 @@ class GREAT(LazyStateMixin, PerTaskMethod):
     become statistically indistinguishable. Our formulation on the shared parameters θ:
 
     - the discriminator D (one hidden ReLU layer of ``hidden`` units, one logit per task) sees
-      the unit task gradients uᵢ = gᵢ/‖gᵢ‖ and minimises L_D = mean_i CE(D(uᵢ), i);
-      ``weights(step)`` takes one Adam step (``lr``) on it and returns 1 for every task;
+      the unit task gradients uᵢ = gᵢ/‖gᵢ‖ and minimises L_D = mean_i CE(D(uᵢ), i) with one
+      Adam step (``lr``) per training step (on the first call of ``weights(step)`` or
+      ``direction(step)`` with that step object); ``weights`` returns 1 for every task;
     - ``direction(step)`` moves every task gradient up L_D (the reversal), along the part aᵢ of
       ∇_{uᵢ} L_D orthogonal to uᵢ: d = Σᵢ gᵢ + ``strength`` · Σᵢ ‖gᵢ‖ aᵢ/‖aᵢ‖.
 
@@ -37,13 +37,13 @@ class GREAT(LazyStateMixin, PerTaskMethod):
     alignment layers); the engine hands us only the batch gradients J on θ, so we use J's rows
     and a first-order step in gradient space. D's input layer has P inputs (P = |θ|): it is
     created at the first step from ``step.generator``, so prefer ``last_shared`` scope or small θ.
-    D's parameters are ``nn.Parameter`` s updated only here (their ``.grad`` stays None); their
-    Adam moments and step count are buffers, so ``state_dict`` resumes exactly.
+    D's parameters are ``nn.Parameter`` s with ``requires_grad=False`` (the trainer's optimizer
+    leaves them alone; they are updated only here); their Adam moments and step count are
+    buffers, so ``state_dict`` resumes exactly.
     """
 
     needs = "jacobian"
     returns_direction = True
-    permutation_equivariant: ClassVar[bool] = False  # D's initial rows follow the task order
 
     def __init__(self, *, strength: float = 0.1, hidden: int = 32, lr: float = 1e-3) -> None:
         super().__init__()
@@ -53,17 +53,19 @@ class GREAT(LazyStateMixin, PerTaskMethod):
         self.hidden = hidden
         self.lr = check_positive("GREAT", "lr", lr)
         for name in _PARAMS:
-            setattr(self, name, nn.Parameter(torch.empty(0)))
+            setattr(self, name, nn.Parameter(torch.empty(0), requires_grad=False))
             self.register_buffer(f"{name}_avg", torch.empty(0))
             self.register_buffer(f"{name}_sq", torch.empty(0))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_loss", torch.full((), math.nan))
+        self._token = object()
         self._remember(strength=strength, hidden=hidden, lr=lr)
 
     def reset_state(self, num_tasks: int) -> None:
         for name in _PARAMS:
             getattr(self, name).data = torch.empty(0)
         self.count.zero_()
+        self.last_loss.fill_(math.nan)
 
     def discriminator_loss(self, step: Step, params: list[Tensor] | None = None, units: Tensor | None = None) -> Tensor:
         """L_D on the step's unit task gradients (or on ``units``), with D's parameters or ``params``."""
@@ -73,6 +75,13 @@ class GREAT(LazyStateMixin, PerTaskMethod):
         return F.cross_entropy(logits, self.index(step))
 
     def weights(self, step: Step) -> Tensor:
+        self._advance(step)
+        return torch.ones_like(step.losses)
+
+    def _advance(self, step: Step) -> None:
+        self.index(step)  # sets up lazily with the step's tasks
+        if not first_visit(step, self._token):
+            return
         self._materialise(step)
         params = [getattr(self, n).detach().requires_grad_() for n in _PARAMS]
         with torch.enable_grad():
@@ -86,11 +95,11 @@ class GREAT(LazyStateMixin, PerTaskMethod):
             getattr(self, f"{name}_sq").copy_(sq)
         self.count += 1
         self.last_loss.fill_(float(loss.detach()))
-        return torch.ones_like(step.losses)
 
     def direction(self, step: Step) -> Tensor:
+        self._advance(step)
         j = self._jacobian(step)
-        if self.strength == 0 or self.hidden_weight.shape != (self.hidden, j.shape[1]):
+        if self.strength == 0:
             return j.sum(dim=0)
         return j.sum(dim=0) + self.strength * (j.norm(dim=1, keepdim=True) * self.adversarial(step)).sum(dim=0)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._lazy_state import LazyStateMixin
+from polytask.methods._lazy_state import LazyStateMixin, first_visit
 from polytask.methods._simplex import project_simplex
 from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, check_positive, register
@@ -26,8 +26,9 @@ class MoCo(LazyStateMixin, PerTaskMethod):
 
     Y mixes gradients taken at earlier parameters, so it is not a combination of this step's
     gradients: the method needs J and returns d. Y (T×P), λ and the step count are buffers and
-    round-trip through ``state_dict``. ``weights(step)`` advances the state and returns λ (the
-    heads get Σ λᵢ ∇Lᵢ); ``direction(step)`` reads it. On a step with a subset S of the tasks,
+    round-trip through ``state_dict``. The state advances once per step, on the first call of
+    ``weights(step)`` (λ: the heads get Σ λᵢ ∇Lᵢ) or ``direction(step)`` (d) with that step
+    object; the other call reads the same state. On a step with a subset S of the tasks,
     λ_S is renormalised, updated on the simplex of S and written back with its previous mass.
     """
 
@@ -48,6 +49,7 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.register_buffer("seen", torch.empty(0, dtype=torch.bool))
         self.register_buffer("lam", torch.empty(0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._token = object()
         self._remember(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
 
     def reset_state(self, num_tasks: int) -> None:
@@ -57,7 +59,18 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.count = torch.zeros((), dtype=torch.long)
 
     def weights(self, step: Step) -> Tensor:
+        self._advance(step)
+        return self._active_lambda(self.index(step))[1].to(step.losses.dtype)
+
+    def direction(self, step: Step) -> Tensor:
+        self._advance(step)
+        idx = self.index(step)
+        return self._active_lambda(idx)[1].to(self.tracked.dtype) @ self.tracked[idx]
+
+    def _advance(self, step: Step) -> None:
         idx, j = self.index(step), self._jacobian(step)
+        if not first_visit(step, self._token):
+            return
         if self.tracked.shape[1] != j.shape[1]:
             if bool(self.seen.any()):
                 raise InvalidParameterError(
@@ -76,15 +89,6 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         full = self.lam.clone()
         full[idx] = lam * (mass if mass > 1e-12 else len(idx) / len(full))
         self.lam.copy_(full / full.sum())
-        return self._active_lambda(idx)[1].to(step.losses.dtype)
-
-    def direction(self, step: Step) -> Tensor:
-        idx, j = self.index(step), self._jacobian(step)
-        if self.tracked.shape[1] == j.shape[1]:
-            y = torch.where(self.seen[idx, None], self.tracked[idx].to(j.dtype), j)
-        else:
-            y = j
-        return self._active_lambda(idx)[1].to(j.dtype) @ y
 
     def _active_lambda(self, idx: Tensor) -> tuple[float, Tensor]:
         lam = self.lam[idx]
