@@ -41,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", default="best", choices=("best", "last"))
     pr.add_argument("--task", help="for runs with per-task inputs: the task whose input columns the file has")
 
+    bench = sub.add_parser("bench", help="benchmarks (not part of the test suite)")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    speed = bench_sub.add_parser("speed", help="ms per step and peak memory of every method vs equal weighting")
+    speed.add_argument("--encoders", default="mlp,cnn", help="comma list of mlp, cnn")
+    speed.add_argument("--tasks", default="2,5,10,40", help="comma list of task counts")
+    speed.add_argument("--methods", default="all", help="comma list of method names, or all")
+    speed.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
+    speed.add_argument("--warmup", type=int, default=2)
+    speed.add_argument("--every", type=int, default=1, help="recompute Gramian-method weights every k steps")
+    speed.add_argument("--no-features", action="store_true", help="skip the features mode of Gramian methods")
+    speed.add_argument("--peers", action="store_true", help="also time TorchJD's aggregators when installed")
+    speed.add_argument("--device", default="cpu")
+    speed.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+
     ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics")
     ls.add_argument("what", nargs="?", choices=LISTS)
     return parser
@@ -86,6 +100,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import csv
+    import dataclasses
+
+    import torch
+
+    from polytask.bench import speed
+    from polytask.core.errors import InvalidParameterError
+    from polytask.methods import METHODS
+
+    torch.set_num_threads(torch.get_num_threads())
+    methods = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        METHODS.get(name)
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    for encoder in encoders:
+        if encoder not in ("mlp", "cnn"):
+            raise InvalidParameterError(f"--encoders takes mlp and/or cnn; found {encoder!r}")
+    try:
+        counts = [int(t) for t in args.tasks.split(",")]
+    except ValueError:
+        raise InvalidParameterError(f"--tasks takes a comma list of ints; found {args.tasks!r}") from None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    rows = speed.run(encoders, counts, methods, steps=args.steps, warmup=args.warmup, features=not args.no_features,
+                     every=args.every, peers=args.peers, device=args.device)
+    if args.csv is not None:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(speed.Row)])
+            writer.writeheader()
+            writer.writerows(dataclasses.asdict(r) for r in rows)
+    return 0
+
+
 def _list(what: str | None) -> int:
     from polytask.data.samplers import SAMPLERS
     from polytask.datasets import DATASETS
@@ -118,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "list":
             return _list(args.what)
+        if args.command == "bench":
+            return _bench(args)
         from polytask.cli import pipeline
 
         if args.command == "eval":

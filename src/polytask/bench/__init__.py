@@ -1,0 +1,1 @@
+"""Benchmarks run by `polytask bench`, never by the test suite."""
