@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from polytask.core.errors import DataError, InvalidParameterError, PolytaskError, closest
 from polytask.core.task import Task, task_names
 from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
+from polytask.data.loader import check_mode, epoch_batches, steps_in_epoch
 from polytask.data.samplers import SAMPLERS, Sampler
 from polytask.engine.backward import Engine
 from polytask.methods.base import Method, get_method
@@ -23,6 +24,7 @@ from polytask.metrics.delta_m import delta_m
 from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
+from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
 from polytask.train.checkpoint import load_checkpoint, save_checkpoint
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
 from polytask.train.plots import plot_training
@@ -52,6 +54,9 @@ class Trainer:
         model: the architecture. tasks: its tasks (order sets the order of logs).
         method: registry name or Method; ``method_params`` go to its constructor.
         sampler: registry name or Sampler, used when each task has its own data set.
+        task_scheduler: registry name or TaskScheduler: which tasks with data in a step train.
+        loader_mode: how an epoch walks per-task data sets (``polytask.data.loader.LOADER_MODES``).
+        steps_per_epoch: fixed number of steps per epoch (default: from the data sizes).
         epochs, batch_size, optimizer (adam|adamw|sgd), lr, weight_decay, momentum: the usual.
         scheduler: none|cosine|step|exponential (stepped once per epoch).
         monitor: what picks the best epoch and drives early stopping: ``loss`` (mean validation
@@ -66,7 +71,9 @@ class Trainer:
 
     def __init__(self, model: MultiTaskModel, tasks: Sequence[Task], *, method: str | Method = "static",
                  method_params: Mapping[str, Any] | None = None, sampler: str | Sampler = "proportional",
-                 sampler_params: Mapping[str, Any] | None = None, epochs: int = 10, batch_size: int = 256,
+                 sampler_params: Mapping[str, Any] | None = None, task_scheduler: str | TaskScheduler = "all",
+                 task_scheduler_params: Mapping[str, Any] | None = None, loader_mode: str = "sample",
+                 steps_per_epoch: int | None = None, epochs: int = 10, batch_size: int = 256,
                  optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
                  scheduler: str = "none", monitor: str = "loss", patience: int | None = None,
                  baselines: Mapping[str, Mapping[str, float]] | None = None, grad_clip: float | None = None,
@@ -92,6 +99,12 @@ class Trainer:
         self.method = get_method(method, **dict(method_params or {}))
         self.method.to(self.device)
         self.sampler = sampler if isinstance(sampler, Sampler) else SAMPLERS.create(sampler, **dict(sampler_params or {}))
+        self.task_scheduler = (task_scheduler if isinstance(task_scheduler, TaskScheduler)
+                               else TASK_SCHEDULERS.create(task_scheduler, **dict(task_scheduler_params or {})))
+        check_mode(loader_mode)
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise InvalidParameterError(f"`steps_per_epoch` must be an int >= 1 or None; found {steps_per_epoch!r}")
+        self.loader_mode, self.steps_per_epoch = loader_mode, steps_per_epoch
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.baselines = {t: dict(v) for t, v in (baselines or {}).items()}
         self.monitor, self.patience, self.grad_clip = monitor, patience, grad_clip
@@ -127,6 +140,7 @@ class Trainer:
         self.method.setup(self.names, sizes=sizes, static_weights={t.name: t.weight for t in self.tasks})
         if isinstance(train, TaskDatasets):
             self.sampler.setup({t: sizes[t] for t in self.names})
+        self.task_scheduler.setup(self.names)
         if self.run is not None:
             self.run.prepare(resume=self.resume, overwrite=self.overwrite)
             if self.config_text is not None:
@@ -174,12 +188,15 @@ class Trainer:
         self.metrics.reset()
         weight_sums = {t: 0.0 for t in self.names}
         weight_counts = {t: 0 for t in self.names}
-        batches = self._train_batches(train)
         total = self._steps_per_epoch(train)
+        batches = epoch_batches(train, self.batch_size, generator=self.data_generator, sampler=self.sampler,
+                                sampler_generator=self.sampler_generator, step=self.step_index,
+                                total_steps=total * self.epochs, mode=self.loader_mode,
+                                steps_per_epoch=self.steps_per_epoch)
         bar = tqdm(batches, total=total, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
                    disable=not self.progress, dynamic_ncols=True)
-        for batch in bar:
-            weights, losses = self._train_step(batch.to(self.device))
+        for groups in bar:
+            weights, losses = self._train_step([b.to(self.device) for b in groups])
             for t, w in weights.items():
                 if losses.get(t) is not None:
                     weight_sums[t] += w
@@ -194,11 +211,22 @@ class Trainer:
                 computed[t]["weight"] = weight_sums[t] / weight_counts[t]
         return self._rows("train", computed)
 
-    def _train_step(self, batch: Batch) -> tuple[dict[str, float], dict[str, float | None]]:
-        active = self._active(batch)
-        z = self.model.encode(batch.x, batch.source)
-        outputs = self.model.decode(z, active)
-        losses = {t: self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t)) for t in active}
+    def _train_step(self, groups: list[Batch]) -> tuple[dict[str, float], dict[str, float | None]]:
+        """One update from a step's batches (one per data set drawn); only scheduled tasks train."""
+        available = [t for t in self.names if any(t in b.targets for b in groups)]
+        active = self.task_scheduler.select(self.step_index, available, self.sampler_generator)
+        losses: dict[str, Tensor | None] = {}
+        features: list[Tensor] = []
+        for batch in groups:
+            tasks = [t for t in active if t in batch.targets and t not in losses]
+            if not tasks:
+                continue
+            z = self.model.encode(batch.x, batch.source)
+            outputs = self.model.decode(z, tasks)
+            features.append(z)
+            for t in tasks:
+                losses[t] = self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t))
+            self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
         present = [t for t, v in losses.items() if v is not None]
         if present:
             values = torch.stack([losses[t] for t in present]).detach()  # type: ignore[misc]
@@ -208,14 +236,14 @@ class Trainer:
                     f"loss of task(s) {bad} is not finite at step {self.step_index} (epoch {self.epoch + 1}); "
                     "lower the learning rate, clip gradients, or check the targets")
         self.optimizer.zero_grad(set_to_none=True)
-        weights = self.engine.backward(losses, features=[z], index=self.step_index, epoch=self.epoch,
+        weights = self.engine.backward(losses, features=features, index=self.step_index, epoch=self.epoch,
                                        extra_loss=self.model.extra_loss())
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        self.metrics.update(outputs, batch.targets, batch.masks, losses)
         loss_values = dict(zip(present, values.tolist(), strict=True)) if present else {}
-        return weights, {t: loss_values.get(t) for t in active}
+        self.task_scheduler.observe(self.step_index, loss_values)
+        return weights, {t: loss_values.get(t) for t in losses}
 
     def _end_epoch(self, rows: list[dict[str, Any]]) -> None:
         train_losses = {r["task"]: r["value"] for r in rows if r["split"] == "train" and r["metric"] == "loss"}
@@ -268,16 +296,6 @@ class Trainer:
         return summary
 
     # ---------------------------------------------------------------------------- batching
-    def _train_batches(self, train: Data) -> Iterator[Batch]:
-        if isinstance(train, MultiOutputDataset):
-            yield from train.batches(self.batch_size, shuffle=True, generator=self.data_generator)
-            return
-        streams = {t: _cycle(ds, self.batch_size, self.data_generator, t) for t, ds in train.datasets.items()}
-        total_steps = self._steps_per_epoch(train) * self.epochs
-        for _ in range(self._steps_per_epoch(train)):
-            task = self.sampler.sample(self.sampler_generator, self.step_index, total_steps)
-            yield next(streams[task])
-
     def _eval_batches(self, data: Data) -> Iterator[Batch]:
         size = max(self.batch_size, 1024)
         if isinstance(data, MultiOutputDataset):
@@ -287,9 +305,7 @@ class Trainer:
                 yield from ds.batches(size, source=name)
 
     def _steps_per_epoch(self, train: Data) -> int:
-        if isinstance(train, MultiOutputDataset):
-            return math.ceil(len(train) / self.batch_size)
-        return sum(math.ceil(n / self.batch_size) for n in train.sizes.values())
+        return steps_in_epoch(train, self.batch_size, self.loader_mode, self.steps_per_epoch)
 
     # ----------------------------------------------------------------------------- helpers
     _best_state: dict[str, Tensor] | None = None
@@ -346,7 +362,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "method": self.method.state_dict(), "engine": self.engine.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict(), "task_scheduler": self.task_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                     "sampler": self.sampler_generator.get_state()},
             "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
@@ -361,15 +377,10 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.engine.load_state_dict(state["engine"])
         self.sampler.load_state_dict(state["sampler"])
+        self.task_scheduler.load_state_dict(state["task_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.data_generator.set_state(state["rng"]["data"])
         self.sampler_generator.set_state(state["rng"]["sampler"])
         self.epoch, self.step_index = state["epoch"], state["step"]
         self.best, self.bad_epochs = dict(state["best"]), state["bad_epochs"]
         self.history, self.steps = list(state["history"]), list(state["steps"])
-
-
-def _cycle(data: MultiOutputDataset, batch_size: int, generator: torch.Generator, source: str) -> Iterator[Batch]:
-    """Endless shuffled batches of one task's data set (re-shuffled at every pass)."""
-    while True:
-        yield from data.batches(batch_size, shuffle=True, generator=generator, source=source)

@@ -1,0 +1,41 @@
+"""Task schedulers: which of the available tasks get a gradient at a step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from polytask.core.registry import Registry
+
+
+class TaskScheduler:
+    """Chooses the active tasks of a step among those with data in it.
+
+    ``select`` sees the step index, the available task names and the trainer's seeded generator;
+    ``observe`` receives each step's detached losses of the active tasks (for adaptive
+    schedulers). State goes through ``state_dict`` so a resumed run chooses the same tasks.
+    """
+
+    def setup(self, tasks: Sequence[str]) -> None:
+        self.tasks = tuple(tasks)
+
+    def select(self, step: int, available: Sequence[str], generator: torch.Generator) -> list[str]:
+        return list(available)
+
+    def observe(self, step: int, losses: Mapping[str, float]) -> None:
+        """Feedback after a step: loss per active task."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+TASK_SCHEDULERS: Registry[TaskScheduler] = Registry("task scheduler")
+
+
+@TASK_SCHEDULERS.register("all")
+class AllTasks(TaskScheduler):
+    """Every task with data in the step is trained (the default of every MTL library)."""
