@@ -33,18 +33,23 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 def label_vocabulary(frame: pd.DataFrame, task: Task, column: str) -> list[str] | None:
     """Sorted string labels of a classification column with text labels (None if numeric)."""
+    require_column(frame, task, column, "training data")
     values = frame[column].dropna()
     if task.kind in ("binary", "multiclass") and not pd.api.types.is_numeric_dtype(values):
         return sorted(map(str, values.unique()))
     return None
 
 
+def require_column(frame: pd.DataFrame, task: Task, column: str, where: str) -> None:
+    if column not in frame.columns:
+        raise DataError(f"{where}: target column '{column}' of task '{task.name}' not found."
+                        f"{closest(column, map(str, frame.columns))} Columns: {', '.join(map(str, frame.columns))}")
+
+
 def targets_from(frame: pd.DataFrame, task: Task, column: str, labels: Sequence[str] | None,
                  allow_missing: bool, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Target tensor (and mask of known labels when missing values are allowed) for one task."""
-    if column not in frame.columns:
-        raise DataError(f"{where}: target column '{column}' of task '{task.name}' not found."
-                        f"{closest(column, map(str, frame.columns))}")
+    require_column(frame, task, column, where)
     series = frame[column]
     missing = series.isna().to_numpy()
     if missing.any() and not allow_missing:

@@ -18,13 +18,15 @@ class TabularPreprocessor:
 
     Numeric columns are standardised with the training mean and standard deviation; categorical
     columns (string, categorical or boolean dtype) become one-hot blocks over the training
-    categories plus one "unseen" slot. The fitted state is plain JSON (``to_dict``), so a run
+    categories plus one "unseen" slot. Columns in ``log1p`` (heavy-tailed counts such as capital
+    gains) are mapped through log(1 + x) before standardising. The fitted state is plain JSON (``to_dict``), so a run
     directory can rebuild it for ``polytask predict`` without pickles.
     """
 
     def __init__(self, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
                  means: Mapping[str, float] | None = None, stds: Mapping[str, float] | None = None,
-                 categories: Mapping[str, Sequence[str]] | None = None) -> None:
+                 categories: Mapping[str, Sequence[str]] | None = None, log1p: Sequence[str] = ()) -> None:
+        self.log1p = list(log1p)
         self.numeric = list(numeric)
         self.categorical = list(categorical)
         self.means = dict(means or {})
@@ -32,7 +34,7 @@ class TabularPreprocessor:
         self.categories = {k: list(v) for k, v in (categories or {}).items()}
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, features: Sequence[str]) -> TabularPreprocessor:
+    def fit(cls, frame: pd.DataFrame, features: Sequence[str], log1p: Sequence[str] = ()) -> TabularPreprocessor:
         missing = [c for c in features if c not in frame.columns]
         if missing:
             raise DataError(f"feature column(s) {missing} not found; columns are: {', '.join(map(str, frame.columns))}")
@@ -43,10 +45,14 @@ class TabularPreprocessor:
                 categorical.append(col)
             else:
                 numeric.append(col)
-        means = {c: float(frame[c].mean()) for c in numeric}
-        stds = {c: float(frame[c].std(ddof=0)) or 1.0 for c in numeric}
+        bad = [c for c in log1p if c not in numeric]
+        if bad:
+            raise DataError(f"log1p column(s) {bad} are not numeric features")
+        values = {c: np.log1p(frame[c].to_numpy(dtype=np.float64)) if c in log1p else frame[c] for c in numeric}
+        means = {c: float(np.mean(values[c])) for c in numeric}
+        stds = {c: float(np.std(values[c])) or 1.0 for c in numeric}
         categories = {c: sorted(map(str, frame[c].dropna().unique())) for c in categorical}
-        return cls(numeric, categorical, means, stds, categories)
+        return cls(numeric, categorical, means, stds, categories, log1p)
 
     @property
     def features(self) -> list[str]:
@@ -66,6 +72,8 @@ class TabularPreprocessor:
             if np.isnan(values).any():
                 row = int(np.isnan(values).nonzero()[0][0])
                 raise DataError(f"{where} column '{col}' has a missing or non-numeric value at row {row}")
+            if col in self.log1p:
+                values = np.log1p(values)
             blocks.append(((values - self.means[col]) / self.stds[col])[:, None])
         for col in self.categorical:
             cats = self.categories[col]
@@ -80,7 +88,7 @@ class TabularPreprocessor:
 
     def to_dict(self) -> dict[str, Any]:
         return {"numeric": self.numeric, "categorical": self.categorical, "means": self.means,
-                "stds": self.stds, "categories": self.categories}
+                "stds": self.stds, "categories": self.categories, "log1p": self.log1p}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> TabularPreprocessor:

@@ -44,10 +44,8 @@ def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: f
     chosen = select_tasks(AVAILABLE, tasks, ["income", "marital"], "adult")
     names = [t.name for t in chosen]
     features = [c for c in FEATURES if not ("hours" in names and c == "hours-per-week")]
-    frame = frame.assign(**{"capital-gain": np.log1p(frame["capital-gain"]),
-                            "capital-loss": np.log1p(frame["capital-loss"])})
     train_idx, val_idx, test_idx = split_indices(len(frame), (val_fraction, test_fraction), seed)
-    prep = TabularPreprocessor.fit(frame.iloc[train_idx.numpy()], features)
+    prep = TabularPreprocessor.fit(frame.iloc[train_idx.numpy()], features, log1p=["capital-gain", "capital-loss"])
     hours = frame["hours-per-week"].to_numpy(dtype=np.float32)
     hours_mean, hours_std = hours[train_idx.numpy()].mean(), hours[train_idx.numpy()].std()
     all_targets = {
