@@ -122,3 +122,48 @@ def test_bad_weights_shape_is_reported():
     _, losses = losses_of(model, tasks, torch.randn(4, 4), torch.randn(4, 2))
     with pytest.raises(pt.InvalidParameterError, match=r"shape \(5,\); expected \(2,\)"):
         pt.backward(losses, model.shared_parameters(), Wrong())
+
+
+def test_batched_jacobian_matches_loop_and_auto_picks_one():
+    from polytask.engine.jacobian import JacobianComputer, batched_task_jacobian
+
+    model, tasks = small_model(5)
+    _, losses = losses_of(model, tasks, torch.randn(8, 4), torch.randn(8, 5))
+    vec = torch.stack(list(losses.values()))
+    shared = list(model.shared_parameters())
+    loop = task_jacobian(list(vec), shared)
+    for chunk in (None, 2):
+        torch.testing.assert_close(batched_task_jacobian(vec, shared, chunk), loop)
+    auto = JacobianComputer("auto", trials=1)
+    for _ in range(3):
+        torch.testing.assert_close(auto(vec, shared), loop)
+    assert auto.chosen in ("loop", "batched")
+
+
+def test_loss_scale_does_not_change_weights_and_overflow_skips_method():
+    model, tasks = small_model(2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    _, losses = losses_of(model, tasks, x, y)
+    w1 = Engine("mgda", list(model.shared_parameters())).backward(losses)
+    g1 = grads(model)
+    model.zero_grad()
+    _, losses = losses_of(model, tasks, x, y)
+    w2 = Engine("mgda", list(model.shared_parameters())).backward(losses, scale=1024.0)
+    assert w1 == pytest.approx(w2)
+    for a, b in zip(g1, grads(model)):
+        torch.testing.assert_close(a * 1024.0, b)
+    model.zero_grad()
+    _, losses = losses_of(model, tasks, x, y)
+    weights = Engine("mgda", list(model.shared_parameters())).backward(losses, scale=float("inf"))
+    assert weights == {"t0": 1.0, "t1": 1.0}
+    assert not all(torch.isfinite(p.grad).all() for p in model.shared_parameters())
+
+
+def test_bf16_autocast_with_gradient_method():
+    model, tasks = small_model(3)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, losses = losses_of(model, tasks, x, y)
+    weights = pt.backward(losses, model.shared_parameters(), "upgrad")
+    assert all(v > 0 for v in weights.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.engine.jacobian import gramian, task_jacobian
+from polytask.engine.jacobian import JacobianComputer, gramian, task_jacobian
 from polytask.methods.base import Method, Step, get_method
 
 Mode = Literal["auto", "parameters", "features"]
@@ -27,10 +27,12 @@ class Engine:
             methods that declare ``needs == "features"``).
         every: recompute the weights every ``every`` steps and reuse them in between.
         seed: seed of the generator handed to random methods.
+        jacobian: ``loop`` (one backward per task), ``batched`` (vmapped, ``chunk_size`` tasks at
+            a time) or ``auto`` (time both on the first steps, keep the faster).
     """
 
     def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, mode: Mode = "auto",
-                 every: int = 1, seed: int = 0) -> None:
+                 every: int = 1, seed: int = 0, jacobian: str = "auto", chunk_size: int | None = None) -> None:
         self.method = get_method(method)
         self.shared = [p for p in shared_params if p.requires_grad]
         if mode not in ("auto", "parameters", "features"):
@@ -41,6 +43,7 @@ class Engine:
         self.every = every
         self.generator = torch.Generator().manual_seed(seed)
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
+        self.jacobian = JacobianComputer(jacobian, chunk_size)
 
     @property
     def needs(self) -> str:
@@ -86,13 +89,17 @@ class Engine:
                 if not zs:
                     raise InvalidParameterError(
                         f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
-                step.gramian = gramian(task_jacobian(list(vec), zs))
+                step.gramian = gramian(task_jacobian(list(vec * scale), zs) / scale)
             elif needs in ("gramian", "jacobian"):
-                jacobian = task_jacobian(list(vec), self.shared)
+                jacobian = self.jacobian(vec * scale, self.shared) / scale
                 step.gramian = gramian(jacobian)
                 if needs == "jacobian":
                     step.jacobian = jacobian
-            w = self.method.weights(step)
+            if step.gramian is not None and not bool(torch.isfinite(step.gramian).all()):
+                w = torch.ones_like(vec)
+                step.jacobian = None
+            else:
+                w = self.method.weights(step)
             if w.shape != (len(active),):
                 raise InvalidParameterError(
                     f"method '{type(self.method).__name__}' returned weights of shape {tuple(w.shape)}; expected ({len(active)},)")
@@ -104,12 +111,15 @@ class Engine:
         if penalty is not None:
             total = total + penalty
         if extra_loss is not None:
-            total = total + extra_loss
+            # a regulariser on the parameters themselves (soft sharing), not a task: its gradient
+            # is added as is, wherever it lands (shared parameters included)
+            (extra_loss * scale).backward(retain_graph=True)
         if jacobian is not None and self.shared:
             # J is already materialised: put d = Jᵀ w (or the method's direction) on θ directly and
             # back-propagate the total only into the other parameters, skipping a second pass
             # through the shared encoder.
-            direction = self.method.direction(step) if self.method.returns_direction else w.detach() @ jacobian
+            direction = (self.method.direction(step) if self.method.returns_direction and step.jacobian is not None
+                         else w.detach() @ jacobian)
             self._add_flat_grad(direction * scale)
             others = _other_leaves(total, self.shared)
             if others:
