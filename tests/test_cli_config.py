@@ -347,15 +347,10 @@ BAD_OVERWRITES = [
     pytest.param(["train.epoch=1"], "unknown key", id="unknown-key"),
     pytest.param(["method.name=nash"], "unknown method", id="unknown-method"),
     pytest.param(["tasks.bin.target=nope"], "target column 'nope'", id="missing-column"),
-    pytest.param(["train.monitor=bin/acc"], "no metric 'acc'", id="bad-monitor", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: pipeline.train clears the run directory (run.clear()) before Trainer.__init__ "
-                            "validates `monitor`; the previous run is deleted")),
-    pytest.param(["model.encoder={name: mlp, hiden: [8]}"], "no parameter 'hiden'", id="encoder-param", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: encoder parameters are checked only when build_model runs, after run.clear()")),
-    pytest.param(["method={name: static, weights: {bni: 1.0}}"], "unknown task 'bni'", id="static-unknown-task",
-                 marks=pytest.mark.xfail(
-                     strict=True, reason="BUG: static weights are checked against the tasks only in "
-                                         "Method.setup during Trainer.fit, after pipeline.train has cleared the run")),
+    pytest.param(["train.monitor=bin/acc"], "no metric 'acc'", id="bad-monitor"),
+    pytest.param(["model.encoder={name: mlp, hiden: [8]}"], "no parameter 'hiden'", id="encoder-param"),
+    pytest.param(["method={name: static, weights: {bni: 1.0}}"], "unknown task 'bni'", id="static-unknown-task"),
+    pytest.param(["method={name: cagrad, c: -1}"], "`c`", id="method-param-value"),
 ]
 
 
@@ -367,10 +362,6 @@ def test_overwrite_with_bad_config_keeps_previous_run(files_copy, overrides, nee
     assert snapshot(files_copy / "run") == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Trainer.fit (train/trainer.py) writes the new config.yaml before _load_state; resuming with an "
-    "incompatible model raises a raw RuntimeError from load_state_dict (traceback, not 'error:') and leaves the "
-    "run's config.yaml describing a model its checkpoints do not fit, so `polytask eval` on the run then crashes"))
 def test_resume_with_incompatible_model_is_refused_and_keeps_the_run(files_copy):
     before = snapshot(files_copy / "run")
     code, out, err = run_cli("train", files_copy / "cfg.yaml", "--quiet", "--resume", "--set", "train.epochs=4",

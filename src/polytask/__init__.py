@@ -8,15 +8,17 @@ from polytask.core import ConfigError, DataError, InvalidParameterError, Polytas
 from polytask.engine import Engine, backward
 from polytask.metrics import delta_m
 from polytask.models import encoders
-from polytask.train import Trainer
+from polytask.train import CheckpointError, NonFiniteLossError, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "Engine",
     "InvalidParameterError",
+    "NonFiniteLossError",
     "PolytaskError",
     "ShapeError",
     "Task",

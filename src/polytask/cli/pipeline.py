@@ -37,8 +37,19 @@ def resolved(cfg: Config, loaded: LoadedData, encoder: dict[str, Any]) -> Config
              for t in loaded.tasks}
     raw = cfg.model_dump(mode="json", exclude_none=True)
     raw["tasks"] = {n: tc.model_dump(mode="json", exclude_none=True) for n, tc in tasks.items()}
+    _absolute_paths(raw)
     raw["model"]["encoder"] = encoder
     return Config.model_validate(raw)
+
+
+def _absolute_paths(raw: dict[str, Any]) -> None:
+    """Data paths in the saved config are absolute, so eval/predict work from any folder."""
+    files = [raw.get("data", {}).get("files") or {}]
+    files += [(task or {}).get("data") or {} for task in (raw.get("tasks") or {}).values()]
+    for group in files:
+        for key, value in list(group.items()):
+            if value is not None:
+                group[key] = str(Path(value).resolve())
 
 
 def prepare(cfg: Config) -> tuple[LoadedData, dict[str, Any], dict[str, Any], Config]:
@@ -57,11 +68,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
     """Run what `polytask train` runs; returns the multi-task summary (or the baselines')."""
     loaded, encoder, prep, full = prepare(cfg)
     stems = loaded.encoder.get("_stems")
+    kwargs = trainer_kwargs(cfg)
+    # Build and check the multi-task trainer once with nothing written, so that every error in
+    # the config or data (encoder or method parameters, monitor, task names) comes before any
+    # file of an existing run is touched.
+    Trainer(build_model(cfg, loaded.tasks, encoder, stems), loaded.tasks, **kwargs).check(
+        loaded.train, loaded.val, loaded.test)
     run = RunDir(cfg.output_dir)
-    run.check(resume=resume, overwrite=overwrite)  # before writing anything
+    run.check(resume=resume, overwrite=overwrite)
     if overwrite:
         run.clear()
-    kwargs = trainer_kwargs(cfg)
     stl: dict[str, dict[str, float]] = {}
     if baselines or single_task_only:
         for task in loaded.tasks:

@@ -25,7 +25,7 @@ from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
-from polytask.train.checkpoint import load_checkpoint, save_checkpoint
+from polytask.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
 from polytask.train.plots import plot_training
 from polytask.train.rundir import METRIC_FIELDS, STEP_FIELDS, RunDir
@@ -64,7 +64,11 @@ class Trainer:
         patience: epochs without improvement before stopping (None: never stop early).
         baselines: single-task metrics {task: {metric: value}} for Δm.
         grad_clip: max global gradient norm (None: no clipping).
-        engine_mode / engine_every: see :class:`polytask.engine.Engine`.
+        engine: options of :class:`polytask.engine.Engine` (``mode``, ``every``, ``jacobian``,
+            ``chunk_size``) plus ``scope``: ``auto`` (the method's), ``shared`` or ``last_shared``
+            (per-task gradients on the last shared layer only, a cheap approximation).
+        precision: ``32``, ``bf16`` (autocast; CPU or GPU) or ``16`` (fp16 autocast with a
+            gradient scaler; GPU).
         output_dir: run directory (None: nothing written). resume / overwrite: see RunDir.
         config_text: the resolved YAML written to config.yaml.
     """
@@ -77,7 +81,7 @@ class Trainer:
                  optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
                  scheduler: str = "none", monitor: str = "loss", patience: int | None = None,
                  baselines: Mapping[str, Mapping[str, float]] | None = None, grad_clip: float | None = None,
-                 engine_mode: str = "auto", engine_every: int = 1, output_dir: str | Path | None = None,
+                 engine: Mapping[str, Any] | None = None, precision: str = "32", output_dir: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False, seed: int = 0, device: str = "cpu",
                  progress: bool = True, config_text: str | None = None) -> None:
         self.tasks = list(tasks)
@@ -110,8 +114,20 @@ class Trainer:
         self.monitor, self.patience, self.grad_clip = monitor, patience, grad_clip
         self.higher_is_better = self._check_monitor(monitor)
         self.progress = progress
-        shared = model.last_shared_parameters() if self.method.scope == "last_shared" else list(model.shared_parameters())
-        self.engine = Engine(self.method, shared, mode=engine_mode, every=engine_every, seed=seed + 3)  # type: ignore[arg-type]
+        options = dict(engine or {})
+        scope = options.pop("scope", "auto")
+        if scope not in ("auto", "shared", "last_shared"):
+            raise InvalidParameterError(f"engine `scope` must be auto, shared or last_shared; found {scope!r}")
+        scope = self.method.scope if scope == "auto" else scope
+        shared = model.last_shared_parameters() if scope == "last_shared" else list(model.shared_parameters())
+        self.engine = Engine(self.method, shared, seed=seed + 3, **options)
+        if precision not in ("32", "bf16", "16"):
+            raise InvalidParameterError(f"`precision` must be 32, bf16 or 16; found {precision!r}")
+        if precision == "16" and self.device.type != "cuda":
+            raise InvalidParameterError("`precision` 16 (fp16 with a gradient scaler) needs a CUDA device; use bf16 on CPU")
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "16" else None
         groups = parameter_groups(model, self.tasks, self.method.parameters(), lr=lr, weight_decay=weight_decay)
         self.optimizer = build_optimizer(optimizer, groups, lr=lr, momentum=momentum)
         self.scheduler = build_scheduler(scheduler, self.optimizer, epochs=epochs)
@@ -129,8 +145,11 @@ class Trainer:
         self.bad_epochs = 0
 
     # ------------------------------------------------------------------------------- public API
-    def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
-        """Train for ``epochs`` (or until early stopping) and return the report."""
+    def check(self, train: Data, val: Data | None = None, test: Data | None = None) -> None:
+        """Validate the data and set up method, sampler and scheduler; writes nothing.
+
+        Everything that can reject the input happens here, before a run directory is touched.
+        """
         for split, data in (("train", train), ("val", val), ("test", test)):
             if data is not None:
                 self._check_data(data, split)
@@ -141,12 +160,16 @@ class Trainer:
         if isinstance(train, TaskDatasets):
             self.sampler.setup({t: sizes[t] for t in self.names})
         self.task_scheduler.setup(self.names)
+
+    def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
+        """Train for ``epochs`` (or until early stopping) and return the report."""
+        self.check(train, val, test)
         if self.run is not None:
             self.run.prepare(resume=self.resume, overwrite=self.overwrite)
+            if self.resume:  # before config.yaml is rewritten: a mismatch must leave the run intact
+                self._load_state(load_checkpoint(self.run.last))
             if self.config_text is not None:
                 self.run.write_text("config.yaml", self.config_text)
-            if self.resume:
-                self._load_state(load_checkpoint(self.run.last))
         started = time.perf_counter()
         while self.epoch < self.epochs and not self._should_stop():
             rows = self._train_epoch(train)
@@ -221,11 +244,13 @@ class Trainer:
             tasks = [t for t in active if t in batch.targets and t not in losses]
             if not tasks:
                 continue
-            z = self.model.encode(batch.x, batch.source)
-            outputs = self.model.decode(z, tasks)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                z = self.model.encode(batch.x, batch.source)
+                outputs = self.model.decode(z, tasks)
+                for t in tasks:
+                    losses[t] = self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t))
             features.append(z)
-            for t in tasks:
-                losses[t] = self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t))
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
         present = [t for t, v in losses.items() if v is not None]
         if present:
@@ -236,11 +261,18 @@ class Trainer:
                     f"loss of task(s) {bad} is not finite at step {self.step_index} (epoch {self.epoch + 1}); "
                     "lower the learning rate, clip gradients, or check the targets")
         self.optimizer.zero_grad(set_to_none=True)
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         weights = self.engine.backward(losses, features=features, index=self.step_index, epoch=self.epoch,
-                                       extra_loss=self.model.extra_loss())
+                                       extra_loss=self.model.extra_loss(), scale=scale)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # before clipping, so the threshold is in true units
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         loss_values = dict(zip(present, values.tolist(), strict=True)) if present else {}
         self.task_scheduler.observe(self.step_index, loss_values)
         return weights, {t: loss_values.get(t) for t in losses}
@@ -362,6 +394,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "method": self.method.state_dict(), "engine": self.engine.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(), "task_scheduler": self.task_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
                     "sampler": self.sampler_generator.get_state()},
@@ -370,13 +403,18 @@ class Trainer:
         }
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"the checkpoint does not fit this model (was the config changed?): {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.engine.load_state_dict(state["engine"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.task_scheduler.load_state_dict(state["task_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.data_generator.set_state(state["rng"]["data"])
