@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
 
@@ -31,3 +32,26 @@ def mlp_layers(in_features: int, hidden: Sequence[int], out_features: int | None
 def make_head(in_features: int, out_features: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Module:
     """A task head: linear when ``hidden`` is empty, else an MLP."""
     return mlp_layers(in_features, hidden, out_features, dropout=dropout)
+
+
+class DenseHead(nn.Module):
+    """Per-pixel head for segmentation- or depth-like tasks: (B, C, h, w) feature maps →
+    3×3 conv → ReLU → 1×1 conv to ``out_channels`` → bilinear upsampling to ``output_size``
+    (when given), i.e. (B, out_channels, H, W) logits or values, one per pixel."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, hidden_channels: int = 64,
+                 output_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        for key, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                           ("hidden_channels", hidden_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"`{key}` of DenseHead must be a positive int; found {value!r}")
+        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden_channels, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden_channels, out_channels, 1))
+        self.output_size = None if output_size is None else (int(output_size[0]), int(output_size[1]))
+
+    def forward(self, features: Tensor) -> Tensor:
+        out = self.net(features)
+        if self.output_size is not None and tuple(out.shape[-2:]) != self.output_size:
+            out = F.interpolate(out, size=self.output_size, mode="bilinear", align_corners=False)
+        return out

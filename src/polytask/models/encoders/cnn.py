@@ -34,11 +34,24 @@ class CNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.proj = nn.Sequential(nn.Linear(width, out_features), nn.ReLU(), nn.Dropout(dropout))
         self.in_channels = in_channels
+        self.channels = [int(c) for c in channels]
         self.out_features = out_features
 
+    def blocks(self) -> list[tuple[nn.Sequential, nn.Module]]:
+        """Each block as (conv → BN → ReLU, its max-pool), sharing this encoder's modules."""
+        return [(self.features[4 * i:4 * i + 3], self.features[4 * i + 3]) for i in range(len(self.channels))]
+
+    def stages(self) -> list[nn.Module]:
+        """The encoder cut between blocks (cross-stitch units go between stages)."""
+        tail = nn.Sequential(self.pool, nn.Flatten(1), self.proj)
+        return [self.features[4 * i:4 * i + 4] for i in range(len(self.channels))] + [tail]
+
     def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.pool(self.features(self._check(x))).flatten(1))
+
+    def _check(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # (B, H, W) grayscale
             x = x.unsqueeze(1)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ShapeError(f"`cnn` expects images (batch, {self.in_channels}, H, W); found {tuple(x.shape)}")
-        return self.proj(self.pool(self.features(x)).flatten(1))
+        return x

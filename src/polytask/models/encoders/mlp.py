@@ -27,3 +27,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+    def stages(self) -> list[nn.Module]:
+        """One stage per hidden layer (Linear → activation → dropout), sharing this encoder's modules."""
+        starts = [i for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
+        bounds = [*starts[1:], len(self.net)]
+        first = nn.Sequential(nn.Flatten(1), *self.net[starts[0]:bounds[0]])
+        return [first] + [self.net[a:b] for a, b in zip(starts[1:], bounds[1:], strict=True)]
