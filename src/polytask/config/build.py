@@ -14,6 +14,7 @@ from polytask.core.errors import ConfigError, DataError, closest
 from polytask.core.task import Task
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.data.files import label_vocabulary, read_table, table_dataset
+from polytask.data.loader import check_mode
 from polytask.data.samplers import SAMPLERS
 from polytask.data.tabular import TabularPreprocessor
 from polytask.datasets import DATASETS, LoadedData
@@ -21,6 +22,10 @@ from polytask.datasets.base import split_indices
 from polytask.methods.base import METHODS
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders import ENCODERS
+from polytask.scheduling import TASK_SCHEDULERS
+
+ARCHITECTURE_RESERVED = ("encoder", "encoder_factory", "tasks", "heads", "stems", "head_hidden", "head_dropout")
+"""Architecture parameters the builder fills from other config keys (not from model.options)."""
 
 
 @dataclass
@@ -37,10 +42,12 @@ class Preprocessing:
 
 def check_registries(cfg: Config) -> None:
     """Fail early, before any file is touched, on unknown names and parameters."""
-    for registry, block, reserved in ((METHODS, cfg.method, ()), (SAMPLERS, cfg.sampler, ())):
+    for registry, block, reserved in ((METHODS, cfg.method, ()), (SAMPLERS, cfg.sampler, ()),
+                                      (TASK_SCHEDULERS, cfg.task_scheduler, ())):
         registry.get(block.name)
         registry.check_params(block.name, block.params, reserved)
-    ARCHITECTURES.get(cfg.model.architecture)
+    check_mode(cfg.train.loader_mode)
+    ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:
         ENCODERS.get(cfg.model.encoder.name)
     if cfg.data.dataset is not None:
@@ -160,19 +167,35 @@ def encoder_spec(cfg: Config, loaded: LoadedData) -> dict[str, Any]:
 def build_model(cfg: Config, tasks: list[Task], encoder: dict[str, Any], stems: dict[str, int] | None = None
                 ) -> MultiTaskModel:
     params = {k: v for k, v in encoder.items() if k != "name"}
-    module = ENCODERS.create(encoder["name"], **params)
-    stem_modules = {t: nn.Linear(width, cfg.model.stem_dim) for t, width in (stems or {}).items()}
-    architecture = ARCHITECTURES.get(cfg.model.architecture)
-    return architecture(encoder=module, tasks=tasks, head_hidden=cfg.model.head.hidden,
-                        head_dropout=cfg.model.head.dropout, stems=stem_modules or None)
+    name = cfg.model.architecture
+    ARCHITECTURES.check_params(name, cfg.model.options, ARCHITECTURE_RESERVED)
+    accepted = ARCHITECTURES.parameters(name)
+    kwargs: dict[str, Any] = {"tasks": tasks, **cfg.model.options}
+    if "encoder_factory" in accepted:  # several copies of the encoder (towers, columns, experts)
+        ENCODERS.check_params(encoder["name"], params)
+        kwargs["encoder_factory"] = lambda: ENCODERS.create(encoder["name"], **params)
+    else:
+        kwargs["encoder"] = ENCODERS.create(encoder["name"], **params)
+    for key, value in (("head_hidden", cfg.model.head.hidden), ("head_dropout", cfg.model.head.dropout)):
+        if key in accepted:
+            kwargs[key] = value
+    if stems:
+        if "stems" not in accepted:
+            raise ConfigError(f"architecture '{name}' takes one input for all tasks; tasks with their own input "
+                              "columns (per-task stems) need architecture: hard_sharing")
+        kwargs["stems"] = {t: nn.Linear(width, cfg.model.stem_dim) for t, width in stems.items()}
+    return ARCHITECTURES.get(name)(**kwargs)
 
 
 def trainer_kwargs(cfg: Config) -> dict[str, Any]:
     t = cfg.train
     return dict(method=cfg.method.name, method_params=cfg.method.params, sampler=cfg.sampler.name,
-                sampler_params=cfg.sampler.params, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
+                sampler_params=cfg.sampler.params, task_scheduler=cfg.task_scheduler.name,
+                task_scheduler_params=cfg.task_scheduler.params, loader_mode=t.loader_mode,
+                steps_per_epoch=t.steps_per_epoch, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
                 lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, scheduler=t.scheduler, monitor=t.monitor,
-                patience=t.patience, grad_clip=t.grad_clip, engine_mode=t.engine.mode, engine_every=t.engine.every,
+                patience=t.patience, grad_clip=t.grad_clip, engine=t.engine.model_dump(),
+                precision=t.precision,
                 seed=cfg.seed, device=t.device, progress=t.progress)
 
 

@@ -68,11 +68,15 @@ class ModelConfig(Strict):
     encoder: Named | None = None
     head: HeadConfig = Field(default_factory=HeadConfig)
     stem_dim: int = Field(64, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)  # the architecture's keyword parameters
 
 
 class EngineConfig(Strict):
     mode: Literal["auto", "parameters", "features"] = "auto"
     every: int = Field(1, ge=1)
+    jacobian: Literal["auto", "loop", "batched"] = "auto"
+    chunk_size: int | None = Field(None, ge=1)
+    scope: Literal["auto", "shared", "last_shared"] = "auto"
 
 
 class TrainConfig(Strict):
@@ -89,6 +93,9 @@ class TrainConfig(Strict):
     device: str = "cpu"
     progress: bool = True
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    precision: Literal["32", "bf16", "16"] = "32"
+    loader_mode: str = "sample"
+    steps_per_epoch: int | None = Field(None, ge=1)
 
 
 class Config(Strict):
@@ -99,6 +106,7 @@ class Config(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: Named = Field(default_factory=lambda: Named(name="static"))
     sampler: Named = Field(default_factory=lambda: Named(name="proportional"))
+    task_scheduler: Named = Field(default_factory=lambda: Named(name="all"))
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_yaml(self) -> str:
