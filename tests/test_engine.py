@@ -167,3 +167,37 @@ def test_bf16_autocast_with_gradient_method():
     weights = pt.backward(losses, model.shared_parameters(), "upgrad")
     assert all(v > 0 for v in weights.values())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_per_task_clipping_bounds_each_task_norm():
+    model, tasks = small_model(3)
+    x, y = torch.randn(8, 4), 10 * torch.randn(8, 3)
+    shared = list(model.shared_parameters())
+    _, losses = losses_of(model, tasks, x, y)
+    j = task_jacobian(list(losses.values()), shared)
+    norms = j.norm(dim=1)
+    limit = float(norms.min()) / 2  # every task is clipped
+    engine = Engine("equal", shared, task_clip=limit)
+    weights = engine.backward(losses)
+    factors = (limit / norms).clamp(max=1.0)
+    assert list(weights.values()) == pytest.approx(factors.tolist(), rel=1e-5)
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(got, factors @ j, rtol=1e-5, atol=1e-6)
+    for row in factors[:, None] * j:
+        assert float(row.norm()) <= limit * (1 + 1e-5)
+    torch.testing.assert_close(engine.last_gramian, j @ j.T, rtol=1e-5, atol=1e-5)
+
+
+def test_diagnose_exposes_gramian_without_changing_the_update():
+    model, tasks = small_model(2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    _, losses = losses_of(model, tasks, x, y)
+    engine = Engine("equal", list(model.shared_parameters()))
+    engine.backward(losses, diagnose=True)
+    assert engine.last_gramian is not None and engine.last_gramian.shape == (2, 2)
+    got = grads(model)
+    model.zero_grad()
+    _, losses = losses_of(model, tasks, x, y)
+    sum(losses.values()).backward()
+    for a, b in zip(got, grads(model)):
+        torch.testing.assert_close(a, b)

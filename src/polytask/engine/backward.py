@@ -29,10 +29,14 @@ class Engine:
         seed: seed of the generator handed to random methods.
         jacobian: ``loop`` (one backward per task), ``batched`` (vmapped, ``chunk_size`` tasks at
             a time) or ``auto`` (time both on the first steps, keep the faster).
+        task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on θ
+            is scaled to norm ≤ ``task_clip`` (the method sees the clipped gradients, and the
+            task's weight, heads included, carries the same factor). Needs the task Jacobian.
     """
 
     def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, mode: Mode = "auto",
-                 every: int = 1, seed: int = 0, jacobian: str = "auto", chunk_size: int | None = None) -> None:
+                 every: int = 1, seed: int = 0, jacobian: str = "auto", chunk_size: int | None = None,
+                 task_clip: float | None = None) -> None:
         self.method = get_method(method)
         self.shared = [p for p in shared_params if p.requires_grad]
         if mode not in ("auto", "parameters", "features"):
@@ -44,6 +48,12 @@ class Engine:
         self.generator = torch.Generator().manual_seed(seed)
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
         self.jacobian = JacobianComputer(jacobian, chunk_size)
+        if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
+            raise InvalidParameterError(f"`task_clip` of the engine must be > 0 or None; found {task_clip!r}")
+        self.task_clip = task_clip
+        self.last_tasks: tuple[str, ...] = ()
+        self.last_gramian: Tensor | None = None
+        self.last_clip: Tensor | None = None
 
     @property
     def needs(self) -> str:
@@ -63,27 +73,38 @@ class Engine:
 
     def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,
                  index: int = 0, epoch: int = 0, extra_loss: Tensor | None = None,
-                 scale: float = 1.0) -> dict[str, float]:
+                 scale: float = 1.0, diagnose: bool = False) -> dict[str, float]:
         """Accumulate the update into ``.grad`` and return the task weights.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
         sample this step (it gets weight 0 and no gradient). ``features`` are the shared
         representation tensors (needed in ``features`` mode). ``extra_loss`` (e.g. a soft-sharing
-        penalty) is added to the total with weight 1. ``scale`` multiplies the total (loss scaling
-        or gradient accumulation) without changing the weights.
+        penalty) is added with weight 1. ``scale`` multiplies the total (a gradient scaler's loss
+        scale, or gradient accumulation) without changing the weights: per-task gradients are taken
+        of the scaled losses (so fp16 gradients do not underflow) and unscaled before the method
+        sees them; if they are not finite (a scaler overflow) the method is skipped this step and
+        the non-finite update is left for the scaler to discard. ``diagnose`` forces the task
+        Jacobian on θ this step (its Gramian is kept in ``last_gramian`` for gradient-health logs,
+        and reused for the update, so the step costs what a Gramian method's step costs).
         """
         active = tuple(t for t, v in losses.items() if v is not None)
+        self.last_tasks, self.last_gramian, self.last_clip = active, None, None
         if not active:
+            if extra_loss is not None:
+                (extra_loss * scale).backward()
             return {t: 0.0 for t in losses}
         vec = torch.stack([losses[t] for t in active])  # type: ignore[misc]
         step = Step(tasks=active, losses=vec.detach(), index=index, epoch=epoch, generator=self.generator)
-
+        needs = self.needs
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         jacobian = None
+        if needs in ("gramian", "jacobian") and not reuse or diagnose or self.task_clip is not None:
+            jacobian = self.jacobian(vec * scale, self.shared) / scale
+            self.last_gramian = gramian(jacobian)
+        clip = self._clip_factors()
         if reuse:
             w = self._cached[1]  # type: ignore[index]
         else:
-            needs = self.needs
             if needs == "features":
                 zs = [z for z in (features or []) if z.requires_grad]
                 if not zs:
@@ -91,13 +112,14 @@ class Engine:
                         f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
                 step.gramian = gramian(task_jacobian(list(vec * scale), zs) / scale)
             elif needs in ("gramian", "jacobian"):
-                jacobian = self.jacobian(vec * scale, self.shared) / scale
-                step.gramian = gramian(jacobian)
-                if needs == "jacobian":
-                    step.jacobian = jacobian
+                step.gramian = self.last_gramian
+                step.jacobian = jacobian if needs == "jacobian" else None
+            if clip is not None and step.gramian is not None:
+                # per-task clipping acts on the gradients the method sees, as if each gᵢ were cᵢ gᵢ
+                step.gramian = clip[:, None] * step.gramian * clip[None, :]
+                step.jacobian = None if step.jacobian is None else clip[:, None] * step.jacobian
             if step.gramian is not None and not bool(torch.isfinite(step.gramian).all()):
-                w = torch.ones_like(vec)
-                step.jacobian = None
+                w, step.jacobian = torch.ones_like(vec), None
             else:
                 w = self.method.weights(step)
             if w.shape != (len(active),):
@@ -105,8 +127,8 @@ class Engine:
                     f"method '{type(self.method).__name__}' returned weights of shape {tuple(w.shape)}; expected ({len(active)},)")
             if self.every > 1:
                 self._cached = (active, w.detach())
-
-        total = (w * vec).sum()
+        applied = w if clip is None else w * clip
+        total = (applied * vec).sum()
         penalty = self.method.penalty(step, vec)
         if penalty is not None:
             total = total + penalty
@@ -119,7 +141,7 @@ class Engine:
             # back-propagate the total only into the other parameters, skipping a second pass
             # through the shared encoder.
             direction = (self.method.direction(step) if self.method.returns_direction and step.jacobian is not None
-                         else w.detach() @ jacobian)
+                         else applied.detach() @ jacobian)
             self._add_flat_grad(direction * scale)
             others = _other_leaves(total, self.shared)
             if others:
@@ -127,8 +149,17 @@ class Engine:
         else:
             (total * scale).backward()
         weights = {t: 0.0 for t in losses}
-        weights.update(zip(active, w.detach().tolist(), strict=True))
+        weights.update(zip(active, applied.detach().tolist(), strict=True))
         return weights
+
+    def _clip_factors(self) -> Tensor | None:
+        """cᵢ = min(1, max_norm / ‖gᵢ‖) on θ, when per-task clipping is on."""
+        if self.task_clip is None or self.last_gramian is None:
+            return None
+        norms = self.last_gramian.diagonal().clamp_min(0).sqrt()
+        factors = (self.task_clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+        self.last_clip = factors
+        return factors.to(self.last_gramian.dtype)
 
     def _add_flat_grad(self, flat: Tensor) -> None:
         offset = 0
