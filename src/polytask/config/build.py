@@ -47,6 +47,7 @@ def check_registries(cfg: Config) -> None:
         registry.get(block.name)
         registry.check_params(block.name, block.params, reserved)
     check_mode(cfg.train.loader_mode)
+    check_device(cfg.train.device)
     ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:
         ENCODERS.get(cfg.model.encoder.name)
@@ -54,6 +55,22 @@ def check_registries(cfg: Config) -> None:
         DATASETS.get(cfg.data.dataset)
     elif cfg.data.files is None and not (cfg.tasks and all(t.data for t in cfg.tasks.values())):
         raise ConfigError("data: give `dataset` (a bundled name), `files`, or `data` for every task")
+
+
+def check_device(device: str) -> None:
+    """``train.device``: ``auto`` or a torch device string whose backend is available here."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; found {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device {device!r} is not usable here; expected 'auto', 'cpu' or an available 'cuda:N'")
 
 
 def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
@@ -194,7 +211,8 @@ def trainer_kwargs(cfg: Config) -> dict[str, Any]:
                 task_scheduler_params=cfg.task_scheduler.params, loader_mode=t.loader_mode,
                 steps_per_epoch=t.steps_per_epoch, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
                 lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, scheduler=t.scheduler, monitor=t.monitor,
-                patience=t.patience, grad_clip=t.grad_clip, engine=t.engine.model_dump(),
+                patience=t.patience, clip=t.clip.model_dump(), health=t.health.model_dump(),
+                checkpoint_every=t.checkpoint_every, engine=t.engine.model_dump(),
                 precision=t.precision,
                 seed=cfg.seed, device=t.device, progress=t.progress)
 

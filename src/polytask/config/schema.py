@@ -12,7 +12,7 @@ from polytask.core.errors import ConfigError, closest
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Named(BaseModel):
@@ -79,6 +79,21 @@ class EngineConfig(Strict):
     scope: Literal["auto", "shared", "last_shared"] = "auto"
 
 
+class ClipConfig(Strict):
+    norm: float | None = Field(None, gt=0)
+    value: float | None = Field(None, gt=0)
+    per_task: float | None = Field(None, gt=0)
+
+
+class HealthConfig(Strict):
+    every: int = Field(0, ge=0)
+    policy: Literal["warn", "skip", "stop"] = "stop"
+    vanish_threshold: float = Field(1e-7, gt=0)
+    vanish_patience: int = Field(3, ge=1)
+    explode_threshold: float = Field(1e4, gt=0)
+    explode_factor: float = Field(100.0, gt=0)
+
+
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -89,7 +104,9 @@ class TrainConfig(Strict):
     scheduler: Literal["none", "cosine", "step", "exponential"] = "none"
     monitor: str = "loss"
     patience: int | None = Field(None, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
+    clip: ClipConfig = Field(default_factory=lambda: ClipConfig())
+    health: HealthConfig = Field(default_factory=lambda: HealthConfig())
+    checkpoint_every: int | None = Field(None, ge=1)
     device: str = "cpu"
     progress: bool = True
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -170,7 +187,10 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value must be valid YAML; found {value!r} ({exc.__class__.__name__})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

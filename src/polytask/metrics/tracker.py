@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics.regression import R2Score
 
 from polytask.core.task import Task
 from polytask.metrics.registry import METRICS
@@ -23,7 +25,6 @@ class TaskMetrics:
         for group in self.metrics.values():
             for m in group.values():
                 m.reset()
-        self._loss_sum: dict[str, float] = {t: 0.0 for t in self.tasks}
         self._loss_n: dict[str, int] = {t: 0 for t in self.tasks}
         self._losses: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
 
@@ -48,6 +49,25 @@ class TaskMetrics:
                 self._losses[name].append(losses[name].detach() * len(y))  # type: ignore[union-attr]
                 self._loss_n[name] += len(y)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The partial accumulation (so a run resumed mid-epoch reports the same epoch metrics)."""
+        metrics = {name: {metric_name: {"state": dict(metric.metric_state), "count": metric.update_count}
+                          for metric_name, metric in group.items()} for name, group in self.metrics.items()}
+        return {"metrics": metrics, "loss_n": dict(self._loss_n),
+                "losses": {t: [v.cpu() for v in vs] for t, vs in self._losses.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, group in state["metrics"].items():
+            for metric_name, saved in group.items():
+                metric = self.metrics[name][metric_name]
+                for key, value in saved["state"].items():
+                    setattr(metric, key, value.to(metric.device) if isinstance(value, Tensor)
+                            else [v.to(metric.device) for v in value])
+                metric._update_count = saved["count"]
+                metric._computed = None
+        self._loss_n = dict(state["loss_n"])
+        self._losses = {t: list(vs) for t, vs in state["losses"].items()}
+
     def compute(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for name, group in self.metrics.items():
@@ -56,6 +76,9 @@ class TaskMetrics:
                 values["loss"] = float(torch.stack(self._losses[name]).sum()) / self._loss_n[name]
             if any(m.update_count for m in group.values()):
                 for metric_name, metric in group.items():
+                    if isinstance(metric, R2Score) and int(metric.total) < 2:
+                        values[metric_name] = float("nan")  # R² is undefined for fewer than two samples
+                        continue
                     values[metric_name] = float(metric.compute())
             out[name] = values
         return out

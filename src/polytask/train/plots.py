@@ -34,3 +34,31 @@ def plot_training(path: Path, rows: Sequence[Mapping], main_metrics: Mapping[str
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=80))
     plt.close(fig)
+
+
+def plot_gradients(path: Path, rows: Sequence[Mapping]) -> None:
+    """gradients.png: per-task gradient norms, pairwise task cosines and the total norm per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("task_norm", "per-task gradient norm on θ", True), ("cosine", "task-gradient cosine", False),
+              ("total_norm", "total gradient norm", True))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
+    for ax, (kind, title, log) in zip(axes, panels):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            if row["kind"] == kind:
+                series.setdefault(row["name"], []).append((row["step"], row["value"]))
+        for name, points in sorted(series.items())[:12]:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        if log and series:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if 1 < len(series) <= 12:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=80))
+    plt.close(fig)

@@ -16,7 +16,9 @@ from polytask.train.checkpoint import atomic_write_text
 
 METRIC_FIELDS = ("epoch", "split", "task", "metric", "value")
 STEP_FIELDS = ("step", "epoch", "task", "loss", "weight")
+GRADIENT_FIELDS = ("step", "kind", "name", "value")
 RUN_FILES = ("config.yaml", "metrics.csv", "steps.csv", "summary.json", "training.png", "preprocess.json",
+             "gradients.csv", "gradients.png",
              "checkpoints", "single_task")
 
 

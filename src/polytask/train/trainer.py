@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from polytask.core.errors import DataError, InvalidParameterError, PolytaskError, closest
+from polytask.core.errors import DataError, InvalidParameterError, closest
 from polytask.core.task import Task, task_names
 from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.data.loader import check_mode, epoch_batches, steps_in_epoch
@@ -26,15 +27,12 @@ from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polytask.train.health import GradientMonitor, HealthSettings
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
-from polytask.train.plots import plot_training
-from polytask.train.rundir import METRIC_FIELDS, STEP_FIELDS, RunDir
+from polytask.train.plots import plot_gradients, plot_training
+from polytask.train.rundir import GRADIENT_FIELDS, METRIC_FIELDS, STEP_FIELDS, RunDir
 
 Data = MultiOutputDataset | TaskDatasets
-
-
-class NonFiniteLossError(PolytaskError):
-    """A task's loss became NaN or infinite."""
 
 
 @dataclass
@@ -63,7 +61,12 @@ class Trainer:
             loss over tasks), ``TASK/METRIC`` or ``delta_m`` (needs ``baselines``).
         patience: epochs without improvement before stopping (None: never stop early).
         baselines: single-task metrics {task: {metric: value}} for Δm.
-        grad_clip: max global gradient norm (None: no clipping).
+        clip: gradient clipping, any of ``norm`` (max global norm), ``value`` (max absolute
+            value) and ``per_task`` (max norm of each task's gradient on θ, before aggregation).
+        health: :class:`polytask.train.health.HealthSettings` fields: gradient-health logging
+            every k steps and the policy (warn, skip, stop) for non-finite or exploding gradients.
+        checkpoint_every: also write checkpoints/last.pt every N steps inside an epoch, so a
+            killed run resumes mid-epoch exactly (default: at epoch ends only).
         engine: options of :class:`polytask.engine.Engine` (``mode``, ``every``, ``jacobian``,
             ``chunk_size``) plus ``scope``: ``auto`` (the method's), ``shared`` or ``last_shared``
             (per-task gradients on the last shared layer only, a cheap approximation).
@@ -80,7 +83,8 @@ class Trainer:
                  steps_per_epoch: int | None = None, epochs: int = 10, batch_size: int = 256,
                  optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
                  scheduler: str = "none", monitor: str = "loss", patience: int | None = None,
-                 baselines: Mapping[str, Mapping[str, float]] | None = None, grad_clip: float | None = None,
+                 baselines: Mapping[str, Mapping[str, float]] | None = None, clip: Mapping[str, float | None] | None = None,
+                 health: Mapping[str, Any] | None = None, checkpoint_every: int | None = None,
                  engine: Mapping[str, Any] | None = None, precision: str = "32", output_dir: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False, seed: int = 0, device: str = "cpu",
                  progress: bool = True, config_text: str | None = None) -> None:
@@ -111,7 +115,12 @@ class Trainer:
         self.loader_mode, self.steps_per_epoch = loader_mode, steps_per_epoch
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.baselines = {t: dict(v) for t, v in (baselines or {}).items()}
-        self.monitor, self.patience, self.grad_clip = monitor, patience, grad_clip
+        self.monitor, self.patience = monitor, patience
+        self.clip = _check_clip(clip)
+        self.health = GradientMonitor(model, HealthSettings(**dict(health or {})))
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise InvalidParameterError(f"`checkpoint_every` must be an int >= 1 or None; found {checkpoint_every!r}")
+        self.checkpoint_every = checkpoint_every
         self.higher_is_better = self._check_monitor(monitor)
         self.progress = progress
         options = dict(engine or {})
@@ -120,7 +129,7 @@ class Trainer:
             raise InvalidParameterError(f"engine `scope` must be auto, shared or last_shared; found {scope!r}")
         scope = self.method.scope if scope == "auto" else scope
         shared = model.last_shared_parameters() if scope == "last_shared" else list(model.shared_parameters())
-        self.engine = Engine(self.method, shared, seed=seed + 3, **options)
+        self.engine = Engine(self.method, shared, seed=seed + 3, task_clip=self.clip.get("per_task"), **options)
         if precision not in ("32", "bf16", "16"):
             raise InvalidParameterError(f"`precision` must be 32, bf16 or 16; found {precision!r}")
         if precision == "16" and self.device.type != "cuda":
@@ -133,6 +142,7 @@ class Trainer:
         self.scheduler = build_scheduler(scheduler, self.optimizer, epochs=epochs)
         self.data_generator = torch.Generator().manual_seed(seed + 1)
         self.sampler_generator = torch.Generator().manual_seed(seed + 2)
+        self.schedule_generator = torch.Generator().manual_seed(seed + 4)
         self.run = RunDir(output_dir) if output_dir is not None else None
         self.resume, self.overwrite, self.config_text = resume, overwrite, config_text
         self.main_metrics = {t.name: t.main_metric for t in self.tasks}
@@ -141,6 +151,10 @@ class Trainer:
         self.steps: list[dict[str, Any]] = []
         self.epoch = 0
         self.step_index = 0
+        self.epoch_step = 0  # steps done in the current epoch (> 0 only when resuming mid-epoch)
+        self.epoch_rng: dict[str, Tensor] = {}
+        self.weight_sums: dict[str, float] = {}
+        self.weight_counts: dict[str, int] = {}
         self.best: dict[str, Any] = {"epoch": -1, "score": None}
         self.bad_epochs = 0
 
@@ -208,36 +222,47 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def _train_epoch(self, train: Data) -> list[dict[str, Any]]:
         self.model.train()
-        self.metrics.reset()
-        weight_sums = {t: 0.0 for t in self.names}
-        weight_counts = {t: 0 for t in self.names}
         total = self._steps_per_epoch(train)
+        if self.epoch_step == 0:
+            self.metrics.reset()
+            self.weight_sums, self.weight_counts = {t: 0.0 for t in self.names}, {t: 0 for t in self.names}
+            self.epoch_rng = {"data": self.data_generator.get_state(), "sampler": self.sampler_generator.get_state()}
+        else:  # resuming mid-epoch: replay the epoch's draws up to where the checkpoint was taken
+            self.data_generator.set_state(self.epoch_rng["data"])
+            self.sampler_generator.set_state(self.epoch_rng["sampler"])
         batches = epoch_batches(train, self.batch_size, generator=self.data_generator, sampler=self.sampler,
-                                sampler_generator=self.sampler_generator, step=self.step_index,
+                                sampler_generator=self.sampler_generator, step=self.step_index - self.epoch_step,
                                 total_steps=total * self.epochs, mode=self.loader_mode,
                                 steps_per_epoch=self.steps_per_epoch)
-        bar = tqdm(batches, total=total, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
+        for _ in range(self.epoch_step):
+            next(batches)
+        bar = tqdm(batches, total=total, initial=self.epoch_step, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   leave=False, disable=not self.progress, dynamic_ncols=True)
         for groups in bar:
             weights, losses = self._train_step([b.to(self.device) for b in groups])
             for t, w in weights.items():
                 if losses.get(t) is not None:
-                    weight_sums[t] += w
-                    weight_counts[t] += 1
+                    self.weight_sums[t] += w
+                    self.weight_counts[t] += 1
                     self.steps.append({"step": self.step_index, "epoch": self.epoch, "task": t,
                                        "loss": losses[t], "weight": w})
             self.step_index += 1
+            self.epoch_step += 1
+            if (self.run is not None and self.checkpoint_every and self.epoch_step % self.checkpoint_every == 0
+                    and self.epoch_step < total):
+                save_checkpoint(self.run.last, self._state())
         bar.close()
+        self.epoch_step = 0
         computed = self.metrics.compute()
         for t in self.names:
-            if weight_counts[t]:
-                computed[t]["weight"] = weight_sums[t] / weight_counts[t]
+            if self.weight_counts[t]:
+                computed[t]["weight"] = self.weight_sums[t] / self.weight_counts[t]
         return self._rows("train", computed)
 
     def _train_step(self, groups: list[Batch]) -> tuple[dict[str, float], dict[str, float | None]]:
         """One update from a step's batches (one per data set drawn); only scheduled tasks train."""
         available = [t for t in self.names if any(t in b.targets for b in groups)]
-        active = self.task_scheduler.select(self.step_index, available, self.sampler_generator)
+        active = self.task_scheduler.select(self.step_index, available, self.schedule_generator)
         losses: dict[str, Tensor | None] = {}
         features: list[Tensor] = []
         for batch in groups:
@@ -253,27 +278,41 @@ class Trainer:
             features.append(z)
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
         present = [t for t, v in losses.items() if v is not None]
-        if present:
-            values = torch.stack([losses[t] for t in present]).detach()  # type: ignore[misc]
-            if not bool(torch.isfinite(values).all()):
-                bad = [t for t, v in zip(present, values.tolist(), strict=True) if not math.isfinite(v)]
-                raise NonFiniteLossError(
-                    f"loss of task(s) {bad} is not finite at step {self.step_index} (epoch {self.epoch + 1}); "
-                    "lower the learning rate, clip gradients, or check the targets")
+        values = torch.stack([losses[t] for t in present]).detach() if present else torch.zeros(0)  # type: ignore[misc]
+        loss_values = dict(zip(present, values.tolist(), strict=True))
+        bad = [t for t, v in loss_values.items() if not math.isfinite(v)]
+        if bad and self.health.non_finite_losses(self.step_index, bad):
+            return {t: 0.0 for t in losses}, {t: loss_values.get(t) for t in losses}
+        # with policy "skip", a dropped step must leave the method exactly as it was
+        snapshot = (copy.deepcopy((self.method.state_dict(), self.engine.state_dict()))
+                    if self.health.settings.policy == "skip" else None)
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         weights = self.engine.backward(losses, features=features, index=self.step_index, epoch=self.epoch,
-                                       extra_loss=self.model.extra_loss(), scale=scale)
+                                       extra_loss=self.model.extra_loss(), scale=scale,
+                                       diagnose=self.health.wants_gramian(self.step_index))
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # before clipping, so the threshold is in true units
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.unscale_(self.optimizer)  # before clipping, so thresholds are in true units
+            # overflowing fp16 steps are the scaler's to skip; look only at finite ones
+            skip = self.health.check(self.step_index, self.engine.last_tasks, self.engine.last_gramian) \
+                if all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None) else False
+        else:
+            skip = self.health.check(self.step_index, self.engine.last_tasks, self.engine.last_gramian)
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            if snapshot is not None:
+                self.method.load_state_dict(snapshot[0])
+                self.engine.load_state_dict(snapshot[1])
+            return {t: 0.0 for t in losses}, {t: loss_values.get(t) for t in losses}
+        if self.clip.get("value") is not None:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.clip["value"])
+        if self.clip.get("norm") is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip["norm"])
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        loss_values = dict(zip(present, values.tolist(), strict=True)) if present else {}
         self.task_scheduler.observe(self.step_index, loss_values)
         return weights, {t: loss_values.get(t) for t in losses}
 
@@ -304,6 +343,9 @@ class Trainer:
             self.run.write_csv("metrics.csv", METRIC_FIELDS, self.history)
             self.run.write_csv("steps.csv", STEP_FIELDS, self.steps)
             plot_training(self.run.path / "training.png", self.history, self.main_metrics)
+            if self.health.rows:
+                self.run.write_csv("gradients.csv", GRADIENT_FIELDS, self.health.rows)
+                plot_gradients(self.run.path / "gradients.png", self.health.rows)
 
     def _should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
@@ -319,6 +361,7 @@ class Trainer:
             "tasks": final, "split": split, "best_epoch": self.best["epoch"], "epochs_run": self.epoch,
             "monitor": self.monitor, "method": type(self.method).registry_name,  # type: ignore[attr-defined]
             "main_metrics": self.main_metrics, "train_seconds": round(seconds, 2),
+            "health_events": self.health.events,
         }
         if self.baselines:
             summary["baselines"] = self.baselines
@@ -397,7 +440,10 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(), "task_scheduler": self.task_scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "data": self.data_generator.get_state(),
-                    "sampler": self.sampler_generator.get_state()},
+                    "sampler": self.sampler_generator.get_state(), "schedule": self.schedule_generator.get_state()},
+            "epoch_step": self.epoch_step, "epoch_rng": dict(self.epoch_rng),
+            "weight_sums": dict(self.weight_sums), "weight_counts": dict(self.weight_counts),
+            "train_metrics": self.metrics.state_dict(), "health": self.health.state_dict(),
             "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
             "history": list(self.history), "steps": list(self.steps),
         }
@@ -419,6 +465,25 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.data_generator.set_state(state["rng"]["data"])
         self.sampler_generator.set_state(state["rng"]["sampler"])
+        self.schedule_generator.set_state(state["rng"]["schedule"])
+        self.epoch_step, self.epoch_rng = state["epoch_step"], dict(state["epoch_rng"])
+        self.weight_sums, self.weight_counts = dict(state["weight_sums"]), dict(state["weight_counts"])
+        self.metrics.load_state_dict(state["train_metrics"])
+        self.health.load_state_dict(state["health"])
         self.epoch, self.step_index = state["epoch"], state["step"]
         self.best, self.bad_epochs = dict(state["best"]), state["bad_epochs"]
         self.history, self.steps = list(state["history"]), list(state["steps"])
+
+
+def _check_clip(clip: Mapping[str, float | None] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in dict(clip or {}).items():
+        if key not in ("norm", "value", "per_task"):
+            raise InvalidParameterError(f"unknown clip setting '{key}'.{closest(key, ('norm', 'value', 'per_task'))} "
+                                        "Valid: norm, value, per_task")
+        if value is None:
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InvalidParameterError(f"clip `{key}` must be a finite number > 0; found {value!r}")
+        out[key] = float(value)
+    return out

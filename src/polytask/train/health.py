@@ -1,0 +1,168 @@
+"""Gradient health: per-task and per-layer gradient norms, task conflict, and what to do when
+gradients vanish, explode or stop being finite."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from polytask.core.errors import InvalidParameterError, PolytaskError
+
+Policy = Literal["warn", "skip", "stop"]
+POLICIES = ("warn", "skip", "stop")
+
+
+class GradientHealthWarning(UserWarning):
+    """A gradient problem that the run's policy lets training continue through."""
+
+
+class GradientHealthError(PolytaskError):
+    """Training stopped by the ``stop`` policy; the message names the task and layer."""
+
+
+class NonFiniteLossError(GradientHealthError):
+    """A task's loss became NaN or infinite (and the policy is ``stop``)."""
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """When to look and how to react.
+
+    Args:
+        every: per-task norms, per-layer norms and task cosines are logged every ``every`` steps
+            (0: never; the task Jacobian is computed on those steps).
+        policy: on a non-finite loss or gradient, or an exploding gradient: ``warn`` (non-finite
+            steps are still never applied), ``skip`` (drop the step; optimizer and method state
+            stay untouched) or ``stop`` (raise, keeping the last checkpoint).
+        vanish_threshold / vanish_patience: a layer whose gradient norm stays below the threshold
+            for that many consecutive logged steps is reported as vanishing.
+        explode_threshold: a total gradient norm above it is exploding.
+        explode_factor: so is a norm more than this factor above the median of the last 20 steps.
+    """
+
+    every: int = 0
+    policy: Policy = "stop"
+    vanish_threshold: float = 1e-7
+    vanish_patience: int = 3
+    explode_threshold: float = 1e4
+    explode_factor: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidParameterError(f"health `policy` must be one of {', '.join(POLICIES)}; found {self.policy!r}")
+        if not isinstance(self.every, int) or self.every < 0:
+            raise InvalidParameterError(f"health `every` must be an int >= 0; found {self.every!r}")
+        for name in ("vanish_threshold", "explode_threshold", "explode_factor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise InvalidParameterError(f"health `{name}` must be > 0; found {value!r}")
+        if not isinstance(self.vanish_patience, int) or self.vanish_patience < 1:
+            raise InvalidParameterError(f"health `vanish_patience` must be an int >= 1; found {self.vanish_patience!r}")
+
+
+class GradientMonitor:
+    """Watches each step's gradients; the trainer asks it whether to apply the step."""
+
+    def __init__(self, model: nn.Module, settings: HealthSettings) -> None:
+        self.settings = settings
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.recent: deque[float] = deque(maxlen=20)
+        self.low_counts = {n: 0 for n, _ in self.named}
+        self.reported_vanishing: set[str] = set()
+        self.rows: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def wants_gramian(self, step: int) -> bool:
+        return self.settings.every > 0 and step % self.settings.every == 0
+
+    def non_finite_losses(self, step: int, bad_tasks: Sequence[str]) -> bool:
+        """Report tasks whose loss is NaN/inf; True when training should skip the step."""
+        return self._react(step, "non_finite_loss", f"loss of task(s) {list(bad_tasks)} is not finite",
+                           tasks=list(bad_tasks), never_apply=True)
+
+    def check(self, step: int, tasks: Sequence[str], gramian: Tensor | None) -> bool:
+        """Inspect ``.grad`` after the backward; True when the step must not be applied."""
+        layer_norms = torch.stack([p.grad.detach().norm() if p.grad is not None else torch.zeros(())
+                                   for _, p in self.named]) if self.named else torch.zeros(0)
+        total = float(layer_norms.norm()) if len(layer_norms) else 0.0
+        task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
+        if self.wants_gramian(step):
+            self._log(step, tasks, layer_norms, total, gramian, task_norms)
+        if not math.isfinite(total):
+            layers = [n for (n, _), v in zip(self.named, layer_norms.tolist()) if not math.isfinite(v)]
+            bad_tasks = ([t for t, v in zip(tasks, task_norms.tolist()) if not math.isfinite(v)]
+                         if task_norms is not None else [])
+            return self._react(step, "non_finite_gradient", f"gradient is not finite in layer(s) {layers[:5]}",
+                               tasks=bad_tasks, layers=layers, never_apply=True)
+        median = statistics.median(self.recent) if len(self.recent) >= 5 else None
+        self.recent.append(total)
+        if total > self.settings.explode_threshold or (median and total > self.settings.explode_factor * median):
+            top = max(zip(layer_norms.tolist(), (n for n, _ in self.named)))[1]
+            culprit = ([tasks[int(task_norms.argmax())]] if task_norms is not None and len(tasks) else [])
+            limit = (f"threshold {self.settings.explode_threshold:g}" if total > self.settings.explode_threshold
+                     else f"{self.settings.explode_factor:g}× the recent median {median:.3g}")
+            return self._react(step, "exploding_gradient", f"gradient norm {total:.3g} exceeds {limit}; largest in "
+                               f"layer '{top}'", tasks=culprit, layers=[top])
+        return False
+
+    def _log(self, step: int, tasks: Sequence[str], layer_norms: Tensor, total: float, gramian: Tensor | None,
+             task_norms: Tensor | None) -> None:
+        self.rows.append({"step": step, "kind": "total_norm", "name": "all", "value": total})
+        for (name, _), value in zip(self.named, layer_norms.tolist()):
+            self.rows.append({"step": step, "kind": "layer_norm", "name": name, "value": value})
+            if value < self.settings.vanish_threshold:
+                self.low_counts[name] += 1
+                if self.low_counts[name] >= self.settings.vanish_patience and name not in self.reported_vanishing:
+                    self.reported_vanishing.add(name)
+                    self._event(step, "vanishing_gradient",
+                                f"gradient norm of layer '{name}' stayed below {self.settings.vanish_threshold:g} "
+                                f"for {self.low_counts[name]} logged steps", [], [name])
+            else:
+                self.low_counts[name] = 0
+        if gramian is None or task_norms is None:
+            return
+        for task, value in zip(tasks, task_norms.tolist()):
+            self.rows.append({"step": step, "kind": "task_norm", "name": task, "value": value})
+        cosine = gramian / (task_norms[:, None] * task_norms[None, :]).clamp_min(1e-30)
+        for i in range(len(tasks)):
+            for j in range(i + 1, len(tasks)):
+                self.rows.append({"step": step, "kind": "cosine", "name": f"{tasks[i]}~{tasks[j]}",
+                                  "value": float(cosine[i, j])})
+
+    def _react(self, step: int, kind: str, message: str, *, tasks: Sequence[str] = (), layers: Sequence[str] = (),
+               never_apply: bool = False) -> bool:
+        who = f" (task(s) {list(tasks)})" if tasks else ""
+        full = f"step {step}: {message}{who}"
+        if self.settings.policy == "stop":
+            self._event(step, kind, message, tasks, layers, warn=False)
+            error = NonFiniteLossError if kind == "non_finite_loss" else GradientHealthError
+            raise error(f"{full}; training stopped by health policy 'stop' (lower the learning "
+                                      "rate, clip gradients, or set train.health.policy to skip)")
+        self._event(step, kind, message, tasks, layers)
+        return never_apply or self.settings.policy == "skip"
+
+    def _event(self, step: int, kind: str, message: str, tasks: Sequence[str], layers: Sequence[str],
+               warn: bool = True) -> None:
+        self.events.append({"step": step, "kind": kind, "tasks": list(tasks), "layers": list(layers),
+                            "message": message})
+        if warn:
+            who = f" (task(s) {list(tasks)})" if tasks else ""
+            warnings.warn(f"step {step}: {message}{who}", GradientHealthWarning, stacklevel=3)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "low_counts": dict(self.low_counts),
+                "reported": sorted(self.reported_vanishing), "rows": list(self.rows), "events": list(self.events)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.recent = deque(state["recent"], maxlen=20)
+        self.low_counts.update(state["low_counts"])
+        self.reported_vanishing = set(state["reported"])
+        self.rows, self.events = list(state["rows"]), list(state["events"])
