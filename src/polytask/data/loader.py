@@ -11,25 +11,47 @@ from polytask.core.errors import InvalidParameterError, closest
 from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.data.samplers.base import Sampler
 
-#: ``sample``: one task per step, drawn by the sampler; an epoch has as many steps as all task
-#: data sets have batches together.
-LOADER_MODES = ("sample",)
+#: How an epoch walks per-task data sets (the last three are the modes of Lightning's CombinedLoader):
+#:
+#: - ``sample``: one task per step, drawn by the sampler; an epoch has as many steps as all task
+#:   data sets have batches together (Σᵢ ⌈nᵢ/b⌉).
+#: - ``max_size_cycle``: every step holds one batch of every task; the epoch ends when the largest
+#:   data set has been seen once (maxᵢ ⌈nᵢ/b⌉ steps); smaller ones cycle, re-shuffled at each pass.
+#: - ``min_size``: every step holds one batch of every task; the epoch ends with the smallest data
+#:   set (minᵢ ⌈nᵢ/b⌉ steps), so larger ones are only partly seen (a fresh shuffle every epoch).
+#: - ``sequential``: all batches of the first task, then all of the second, … (Σᵢ ⌈nᵢ/b⌉ steps).
+#:
+#: ``steps_per_epoch`` overrides the count in every mode ("N steps per epoch"): the walk is cut
+#: short or continues (data sets cycle). The sampler is used in ``sample`` mode only. A multi-output
+#: data set (one input, all targets) is walked the same way in every mode. Everything an epoch
+#: yields follows from the data generator's state at its start, the sampler generator and the
+#: sampler's state: no iterator state is hidden here.
+LOADER_MODES = ("sample", "max_size_cycle", "min_size", "sequential")
 
 
 def steps_in_epoch(data: MultiOutputDataset | TaskDatasets, batch_size: int, mode: str = "sample",
                    steps_per_epoch: int | None = None) -> int:
+    """Steps of one epoch for ``mode`` (see :data:`LOADER_MODES`), or ``steps_per_epoch`` when given."""
     check_mode(mode)
     if steps_per_epoch is not None:
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise InvalidParameterError(f"`steps_per_epoch` must be an int >= 1 or None; found {steps_per_epoch!r}")
         return steps_per_epoch
     if isinstance(data, MultiOutputDataset):
         return math.ceil(len(data) / batch_size)
-    return sum(math.ceil(n / batch_size) for n in data.sizes.values())
+    counts = [math.ceil(n / batch_size) for n in data.sizes.values()]
+    if mode == "max_size_cycle":
+        return max(counts)
+    if mode == "min_size":
+        return min(counts)
+    return sum(counts)
 
 
 def epoch_batches(data: MultiOutputDataset | TaskDatasets, batch_size: int, *, generator: torch.Generator,
                   sampler: Sampler, sampler_generator: torch.Generator, step: int, total_steps: int,
                   mode: str = "sample", steps_per_epoch: int | None = None) -> Iterator[list[Batch]]:
-    """Yield each step's batches (one per data set the step draws from)."""
+    """Yield each step's batches: one per data set the step draws from (one per task in
+    ``max_size_cycle`` and ``min_size`` modes, one in ``sample`` and ``sequential`` modes)."""
     steps = steps_in_epoch(data, batch_size, mode, steps_per_epoch)
     if isinstance(data, MultiOutputDataset):
         stream = cycle(data, batch_size, generator, None)
@@ -37,9 +59,25 @@ def epoch_batches(data: MultiOutputDataset | TaskDatasets, batch_size: int, *, g
             yield [next(stream)]
         return
     streams = {t: cycle(ds, batch_size, generator, t) for t, ds in data.datasets.items()}
-    for i in range(steps):
-        task = sampler.sample(sampler_generator, step + i, total_steps)
-        yield [next(streams[task])]
+    if mode in ("max_size_cycle", "min_size"):
+        for _ in range(steps):
+            yield [next(stream) for stream in streams.values()]
+    elif mode == "sequential":
+        order = _sequential_order(data, batch_size)
+        for _ in range(steps):
+            yield [next(streams[next(order)])]
+    else:
+        for i in range(steps):
+            task = sampler.sample(sampler_generator, step + i, total_steps)
+            yield [next(streams[task])]
+
+
+def _sequential_order(data: TaskDatasets, batch_size: int) -> Iterator[str]:
+    """Task after task, ⌈nᵢ/b⌉ steps each (one full pass of its data set), then around again."""
+    while True:
+        for task, n in data.sizes.items():
+            for _ in range(math.ceil(n / batch_size)):
+                yield task
 
 
 def cycle(data: MultiOutputDataset, batch_size: int, generator: torch.Generator, source: str | None) -> Iterator[Batch]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from polytask.core.errors import InvalidParameterError
 from polytask.core.registry import Registry
 
 
@@ -39,3 +43,23 @@ TASK_SCHEDULERS: Registry[TaskScheduler] = Registry("task scheduler")
 @TASK_SCHEDULERS.register("all")
 class AllTasks(TaskScheduler):
     """Every task with data in the step is trained (the default of every MTL library)."""
+
+
+def check_param(ok: bool, key: str, scheduler: str, rule: str, value: Any) -> None:
+    """Raise the one-voice error "`key` of `scheduler` task scheduler must be RULE; found VALUE"."""
+    if not ok:
+        raise InvalidParameterError(f"`{key}` of `{scheduler}` task scheduler must be {rule}; found {value!r}")
+
+
+def is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_count(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def draw(probabilities: Tensor, k: int, generator: torch.Generator) -> list[int]:
+    """Indices of ``min(k, len(p))`` distinct entries drawn with probabilities ∝ ``p``, in index order."""
+    k = min(k, int((probabilities > 0).sum()))
+    return sorted(torch.multinomial(probabilities, k, replacement=False, generator=generator).tolist())
