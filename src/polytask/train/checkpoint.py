@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], previous: Path | None = None) -> None:
+    """Write ``state`` atomically; with ``previous``, the file it replaces is kept there first
+    (by a hard link, so ``path`` itself never disappears)."""
+    if previous is not None and path.exists():
+        link = previous.with_name(previous.name + ".link")
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
     atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_latest(path: Path, previous: Path) -> dict[str, Any]:
+    """Load ``path``; if it is missing or corrupt, fall back to ``previous`` with a warning."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        if not previous.exists():
+            raise
+        state = load_checkpoint(previous)
+        warnings.warn(f"{exc}; resuming from the previous checkpoint {previous} instead", stacklevel=2)
+        return state
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

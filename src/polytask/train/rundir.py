@@ -37,6 +37,11 @@ class RunDir:
         return self.checkpoints / "last.pt"
 
     @property
+    def previous(self) -> Path:
+        """The checkpoint ``last.pt`` replaced: the fallback if ``last.pt`` is ever damaged."""
+        return self.checkpoints / "previous.pt"
+
+    @property
     def best(self) -> Path:
         return self.checkpoints / "best.pt"
 
@@ -54,7 +59,7 @@ class RunDir:
 
     def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
         self.check(resume=resume, overwrite=overwrite)
-        if resume and not self.last.exists():
+        if resume and not (self.last.exists() or self.previous.exists()):
             raise ConfigError(f"cannot resume: {self.last} does not exist")
         if overwrite:
             self.clear()

@@ -26,7 +26,7 @@ from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
-from polytask.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
 from polytask.train.health import GradientMonitor, HealthSettings
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
 from polytask.train.plots import plot_gradients, plot_training
@@ -181,7 +181,7 @@ class Trainer:
         if self.run is not None:
             self.run.prepare(resume=self.resume, overwrite=self.overwrite)
             if self.resume:  # before config.yaml is rewritten: a mismatch must leave the run intact
-                self._load_state(load_checkpoint(self.run.last))
+                self._load_state(load_latest(self.run.last, self.run.previous))
             if self.config_text is not None:
                 self.run.write_text("config.yaml", self.config_text)
         started = time.perf_counter()
@@ -250,7 +250,7 @@ class Trainer:
             self.epoch_step += 1
             if (self.run is not None and self.checkpoint_every and self.epoch_step % self.checkpoint_every == 0
                     and self.epoch_step < total):
-                save_checkpoint(self.run.last, self._state())
+                save_checkpoint(self.run.last, self._state(), previous=self.run.previous)
         bar.close()
         self.epoch_step = 0
         computed = self.metrics.compute()
@@ -339,7 +339,7 @@ class Trainer:
         if self.run is not None:
             if improved:
                 save_checkpoint(self.run.best, {"model": self.model.state_dict(), "epoch": self.epoch})
-            save_checkpoint(self.run.last, self._state())
+            save_checkpoint(self.run.last, self._state(), previous=self.run.previous)
             self.run.write_csv("metrics.csv", METRIC_FIELDS, self.history)
             self.run.write_csv("steps.csv", STEP_FIELDS, self.steps)
             plot_training(self.run.path / "training.png", self.history, self.main_metrics)

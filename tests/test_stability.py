@@ -1,0 +1,294 @@
+"""Training stability and reliability: gradient health, policies, clipping, exact resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import polytask as pt
+from polytask.cli.main import main
+from polytask.train import CheckpointError, GradientHealthError, GradientHealthWarning, load_checkpoint
+
+
+def regression_data(n=256, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    targets = {"a": scale * x[:, 0] + 0.1 * torch.randn(n, generator=g), "b": (x[:, 1] > 0).float()}
+    return pt.data.MultiOutputDataset(x, targets)
+
+
+TASKS = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
+
+
+def model(encoder=None):
+    return pt.models.HardSharing(encoder or pt.encoders.MLP(in_features=6, hidden=[16, 8]), TASKS)
+
+
+def test_exploding_run_is_stopped_naming_task():
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(), TASKS, optimizer="sgd", lr=1e4, epochs=3, batch_size=32, progress=False)
+    with pytest.raises(GradientHealthError, match=r"task|layer"):
+        trainer.fit(regression_data(scale=100.0))
+
+
+def test_exploding_run_with_skip_policy_keeps_parameters_finite():
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(), TASKS, optimizer="sgd", lr=1e4, epochs=2, batch_size=32, progress=False,
+                         health={"policy": "skip", "explode_threshold": 1e3})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(regression_data(scale=100.0))
+    events = trainer.health.events
+    assert events and {e["kind"] for e in events} <= {"exploding_gradient", "non_finite_gradient", "non_finite_loss"}
+    assert any(issubclass(w.category, GradientHealthWarning) for w in caught)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+class NaNGradOnce(torch.autograd.Function):
+    """Identity whose backward returns NaN at one chosen call."""
+
+    calls = 0
+    at = 3
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        NaNGradOnce.calls += 1
+        return grad * float("nan") if NaNGradOnce.calls == NaNGradOnce.at else grad
+
+
+class PoisonedEncoder(nn.Module):
+    out_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.net = pt.encoders.MLP(in_features=6, hidden=[16, 8])
+
+    def forward(self, x):
+        return NaNGradOnce.apply(self.net(x))
+
+
+def test_skip_leaves_optimizer_and_method_state_untouched():
+    torch.manual_seed(0)
+    NaNGradOnce.calls = 0
+    trainer = pt.Trainer(model(PoisonedEncoder()), TASKS, method="famo", epochs=1, batch_size=32, progress=False,
+                         health={"policy": "skip"})
+    data = regression_data()
+    trainer.check(data)
+    seen = {}
+    original = trainer.health.check
+
+    def spy(step, tasks, gramian):
+        skip = original(step, tasks, gramian)
+        if skip:
+            seen["method_after"] = {k: v.clone() for k, v in trainer.method.state_dict().items()
+                                    if isinstance(v, torch.Tensor)}
+        return skip
+
+    trainer.health.check = spy
+    before = {}
+    original_step = trainer._train_step
+
+    def step(groups):
+        if trainer.step_index == NaNGradOnce.at - 1:
+            before["method"] = {k: v.clone() for k, v in trainer.method.state_dict().items() if isinstance(v, torch.Tensor)}
+            before["params"] = [p.detach().clone() for p in trainer.model.parameters()]
+            before["opt_steps"] = [s.get("step") for s in trainer.optimizer.state.values()]
+            out = original_step(groups)
+            before["params_after"] = [p.detach().clone() for p in trainer.model.parameters()]
+            before["opt_after"] = [s.get("step") for s in trainer.optimizer.state.values()]
+            before["method_after"] = {k: v.clone() for k, v in trainer.method.state_dict().items()
+                                      if isinstance(v, torch.Tensor)}
+            return out
+        return original_step(groups)
+
+    trainer._train_step = step
+    trainer.fit(data)
+    assert [e["kind"] for e in trainer.health.events] == ["non_finite_gradient"]
+    for a, b in zip(before["params"], before["params_after"]):
+        assert torch.equal(a, b)
+    assert before["opt_steps"] == before["opt_after"]
+    for key, value in before["method"].items():
+        assert torch.equal(value, before["method_after"][key]), key
+
+
+def test_vanishing_gradients_flagged_in_deep_sigmoid_network():
+    class DeepSigmoid(nn.Module):
+        out_features = 8
+
+        def __init__(self):
+            super().__init__()
+            layers = [nn.Linear(6, 8), nn.Sigmoid()]
+            for _ in range(24):
+                layers += [nn.Linear(8, 8), nn.Sigmoid()]
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(DeepSigmoid()), TASKS, epochs=1, batch_size=32, progress=False,
+                         health={"every": 1, "policy": "warn", "vanish_threshold": 1e-6, "vanish_patience": 3})
+    with pytest.warns(GradientHealthWarning, match=r"layer 'encoder\.net\.0\.weight'.*below"):
+        trainer.fit(regression_data())
+    flagged = [e for e in trainer.health.events if e["kind"] == "vanishing_gradient"]
+    assert flagged[0]["layers"] == ["encoder.net.0.weight"]
+    kinds = {r["kind"] for r in trainer.health.rows}
+    assert kinds == {"total_norm", "layer_norm", "task_norm", "cosine"}
+
+
+def test_per_task_clipping_in_training_bounds_each_task():
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(), TASKS, epochs=1, batch_size=64, progress=False, clip={"per_task": 0.05})
+    trainer.fit(regression_data(scale=50.0))
+    factors = trainer.engine.last_clip
+    norms = trainer.engine.last_gramian.diagonal().sqrt()
+    assert factors is not None and float(factors.min()) < 1.0
+    assert bool(((factors * norms) <= 0.05 * (1 + 1e-5)).all())
+
+
+def test_health_logs_written_and_plotted(tmp_path):
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(), TASKS, epochs=2, batch_size=64, progress=False, output_dir=tmp_path / "run",
+                         health={"every": 2})
+    trainer.fit(regression_data(), regression_data(seed=1))
+    frame = pd.read_csv(tmp_path / "run" / "gradients.csv")
+    assert set(frame["kind"]) == {"total_norm", "layer_norm", "task_norm", "cosine"}
+    assert set(frame["step"]) == set(range(0, 8, 2))
+    assert (tmp_path / "run" / "gradients.png").stat().st_size > 1000
+
+
+def test_corrupt_checkpoint_falls_back_then_errors(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    pt.Trainer(model(), TASKS, epochs=2, batch_size=64, progress=False, output_dir=run).fit(regression_data())
+    last, previous = run / "checkpoints" / "last.pt", run / "checkpoints" / "previous.pt"
+    assert load_checkpoint(previous)["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
+    last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(last)
+    resumed = pt.Trainer(model(), TASKS, epochs=3, batch_size=64, progress=False, output_dir=run, resume=True)
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        resumed.fit(regression_data())
+    assert load_checkpoint(last)["epoch"] == 3
+    previous.write_bytes(b"not a checkpoint")
+    last.write_bytes(b"\x00" * 10)
+    again = pt.Trainer(model(), TASKS, epochs=4, batch_size=64, progress=False, output_dir=run, resume=True)
+    with pytest.raises(CheckpointError, match=r"last\.pt|previous\.pt"):
+        again.fit(regression_data())
+
+
+def test_checkpoint_loading_executes_no_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------------------------------------- kill and resume
+CONFIG = """
+seed: 3
+output_dir: {out}
+data: {{files: {{train: {csv}}}}}
+tasks:
+  y_reg: {{kind: regression}}
+  y_cls: {{kind: binary}}
+model: {{encoder: {{name: mlp, hidden: [32, 16], dropout: 0.2}}}}
+method: {{name: famo}}
+train: {{epochs: 3, batch_size: 16, checkpoint_every: 1, progress: false, lr: 0.01}}
+"""
+
+
+def _write_problem(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1200, 5))
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(5)])
+    frame["y_reg"] = x[:, 0] * 2 + rng.normal(size=1200) * 0.1
+    frame["y_cls"] = (x[:, 1] + x[:, 2] > 0).astype(int)
+    frame["cat"] = rng.choice(["u", "v", "w"], size=1200)
+    path = folder / "data.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _config(folder: Path, name: str, csv: Path) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(CONFIG.format(out=folder / name, csv=csv))
+    return path
+
+
+def _train_process(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "polytask", "train", str(config), "--quiet", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
+    csv = _write_problem(tmp_path)
+    reference = _train_process(_config(tmp_path, "reference", csv))
+    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    killed_config = _config(tmp_path, "killed", csv)
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    kill_points = []
+    for delay in (0.4, 0.9, 1.6):  # seconds after the first checkpoint of each attempt
+        args = ("--resume",) if last.exists() else ("--overwrite",)
+        process = _train_process(killed_config, *args)
+        start = checkpoint_step(last)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None and checkpoint_step(last) in (None, start):
+            time.sleep(0.02)
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            state = load_checkpoint(last)
+            kill_points.append((state["epoch"], state["epoch_step"]))
+    final = _train_process(killed_config, "--resume")
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()
+    assert len(kill_points) >= 2, kill_points
+    assert any(point and point[1] > 0 for point in kill_points), kill_points  # at least one mid-epoch
+    a = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")
+    b = load_checkpoint(last)
+    assert a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["method"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["method"][key]), key
+    ref_metrics = pd.read_csv(tmp_path / "reference" / "metrics.csv")
+    got_metrics = pd.read_csv(tmp_path / "killed" / "metrics.csv")
+    pd.testing.assert_frame_equal(ref_metrics, got_metrics)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Step of the checkpoint on disk (None before the first one)."""
+    try:
+        return load_checkpoint(path)["step"]
+    except CheckpointError:
+        return None
+
+
+def test_cli_health_and_clip_settings_validated(tmp_path, capsys):
+    csv = _write_problem(tmp_path)
+    config = _config(tmp_path, "cfg", csv)
+    code = main(["train", str(config), "--set", "train.health.policy=ignore"])
+    assert code == 2 and "train.health.policy" in capsys.readouterr().err
+    code = main(["train", str(config), "--set", "train.clip.per_task=-1"])
+    assert code == 2 and "train.clip.per_task" in capsys.readouterr().err
