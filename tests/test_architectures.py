@@ -216,3 +216,65 @@ def test_user_module_in_expert_models():
 
     for cls in (pt.models.MMoE, pt.models.CrossStitch, pt.models.SoftSharing, pt.models.CGC):
         assert cls(Enc, make_tasks("x", 2))(torch.randn(3, 6))["t1"].shape == (3,)
+
+
+# ------------------------------------------------------------------------------- from YAML
+def _table(path, n=96):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.choice(["x", "y", "z"], n)})
+    frame["price"] = frame["a"] * 2 + rng.normal(size=n) * 0.1
+    frame["cheap"] = (frame["a"] < 0).astype(int)
+    frame["liked"] = ((frame["a"] < 0) & (frame["b"] > 0)).astype(int)
+    frame["kind"] = rng.choice(["p", "q", "r"], n)
+    frame.to_csv(path, index=False)
+    return path
+
+
+OPTIONS = {"soft_sharing": {"strength": 0.01, "distance": "mean"}, "mmoe": {"num_experts": 3},
+           "cgc": {"num_shared_experts": 1}, "ple": {"levels": 2}, "dselect_k": {"num_experts": 3, "k": 2},
+           "task_branches": {"branch_depth": 1}, "cross_stitch": {"self_weight": 0.8}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_architecture_trains_from_yaml(name, tmp_path):
+    import json
+
+    import yaml
+
+    from polytask.cli.main import main
+
+    if name == "mtan":
+        cfg = {"data": {"dataset": "multimnist", "options": {"train_size": 64, "val_size": 32, "test_size": 32}},
+               "model": {"architecture": "mtan", "encoder": {"name": "cnn", "channels": [4, 8], "out_features": 16}}}
+    else:
+        tasks = ({"cheap": {"kind": "binary"}, "liked": {"kind": "binary"}} if name == "esmm" else
+                 {"price": {"kind": "regression"}, "cheap": {"kind": "binary"},
+                  "kind": {"kind": "multiclass", "num_classes": 3}})
+        cfg = {"data": {"files": {"train": str(_table(tmp_path / "t.csv"))}, "features": ["a", "b", "c"]},
+               "tasks": tasks, "model": {"architecture": name, "encoder": {"name": "mlp", "hidden": [8]},
+                                         "options": OPTIONS.get(name, {})}}
+    cfg.update(output_dir=str(tmp_path / "run"), method={"name": "equal"},
+               train={"epochs": 1, "batch_size": 32, "progress": False})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["tasks"]) == set(cfg.get("tasks") or {"left": 0, "right": 0})
+    assert main(["eval", str(tmp_path / "run"), "--split", "val"]) == 0
+
+
+def test_architecture_option_typo_is_named(tmp_path, capsys):
+    import yaml
+
+    from polytask.cli.main import main
+
+    cfg = {"data": {"files": {"train": str(_table(tmp_path / "t.csv"))}, "features": ["a", "b"]},
+           "tasks": {"price": {"kind": "regression"}}, "output_dir": str(tmp_path / "run"),
+           "model": {"architecture": "mmoe", "options": {"num_expert": 3}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    assert "did you mean 'num_experts'" in capsys.readouterr().err.lower()

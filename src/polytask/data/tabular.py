@@ -1,4 +1,4 @@
-"""Turn a table into a float feature matrix: standardised numbers, one-hot categories."""
+"""Turn a table into a float feature matrix: standardised numbers, one-hot categories (or their codes)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch import Tensor
 
 from polytask.core.errors import DataError
 
+ENCODINGS = ("onehot", "codes")
+
 
 class TabularPreprocessor:
     """Fit on the training table, then transform any table with the same columns.
@@ -19,13 +21,20 @@ class TabularPreprocessor:
     Numeric columns are standardised with the training mean and standard deviation; categorical
     columns (string, categorical or boolean dtype) become one-hot blocks over the training
     categories plus one "unseen" slot. Columns in ``log1p`` (heavy-tailed counts such as capital
-    gains) are mapped through log(1 + x) before standardising. The fitted state is plain JSON (``to_dict``), so a run
+    gains) are mapped through log(1 + x) before standardising. With ``encoding="codes"`` each
+    categorical column becomes one column holding its category's index instead (the unseen slot is
+    the last index), for encoders that learn embeddings (``tabular``): numbers first, then codes,
+    as floats. The fitted state is plain JSON (``to_dict``), so a run
     directory can rebuild it for ``polytask predict`` without pickles.
     """
 
     def __init__(self, numeric: Sequence[str] = (), categorical: Sequence[str] = (),
                  means: Mapping[str, float] | None = None, stds: Mapping[str, float] | None = None,
-                 categories: Mapping[str, Sequence[str]] | None = None, log1p: Sequence[str] = ()) -> None:
+                 categories: Mapping[str, Sequence[str]] | None = None, log1p: Sequence[str] = (),
+                 encoding: str = "onehot") -> None:
+        if encoding not in ENCODINGS:
+            raise DataError(f"`encoding` of categorical columns must be one of {', '.join(ENCODINGS)}; found {encoding!r}")
+        self.encoding = encoding
         self.log1p = list(log1p)
         self.numeric = list(numeric)
         self.categorical = list(categorical)
@@ -34,7 +43,8 @@ class TabularPreprocessor:
         self.categories = {k: list(v) for k, v in (categories or {}).items()}
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, features: Sequence[str], log1p: Sequence[str] = ()) -> TabularPreprocessor:
+    def fit(cls, frame: pd.DataFrame, features: Sequence[str], log1p: Sequence[str] = (),
+            encoding: str = "onehot") -> TabularPreprocessor:
         missing = [c for c in features if c not in frame.columns]
         if missing:
             raise DataError(f"feature column(s) {missing} not found; columns are: {', '.join(map(str, frame.columns))}")
@@ -52,7 +62,7 @@ class TabularPreprocessor:
         means = {c: float(np.mean(values[c])) for c in numeric}
         stds = {c: float(np.std(values[c])) or 1.0 for c in numeric}
         categories = {c: sorted(map(str, frame[c].dropna().unique())) for c in categorical}
-        return cls(numeric, categorical, means, stds, categories, log1p)
+        return cls(numeric, categorical, means, stds, categories, log1p, encoding)
 
     @property
     def features(self) -> list[str]:
@@ -60,7 +70,14 @@ class TabularPreprocessor:
 
     @property
     def out_features(self) -> int:
+        if self.encoding == "codes":
+            return len(self.numeric) + len(self.categorical)
         return len(self.numeric) + sum(len(v) + 1 for v in self.categories.values())
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Number of codes per categorical column (its categories plus the unseen slot)."""
+        return [len(self.categories[c]) + 1 for c in self.categorical]
 
     def transform(self, frame: pd.DataFrame, where: str = "data") -> Tensor:
         missing = [c for c in self.features if c not in frame.columns]
@@ -79,6 +96,9 @@ class TabularPreprocessor:
             cats = self.categories[col]
             codes = pd.Index(cats).get_indexer(frame[col].astype(str)).astype(np.int64)
             codes[codes < 0] = len(cats)  # unseen or missing category
+            if self.encoding == "codes":
+                blocks.append(codes[:, None].astype(np.float64))
+                continue
             one_hot = np.zeros((len(frame), len(cats) + 1), dtype=np.float64)
             one_hot[np.arange(len(frame)), codes] = 1.0
             blocks.append(one_hot)
@@ -88,7 +108,7 @@ class TabularPreprocessor:
 
     def to_dict(self) -> dict[str, Any]:
         return {"numeric": self.numeric, "categorical": self.categorical, "means": self.means,
-                "stds": self.stds, "categories": self.categories, "log1p": self.log1p}
+                "stds": self.stds, "categories": self.categories, "log1p": self.log1p, "encoding": self.encoding}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> TabularPreprocessor:

@@ -31,10 +31,11 @@ AVAILABLE = {
 @DATASETS.register("adult")
 def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: float = 0.15,
                test_fraction: float = 0.15, task_sizes: dict[str, int] | None = None,
-               download: bool = True) -> LoadedData:
+               encoding: str = "onehot", download: bool = True) -> LoadedData:
     """UCI Adult, 48,842 people: income > 50K and marital status "never married" (Ma et al., KDD 2018).
 
-    Features: 12 census columns (numbers standardised, categories one-hot). ``relationship`` is
+    Features: 12 census columns (numbers standardised, categories one-hot, or their indices with
+    ``encoding="codes"`` for the ``tabular`` encoder's embeddings). ``relationship`` is
     dropped because it leaks marital status; ``marital-status`` is the target's source. The
     optional ``hours`` task (hours per week, standardised regression) removes that column from
     the features. ``task_sizes`` splits the training rows into disjoint per-task data sets (the
@@ -45,7 +46,8 @@ def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: f
     names = [t.name for t in chosen]
     features = [c for c in FEATURES if not ("hours" in names and c == "hours-per-week")]
     train_idx, val_idx, test_idx = split_indices(len(frame), (val_fraction, test_fraction), seed)
-    prep = TabularPreprocessor.fit(frame.iloc[train_idx.numpy()], features, log1p=["capital-gain", "capital-loss"])
+    prep = TabularPreprocessor.fit(frame.iloc[train_idx.numpy()], features, log1p=["capital-gain", "capital-loss"],
+                                   encoding=encoding)
     hours = frame["hours-per-week"].to_numpy(dtype=np.float32)
     hours_mean, hours_std = hours[train_idx.numpy()].mean(), hours[train_idx.numpy()].std()
     all_targets = {
@@ -62,7 +64,9 @@ def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: f
         val=split_by_task(full.subset(val_idx), _scaled(task_sizes, len(val_idx), len(train_idx)), seed)
         if task_sizes else full.subset(val_idx),
         test=full.subset(test_idx), preprocessor=prep.to_dict(),
-        encoder={"name": "mlp", "in_features": prep.out_features, "hidden": [128, 64]},
+        encoder=({"name": "mlp", "in_features": prep.out_features, "hidden": [128, 64]} if encoding == "onehot" else
+                 {"name": "tabular", "n_numeric": len(prep.numeric), "cardinalities": prep.cardinalities,
+                  "hidden": [128, 64]}),
         description="UCI Adult census income: income >50K, never married (binary), optional hours/week",
     )
 
