@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--peers", action="store_true", help="also time TorchJD's aggregators when installed")
     speed.add_argument("--device", default="cpu")
     speed.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    arch = bench_sub.add_parser("architectures", help="parameters, shared parameters and ms/step (equal weighting) "
+                                "of every architecture on a fixed synthetic problem")
+    arch.add_argument("--tasks", default="3", help="comma list of task counts")
+    arch.add_argument("--architectures", default="all", help="comma list of architecture names, or all")
+    arch.add_argument("--batch-size", type=int, default=256)
+    arch.add_argument("--steps", type=int, default=20, help="timed steps per architecture (median reported)")
+    arch.add_argument("--warmup", type=int, default=3)
+    arch.add_argument("--device", default="cpu")
 
     ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics")
     ls.add_argument("what", nargs="?", choices=LISTS)
@@ -110,6 +118,8 @@ def _bench(args: argparse.Namespace) -> int:
     from polytask.core.errors import InvalidParameterError
     from polytask.methods import METHODS
 
+    if args.suite == "architectures":
+        return _bench_architectures(args)
     torch.set_num_threads(torch.get_num_threads())
     methods = METHODS.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:
@@ -130,6 +140,22 @@ def _bench(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(speed.Row)])
             writer.writeheader()
             writer.writerows(dataclasses.asdict(r) for r in rows)
+    return 0
+
+
+def _bench_architectures(args: argparse.Namespace) -> int:
+    import torch
+
+    from polytask.bench import architectures
+    from polytask.core.errors import InvalidParameterError
+
+    try:
+        counts = [int(t) for t in args.tasks.split(",")]
+    except ValueError:
+        raise InvalidParameterError(f"--tasks takes a comma list of ints; found {args.tasks!r}") from None
+    names = None if args.architectures == "all" else [a.strip() for a in args.architectures.split(",") if a.strip()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    architectures.run(counts, names, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, device=args.device)
     return 0
 
 
