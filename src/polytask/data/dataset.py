@@ -31,6 +31,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.x)
 
+    def shard(self, rank: int, world_size: int) -> Batch:
+        """Rows ``rank, rank + world_size, …``: this rank's share of a global batch."""
+        index = slice(rank, None, world_size)
+        return Batch(self.x[index], {k: v[index] for k, v in self.targets.items()},
+                     {k: v[index] for k, v in self.masks.items()}, self.source)
+
 
 class MultiOutputDataset:
     """Samples with one input and targets for one or more tasks (the multi-output regime).
@@ -44,6 +50,13 @@ class MultiOutputDataset:
     def __init__(self, x: Tensor, targets: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> None:
         if not isinstance(x, Tensor):
             raise DataError(f"inputs `x` must be a torch.Tensor; found {type(x).__name__}")
+        if x.dim() == 0:
+            raise DataError("inputs `x` must have a first dimension of samples; found a 0-d tensor")
+        for kind, group in (("targets", targets), ("mask", masks or {})):
+            for name, value in group.items():
+                if not isinstance(value, Tensor) or value.dim() == 0:
+                    found = "a 0-d tensor" if isinstance(value, Tensor) else type(value).__name__
+                    raise DataError(f"{kind} of task '{name}' must be a torch.Tensor with one row per sample; found {found}")
         self.x = x
         self.targets = dict(targets)
         self.masks = {k: v.bool() for k, v in (masks or {}).items()}
@@ -75,9 +88,12 @@ class MultiOutputDataset:
             mask = self.masks.get(task.name)
             task.check_targets(y if mask is None else y[mask], where=f"{where} targets")
             self.targets[task.name] = task.cast_targets(y if mask is None else _fill_missing(y, mask))
-        if self.x.is_floating_point() and torch.isnan(self.x).any():
-            row = int(torch.isnan(self.x.reshape(len(self.x), -1)).any(1).nonzero()[0])
-            raise DataError(f"{where} inputs `x` contain NaN (first at row {row}); impute or drop them")
+        if self.x.is_floating_point() and not torch.isfinite(self.x).all():
+            bad = ~torch.isfinite(self.x.reshape(len(self.x), -1))
+            row = int(bad.any(1).nonzero()[0])
+            what = "NaN" if torch.isnan(self.x[row]).any() else "inf"
+            raise DataError(f"{where} inputs `x` contain {what} (first at row {row}); expected finite values: "
+                            "impute or drop them")
 
     def subset(self, index: Tensor) -> MultiOutputDataset:
         return MultiOutputDataset(self.x[index], {k: v[index] for k, v in self.targets.items()},

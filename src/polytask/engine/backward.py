@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.engine.comm import Communicator
 from polytask.engine.jacobian import JacobianComputer, gramian, task_jacobian
 from polytask.methods.base import Method, Step, get_method
 
@@ -32,11 +33,17 @@ class Engine:
         task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on θ
             is scaled to norm ≤ ``task_clip`` (the method sees the clipped gradients, and the
             task's weight, heads included, carries the same factor). Needs the task Jacobian.
+        comm / reduce_params: data-parallel training. Each rank passes losses whose mean over
+            ranks is the global loss; the engine averages the loss values, the task Jacobian or
+            sums the feature Gramians so that every rank computes the same weights, then averages
+            the gradients of ``reduce_params`` once (θ's update is already global when J was
+            averaged, so only the other parameters are reduced then).
     """
 
     def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, mode: Mode = "auto",
                  every: int = 1, seed: int = 0, jacobian: str = "auto", chunk_size: int | None = None,
-                 task_clip: float | None = None) -> None:
+                 task_clip: float | None = None, comm: Communicator | None = None,
+                 reduce_params: Iterable[Tensor] | None = None) -> None:
         self.method = get_method(method)
         self.shared = [p for p in shared_params if p.requires_grad]
         if mode not in ("auto", "parameters", "features"):
@@ -51,9 +58,14 @@ class Engine:
         if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
             raise InvalidParameterError(f"`task_clip` of the engine must be > 0 or None; found {task_clip!r}")
         self.task_clip = task_clip
+        self.comm = comm
+        self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
+        if comm is not None and not self.reduce_params:
+            raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
         self.last_tasks: tuple[str, ...] = ()
         self.last_gramian: Tensor | None = None
         self.last_clip: Tensor | None = None
+        self.last_losses: Tensor | None = None
 
     @property
     def needs(self) -> str:
@@ -92,14 +104,20 @@ class Engine:
         if not active:
             if extra_loss is not None:
                 (extra_loss * scale).backward()
+            if self.comm is not None:
+                self.comm.mean_grads_(self.reduce_params)
             return {t: 0.0 for t in losses}
         vec = torch.stack([losses[t] for t in active])  # type: ignore[misc]
-        step = Step(tasks=active, losses=vec.detach(), index=index, epoch=epoch, generator=self.generator)
+        detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
+        self.last_losses = detached
+        step = Step(tasks=active, losses=detached, index=index, epoch=epoch, generator=self.generator)
         needs = self.needs
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         jacobian = None
         if needs in ("gramian", "jacobian") and not reuse or diagnose or self.task_clip is not None:
             jacobian = self.jacobian(vec * scale, self.shared) / scale
+            if self.comm is not None:
+                self.comm.mean_(jacobian)
             self.last_gramian = gramian(jacobian)
         clip = self._clip_factors()
         if reuse:
@@ -111,6 +129,8 @@ class Engine:
                     raise InvalidParameterError(
                         f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
                 step.gramian = gramian(task_jacobian(list(vec * scale), zs) / scale)
+                if self.comm is not None:  # shards are disjoint: cross-rank blocks of J_z are zero
+                    step.gramian = self.comm.sum_(step.gramian) / self.comm.world_size ** 2
             elif needs in ("gramian", "jacobian"):
                 step.gramian = self.last_gramian
                 step.jacobian = jacobian if needs == "jacobian" else None
@@ -146,8 +166,13 @@ class Engine:
             others = _other_leaves(total, self.shared)
             if others:
                 torch.autograd.backward(total * scale, inputs=others)
+            if self.comm is not None:
+                shared = {id(p) for p in self.shared}
+                self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in shared])
         else:
             (total * scale).backward()
+            if self.comm is not None:
+                self.comm.mean_grads_(self.reduce_params)
         weights = {t: 0.0 for t in losses}
         weights.update(zip(active, applied.detach().tolist(), strict=True))
         return weights

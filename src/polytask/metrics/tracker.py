@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.regression import R2Score
 
@@ -69,11 +70,17 @@ class TaskMetrics:
         self._losses = {t: list(vs) for t, vs in state["losses"].items()}
 
     def compute(self) -> dict[str, dict[str, float]]:
+        """Epoch values; under torch.distributed, summed over ranks (torchmetrics syncs itself)."""
+        names = list(self.metrics)
+        sums = torch.tensor([[float(torch.stack(self._losses[t]).sum()) if self._losses[t] else 0.0,
+                              float(self._loss_n[t])] for t in names], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
         out: dict[str, dict[str, float]] = {}
-        for name, group in self.metrics.items():
+        for i, (name, group) in enumerate(self.metrics.items()):
             values: dict[str, float] = {}
-            if self._loss_n[name]:
-                values["loss"] = float(torch.stack(self._losses[name]).sum()) / self._loss_n[name]
+            if sums[i, 1] > 0:
+                values["loss"] = float(sums[i, 0] / sums[i, 1])
             if any(m.update_count for m in group.values()):
                 for metric_name, metric in group.items():
                     if isinstance(metric, R2Score) and int(metric.total) < 2:

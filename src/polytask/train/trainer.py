@@ -20,6 +20,7 @@ from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.data.loader import check_mode, epoch_batches, steps_in_epoch
 from polytask.data.samplers import SAMPLERS, Sampler
 from polytask.engine.backward import Engine
+from polytask.engine.comm import Communicator
 from polytask.methods.base import Method, get_method
 from polytask.metrics.delta_m import delta_m
 from polytask.metrics.registry import METRICS
@@ -101,9 +102,12 @@ class Trainer:
             raise InvalidParameterError(f"`lr` must be > 0; found {lr!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise InvalidParameterError(f"`patience` must be an int >= 1 or None; found {patience!r}")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = _resolve_device(device)
+        self.comm = Communicator.from_env(self.device)
         self.model = model.to(self.device)
+        if self.comm is not None:  # every rank starts from rank 0's parameters
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         self.method = get_method(method, **dict(method_params or {}))
         self.method.to(self.device)
         self.sampler = sampler if isinstance(sampler, Sampler) else SAMPLERS.create(sampler, **dict(sampler_params or {}))
@@ -129,7 +133,8 @@ class Trainer:
             raise InvalidParameterError(f"engine `scope` must be auto, shared or last_shared; found {scope!r}")
         scope = self.method.scope if scope == "auto" else scope
         shared = model.last_shared_parameters() if scope == "last_shared" else list(model.shared_parameters())
-        self.engine = Engine(self.method, shared, seed=seed + 3, task_clip=self.clip.get("per_task"), **options)
+        self.engine = Engine(self.method, shared, seed=seed + 3, task_clip=self.clip.get("per_task"), comm=self.comm,
+                             reduce_params=[*model.parameters(), *self.method.parameters()], **options)
         if precision not in ("32", "bf16", "16"):
             raise InvalidParameterError(f"`precision` must be 32, bf16 or 16; found {precision!r}")
         if precision == "16" and self.device.type != "cuda":
@@ -144,6 +149,7 @@ class Trainer:
         self.sampler_generator = torch.Generator().manual_seed(seed + 2)
         self.schedule_generator = torch.Generator().manual_seed(seed + 4)
         self.run = RunDir(output_dir) if output_dir is not None else None
+        self.writer = self.run if self.comm is None or self.comm.is_main else None  # only rank 0 writes
         self.resume, self.overwrite, self.config_text = resume, overwrite, config_text
         self.main_metrics = {t.name: t.main_metric for t in self.tasks}
         self.metrics = TaskMetrics(self.tasks, self.device)  # validates metric names early
@@ -178,12 +184,16 @@ class Trainer:
     def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
         """Train for ``epochs`` (or until early stopping) and return the report."""
         self.check(train, val, test)
-        if self.run is not None:
-            self.run.prepare(resume=self.resume, overwrite=self.overwrite)
-            if self.resume:  # before config.yaml is rewritten: a mismatch must leave the run intact
-                self._load_state(load_latest(self.run.last, self.run.previous))
-            if self.config_text is not None:
-                self.run.write_text("config.yaml", self.config_text)
+        if self.writer is not None:
+            self.writer.prepare(resume=self.resume, overwrite=self.overwrite)
+        if self.comm is not None:
+            torch.distributed.barrier()  # the run directory exists (and was checked) before any rank reads it
+        if self.run is not None and self.resume:  # before config.yaml is rewritten: a mismatch leaves the run intact
+            self._load_state(load_latest(self.run.last, self.run.previous))
+            if self.run.best.exists():
+                self._best_state = load_checkpoint(self.run.best)["model"]
+        if self.writer is not None and self.config_text is not None:
+            self.writer.write_text("config.yaml", self.config_text)
         started = time.perf_counter()
         while self.epoch < self.epochs and not self._should_stop():
             rows = self._train_epoch(train)
@@ -237,7 +247,8 @@ class Trainer:
         for _ in range(self.epoch_step):
             next(batches)
         bar = tqdm(batches, total=total, initial=self.epoch_step, desc=f"epoch {self.epoch + 1}/{self.epochs}",
-                   leave=False, disable=not self.progress, dynamic_ncols=True)
+                   leave=False, disable=not self.progress or self.writer is None and self.comm is not None,
+                   dynamic_ncols=True)
         for groups in bar:
             weights, losses = self._train_step([b.to(self.device) for b in groups])
             for t, w in weights.items():
@@ -248,9 +259,9 @@ class Trainer:
                                        "loss": losses[t], "weight": w})
             self.step_index += 1
             self.epoch_step += 1
-            if (self.run is not None and self.checkpoint_every and self.epoch_step % self.checkpoint_every == 0
+            if (self.writer is not None and self.checkpoint_every and self.epoch_step % self.checkpoint_every == 0
                     and self.epoch_step < total):
-                save_checkpoint(self.run.last, self._state(), previous=self.run.previous)
+                save_checkpoint(self.writer.last, self._state(), previous=self.writer.previous)
         bar.close()
         self.epoch_step = 0
         computed = self.metrics.compute()
@@ -264,21 +275,32 @@ class Trainer:
         available = [t for t in self.names if any(t in b.targets for b in groups)]
         active = self.task_scheduler.select(self.step_index, available, self.schedule_generator)
         losses: dict[str, Tensor | None] = {}
+        counts: dict[str, int] = {}
         features: list[Tensor] = []
         for batch in groups:
             tasks = [t for t in active if t in batch.targets and t not in losses]
             if not tasks:
                 continue
+            if self.comm is not None:
+                batch = batch.shard(self.comm.rank, self.comm.world_size)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
                 z = self.model.encode(batch.x, batch.source)
                 outputs = self.model.decode(z, tasks)
                 for t in tasks:
                     losses[t] = self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t))
+                    mask = batch.masks.get(t)
+                    counts[t] = len(batch) if mask is None else int(mask.sum())
+                    if losses[t] is None and self.comm is not None:
+                        losses[t] = outputs[t].sum() * 0.0  # keeps this rank's graph like the others'
             features.append(z)
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
+        if self.comm is not None:
+            losses = self._rank_weighted(losses, counts)
         present = [t for t, v in losses.items() if v is not None]
         values = torch.stack([losses[t] for t in present]).detach() if present else torch.zeros(0)  # type: ignore[misc]
+        if self.comm is not None and present:
+            values = self.comm.mean_(values.clone())
         loss_values = dict(zip(present, values.tolist(), strict=True))
         bad = [t for t, v in loss_values.items() if not math.isfinite(v)]
         if bad and self.health.non_finite_losses(self.step_index, bad):
@@ -316,6 +338,19 @@ class Trainer:
         self.task_scheduler.observe(self.step_index, loss_values)
         return weights, {t: loss_values.get(t) for t in losses}
 
+    def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int]) -> dict[str, Tensor | None]:
+        """Scale each rank's per-task mean loss so that the mean over ranks is the global batch
+        mean (shards and labelled counts may differ); tasks no rank has labels for drop out."""
+        assert self.comm is not None
+        names = list(losses)
+        local = torch.tensor([float(counts.get(t, 0)) for t in names], dtype=torch.float64)
+        total = self.comm.sum_(local.clone())
+        out: dict[str, Tensor | None] = {}
+        for i, t in enumerate(names):
+            loss = losses[t]
+            out[t] = None if loss is None or total[i] == 0 else loss * float(local[i] * self.comm.world_size / total[i])
+        return out
+
     def _end_epoch(self, rows: list[dict[str, Any]]) -> None:
         train_losses = {r["task"]: r["value"] for r in rows if r["split"] == "train" and r["metric"] == "loss"}
         val_metrics: dict[str, dict[str, float]] = {}
@@ -334,26 +369,24 @@ class Trainer:
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
-        if improved and self.run is None:
+        if improved:
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if self.run is not None:
+        if self.writer is not None:
             if improved:
-                save_checkpoint(self.run.best, {"model": self.model.state_dict(), "epoch": self.epoch})
-            save_checkpoint(self.run.last, self._state(), previous=self.run.previous)
-            self.run.write_csv("metrics.csv", METRIC_FIELDS, self.history)
-            self.run.write_csv("steps.csv", STEP_FIELDS, self.steps)
-            plot_training(self.run.path / "training.png", self.history, self.main_metrics)
+                save_checkpoint(self.writer.best, {"model": self.model.state_dict(), "epoch": self.epoch})
+            save_checkpoint(self.writer.last, self._state(), previous=self.writer.previous)
+            self.writer.write_csv("metrics.csv", METRIC_FIELDS, self.history)
+            self.writer.write_csv("steps.csv", STEP_FIELDS, self.steps)
+            plot_training(self.writer.path / "training.png", self.history, self.main_metrics)
             if self.health.rows:
-                self.run.write_csv("gradients.csv", GRADIENT_FIELDS, self.health.rows)
-                plot_gradients(self.run.path / "gradients.png", self.health.rows)
+                self.writer.write_csv("gradients.csv", GRADIENT_FIELDS, self.health.rows)
+                plot_gradients(self.writer.path / "gradients.png", self.health.rows)
 
     def _should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def _finish(self, train: Data, val: Data | None, test: Data | None, seconds: float) -> dict[str, Any]:
-        if self.run is not None and self.run.best.exists():
-            self.model.load_state_dict(load_checkpoint(self.run.best)["model"])
-        elif self._best_state is not None:
+        if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
         split, data = ("test", test) if test is not None else ("val", val) if val is not None else ("train", train)
         final = self.evaluate(data)
@@ -366,18 +399,18 @@ class Trainer:
         if self.baselines:
             summary["baselines"] = self.baselines
             summary["delta_m"] = delta_m(final, self.baselines, self.main_metrics)
-        if self.run is not None:
-            self.run.write_json("summary.json", summary)
+        if self.writer is not None:
+            self.writer.write_json("summary.json", summary)
         return summary
 
     # ---------------------------------------------------------------------------- batching
     def _eval_batches(self, data: Data) -> Iterator[Batch]:
         size = max(self.batch_size, 1024)
-        if isinstance(data, MultiOutputDataset):
-            yield from data.batches(size)
-        else:
-            for name, ds in data.datasets.items():
-                yield from ds.batches(size, source=name)
+        sets = [(None, data)] if isinstance(data, MultiOutputDataset) else list(data.datasets.items())
+        for name, ds in sets:
+            for batch in ds.batches(size, source=name):
+                # each rank evaluates its share; torchmetrics and the loss sums are reduced in compute()
+                yield batch if self.comm is None else batch.shard(self.comm.rank, self.comm.world_size)
 
     def _steps_per_epoch(self, train: Data) -> int:
         return steps_in_epoch(train, self.batch_size, self.loader_mode, self.steps_per_epoch)
@@ -487,3 +520,14 @@ def _check_clip(clip: Mapping[str, float | None] | None) -> dict[str, float]:
             raise InvalidParameterError(f"clip `{key}` must be a finite number > 0; found {value!r}")
         out[key] = float(value)
     return out
+
+
+def _resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; under torchrun each rank takes its LOCAL_RANK GPU."""
+    import os
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return torch.device(device)

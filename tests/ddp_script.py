@@ -1,0 +1,48 @@
+"""Run by `torchrun --nproc_per_node=2 tests/ddp_script.py OUT`: trains a few steps with each method
+under DDP (gloo) and rank 0 saves the parameters, for tests/test_distributed.py to compare with
+one process on the same global batches."""
+
+import sys
+
+import torch
+
+from polytask.data import MultiOutputDataset
+from polytask.engine.comm import Communicator
+
+METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl"]
+
+
+def problem(seed: int = 0):
+    import polytask as pt
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 6, generator=g)
+    targets = {"a": x[:, 0] * 2 + 0.1 * torch.randn(96, generator=g), "b": (x[:, 1] > 0).float(),
+               "c": (x[:, 2] > x[:, 3]).long() + (x[:, 4] > 0).long()}
+    masks = {"b": torch.rand(96, generator=g) > 0.3}  # missing labels, unevenly spread over ranks
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary"), pt.Task("c", kind="multiclass", num_classes=3)]
+    return tasks, MultiOutputDataset(x, targets, masks)
+
+
+def train(method: str, steps: int = 4):
+    import polytask as pt
+
+    tasks, data = problem()
+    torch.manual_seed(1)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
+    trainer = pt.Trainer(model, tasks, method=method, epochs=1, batch_size=20, steps_per_epoch=steps, lr=0.05,
+                         progress=False)
+    trainer.fit(data)
+    return {k: v.clone() for k, v in model.state_dict().items()}, trainer
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    results = {}
+    for name in METHODS:
+        state, trainer = train(name)
+        results[name] = state
+        results[f"{name}:bytes"] = torch.tensor(trainer.comm.bytes if trainer.comm is not None else 0)
+    comm = Communicator.from_env(torch.device("cpu"))
+    if comm is None or comm.is_main:
+        torch.save(results, sys.argv[1])

@@ -1,0 +1,74 @@
+"""Two CPU processes (gloo) train exactly like one process on the same global batches."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ddp_script  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([exe, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "ddp.pt"
+    done = torchrun(str(HERE / "ddp_script.py"), str(out), cwd=HERE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("method", ddp_script.METHODS)
+def test_two_ranks_match_one_process(ddp_results, method):
+    torch.set_num_threads(1)
+    single, _ = ddp_script.train(method)
+    for key, value in single.items():
+        torch.testing.assert_close(ddp_results[method][key], value, rtol=2e-5, atol=2e-6, msg=f"{method}: {key}")
+    assert int(ddp_results[f"{method}:bytes"]) > 0
+
+
+def test_gramian_methods_send_the_jacobian(ddp_results):
+    params = sum(v.numel() for k, v in ddp_results["equal"].items() if k.startswith("encoder"))
+    # loss methods send the gradient once (+ T losses); Gramian methods also send J (T×P on θ)
+    assert int(ddp_results["pcgrad:bytes"]) > 2 * int(ddp_results["equal:bytes"])
+    assert int(ddp_results["equal:bytes"]) >= 4 * 4 * params  # 4 steps × the fp32 gradient of θ at least
+
+
+def test_torchrun_cli_only_rank_zero_writes(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 4)), columns=list("wxyz"))
+    frame["t1"] = (frame["w"] > 0).astype(int)
+    frame["t2"] = frame["x"] * 3
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "cfg.yaml").write_text(
+        f"output_dir: {tmp_path / 'run'}\ndata: {{files: {{train: {tmp_path / 'd.csv'}}}}}\n"
+        "tasks: {t1: {kind: binary}, t2: {kind: regression}}\nmethod: {name: mgda}\n"
+        "train: {epochs: 2, batch_size: 32, progress: false}\n")
+    done = torchrun("-m", "polytask", "train", str(tmp_path / "cfg.yaml"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory") == 2  # both ranks finish and report
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert {"summary.json", "metrics.csv", "checkpoints"} <= set(files)
+    assert not list((tmp_path / "run").glob("*.tmp"))
