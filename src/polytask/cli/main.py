@@ -11,7 +11,7 @@ from typing import Any
 
 from polytask.core.errors import PolytaskError
 
-LISTS = ("methods", "architectures", "encoders", "samplers", "datasets", "metrics")
+LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--peers", action="store_true", help="also time TorchJD's aggregators when installed")
     speed.add_argument("--device", default="cpu")
     speed.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    speed.add_argument("--ddp", type=int, default=0, metavar="N",
+                       help="time N CPU processes (gloo) instead: step time and communication volume per method")
     arch = bench_sub.add_parser("architectures", help="parameters, shared parameters and ms/step (equal weighting) "
                                 "of every architecture on a fixed synthetic problem")
     arch.add_argument("--tasks", default="3", help="comma list of task counts")
@@ -62,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     arch.add_argument("--steps", type=int, default=20, help="timed steps per architecture (median reported)")
     arch.add_argument("--warmup", type=int, default=3)
     arch.add_argument("--device", default="cpu")
+    sampling = bench_sub.add_parser("sampling", help="per-task metrics under proportional/temperature/uniform/annealed "
+                                    "sampling, task data sets of ~100x/10x/1x size (Adult)")
+    sampling.add_argument("--sizes", default="20000,2000,200", help="training rows of income,marital,hours")
+    sampling.add_argument("--seeds", default="0,1,2", help="comma list of seeds (mean ± std reported)")
+    sampling.add_argument("--epochs", type=int, default=5)
+    sampling.add_argument("--batch-size", type=int, default=64)
 
     ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics")
     ls.add_argument("what", nargs="?", choices=LISTS)
@@ -118,6 +126,8 @@ def _bench(args: argparse.Namespace) -> int:
     from polytask.core.errors import InvalidParameterError
     from polytask.methods import METHODS
 
+    if args.suite == "sampling":
+        return _bench_sampling(args)
     if args.suite == "architectures":
         return _bench_architectures(args)
     torch.set_num_threads(torch.get_num_threads())
@@ -132,6 +142,13 @@ def _bench(args: argparse.Namespace) -> int:
         counts = [int(t) for t in args.tasks.split(",")]
     except ValueError:
         raise InvalidParameterError(f"--tasks takes a comma list of ints; found {args.tasks!r}") from None
+    if args.ddp:
+        if args.ddp < 2:
+            raise InvalidParameterError(f"--ddp needs at least 2 processes; found {args.ddp}")
+        from polytask.bench import ddp
+
+        ddp.run(args.ddp, encoders, counts, methods, steps=args.steps, warmup=args.warmup)
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     rows = speed.run(encoders, counts, methods, steps=args.steps, warmup=args.warmup, features=not args.no_features,
                      every=args.every, peers=args.peers, device=args.device)
@@ -159,6 +176,24 @@ def _bench_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sampling(args: argparse.Namespace) -> int:
+    from polytask.bench import sampling
+    from polytask.core.errors import InvalidParameterError
+
+    try:
+        counts = [int(n) for n in args.sizes.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise InvalidParameterError(f"--sizes and --seeds take comma lists of ints; found {args.sizes!r}, {args.seeds!r}") from None
+    if len(counts) != len(sampling.DEFAULT_SIZES):
+        raise InvalidParameterError(f"--sizes takes {len(sampling.DEFAULT_SIZES)} sizes (income,marital,hours); found {args.sizes!r}")
+    sizes = dict(zip(sampling.DEFAULT_SIZES, counts, strict=True))
+    print(f"Adult, task training sizes {sizes}, {args.epochs} epochs, batch {args.batch_size}, seeds {seeds}")
+    results = sampling.run(sizes=sizes, seeds=seeds, epochs=args.epochs, batch_size=args.batch_size)
+    print(sampling.format_results(results, sizes))
+    return 0
+
+
 def _list(what: str | None) -> int:
     from polytask.data.samplers import SAMPLERS
     from polytask.datasets import DATASETS
@@ -166,9 +201,10 @@ def _list(what: str | None) -> int:
     from polytask.metrics.registry import METRICS
     from polytask.models import ARCHITECTURES
     from polytask.models.encoders import ENCODERS
+    from polytask.scheduling import TASK_SCHEDULERS
 
     registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
-                                  "samplers": SAMPLERS, "datasets": DATASETS}
+                                  "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS}
     for name in [what] if what else LISTS:
         print(f"{name}:")
         if name == "metrics":

@@ -501,7 +501,10 @@ class Trainer:
         self.schedule_generator.set_state(state["rng"]["schedule"])
         self.epoch_step, self.epoch_rng = state["epoch_step"], dict(state["epoch_rng"])
         self.weight_sums, self.weight_counts = dict(state["weight_sums"]), dict(state["weight_counts"])
-        self.metrics.load_state_dict(state["train_metrics"])
+        if self.comm is None or self.comm.is_main:
+            self.metrics.load_state_dict(state["train_metrics"])
+        else:  # rank 0's partial-epoch metrics are in the file; the other ranks restart theirs
+            self.metrics.reset()
         self.health.load_state_dict(state["health"])
         self.epoch, self.step_index = state["epoch"], state["step"]
         self.best, self.bad_epochs = dict(state["best"]), state["bad_epochs"]
