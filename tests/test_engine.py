@@ -201,3 +201,20 @@ def test_diagnose_exposes_gramian_without_changing_the_update():
     sum(losses.values()).backward()
     for a, b in zip(got, grads(model)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS.names() if n != "warmup"])
+def test_every_method_trains_under_bf16_autocast(name):
+    model, tasks = small_model(3)
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    method = METHODS.create(name)
+    method.setup([t.name for t in tasks], sizes={t.name: 100 for t in tasks})
+    engine = Engine(method, list(model.shared_parameters()))
+    for i in range(2):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z, losses = losses_of(model, tasks, x, y)
+        weights = engine.backward(losses, features=[z], index=i)
+        assert all(torch.isfinite(torch.tensor(v)) for v in weights.values()), name
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters()), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.shared_parameters()), name
