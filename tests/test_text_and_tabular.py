@@ -140,3 +140,17 @@ def test_adult_codes_with_tabular_encoder_trains_and_predicts(tmp_path):
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert list(pred.columns) == ["income", "marital"] and len(pred) == 5
     assert np.all((pred.to_numpy() >= 0) & (pred.to_numpy() <= 1))
+
+
+def test_tabular_encoder_on_one_hot_data_says_what_is_missing(tmp_path, capsys):
+    import yaml
+
+    from polytask.cli.main import main
+
+    cfg = {"data": {"dataset": "adult"}, "output_dir": str(tmp_path / "run"),
+           "model": {"architecture": "hard_sharing", "encoder": {"name": "tabular"}}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs n_numeric, cardinalities" in err and "encoding: codes" in err

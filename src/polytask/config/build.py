@@ -188,8 +188,13 @@ def build_model(cfg: Config, tasks: list[Task], encoder: dict[str, Any], stems: 
     ARCHITECTURES.check_params(name, cfg.model.options, ARCHITECTURE_RESERVED)
     accepted = ARCHITECTURES.parameters(name)
     kwargs: dict[str, Any] = {"tasks": tasks, **cfg.model.options}
+    ENCODERS.check_params(encoder["name"], params)
+    required = [k for k, p in ENCODERS.parameters(encoder["name"]).items() if p.default is p.empty and k not in params]
+    if required:
+        raise ConfigError(
+            f"encoder '{encoder['name']}' needs {', '.join(required)}, which these data do not provide; set them under "
+            "model.encoder (for `tabular` on adult: data.options.encoding: codes gives its columns)")
     if "encoder_factory" in accepted:  # several copies of the encoder (towers, columns, experts)
-        ENCODERS.check_params(encoder["name"], params)
         kwargs["encoder_factory"] = lambda: ENCODERS.create(encoder["name"], **params)
     else:
         kwargs["encoder"] = ENCODERS.create(encoder["name"], **params)

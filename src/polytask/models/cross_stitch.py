@@ -21,7 +21,9 @@ def encoder_stages(module: nn.Module) -> list[nn.Module]:
 
 @ARCHITECTURES.register("cross_stitch")
 class CrossStitch(MultiTaskModel):
-    """Cross-stitch networks (Misra, Shrivastava, Gupta & Hebert, "Cross-stitch Networks for
+    """One column per task, mixed after every stage by learned cross-stitch units.
+
+    Cross-stitch networks (Misra, Shrivastava, Gupta & Hebert, "Cross-stitch Networks for
     Multi-task Learning", CVPR 2016).
 
     One column (a fresh encoder) per task. After every stage l of the columns (``stages()`` of

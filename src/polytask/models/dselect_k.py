@@ -51,7 +51,9 @@ class DSelectGate(nn.Module):
 
 @ARCHITECTURES.register("dselect_k")
 class DSelectK(ExpertModel):
-    """DSelect-k gates on shared experts (Hazimeh, Zhao, Chowdhery, Sathiamoorthy, Chen, Mazumder,
+    """Shared experts with sparse, differentiable k-of-n per-task gates.
+
+    DSelect-k (Hazimeh, Zhao, Chowdhery, Sathiamoorthy, Chen, Mazumder,
     Hong & Chi, "DSelect-k: Differentiable Selection in the Mixture of Experts with Applications
     to Multi-Task Learning", NeurIPS 2021): MMoE with each softmax gate replaced by a
     :class:`DSelectGate` that, once trained, puts its weight on at most ``k`` experts.

@@ -26,7 +26,9 @@ def log1mexp(x: Tensor) -> Tensor:
 
 @ARCHITECTURES.register("esmm")
 class ESMM(MultiTaskModel):
-    """Entire Space Multi-task Model (Ma, Zhao, Huang, Wang, Hu, Zhu & Gai, "Entire Space Multi-Task
+    """Click → conversion funnel: task t predicts Π_{i≤t} σ(aᵢ) over all impressions (pCTCVR = pCTR·pCVR).
+
+    Entire Space Multi-task Model (Ma, Zhao, Huang, Wang, Hu, Zhu & Gai, "Entire Space Multi-Task
     Model: An Effective Approach for Estimating Post-Click Conversion Rate", SIGIR 2018).
 
     Tasks form a funnel in ``task_names`` order (impression → click → conversion): a shared

@@ -15,7 +15,9 @@ from polytask.models.base import ARCHITECTURES
 
 @ARCHITECTURES.register("mmoe")
 class MMoE(ExpertModel):
-    """Multi-gate Mixture-of-Experts (Ma, Zhao, Yi, Chen, Hong & Chi, "Modeling Task Relationships
+    """Shared experts mixed by one softmax gate per task.
+
+    Multi-gate Mixture-of-Experts (Ma, Zhao, Yi, Chen, Hong & Chi, "Modeling Task Relationships
     in Multi-task Learning with Multi-gate Mixture-of-Experts", KDD 2018).
 
     n experts fₑ shared by all tasks, one softmax gate per task:

@@ -21,7 +21,9 @@ def _attention(in_channels: int, channels: int) -> nn.Sequential:
 
 @ARCHITECTURES.register("mtan")
 class MTAN(MultiTaskModel):
-    """Multi-Task Attention Network (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
+    """Per-task soft attention masks over the blocks of one shared CNN.
+
+    Multi-Task Attention Network (Liu, Johns & Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019).
 
     A shared ``cnn`` (the global feature pool) plus, per task and per conv block j, a soft

@@ -30,7 +30,9 @@ class _Level(nn.Module):
 
 @ARCHITECTURES.register("ple")
 class PLE(ExpertModel):
-    """Progressive Layered Extraction (Tang, Liu, Zhao & Gong, "Progressive Layered Extraction
+    """Stacked layers of task-specific and shared experts with progressive gating.
+
+    Progressive Layered Extraction (Tang, Liu, Zhao & Gong, "Progressive Layered Extraction
     (PLE): A Novel Multi-Task Learning (MTL) Model for Personalized Recommendations", RecSys 2020).
 
     Each of ``levels`` extraction layers j has ``num_task_experts`` experts per task and

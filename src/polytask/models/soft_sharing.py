@@ -18,7 +18,9 @@ DISTANCES = ("pairwise", "mean")
 
 @ARCHITECTURES.register("soft_sharing")
 class SoftSharing(MultiTaskModel):
-    """One tower (a fresh encoder) per task, with an L2 penalty between corresponding parameters
+    """One network per task, tied by an L2 penalty between their parameters.
+
+    One tower (a fresh encoder) per task, with an L2 penalty between corresponding parameters
     (Duong et al., "Low Resource Dependency Parsing: Cross-lingual Parameter Sharing in a Neural
     Network Parser", ACL 2015; Yang & Hospedales, "Trace Norm Regularised Deep Multi-Task
     Learning", ICLR workshop 2017, use the same towers with a trace-norm tie instead).

@@ -15,7 +15,9 @@ from polytask.models.heads import mlp_layers
 
 @ARCHITECTURES.register("task_branches")
 class TaskBranches(MultiTaskModel):
-    """A shared trunk that branches into per-task stacks of layers (the "tree" layouts of
+    """Shared trunk, then a private branch of layers per task before its head.
+
+    A shared trunk that branches into per-task stacks of layers (the "tree" layouts of
     Lu et al., "Fully-adaptive Feature Sharing in Multi-Task Networks", CVPR 2017, and
     Vandenhende et al., "Branched Multi-Task Networks", BMVC 2020, with the split fixed after
     the trunk).
