@@ -149,3 +149,16 @@ def test_main_auxiliary_alone_and_uniform_auxiliaries():
     uniform = SAMPLERS.create("main_auxiliary", main="big", ratio=0.5, auxiliary="uniform")
     uniform.setup(SIZES)
     assert uniform.probabilities(0, 1).tolist() == pytest.approx([0.25, 0.25, 0.5])
+
+
+def test_bench_sampling_smoke():
+    from polytask.bench import sampling
+
+    sizes = {"income": 400, "marital": 40, "hours": 4}
+    results = sampling.run({"proportional": ("proportional", {}), "uniform": ("uniform", {})}, sizes=sizes, seeds=(0,),
+                           epochs=1, batch_size=4, eval_size=50, echo=lambda line: None)
+    proportional, uniform = results
+    assert proportional.shares[0]["income"] > 0.85 and uniform.shares[0]["hours"] > 0.2
+    table = sampling.format_results(results, sizes)
+    assert "income auroc" in table and "hours r2" in table and len(table.splitlines()) == 4
+    assert set(uniform.metrics[0]) == set(sizes)
