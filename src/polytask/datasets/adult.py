@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from polytask.core.errors import DataError
 from polytask.core.task import Task
 from polytask.data.dataset import MultiOutputDataset
 from polytask.data.tabular import TabularPreprocessor
@@ -31,7 +32,7 @@ AVAILABLE = {
 @DATASETS.register("adult")
 def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: float = 0.15,
                test_fraction: float = 0.15, task_sizes: dict[str, int] | None = None,
-               encoding: str = "onehot", download: bool = True) -> LoadedData:
+               encoding: str = "onehot", rows: int | None = None, download: bool = True) -> LoadedData:
     """UCI Adult, 48,842 people: income > 50K and marital status "never married" (Ma et al., KDD 2018).
 
     Features: 12 census columns (numbers standardised, categories one-hot, or their indices with
@@ -39,9 +40,14 @@ def load_adult(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: f
     dropped because it leaks marital status; ``marital-status`` is the target's source. The
     optional ``hours`` task (hours per week, standardised regression) removes that column from
     the features. ``task_sizes`` splits the training rows into disjoint per-task data sets (the
-    multi-input regime) of those sizes.
+    multi-input regime) of those sizes. ``rows`` keeps a seeded random subset of the people
+    (quick experiments and tests).
     """
     frame = pd.read_parquet(ADULT_FILE.path(download))
+    if rows is not None:
+        if not isinstance(rows, int) or not 10 <= rows <= len(frame):
+            raise DataError(f"`rows` of dataset 'adult' must be an int in [10, {len(frame)}]; found {rows!r}")
+        frame = frame.sample(n=rows, random_state=seed).reset_index(drop=True)
     chosen = select_tasks(AVAILABLE, tasks, ["income", "marital"], "adult")
     names = [t.name for t in chosen]
     features = [c for c in FEATURES if not ("hours" in names and c == "hours-per-week")]
