@@ -203,9 +203,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes()) or {}  # bytes: PyYAML decodes UTF-8/16 and reports bad bytes
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping of keys; found {type(raw).__name__}")
     raw = dict(raw)

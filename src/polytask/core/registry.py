@@ -71,8 +71,19 @@ class Registry(Generic[T]):
                     f"Valid parameters: {valid}"
                 )
 
+    def check_required(self, name: str, params: Mapping[str, Any], reserved: tuple[str, ...] = ()) -> None:
+        """Fail on a required parameter (one without a default) that ``params`` lacks."""
+        missing = [k for k, p in self.parameters(name).items()
+                   if p.default is p.empty and k not in params and k not in reserved]
+        if missing:
+            raise InvalidParameterError(
+                f"{self.kind} '{name}' requires parameter(s) {', '.join(missing)}; found only: "
+                f"{', '.join(params) or 'none'}"
+            )
+
     def create(self, name: str, /, **params: Any) -> T:
         self.check_params(name, params)
+        self.check_required(name, params)
         return self.get(name)(**params)
 
     def describe(self, name: str) -> str:

@@ -108,6 +108,9 @@ class Task:
 
     def check_targets(self, y: Tensor, where: str = "targets") -> None:
         """Raise a DataError if labels are NaN, of the wrong shape or out of range."""
+        if not isinstance(y, Tensor) or y.is_complex():
+            found = f"dtype {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+            raise DataError(f"{where} of task '{self.name}' must be a tensor of real numbers; found {found}")
         if self.kind == "multilabel":
             if y.dim() != 2 or y.shape[1] != self.num_classes:
                 raise DataError(
@@ -119,6 +122,11 @@ class Task:
             raise DataError(
                 f"{where} of task '{self.name}' contain NaN at row {int(torch.isnan(y).reshape(len(y), -1).any(1).nonzero()[0])}; "
                 "drop those rows or mark them missing with a mask"
+            )
+        if y.is_floating_point() and torch.isinf(y).any():
+            raise DataError(
+                f"{where} of task '{self.name}' contain inf at row {int(torch.isinf(y).reshape(len(y), -1).any(1).nonzero()[0])}; "
+                "expected finite values"
             )
         if self.kind == "regression":
             return

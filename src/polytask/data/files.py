@@ -76,6 +76,12 @@ def targets_from(frame: pd.DataFrame, task: Task, column: str, labels: Sequence[
 def table_dataset(frame: pd.DataFrame, tasks: Sequence[Task], columns: Mapping[str, str],
                   prep: TabularPreprocessor, labels: Mapping[str, Sequence[str] | None],
                   allow_missing: Mapping[str, bool], where: str) -> MultiOutputDataset:
+    for col in prep.numeric:
+        if col in frame.columns:
+            infinite = np.isinf(pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64))
+            if infinite.any():
+                raise DataError(f"{where} column '{col}' has an infinite value at row {int(infinite.nonzero()[0][0])}; "
+                                "expected finite numbers")
     x = prep.transform(frame, where=where)
     targets, masks = {}, {}
     for task in tasks:

@@ -23,6 +23,9 @@ class Static(Method):
 
     def __init__(self, *, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
+        if weights is not None and not isinstance(weights, Mapping):
+            raise InvalidParameterError(
+                f"`weights` of `static` must map task names to numbers (e.g. {{income: 1.0}}); found {weights!r}")
         weights = dict(weights or {})
         for name, value in weights.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
