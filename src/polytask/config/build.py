@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from polytask.config.schema import Config, Files, TaskConfig
-from polytask.core.errors import ConfigError, DataError, closest
+from polytask.core.errors import ConfigError, DataError, InvalidParameterError, closest
 from polytask.core.task import Task
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.data.files import label_vocabulary, read_table, table_dataset
@@ -23,6 +23,7 @@ from polytask.methods.base import METHODS
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders import ENCODERS
 from polytask.scheduling import TASK_SCHEDULERS
+from polytask.train.trainer import resolve_device
 
 ARCHITECTURE_RESERVED = ("encoder", "encoder_factory", "tasks", "heads", "stems", "head_hidden", "head_dropout")
 """Architecture parameters the builder fills from other config keys (not from model.options)."""
@@ -59,18 +60,10 @@ def check_registries(cfg: Config) -> None:
 
 def check_device(device: str) -> None:
     """``train.device``: ``auto`` or a torch device string whose backend is available here."""
-    if device == "auto":
-        return
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; found {device!r}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {device!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
-        raise ConfigError(f"train.device {device!r} is not usable here; expected 'auto', 'cpu' or an available 'cuda:N'")
+        resolve_device(device)
+    except InvalidParameterError as exc:
+        raise ConfigError(f"train.device: {exc}") from None
 
 
 def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:

@@ -102,7 +102,7 @@ class Trainer:
             raise InvalidParameterError(f"`lr` must be > 0; found {lr!r}")
         if patience is not None and (not isinstance(patience, int) or patience < 1):
             raise InvalidParameterError(f"`patience` must be an int >= 1 or None; found {patience!r}")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.comm = Communicator.from_env(self.device)
         self.model = model.to(self.device)
         if self.comm is not None:  # every rank starts from rank 0's parameters
@@ -163,6 +163,7 @@ class Trainer:
         self.weight_counts: dict[str, int] = {}
         self.best: dict[str, Any] = {"epoch": -1, "score": None}
         self.bad_epochs = 0
+        self._last_plot = time.perf_counter()
 
     # ------------------------------------------------------------------------------- public API
     def check(self, train: Data, val: Data | None = None, test: Data | None = None) -> None:
@@ -377,10 +378,18 @@ class Trainer:
             save_checkpoint(self.writer.last, self._state(), previous=self.writer.previous)
             self.writer.write_csv("metrics.csv", METRIC_FIELDS, self.history)
             self.writer.write_csv("steps.csv", STEP_FIELDS, self.steps)
-            plot_training(self.writer.path / "training.png", self.history, self.main_metrics)
             if self.health.rows:
                 self.writer.write_csv("gradients.csv", GRADIENT_FIELDS, self.health.rows)
-                plot_gradients(self.writer.path / "gradients.png", self.health.rows)
+            # drawing costs ~1 s: refresh the pictures of a long run at most every 30 s, and at the end
+            if time.perf_counter() - self._last_plot > 30:
+                self._plot()
+
+    def _plot(self) -> None:
+        assert self.writer is not None
+        plot_training(self.writer.path / "training.png", self.history, self.main_metrics)
+        if self.health.rows:
+            plot_gradients(self.writer.path / "gradients.png", self.health.rows)
+        self._last_plot = time.perf_counter()
 
     def _should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
@@ -400,6 +409,8 @@ class Trainer:
             summary["baselines"] = self.baselines
             summary["delta_m"] = delta_m(final, self.baselines, self.main_metrics)
         if self.writer is not None:
+            if self.history:
+                self._plot()
             self.writer.write_json("summary.json", summary)
         return summary
 
@@ -525,12 +536,25 @@ def _check_clip(clip: Mapping[str, float | None] | None) -> dict[str, float]:
     return out
 
 
-def _resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; under torchrun each rank takes its LOCAL_RANK GPU."""
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; under torchrun each rank takes its LOCAL_RANK GPU.
+
+    Anything else must be a device whose backend is available here, or InvalidParameterError.
+    """
     import os
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; found {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"`device` is {device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidParameterError(f"`device` is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
+        raise InvalidParameterError(f"`device` {device!r} is not usable here; expected 'auto', 'cpu' or an available 'cuda:N'")
+    return parsed
