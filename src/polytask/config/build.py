@@ -73,9 +73,19 @@ def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
     if base is not None and tc.kind is not None and tc.kind != base.kind:
         raise ConfigError(f"tasks.{name}.kind: the bundled task is {base.kind}; found {tc.kind}")
     num_classes = tc.num_classes if tc.num_classes is not None else (base.num_classes if base else None)
+    target: str | tuple[str, ...] = tc.target if isinstance(tc.target, str) else tuple(tc.target or ()) or name
+    if isinstance(target, tuple):
+        if kind != "multilabel":
+            raise ConfigError(f"tasks.{name}.target: a list of columns is only for multilabel tasks; {name} is {kind}")
+        if num_classes is not None and num_classes != len(target):
+            raise ConfigError(f"tasks.{name}.num_classes is {num_classes} but `target` lists {len(target)} columns")
+        num_classes = len(target)
+    elif kind == "multilabel" and base is None:
+        raise ConfigError(f"tasks.{name}.target: a multilabel task reads one 0/1 column per label; "
+                          "give the list of columns, e.g. target: [label_a, label_b]")
     metrics = tuple(tc.metrics) if tc.metrics else (base.metrics if base else None)
     return Task(name, kind=kind, num_classes=num_classes, weight=tc.weight, metrics=metrics, lr=tc.lr,
-                weight_decay=tc.weight_decay, target=tc.target or name)
+                weight_decay=tc.weight_decay, target=target)
 
 
 def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
@@ -114,7 +124,8 @@ def _from_files(cfg: Config, tasks: list[Task], files: Files) -> tuple[LoadedDat
     assert cfg.tasks is not None
     train, val, test = _splits(cfg, files)
     columns = {t.name: t.target or t.name for t in tasks}
-    prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, list(columns.values())))
+    used = [c for cols in columns.values() for c in ([cols] if isinstance(cols, str) else cols)]
+    prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, used))
     labels = {t.name: label_vocabulary(train, t, columns[t.name]) for t in tasks}
     missing = {name: tc.allow_missing for name, tc in cfg.tasks.items()}
     build = lambda frame, where: table_dataset(frame, tasks, columns, prep, labels, missing, where)  # noqa: E731
@@ -134,7 +145,7 @@ def _from_task_files(cfg: Config, tasks: list[Task]) -> tuple[LoadedData, Prepro
             raise ConfigError(f"tasks.{task.name}.data is required when tasks have their own data sets")
         train, val, _ = _splits(cfg, files)
         column = task.target or task.name
-        prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, [column]))
+        prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, [column] if isinstance(column, str) else list(column)))
         labels[task.name] = label_vocabulary(train, task, column)
         allow = {task.name: cfg.tasks[task.name].allow_missing}
         train_sets[task.name] = table_dataset(train, [task], {task.name: column}, prep, labels, allow, str(files.train))

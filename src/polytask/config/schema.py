@@ -48,7 +48,7 @@ class DataConfig(Strict):
 
 class TaskConfig(Strict):
     kind: Literal["regression", "binary", "multiclass", "multilabel"] | None = None
-    target: str | None = None
+    target: str | list[str] | None = None  # a column; for multilabel, one 0/1 column per label
     num_classes: int | None = None
     weight: float = Field(1.0, ge=0)
     metrics: list[str] | None = None

@@ -38,7 +38,8 @@ class Task:
             built); the first is the main one.
         lr: learning rate of this task's private parameters (default: the global one).
         weight_decay: weight decay of this task's private parameters (default: the global one).
-        target: column holding this task's label, for data read from tables.
+        target: column holding this task's label, for data read from tables (multilabel: one 0/1
+            column per label).
     """
 
     name: str
@@ -48,7 +49,7 @@ class Task:
     metrics: tuple[str, ...] | None = None
     lr: float | None = None
     weight_decay: float | None = None
-    target: str | None = None
+    target: str | tuple[str, ...] | None = None
     _metrics: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:

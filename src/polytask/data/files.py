@@ -31,8 +31,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"cannot read {p}: {exc}") from exc
 
 
-def label_vocabulary(frame: pd.DataFrame, task: Task, column: str) -> list[str] | None:
+def label_vocabulary(frame: pd.DataFrame, task: Task, column: str | Sequence[str]) -> list[str] | None:
     """Sorted string labels of a classification column with text labels (None if numeric)."""
+    if not isinstance(column, str):  # multilabel: one 0/1 column per label
+        for name in column:
+            require_column(frame, task, name, "training data")
+        return None
     require_column(frame, task, column, "training data")
     values = frame[column].dropna()
     if task.kind in ("binary", "multiclass") and not pd.api.types.is_numeric_dtype(values):
@@ -46,9 +50,18 @@ def require_column(frame: pd.DataFrame, task: Task, column: str, where: str) -> 
                         f"{closest(column, map(str, frame.columns))} Columns: {', '.join(map(str, frame.columns))}")
 
 
-def targets_from(frame: pd.DataFrame, task: Task, column: str, labels: Sequence[str] | None,
+def targets_from(frame: pd.DataFrame, task: Task, column: str | Sequence[str], labels: Sequence[str] | None,
                  allow_missing: bool, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Target tensor (and mask of known labels when missing values are allowed) for one task."""
+    """Target tensor (and mask of known labels when missing values are allowed) for one task.
+
+    A multilabel task reads one 0/1 column per label (``target: [col1, col2, ...]``); a row with
+    any label missing counts as unlabelled for that task.
+    """
+    if not isinstance(column, str):
+        parts = [targets_from(frame, task, name, None, allow_missing, where) for name in column]
+        values = torch.stack([p[0] for p in parts], dim=1)
+        masks = [p[1] for p in parts if p[1] is not None]
+        return values, torch.stack(masks).all(0) if masks else None
     require_column(frame, task, column, where)
     series = frame[column]
     missing = series.isna().to_numpy()
@@ -73,7 +86,7 @@ def targets_from(frame: pd.DataFrame, task: Task, column: str, labels: Sequence[
     return torch.from_numpy(values), mask
 
 
-def table_dataset(frame: pd.DataFrame, tasks: Sequence[Task], columns: Mapping[str, str],
+def table_dataset(frame: pd.DataFrame, tasks: Sequence[Task], columns: Mapping[str, str | Sequence[str]],
                   prep: TabularPreprocessor, labels: Mapping[str, Sequence[str] | None],
                   allow_missing: Mapping[str, bool], where: str) -> MultiOutputDataset:
     for col in prep.numeric:
