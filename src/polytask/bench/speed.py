@@ -114,8 +114,11 @@ def torchjd_step(problem: Problem, aggregator_name: str) -> Callable[[int], None
         return None
     import inspect
 
-    needs_count = "n_tasks" in inspect.signature(cls).parameters
-    aggregator = cls(n_tasks=len(problem.tasks)) if needs_count else cls()
+    known = {"n_tasks": len(problem.tasks), "c": 0.4}  # CAGrad's c as polytask's default
+    required = [p for p in inspect.signature(cls).parameters.values() if p.default is inspect.Parameter.empty]
+    if any(p.name not in known for p in required):
+        return None
+    aggregator = cls(**{p.name: known[p.name] for p in required})
     shared = list(problem.model.shared_parameters())
 
     def step(i: int) -> None:
@@ -160,6 +163,8 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
     """All rows for one (encoder, T): the two references, then every method and mode."""
     dev = problem.x.device
     params = sum(p.numel() for p in problem.model.parameters())
+    # the first steps of a process pay for thread-pool start-up and allocator growth
+    time_step(jacobian_step(problem), dev, 2, warmup)
     ew_ms, ew_mem = time_step(equal_step(problem), dev, steps, warmup)
     jac_ms, jac_mem = time_step(jacobian_step(problem), dev, steps, warmup)
     rows: list[Row] = []
@@ -177,7 +182,8 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
             modes.append("features")
         for mode in modes:
             label = name if every == 1 or needs == "losses" else f"{name} (every {every})"
-            ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, warmup)
+            # past the engine's first steps, where `jacobian: auto` times loop against batched
+            ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5))
             add(label, "features" if mode == "features" else needs, mode, ms, mem)
         if peers and name in TORCHJD_NAMES:
             step = torchjd_step(problem, TORCHJD_NAMES[name])

@@ -67,6 +67,6 @@ def load_multimnist(*, tasks: list[str] | None = None, seed: int = 0, train_size
         val = split_by_task(val, {t: max(1, n * val_size // train_size) for t, n in task_sizes.items()}, seed)
     return LoadedData(
         name="multimnist", tasks=chosen, train=train, val=val, test=test,
-        encoder={"name": "cnn", "in_channels": 1, "channels": [16, 32], "out_features": 64},
+        encoder={"name": "cnn", "in_channels": 1, "channels": [16, 32], "out_features": 64, "pool": 3},
         description="MultiMNIST (36×36, two real MNIST digits): left and right digit, 10 classes each",
     )

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, gramian, task_jacobian
+from polytask.engine.jacobian import JacobianComputer, gramian
 from polytask.methods.base import Method, Step, get_method
 
 Mode = Literal["auto", "parameters", "features"]
@@ -55,6 +55,7 @@ class Engine:
         self.generator = torch.Generator().manual_seed(seed)
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
         self.jacobian = JacobianComputer(jacobian, chunk_size)
+        self.feature_jacobian = JacobianComputer(jacobian, chunk_size)
         if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
             raise InvalidParameterError(f"`task_clip` of the engine must be > 0 or None; found {task_clip!r}")
         self.task_clip = task_clip
@@ -107,7 +108,8 @@ class Engine:
             if self.comm is not None:
                 self.comm.mean_grads_(self.reduce_params)
             return {t: 0.0 for t in losses}
-        vec = torch.stack([losses[t] for t in active])  # type: ignore[misc]
+        parts: list[Tensor] = [losses[t] for t in active]  # type: ignore[misc]
+        vec = torch.stack(parts)
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         self.last_losses = detached
         step = Step(tasks=active, losses=detached, index=index, epoch=epoch, generator=self.generator)
@@ -115,7 +117,9 @@ class Engine:
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         jacobian = None
         if needs in ("gramian", "jacobian") and not reuse or diagnose or self.task_clip is not None:
-            jacobian = self.jacobian(vec * scale, self.shared) / scale
+            jacobian = self.jacobian([p * scale for p in parts] if scale != 1.0 else parts, self.shared)
+            if scale != 1.0:
+                jacobian.div_(scale)
             if self.comm is not None:
                 self.comm.mean_(jacobian)
             self.last_gramian = gramian(jacobian)
@@ -128,7 +132,8 @@ class Engine:
                 if not zs:
                     raise InvalidParameterError(
                         f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
-                step.gramian = gramian(task_jacobian(list(vec * scale), zs) / scale)
+                scaled = [p * scale for p in parts] if scale != 1.0 else parts
+                step.gramian = gramian(self.feature_jacobian(scaled, zs)) / scale ** 2
                 if self.comm is not None:  # shards are disjoint: cross-rank blocks of J_z are zero
                     step.gramian = self.comm.sum_(step.gramian) / self.comm.world_size ** 2
             elif needs in ("gramian", "jacobian"):

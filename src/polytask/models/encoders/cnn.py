@@ -12,14 +12,15 @@ from polytask.models.encoders.base import ENCODERS
 
 @ENCODERS.register("cnn")
 class CNN(nn.Module):
-    """Conv(3×3) → BatchNorm → ReLU → MaxPool blocks, global average pooling, a linear layer.
+    """Conv(3×3) → BatchNorm → ReLU → MaxPool blocks, adaptive average pooling, a linear layer.
 
-    Global pooling makes the output width independent of the image size, so tasks whose images
-    differ in size can share it.
+    Adaptive pooling to a ``pool`` × ``pool`` grid makes the output width independent of the image
+    size (tasks whose images differ in size can share it); ``pool`` > 1 keeps where things are in
+    the image, which tasks such as MultiMNIST's left/right digit need.
     """
 
     def __init__(self, *, in_channels: int = 1, channels: Sequence[int] = (32, 64), out_features: int = 128,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, pool: int = 1) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise InvalidParameterError(f"`in_channels` of `cnn` must be a positive int; found {in_channels!r}")
@@ -31,8 +32,10 @@ class CNN(nn.Module):
             blocks += [nn.Conv2d(width, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
             width = c
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.proj = nn.Sequential(nn.Linear(width, out_features), nn.ReLU(), nn.Dropout(dropout))
+        if not isinstance(pool, int) or pool < 1:
+            raise InvalidParameterError(f"`pool` of `cnn` must be a positive int; found {pool!r}")
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.proj = nn.Sequential(nn.Linear(width * pool * pool, out_features), nn.ReLU(), nn.Dropout(dropout))
         self.in_channels = in_channels
         self.channels = [int(c) for c in channels]
         self.out_features = out_features
