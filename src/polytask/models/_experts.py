@@ -3,13 +3,13 @@ an encoder factory, what gates read, per-task towers on a stacked (batch, T, D) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from polytask.core.task import Task
-from polytask.models._common import EncoderFactory, check_rows, make_encoder, positive_int, task_heads
+from polytask.models._common import EncoderFactory, check_rows, last_layer, make_encoder, positive_int, task_heads, trainable
 from polytask.models.base import MultiTaskModel
 
 
@@ -64,3 +64,38 @@ class ExpertModel(MultiTaskModel):
     def mix(gates: Tensor, experts: Tensor) -> Tensor:
         """Σₑ gates[b, e] · experts[b, e, :] → (batch, D)."""
         return torch.einsum("be,bed->bd", gates, experts)
+
+
+class GatedExperts(ExpertModel):
+    """One pool of shared experts, one gate per task (MMoE, DSelect-k): subclasses build
+    ``self.experts``, ``self.gates`` and say how a gate's output becomes mixing weights."""
+
+    gates: nn.ModuleDict
+    experts: nn.ModuleList
+    gate_in: int | None
+
+    def mixing(self, task: str, gate_input: Tensor) -> Tensor:
+        """(batch, n) weights over the experts for ``task``; rows sum to 1."""
+        return self.gates[task](gate_input)
+
+    def gate_weights(self, x: Tensor, expert_outputs: Tensor | None = None) -> dict[str, Tensor]:
+        """Each task's gate distribution over the experts, (batch, n) rows summing to 1."""
+        outs = self._run(self.experts, x, self.representation_dim, self.architecture) if expert_outputs is None \
+            else expert_outputs
+        g_in = self._gate_input(x, outs, self.gate_in)
+        return {t: self.mixing(t, g_in) for t in self.task_names}
+
+    def encode(self, x: Tensor, task: str | None = None) -> Tensor:
+        outs = self._run(self.experts, x, self.representation_dim, self.architecture)
+        gates = self.gate_weights(x, outs)
+        return torch.stack([self.mix(gates[t], outs) for t in self.task_names], dim=1)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        return iter(trainable(self.experts.parameters()))
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return [p for e in self.experts for p in last_layer(e)]
+
+    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from self.gates[name].parameters()
+        yield from self.heads[name].parameters()

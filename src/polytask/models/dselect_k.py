@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
 from polytask.core.task import Task
-from polytask.models._common import EncoderFactory, last_layer, positive_int, trainable
-from polytask.models._experts import ExpertModel
+from polytask.models._common import EncoderFactory, positive_int
+from polytask.models._experts import GatedExperts
 from polytask.models.base import ARCHITECTURES
 
 
@@ -50,7 +50,7 @@ class DSelectGate(nn.Module):
 
 
 @ARCHITECTURES.register("dselect_k")
-class DSelectK(ExpertModel):
+class DSelectK(GatedExperts):
     """Shared experts with sparse, differentiable k-of-n per-task gates.
 
     DSelect-k (Hazimeh, Zhao, Chowdhery, Sathiamoorthy, Chen, Mazumder,
@@ -77,23 +77,3 @@ class DSelectK(ExpertModel):
         self.gates = nn.ModuleDict({t: DSelectGate(self.gate_in or dim, num_experts, k, float(gamma))
                                     for t in self.task_names})
         self._towers(dim)
-
-    def gate_weights(self, x: Tensor, expert_outputs: Tensor | None = None) -> dict[str, Tensor]:
-        outs = self._run(self.experts, x, self.representation_dim, "dselect_k") if expert_outputs is None else expert_outputs
-        g_in = self._gate_input(x, outs, self.gate_in)
-        return {t: self.gates[t](g_in) for t in self.task_names}
-
-    def encode(self, x: Tensor, task: str | None = None) -> Tensor:
-        outs = self._run(self.experts, x, self.representation_dim, "dselect_k")
-        gates = self.gate_weights(x, outs)
-        return torch.stack([self.mix(gates[t], outs) for t in self.task_names], dim=1)
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(trainable(self.experts.parameters()))
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return [p for e in self.experts for p in last_layer(e)]
-
-    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.gates[name].parameters()
-        yield from self.heads[name].parameters()

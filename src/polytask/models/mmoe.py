@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from polytask.core.task import Task
-from polytask.models._common import EncoderFactory, last_layer, trainable
-from polytask.models._experts import ExpertModel
+from polytask.models._common import EncoderFactory
+from polytask.models._experts import GatedExperts
 from polytask.models.base import ARCHITECTURES
 
 
 @ARCHITECTURES.register("mmoe")
-class MMoE(ExpertModel):
+class MMoE(GatedExperts):
     """Shared experts mixed by one softmax gate per task.
 
     Multi-gate Mixture-of-Experts (Ma, Zhao, Yi, Chen, Hong & Chi, "Modeling Task Relationships
@@ -36,23 +36,5 @@ class MMoE(ExpertModel):
         self.gates = nn.ModuleDict({t: nn.Linear(self.gate_in or dim, num_experts) for t in self.task_names})
         self._towers(dim)
 
-    def gate_weights(self, x: Tensor, expert_outputs: Tensor | None = None) -> dict[str, Tensor]:
-        """Each task's gate distribution over the experts, (batch, n) rows summing to 1."""
-        outs = self._run(self.experts, x, self.representation_dim, "mmoe") if expert_outputs is None else expert_outputs
-        g_in = self._gate_input(x, outs, self.gate_in)
-        return {t: torch.softmax(self.gates[t](g_in), dim=-1) for t in self.task_names}
-
-    def encode(self, x: Tensor, task: str | None = None) -> Tensor:
-        outs = self._run(self.experts, x, self.representation_dim, "mmoe")
-        gates = self.gate_weights(x, outs)
-        return torch.stack([self.mix(gates[t], outs) for t in self.task_names], dim=1)
-
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(trainable(self.experts.parameters()))
-
-    def last_shared_parameters(self) -> list[nn.Parameter]:
-        return [p for e in self.experts for p in last_layer(e)]
-
-    def task_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        yield from self.gates[name].parameters()
-        yield from self.heads[name].parameters()
+    def mixing(self, task: str, gate_input: Tensor) -> Tensor:
+        return torch.softmax(self.gates[task](gate_input), dim=-1)
