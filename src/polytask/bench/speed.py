@@ -87,8 +87,12 @@ def jacobian_step(problem: Problem) -> Callable[[int], None]:
     return step
 
 
+#: methods that have required parameters get these in the benchmark
+REQUIRED_PARAMS = {"warmup": {"inner": "dwa", "steps": 100}}
+
+
 def method_step(problem: Problem, name: str, mode: str, every: int) -> Callable[[int], None]:
-    method = METHODS.create(name)
+    method = METHODS.create(name, **REQUIRED_PARAMS.get(name, {}))
     method.setup(problem.tasks, sizes={t: 1000 * (i + 1) for i, t in enumerate(problem.tasks)})
     method.to(problem.x.device)
     model = problem.model

@@ -43,6 +43,9 @@ class GREAT(LazyStateMixin, PerTaskMethod):
     """
 
     needs = "jacobian"
+    # the discriminator reads whole gradient vectors (its first layer is hidden × |θ|): on all
+    # shared parameters of a real encoder that is gigabytes, so GREAT defaults to the last layer
+    scope = "last_shared"
     returns_direction = True
 
     def __init__(self, *, strength: float = 0.1, hidden: int = 32, lr: float = 1e-3) -> None:
