@@ -52,8 +52,10 @@ def make_problem(encoder: str, n_tasks: int, device: torch.device, seed: int = 0
     return Problem(encoder, model, x.to(device), torch.randn(len(x), n_tasks, device=device))
 
 
-def time_step(step: Callable[[int], None], device: torch.device, steps: int, warmup: int) -> tuple[float, float | None]:
-    """Median ms per call of ``step`` and the peak memory (MB) of one call."""
+def time_step(step: Callable[[int], None], device: torch.device, steps: int, warmup: int,
+              amortised: bool = False) -> tuple[float, float | None]:
+    """Median ms per call of ``step`` (the mean with ``amortised``, where every k-th step costs
+    more) and the peak memory (MB) of one call."""
     for i in range(warmup):
         step(i)
     times = []
@@ -66,7 +68,7 @@ def time_step(step: Callable[[int], None], device: torch.device, steps: int, war
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), memory.peak_mb
+    return (statistics.fmean(times) if amortised else statistics.median(times)), memory.peak_mb
 
 
 def equal_step(problem: Problem) -> Callable[[int], None]:
@@ -187,7 +189,7 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
         for mode in modes:
             label = name if every == 1 or needs == "losses" else f"{name} (every {every})"
             # past the engine's first steps, where `jacobian: auto` times loop against batched
-            ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5))
+            ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5), amortised=every > 1)
             add(label, "features" if mode == "features" else needs, mode, ms, mem)
         if peers and name in TORCHJD_NAMES:
             step = torchjd_step(problem, TORCHJD_NAMES[name])
