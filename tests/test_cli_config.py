@@ -32,12 +32,7 @@ MULTIMNIST_YAML = ROOT / "examples" / "multimnist.yaml"
 FAST = ["--quiet", "--set", "train.epochs=1", "--set", "train.batch_size=1024"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

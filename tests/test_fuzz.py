@@ -52,12 +52,7 @@ CLEAR_WORDS = ("expect", "must", "unknown", "invalid", "required", "requires", "
 TINY_TRAIN = {"epochs": 1, "batch_size": 8, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from polytask.data import SAMPLERS, MultiOutputDataset, TaskDatasets
 from polytask.methods import METHODS
 from polytask.train import NonFiniteLossError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

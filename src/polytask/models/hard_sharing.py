@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError, ShapeError, closest
 from polytask.core.task import Task
+from polytask.models._common import encoder_width
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.heads import make_head
 
@@ -30,13 +31,7 @@ class HardSharing(MultiTaskModel):
                  head_hidden: Sequence[int] = (), head_dropout: float = 0.0,
                  stems: Mapping[str, nn.Module] | None = None, representation_dim: int | None = None) -> None:
         super().__init__(tasks)
-        if not isinstance(encoder, nn.Module):
-            raise InvalidParameterError(f"`encoder` must be an nn.Module; found {type(encoder).__name__}")
-        dim = representation_dim if representation_dim is not None else getattr(encoder, "out_features", None)
-        if not isinstance(dim, int) or dim < 1:
-            raise InvalidParameterError(
-                f"cannot tell the width of {type(encoder).__name__}'s output: give the encoder an `out_features` "
-                "attribute or pass `representation_dim`")
+        dim = encoder_width(encoder, "hard_sharing", representation_dim)
         self.encoder = encoder
         self.representation_dim = dim
         for group, mapping in (("heads", heads or {}), ("stems", stems or {})):

@@ -34,7 +34,7 @@ class TaskScheduler:
         return {}
 
     def load_state_dict(self, state: Mapping) -> None:
-        pass
+        """Stateless by default: nothing to restore."""
 
 
 TASK_SCHEDULERS: Registry[TaskScheduler] = Registry("task scheduler")

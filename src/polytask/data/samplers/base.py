@@ -35,7 +35,7 @@ class Sampler:
         return {}
 
     def load_state_dict(self, state: Mapping) -> None:
-        pass
+        """Stateless by default: nothing to restore."""
 
     def _sizes(self) -> Tensor:
         return torch.tensor([self.sizes[t] for t in self.tasks], dtype=torch.float64)
