@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,19 +53,23 @@ class GradVac(Method):
             raise InvalidParameterError(f"`GradVac` got task(s) {unknown} not given to setup(); tasks: {list(tasks)}")
         idx = [tasks.index(t) for t in step.tasks]
         n = len(g)
-        c = torch.eye(n, dtype=torch.float64)
-        norms = g.diagonal().clamp_min(0).sqrt()
+        # T² sequential scalar updates: numpy float64 avoids torch's per-op overhead
+        gn = g.numpy()
+        targets = self.targets.detach().cpu().numpy().copy()
+        c = np.eye(n)
+        norms = np.sqrt(np.clip(np.diagonal(gn), 0, None))
         for i in range(n):
-            cg = c[i] @ g
+            cg = c[i] @ gn
             others = [j for j in range(n) if j != i]
             for j in [others[k] for k in torch.randperm(n - 1, generator=step.generator).tolist()]:
-                norm_i = (cg @ c[i]).clamp_min(0).sqrt()
+                norm_i = max(float(cg @ c[i]), 0.0) ** 0.5
                 phi = float(cg[j] / (norm_i * norms[j] + _EPS))
-                target = float(self.targets[idx[i], idx[j]])
+                target = float(targets[idx[i], idx[j]])
                 if phi < target:
                     s_phi, s_hat = max(1 - phi * phi, 0.0) ** 0.5, max(1 - target * target, 0.0) ** 0.5
                     step_ij = norm_i * (target * s_phi - phi * s_hat) / (norms[j] * s_hat + _EPS)
                     c[i, j] += step_ij
-                    cg = cg + step_ij * g[j]
-                self.targets[idx[i], idx[j]] = (1 - self.beta) * target + self.beta * phi
-        return to_step(c.sum(dim=0), step.gramian)
+                    cg = cg + step_ij * gn[j]
+                targets[idx[i], idx[j]] = (1 - self.beta) * target + self.beta * phi
+        self.targets.copy_(torch.from_numpy(targets))
+        return to_step(torch.from_numpy(c.sum(axis=0)), step.gramian)

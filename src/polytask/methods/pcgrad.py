@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,15 +31,16 @@ class PCGrad(Method):
         self._remember()
 
     def weights(self, step: Step) -> Tensor:
-        g = as_float64(step.gramian, type(self).__name__)
+        # the T² sequential projections are scalar work: numpy float64 avoids torch's per-op overhead
+        g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
-        w = torch.zeros(n, dtype=torch.float64)
+        w = np.zeros(n)
         for i in range(n):
-            c = torch.zeros(n, dtype=torch.float64)
+            c = np.zeros(n)
             c[i] = 1.0
             for j in torch.randperm(n, generator=step.generator).tolist():
                 dot = float(g[j] @ c)
                 if j != i and dot < 0.0 and g[j, j] > 0:
                     c[j] -= dot / g[j, j]
             w += c
-        return to_step(w, step.gramian)
+        return to_step(torch.from_numpy(w), step.gramian)
