@@ -90,11 +90,14 @@ class GradientMonitor:
 
     def check(self, step: int, tasks: Sequence[str], gramian: Tensor | None) -> bool:
         """Inspect ``.grad`` after the backward; True when the step must not be applied."""
-        layer_norms = torch.stack([p.grad.detach().norm() if p.grad is not None else torch.zeros(())
-                                   for _, p in self.named]) if self.named else torch.zeros(0)
-        total = float(layer_norms.norm()) if len(layer_norms) else 0.0
+        # every step needs only the total norm (one fused kernel, one sync); per-layer norms are
+        # computed on logging steps and when something is wrong
+        grads = [p.grad.detach() for _, p in self.named if p.grad is not None]
+        total = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
         task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
-        if self.wants_gramian(step):
+        logging = self.wants_gramian(step)
+        layer_norms = self._layer_norms() if logging or not math.isfinite(total) else None
+        if logging:
             self._log(step, tasks, layer_norms, total, gramian, task_norms)
         if not math.isfinite(total):
             layers = [n for (n, _), v in zip(self.named, layer_norms.tolist()) if not math.isfinite(v)]
@@ -105,6 +108,7 @@ class GradientMonitor:
         median = statistics.median(self.recent) if len(self.recent) >= 5 else None
         self.recent.append(total)
         if total > self.settings.explode_threshold or (median and total > self.settings.explode_factor * median):
+            layer_norms = self._layer_norms() if layer_norms is None else layer_norms
             top = max(zip(layer_norms.tolist(), (n for n, _ in self.named)))[1]
             culprit = ([tasks[int(task_norms.argmax())]] if task_norms is not None and len(tasks) else [])
             limit = (f"threshold {self.settings.explode_threshold:g}" if total > self.settings.explode_threshold
@@ -112,6 +116,13 @@ class GradientMonitor:
             return self._react(step, "exploding_gradient", f"gradient norm {total:.3g} exceeds {limit}; largest in "
                                f"layer '{top}'", tasks=culprit, layers=[top])
         return False
+
+    def _layer_norms(self) -> Tensor:
+        """Gradient norm of every parameter tensor (0 where it has no gradient)."""
+        if not self.named:
+            return torch.zeros(0)
+        return torch.stack([p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=p.device)
+                            for _, p in self.named])
 
     def _log(self, step: int, tasks: Sequence[str], layer_norms: Tensor, total: float, gramian: Tensor | None,
              task_norms: Tensor | None) -> None:
