@@ -20,10 +20,6 @@ class DualProj(Method):
 
     needs = "gramian"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._remember()
-
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
         u = torch.full((len(g),), 1.0 / len(g), dtype=torch.float64)

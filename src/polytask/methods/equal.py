@@ -14,8 +14,5 @@ class Equal(Method):
 
     needs = "losses"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def weights(self, step: Step) -> Tensor:
         return torch.ones_like(step.losses)

@@ -21,10 +21,6 @@ class IMTLG(Method):
 
     needs = "gramian"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._remember()
-
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
         v = torch.linalg.pinv(g, hermitian=True) @ g.diagonal().clamp_min(0).sqrt()

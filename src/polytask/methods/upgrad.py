@@ -21,10 +21,6 @@ class UPGrad(Method):
 
     needs = "gramian"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._remember()
-
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
         n = len(g)
