@@ -71,7 +71,7 @@ def measure(name: str, n_tasks: int, *, batch_size: int = 256, steps: int = 20, 
         z = model.encode(x)
         out = model.decode(z)
         losses = {t.name: loss_of(out, j, t) for j, t in enumerate(tasks)}
-        engine.backward(losses, features=[z], index=i, extra_loss=model.extra_loss())
+        engine.backward(losses, features=[z], extra_loss=model.extra_loss())
         optimizer.step()
 
     ms, _ = time_step(step, dev, steps, warmup)

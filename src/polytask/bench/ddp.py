@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from polytask.bench.speed import make_problem
 from polytask.engine.backward import Engine
 from polytask.engine.comm import Communicator
-from polytask.methods.base import METHODS
+from polytask.methods.base import METHODS, example_method
 
 
 def _free_port() -> int:
@@ -37,11 +37,11 @@ def _worker(rank: int, world: int, port: int, encoder: str, task_counts: Sequenc
             share = slice(rank, None, world)
             x, y = problem.x[share], problem.y[share]
             for name in methods:
-                method = METHODS.create(name)
+                method = example_method(name)
                 method.setup(problem.tasks, sizes={t: 1000 for t in problem.tasks})
                 model = problem.model
-                shared = model.last_shared_parameters() if method.scope == "last_shared" else list(model.shared_parameters())
-                engine = Engine(method, shared, comm=comm, reduce_params=[*model.parameters(), *method.parameters()])
+                engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                                comm=comm, reduce_params=[*model.parameters(), *method.parameters()])
                 times, start_bytes = [], 0
                 for i in range(warmup + steps):
                     if i == warmup:
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, encoder: str, task_counts: Sequenc
                     z = model.encode(x)
                     out = model.decode(z)
                     losses = {t: (out[t] - y[:, j]).pow(2).mean() for j, t in enumerate(problem.tasks)}
-                    engine.backward(losses, features=[z], index=i)
+                    engine.backward(losses, features=[z])
                     if i >= warmup:
                         times.append((time.perf_counter() - begin) * 1000)
                 if rank == 0:

@@ -24,6 +24,7 @@ from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.datasets import load, split_by_task
 from polytask.models.encoders import MLP
 from polytask.models.hard_sharing import HardSharing
+from polytask.train.callbacks import Callback, TrainStep
 
 #: The samplers compared by default: registry name and parameters, under a display label.
 DEFAULT_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -86,6 +87,18 @@ def run(samplers: Mapping[str, tuple[str, dict[str, Any]]] | None = None, *, siz
     return list(results.values())
 
 
+class StepShares(Callback):
+    """Counts the steps each task trained in."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def on_step_end(self, trainer: Any, step: TrainStep) -> None:
+        for task, loss in step.losses.items():
+            if loss is not None:
+                self.counts[task] = self.counts.get(task, 0) + 1
+
+
 def _run(samplers: Mapping[str, tuple[str, dict[str, Any]]], sizes: dict[str, int], seeds: Sequence[int],
          results: dict[str, Result], *, epochs: int, batch_size: int, lr: float, eval_size: int,
          echo: Callable[[str], None]) -> None:
@@ -96,15 +109,17 @@ def _run(samplers: Mapping[str, tuple[str, dict[str, Any]]], sizes: dict[str, in
         for label, (name, params) in samplers.items():
             torch.manual_seed(seed)
             model = HardSharing(MLP(in_features=width, hidden=[128, 64]), tasks)
-            trainer = Trainer(model, tasks, method="equal", sampler=name, sampler_params=params, epochs=epochs,
-                              batch_size=batch_size, lr=lr, seed=seed, progress=False)
+            shares = StepShares()
+            trainer = Trainer(model, tasks, method="equal", sampler={"name": name, **params},
+                              loop={"epochs": epochs, "batch_size": batch_size}, optim={"lr": lr},
+                              run={"progress": False}, callbacks=[shares], seed=seed)
             started = time.perf_counter()
             report = trainer.fit(train, val, test)
             result = results[label]
             result.seconds += time.perf_counter() - started
             result.metrics.append(report.metrics)
             steps = max(trainer.step_index, 1)
-            result.shares.append({t: sum(s["task"] == t for s in trainer.steps) / steps for t in sizes})
+            result.shares.append({t: shares.counts.get(t, 0) / steps for t in sizes})
             echo(f"  seed {seed} {label:<16} done in {time.perf_counter() - started:5.1f} s (best epoch {report.best_epoch})")
 
 

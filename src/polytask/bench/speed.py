@@ -15,7 +15,7 @@ from polytask.bench.memory import PeakMemory
 from polytask.core.task import Task
 from polytask.engine.backward import Engine
 from polytask.engine.jacobian import task_jacobian
-from polytask.methods.base import METHODS
+from polytask.methods.base import METHODS, example_method
 from polytask.models.base import MultiTaskModel
 from polytask.models.encoders import CNN, MLP
 from polytask.models.hard_sharing import HardSharing
@@ -89,22 +89,18 @@ def jacobian_step(problem: Problem) -> Callable[[int], None]:
     return step
 
 
-#: methods that have required parameters get these in the benchmark
-REQUIRED_PARAMS = {"warmup": {"inner": "dwa", "steps": 100}}
-
-
-def method_step(problem: Problem, name: str, mode: str, every: int) -> Callable[[int], None]:
-    method = METHODS.create(name, **REQUIRED_PARAMS.get(name, {}))
+def method_step(problem: Problem, name: str, compare: str, every: int) -> Callable[[int], None]:
+    method = example_method(name)
     method.setup(problem.tasks, sizes={t: 1000 * (i + 1) for i, t in enumerate(problem.tasks)})
     method.to(problem.x.device)
     model = problem.model
-    shared = model.last_shared_parameters() if method.scope == "last_shared" else list(model.shared_parameters())
-    engine = Engine(method, shared, mode=mode, every=every)  # type: ignore[arg-type]
+    engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                    compare=compare, every=every)
 
     def step(i: int) -> None:
         model.zero_grad(set_to_none=True)
         z, losses = problem.losses()
-        engine.backward(losses, features=[z], index=i)
+        engine.backward(losses, features=[z])
     return step
 
 
@@ -182,15 +178,15 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
     add("(equal: 1 backward)", "losses", "-", ew_ms, ew_mem)
     add("(task Jacobian alone)", "gramian", "-", jac_ms, jac_mem)
     for name in methods:
-        needs = METHODS.get(name).needs
-        modes = ["parameters"] if needs in ("gramian", "jacobian") else ["auto"]
-        if needs == "gramian" and features:
+        cls = METHODS.get(name)
+        modes = ["auto"] if cls.needs == "losses" else [cls.compare]
+        if cls.needs == "gramian" and features and cls.compare != "features":
             modes.append("features")
         for mode in modes:
-            label = name if every == 1 or needs == "losses" else f"{name} (every {every})"
+            label = name if every == 1 or cls.needs == "losses" else f"{name} (every {every})"
             # past the engine's first steps, where `jacobian: auto` times loop against batched
             ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5), amortised=every > 1)
-            add(label, "features" if mode == "features" else needs, mode, ms, mem)
+            add(label, "features" if mode == "features" else cls.needs, mode if mode != "auto" else "-", ms, mem)
         if peers and name in TORCHJD_NAMES:
             step = torchjd_step(problem, TORCHJD_NAMES[name])
             if step is not None:

@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     from polytask.cli import pipeline
     from polytask.config.schema import load_config
 
-    overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
+    overrides = list(args.overrides) + (["run.progress=false"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
     summary = pipeline.train(cfg, resume=args.resume, overwrite=args.overwrite, baselines=args.baselines,
                              single_task_only=args.single_task)

@@ -87,8 +87,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
                 continue
             torch.manual_seed(cfg.seed)
             model = build_model(cfg, [task], encoder, {task.name: stems[task.name]} if stems else None)
-            single = {**kwargs, "method": "equal", "method_params": {},
-                      "monitor": kwargs["monitor"] if kwargs["monitor"].split("/")[0] in ("loss", task.name) else "loss"}
+            monitor = cfg.train.monitor if cfg.train.monitor.split("/")[0] in ("loss", task.name) else "loss"
+            single = {**kwargs, "method": "equal", "loop": cfg.train.model_copy(update={"monitor": monitor})}
             trainer = Trainer(model, [task], **single, output_dir=sub.path, resume=resume and sub.last.exists())
             report = trainer.fit(restrict(loaded.train, task.name), restrict(loaded.val, task.name),
                                  restrict(loaded.test, task.name))
@@ -124,7 +124,8 @@ def _restore(run_dir: Path, checkpoint: str) -> tuple[Config, LoadedData | None,
         stems = {t: TabularPreprocessor.from_dict(s).out_features for t, s in prep["per_task"].items()}
     model = build_model(cfg, tasks, encoder, stems)
     model.load_state_dict(state["model"])
-    trainer = Trainer(model, tasks, **{**trainer_kwargs(cfg), "progress": False})
+    kwargs = trainer_kwargs(cfg)
+    trainer = Trainer(model, tasks, **{**kwargs, "run": cfg.run.model_copy(update={"progress": False}), "callbacks": []})
     return cfg, None, trainer, prep
 
 

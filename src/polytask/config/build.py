@@ -14,7 +14,6 @@ from polytask.core.errors import ConfigError, DataError, InvalidParameterError, 
 from polytask.core.task import Task
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.data.files import label_vocabulary, read_table, table_dataset
-from polytask.data.loader import check_mode
 from polytask.data.samplers import SAMPLERS
 from polytask.data.tabular import TabularPreprocessor
 from polytask.datasets import DATASETS, LoadedData
@@ -23,6 +22,7 @@ from polytask.methods.base import METHODS
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders import ENCODERS
 from polytask.scheduling import TASK_SCHEDULERS
+from polytask.train.callbacks import CALLBACKS
 from polytask.train.trainer import resolve_device
 
 ARCHITECTURE_RESERVED = ("encoder", "encoder_factory", "tasks", "heads", "stems", "head_hidden", "head_dropout")
@@ -47,8 +47,10 @@ def check_registries(cfg: Config) -> None:
                                       (TASK_SCHEDULERS, cfg.task_scheduler, ())):
         registry.get(block.name)
         registry.check_params(block.name, block.params, reserved)
-    check_mode(cfg.train.loader_mode)
-    check_device(cfg.train.device)
+    for callback in cfg.callbacks:
+        CALLBACKS.get(callback.name)
+        CALLBACKS.check_params(callback.name, callback.params)
+    check_device(cfg.run.device)
     ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:
         ENCODERS.get(cfg.model.encoder.name)
@@ -63,7 +65,7 @@ def check_device(device: str) -> None:
     try:
         resolve_device(device)
     except InvalidParameterError as exc:
-        raise ConfigError(f"train.device: {exc}") from None
+        raise ConfigError(f"run.device: {exc}") from None
 
 
 def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
@@ -214,16 +216,12 @@ def build_model(cfg: Config, tasks: list[Task], encoder: dict[str, Any], stems: 
 
 
 def trainer_kwargs(cfg: Config) -> dict[str, Any]:
-    t = cfg.train
-    return dict(method=cfg.method.name, method_params=cfg.method.params, sampler=cfg.sampler.name,
-                sampler_params=cfg.sampler.params, task_scheduler=cfg.task_scheduler.name,
-                task_scheduler_params=cfg.task_scheduler.params, loader_mode=t.loader_mode,
-                steps_per_epoch=t.steps_per_epoch, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
-                lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, scheduler=t.scheduler, monitor=t.monitor,
-                patience=t.patience, clip=t.clip.model_dump(), health=t.health.model_dump(),
-                checkpoint_every=t.checkpoint_every, engine=t.engine.model_dump(),
-                precision=t.precision,
-                seed=cfg.seed, device=t.device, progress=t.progress)
+    """The Trainer's arguments: the config's sections, passed as the validated objects they are."""
+    return dict(method={"name": cfg.method.name, **cfg.method.params},
+                sampler={"name": cfg.sampler.name, **cfg.sampler.params},
+                task_scheduler={"name": cfg.task_scheduler.name, **cfg.task_scheduler.params},
+                loop=cfg.train, optim=cfg.optim, engine=cfg.engine, health=cfg.health, run=cfg.run,
+                callbacks=[{"name": c.name, **c.params} for c in cfg.callbacks], seed=cfg.seed)
 
 
 def restrict(data: MultiOutputDataset | TaskDatasets | None, task: str) -> MultiOutputDataset | TaskDatasets | None:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from polytask.core.errors import ConfigError, closest
+from polytask.train.options import EngineOptions, HealthOptions, LoopOptions, OptimOptions, RunOptions
 
 
 class Strict(BaseModel):
@@ -71,50 +72,6 @@ class ModelConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)  # the architecture's keyword parameters
 
 
-class EngineConfig(Strict):
-    mode: Literal["auto", "parameters", "features"] = "auto"
-    every: int = Field(1, ge=1)
-    jacobian: Literal["auto", "loop", "batched"] = "auto"
-    chunk_size: int | None = Field(None, ge=1)
-    scope: Literal["auto", "shared", "last_shared"] = "auto"
-
-
-class ClipConfig(Strict):
-    norm: float | None = Field(None, gt=0)
-    value: float | None = Field(None, gt=0)
-    per_task: float | None = Field(None, gt=0)
-
-
-class HealthConfig(Strict):
-    every: int = Field(0, ge=0)
-    policy: Literal["warn", "skip", "stop"] = "stop"
-    vanish_threshold: float = Field(1e-7, gt=0)
-    vanish_patience: int = Field(3, ge=1)
-    explode_threshold: float = Field(1e4, gt=0)
-    explode_factor: float = Field(100.0, gt=0)
-
-
-class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0)
-    scheduler: Literal["none", "cosine", "step", "exponential"] = "none"
-    monitor: str = "loss"
-    patience: int | None = Field(None, ge=1)
-    clip: ClipConfig = Field(default_factory=lambda: ClipConfig())
-    health: HealthConfig = Field(default_factory=lambda: HealthConfig())
-    checkpoint_every: int | None = Field(None, ge=1)
-    device: str = "cpu"
-    progress: bool = True
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    precision: Literal["32", "bf16", "16"] = "32"
-    loader_mode: str = "sample"
-    steps_per_epoch: int | None = Field(None, ge=1)
-
-
 class Config(Strict):
     seed: int = 0
     output_dir: Path = Path("runs/run")
@@ -124,7 +81,12 @@ class Config(Strict):
     method: Named = Field(default_factory=lambda: Named(name="static"))
     sampler: Named = Field(default_factory=lambda: Named(name="proportional"))
     task_scheduler: Named = Field(default_factory=lambda: Named(name="all"))
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: LoopOptions = Field(default_factory=LoopOptions)
+    optim: OptimOptions = Field(default_factory=OptimOptions)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    health: HealthOptions = Field(default_factory=HealthOptions)
+    run: RunOptions = Field(default_factory=RunOptions)
+    callbacks: list[Named] = Field(default_factory=list)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -170,8 +132,8 @@ def format_errors(error: ValidationError) -> str:
             lines.append(f"unknown key '{where}'.{closest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
         else:
             found = item.get("input")
-            shown = "" if isinstance(found, dict) else f"; found {found!r}"
-            lines.append(f"{where}: {item['msg']}{shown}")
+            shown = "" if isinstance(found, dict) or item["type"] == "value_error" else f"; found {found!r}"
+            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -1,38 +1,80 @@
-"""Turn per-task losses into one update: method weights → one weighted backward."""
+"""Turn per-task losses into one update: what the method needs → its update → one weighted backward."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.core.options import options
 from polytask.engine.comm import Communicator
 from polytask.engine.jacobian import JacobianComputer, gramian
-from polytask.methods.base import Method, Step, get_method
+from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
+from polytask.methods.base import Method, Step, Update, get_method
 
-Mode = Literal["auto", "parameters", "features"]
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did; loggers, health checks and diagnostics read it.
+
+    Attributes:
+        index: the engine's step counter for this step.
+        tasks: the active tasks (those with a loss), in order.
+        losses: their detached loss values (the mean over ranks when data-parallel), shape (T,).
+        weights: the weight applied to every task given (0 for inactive ones), per-task clip
+            factors included.
+        compare: where the gradients were compared (``shared``, ``last_shared``, ``features``)
+            or ``none`` for a loss-weighting method.
+        heads: ``weighted`` or ``unweighted``: what the task-specific parameters received.
+        gramian: G on the compared parameters θ (T×T) when the task Jacobian on θ was computed
+            this step (gradient methods on θ, ``diagnose``, per-task clipping), else None.
+        feature_gramian: G of the gradients w.r.t. the shared representation (``features``).
+        clip: per-task clip factors cᵢ (T,) when per-task clipping is on.
+        reused: the weights are those of an earlier step (``every`` > 1).
+        fallback: why the method was not asked this step (e.g. a non-finite Gramian gave
+            equal weights), or None.
+    """
+
+    index: int
+    tasks: tuple[str, ...]
+    losses: Tensor
+    weights: dict[str, float]
+    compare: str
+    heads: str
+    gramian: Tensor | None = None
+    feature_gramian: Tensor | None = None
+    clip: Tensor | None = None
+    reused: bool = False
+    fallback: str | None = None
+
+    @property
+    def task_losses(self) -> dict[str, float]:
+        """Loss values by task name (one host sync)."""
+        return dict(zip(self.tasks, self.losses.tolist(), strict=True))
 
 
 class Engine:
-    """Computes what a method ``needs`` and applies d = Σ wᵢ ∇Lᵢ into ``.grad``.
+    """Owns a method and everything it needs between steps, and applies d = Σ wᵢ ∇Lᵢ into ``.grad``.
+
+    Keep one engine for a whole training run, whichever loop drives it (the Trainer, a plain
+    PyTorch loop, Lightning, an RL agent): it holds the method and its state, the step counter
+    and the seed of a counter-based random stream (step k draws from ``stream(seed, k)``), and
+    it calls the method's ``setup`` with the task names of the first losses it sees when nobody
+    did. ``state_dict()`` has all of it, so a checkpoint resumes the method exactly.
 
     Args:
         method: a Method or a registry name.
-        shared_params: θ, the parameters every task's gradient is compared on (a subset, such
-            as the last shared layer, is allowed).
-        mode: where Gramian methods compare gradients: ``parameters`` (θ, exact), ``features``
-            (the shared representation z, ≈ one backward) or ``auto`` (``features`` only for
-            methods that declare ``needs == "features"``).
-        every: recompute the weights every ``every`` steps and reuse them in between.
-        seed: seed of the generator handed to random methods.
-        jacobian: ``loop`` (one backward per task), ``batched`` (vmapped, ``chunk_size`` tasks at
-            a time) or ``auto`` (time both on the first steps, keep the faster).
-        task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on θ
-            is scaled to norm ≤ ``task_clip`` (the method sees the clipped gradients, and the
-            task's weight, heads included, carries the same factor). Needs the task Jacobian.
+        shared_params: θ, every shared parameter (the encoder).
+        last_shared_params: the last shared layer, for ``compare="last_shared"``.
+        compare, heads, every, jacobian, chunk_size: :class:`EngineOptions`.
+        seed: seed of the random stream handed to random methods (``Step.generator``).
+        task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on the
+            compared parameters is scaled to norm ≤ ``task_clip`` (the method sees the clipped
+            gradients, and the task's weight carries the same factor). Needs the task Jacobian.
         comm / reduce_params: data-parallel training. Each rank passes losses whose mean over
             ranks is the global loss; the engine averages the loss values, the task Jacobian or
             sums the feature Gramians so that every rank computes the same weights, then averages
@@ -40,22 +82,33 @@ class Engine:
             averaged, so only the other parameters are reduced then).
     """
 
-    def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, mode: Mode = "auto",
-                 every: int = 1, seed: int = 0, jacobian: str = "auto", chunk_size: int | None = None,
+    def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *,
+                 last_shared_params: Iterable[Tensor] | None = None, compare: str = "auto", heads: str = "auto",
+                 every: int = 1, jacobian: str = "auto", chunk_size: int | None = None, seed: int = 0,
                  task_clip: float | None = None, comm: Communicator | None = None,
-                 reduce_params: Iterable[Tensor] | None = None) -> None:
+                 reduce_params: Iterable[Tensor] | None = None, **removed: Any) -> None:
+        opts = options(EngineOptions, {**removed, "compare": compare, "heads": heads, "every": every,
+                                       "jacobian": jacobian, "chunk_size": chunk_size}, "engine")
+        self.options = opts
         self.method = get_method(method)
         self.shared = [p for p in shared_params if p.requires_grad]
-        if mode not in ("auto", "parameters", "features"):
-            raise InvalidParameterError(f"`mode` of the engine must be auto, parameters or features; found {mode!r}")
-        if not isinstance(every, int) or every < 1:
-            raise InvalidParameterError(f"`every` of the engine must be an int >= 1; found {every!r}")
-        self.mode = mode
-        self.every = every
-        self.generator = torch.Generator().manual_seed(seed)
+        self.compare = self._resolve_compare(opts.compare)
+        if self.compare == "last_shared":
+            if last_shared_params is None:
+                raise InvalidParameterError(
+                    f"compare='last_shared' (the default of '{self.name}') needs `last_shared_params`, the parameters "
+                    "of the last shared layer (a polytask model gives them: model.last_shared_parameters())")
+            self.theta = [p for p in last_shared_params if p.requires_grad]
+        else:
+            self.theta = self.shared
+        self.heads = self._resolve_heads(opts.heads)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidParameterError(f"`seed` of the engine must be an int; found {seed!r}")
+        self.seed, self.every = seed, opts.every
+        self.index = 0
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
-        self.jacobian = JacobianComputer(jacobian, chunk_size)
-        self.feature_jacobian = JacobianComputer(jacobian, chunk_size)
+        self.jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
+        self.feature_jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
         if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
             raise InvalidParameterError(f"`task_clip` of the engine must be > 0 or None; found {task_clip!r}")
         self.task_clip = task_clip
@@ -63,172 +116,254 @@ class Engine:
         self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
-        self.last_tasks: tuple[str, ...] = ()
-        self.last_gramian: Tensor | None = None
-        self.last_clip: Tensor | None = None
-        self.last_losses: Tensor | None = None
 
     @property
-    def needs(self) -> str:
+    def name(self) -> str:
+        return getattr(type(self.method), "registry_name", type(self.method).__name__)
+
+    def _resolve_compare(self, compare: str) -> str:
         needs = self.method.needs
-        if needs == "gramian" and self.mode == "features":
-            return "features"
-        return needs
+        if needs == "losses":
+            if compare not in ("auto",):
+                raise InvalidParameterError(
+                    f"compare={compare!r} applies to gradient methods; '{self.name}' weights the losses and compares "
+                    "no gradients (leave engine.compare at auto)")
+            return "none"
+        resolved = self.method.compare if compare == "auto" else compare
+        if needs == "jacobian" and resolved == "features":
+            raise InvalidParameterError(
+                f"'{self.name}' returns an update direction on parameters, so it cannot compare gradients on the "
+                "features; use compare='shared' or 'last_shared'")
+        return resolved
 
-    def state_dict(self) -> dict:
+    def _resolve_heads(self, heads: str) -> str:
+        if self.method.needs == "losses":
+            if heads == "unweighted":
+                raise InvalidParameterError(
+                    f"heads='unweighted' applies to gradient methods; '{self.name}' weights the losses themselves, so "
+                    "each head receives its weighted loss's gradient (leave engine.heads at auto)")
+            return "weighted"
+        return GRADIENT_METHOD_HEADS if heads == "auto" else heads
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        """The method's learnable parameters (uncertainty log-variances, …): give them to the optimizer."""
+        return self.method.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
         cached = None if self._cached is None else {"tasks": list(self._cached[0]), "w": self._cached[1]}
-        return {"generator": self.generator.get_state(), "cached": cached}
+        return {"index": self.index, "cached": cached, "method": self.method.state_dict()}
 
-    def load_state_dict(self, state: Mapping) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.index = int(state["index"])
         c = state.get("cached")
         self._cached = None if c is None else (tuple(c["tasks"]), c["w"])
+        self.method.load_state_dict(state["method"])
 
+    # ------------------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,
-                 index: int = 0, epoch: int = 0, extra_loss: Tensor | None = None,
-                 scale: float = 1.0, diagnose: bool = False) -> dict[str, float]:
-        """Accumulate the update into ``.grad`` and return the task weights.
+                 epoch: int = 0, extra_loss: Tensor | None = None, scale: float = 1.0,
+                 diagnose: bool = False) -> StepReport:
+        """Accumulate the update into ``.grad``, advance the step counter and report the step.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
         sample this step (it gets weight 0 and no gradient). ``features`` are the shared
-        representation tensors (needed in ``features`` mode). ``extra_loss`` (e.g. a soft-sharing
-        penalty) is added with weight 1. ``scale`` multiplies the total (a gradient scaler's loss
-        scale, or gradient accumulation) without changing the weights: per-task gradients are taken
-        of the scaled losses (so fp16 gradients do not underflow) and unscaled before the method
-        sees them; if they are not finite (a scaler overflow) the method is skipped this step and
-        the non-finite update is left for the scaler to discard. ``diagnose`` forces the task
-        Jacobian on θ this step (its Gramian is kept in ``last_gramian`` for gradient-health logs,
-        and reused for the update, so the step costs what a Gramian method's step costs).
+        representation tensors (needed by ``compare="features"``). ``extra_loss`` (e.g. a
+        soft-sharing penalty) is added with weight 1. ``scale`` multiplies the total (a gradient
+        scaler's loss scale, or gradient accumulation) without changing the weights: per-task
+        gradients are taken of the scaled losses (so fp16 gradients do not underflow) and
+        unscaled before the method sees them; if they are not finite (a scaler overflow) the
+        method is skipped this step and the non-finite update is left for the scaler to discard.
+        ``diagnose`` forces the task Jacobian on θ this step (its Gramian is in the report, and
+        reused for the update, so the step costs what a Gramian method's step costs).
         """
+        if not self.method.is_set_up:
+            self.method.setup(list(losses))
+        index = self.index
+        self.index += 1
         active = tuple(t for t, v in losses.items() if v is not None)
-        self.last_tasks, self.last_gramian, self.last_clip = active, None, None
         if not active:
             if extra_loss is not None:
                 (extra_loss * scale).backward()
             if self.comm is not None:
                 self.comm.mean_grads_(self.reduce_params)
-            return {t: 0.0 for t in losses}
+            return StepReport(index, (), torch.zeros(0), {t: 0.0 for t in losses}, self.compare, self.heads)
         parts: list[Tensor] = [losses[t] for t in active]  # type: ignore[misc]
         vec = torch.stack(parts)
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
-        self.last_losses = detached
-        step = Step(tasks=active, losses=detached, index=index, epoch=epoch, generator=self.generator)
-        needs = self.needs
+        step = Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch)
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
-        jacobian = None
-        if needs in ("gramian", "jacobian") and not reuse or diagnose or self.task_clip is not None:
-            jacobian = self.jacobian([p * scale for p in parts] if scale != 1.0 else parts, self.shared)
-            if scale != 1.0:
-                jacobian.div_(scale)
-            if self.comm is not None:
-                self.comm.mean_(jacobian)
-            self.last_gramian = gramian(jacobian)
-        clip = self._clip_factors()
+        on_theta = self.compare in ("shared", "last_shared") and not reuse
+        jacobian = theta_gramian = None
+        if on_theta or diagnose or self.task_clip is not None:
+            jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
+            theta_gramian = gramian(jacobian)
+        clip = self._clip_factors(theta_gramian)
+        feature_jacobian: list[Tensor] | None = None
+        fallback = None
         if reuse:
-            w = self._cached[1]  # type: ignore[index]
+            update = Update(self._cached[1])  # type: ignore[index]
         else:
-            if needs == "features":
+            if self.compare == "features":
                 zs = [z for z in (features or []) if z.requires_grad]
                 if not zs:
-                    raise InvalidParameterError(
-                        f"method '{type(self.method).__name__}' runs in features mode but the model gave no shared representation")
-                scaled = [p * scale for p in parts] if scale != 1.0 else parts
-                step.gramian = gramian(self.feature_jacobian(scaled, zs)) / scale ** 2
+                    raise InvalidParameterError(f"'{self.name}' compares gradients on the features, but the step "
+                                                "gave no shared representation (pass features=[z])")
+                jz = self._jacobian(self.feature_jacobian, parts, zs, scale)
+                feature_jacobian = [jz, *zs]
+                step.gramian = gramian(jz)
                 if self.comm is not None:  # shards are disjoint: cross-rank blocks of J_z are zero
                     step.gramian = self.comm.sum_(step.gramian) / self.comm.world_size ** 2
-            elif needs in ("gramian", "jacobian"):
-                step.gramian = self.last_gramian
-                step.jacobian = jacobian if needs == "jacobian" else None
+            elif on_theta:
+                step.gramian = theta_gramian
+                step.jacobian = jacobian if self.method.needs == "jacobian" else None
             if clip is not None and step.gramian is not None:
                 # per-task clipping acts on the gradients the method sees, as if each gᵢ were cᵢ gᵢ
                 step.gramian = clip[:, None] * step.gramian * clip[None, :]
                 step.jacobian = None if step.jacobian is None else clip[:, None] * step.jacobian
             if step.gramian is not None and not bool(torch.isfinite(step.gramian).all()):
-                w, step.jacobian = torch.ones_like(vec), None
+                update, fallback = Update(torch.ones_like(vec)), "non-finite task gradients: equal weights"
             else:
-                w = self.method.weights(step)
-            if w.shape != (len(active),):
-                raise InvalidParameterError(
-                    f"method '{type(self.method).__name__}' returned weights of shape {tuple(w.shape)}; expected ({len(active)},)")
+                update = self.method(step)
+            if update.weights.shape != (len(active),):
+                raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
+                                            f"{tuple(update.weights.shape)}; expected ({len(active)},)")
             if self.every > 1:
-                self._cached = (active, w.detach())
-        applied = w if clip is None else w * clip
-        total = (applied * vec).sum()
-        penalty = self.method.penalty(step, vec)
-        if penalty is not None:
-            total = total + penalty
+                self._cached = (active, update.weights.detach())
+        applied = update.weights if clip is None else update.weights * clip
+        self._apply(vec, applied, update, jacobian, feature_jacobian, extra_loss, scale,
+                    clip, bool(update.direction is not None and step.jacobian is not None))
+        weights = {t: 0.0 for t in losses}
+        weights.update(zip(active, applied.detach().tolist(), strict=True))
+        return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
+                          None if feature_jacobian is None else step.gramian, clip, reuse, fallback)
+
+    def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
+        j = computer([p * scale for p in parts] if scale != 1.0 else parts, inputs)
+        if scale != 1.0:
+            j.div_(scale)
+        if self.comm is not None and computer is self.jacobian:
+            self.comm.mean_(j)
+        return j
+
+    def _apply(self, vec: Tensor, applied: Tensor, update: Update, jacobian: Tensor | None,
+               feature_jacobian: list[Tensor] | None, extra_loss: Tensor | None, scale: float,
+               clip: Tensor | None, use_direction: bool) -> None:
+        """Write the update into ``.grad``: θ gets Σ wᵢ gᵢ (or the direction), each head its share."""
+        head = applied if self.heads == "weighted" else (clip if clip is not None else torch.ones_like(applied))
+        split = self.heads == "unweighted"
         if extra_loss is not None:
             # a regulariser on the parameters themselves (soft sharing), not a task: its gradient
             # is added as is, wherever it lands (shared parameters included)
             (extra_loss * scale).backward(retain_graph=True)
-        if jacobian is not None and self.shared:
+        shared_total = (applied * vec).sum()
+        # what the task-specific parameters back-propagate (the method's penalty lands there too)
+        head_total = shared_total if not split else (head.detach() * vec).sum()
+        if update.penalty is not None:
+            head_total = head_total + update.penalty
+        if jacobian is not None and self.theta:
             # J is already materialised: put d = Jᵀ w (or the method's direction) on θ directly and
-            # back-propagate the total only into the other parameters, skipping a second pass
-            # through the shared encoder.
-            direction = (self.method.direction(step) if self.method.returns_direction and step.jacobian is not None
-                         else applied.detach() @ jacobian)
+            # back-propagate only into the other parameters, skipping a second pass through θ.
+            direction = update.direction if use_direction else applied.detach() @ jacobian
             self._add_flat_grad(direction * scale)
-            others = _other_leaves(total, self.shared)
-            if others:
-                torch.autograd.backward(total * scale, inputs=others)
+            reached = self._leaves(head_total, self.theta)
+            if split:
+                theta_below = [p for p in reached if id(p) in self._shared_ids]  # last_shared: the layers below
+                private = [p for p in reached if id(p) not in self._shared_ids]
+                if private:
+                    torch.autograd.backward(head_total * scale, inputs=private, retain_graph=bool(theta_below))
+                if theta_below:
+                    torch.autograd.backward(shared_total * scale, inputs=theta_below)
+            elif reached:
+                torch.autograd.backward(head_total * scale, inputs=reached)
             if self.comm is not None:
-                shared = {id(p) for p in self.shared}
-                self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in shared])
-        else:
-            (total * scale).backward()
-            if self.comm is not None:
-                self.comm.mean_grads_(self.reduce_params)
-        weights = {t: 0.0 for t in losses}
-        weights.update(zip(active, applied.detach().tolist(), strict=True))
-        return weights
+                theta = {id(p) for p in self.theta}
+                self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in theta])
+            return
+        if not split:
+            (head_total * scale).backward()
+        elif feature_jacobian is not None:
+            # heads: Σ ∇Lᵢ; θ: back-propagate Σ wᵢ ∂Lᵢ/∂z from z, the gradients already computed
+            jz, *zs = feature_jacobian
+            private = self._leaves(head_total, self.shared, stop=zs)
+            if private:
+                torch.autograd.backward(head_total * scale, inputs=private, retain_graph=True)
+            flat = (applied.detach().to(jz.dtype) @ jz) * scale
+            grads, offset = [], 0
+            for z in zs:
+                grads.append(flat[offset:offset + z.numel()].view_as(z).to(z.dtype))
+                offset += z.numel()
+            torch.autograd.backward(zs, grad_tensors=grads)
+        else:  # weights reused between recomputations: no J this step, split the two parts
+            reached = self._leaves(shared_total, [])
+            private = [p for p in reached if id(p) not in self._shared_ids]
+            shared = [p for p in reached if id(p) in self._shared_ids]
+            if private:
+                torch.autograd.backward(head_total * scale, inputs=private, retain_graph=bool(shared))
+            if shared:
+                torch.autograd.backward(shared_total * scale, inputs=shared)
+        if self.comm is not None:
+            self.comm.mean_grads_(self.reduce_params)
 
-    def _clip_factors(self) -> Tensor | None:
+    @property
+    def _shared_ids(self) -> set[int]:
+        ids = getattr(self, "_shared_id_cache", None)
+        if ids is None:
+            ids = self._shared_id_cache = {id(p) for p in self.shared}
+        return ids
+
+    def _clip_factors(self, theta_gramian: Tensor | None) -> Tensor | None:
         """cᵢ = min(1, max_norm / ‖gᵢ‖) on θ, when per-task clipping is on."""
-        if self.task_clip is None or self.last_gramian is None:
+        if self.task_clip is None or theta_gramian is None:
             return None
-        norms = self.last_gramian.diagonal().clamp_min(0).sqrt()
-        factors = (self.task_clip / norms.clamp_min(1e-12)).clamp(max=1.0)
-        self.last_clip = factors
-        return factors.to(self.last_gramian.dtype)
+        norms = theta_gramian.diagonal().clamp_min(0).sqrt()
+        return (self.task_clip / norms.clamp_min(1e-12)).clamp(max=1.0).to(theta_gramian.dtype)
 
     def _add_flat_grad(self, flat: Tensor) -> None:
         offset = 0
-        for p in self.shared:
+        for p in self.theta:
             n = p.numel()
             g = flat[offset:offset + n].view_as(p).to(p.dtype)
             p.grad = g.clone() if p.grad is None else p.grad + g
             offset += n
 
-
-def _other_leaves(total: Tensor, exclude: list[Tensor]) -> list[Tensor]:
-    """Leaf tensors requiring grad that ``total`` depends on, minus ``exclude``."""
-    skip = {id(p) for p in exclude}
-    seen: set[int] = set()
-    leaves: list[Tensor] = []
-    stack = [total.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            if id(var) not in skip:
-                leaves.append(var)
-            continue
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return leaves
+    @staticmethod
+    def _leaves(total: Tensor, exclude: list[Tensor], stop: list[Tensor] = ()) -> list[Tensor]:  # type: ignore[assignment]
+        """Leaf tensors requiring grad that ``total`` depends on, minus ``exclude``, not looking
+        past the tensors ``stop`` (the shared representation)."""
+        skip = {id(p) for p in exclude}
+        seen: set[int] = {id(z.grad_fn) for z in stop if z.grad_fn is not None}
+        leaves: list[Tensor] = []
+        stack = [total.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None:
+                if id(var) not in skip:
+                    leaves.append(var)
+                continue
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        return leaves
 
 
 def backward(losses: Mapping[str, Tensor | None], shared_params: Iterable[Tensor], method: str | Method = "equal",
-             *, features: Iterable[Tensor] | None = None, mode: Mode = "auto", index: int = 0) -> dict[str, float]:
-    """One multi-task backward from any training loop.
+             *, features: Iterable[Tensor] | None = None, compare: str = "auto", heads: str = "auto") -> StepReport:
+    """One multi-task backward from any training loop, for methods without state or randomness.
 
-    Leaves d = Σ wᵢ ∇Lᵢ in ``.grad`` of the shared and private parameters and returns the task
-    weights by name. ``method`` is a registry name (``"pcgrad"``) or a Method object; keep the
-    object between calls for stateful methods, or use :class:`Engine` directly.
+    Leaves d = Σ wᵢ ∇Lᵢ in ``.grad`` of the shared and private parameters and returns the step's
+    report (``report.weights`` by task name). A method that keeps state between steps or draws
+    random numbers (``Method.stateful``) is refused: a one-shot call would repeat its first step
+    every time. Keep an :class:`Engine` for those.
     """
-    engine = Engine(method, shared_params, mode=mode)
-    if isinstance(method, str):
-        engine.method.setup(list(losses))
-    return engine.backward(losses, features=features, index=index)
+    resolved = get_method(method)
+    if resolved.stateful:
+        name = getattr(type(resolved), "registry_name", type(resolved).__name__)
+        raise InvalidParameterError(
+            f"'{name}' keeps state between steps or draws random numbers, so a one-shot polytask.backward would "
+            "repeat its first step on every call. Keep an engine for the whole run instead:\n"
+            f"    engine = polytask.Engine({name!r}, model.shared_parameters())   # once\n"
+            "    report = engine.backward(losses)                               # every step")
+    engine = Engine(resolved, shared_params, compare=compare, heads=heads)
+    return engine.backward(losses, features=features)

@@ -21,9 +21,9 @@ NORMALISATIONS = ("none", "l2", "loss", "loss+")
 
 
 def as_float64(gramian: Tensor | None, owner: str) -> Tensor:
-    """The step's Gramian, symmetrised, as a float64 CPU tensor (error if the engine gave none)."""
-    if gramian is None:
-        raise InvalidParameterError(f"`{owner}` needs step.gramian; found None")
+    """The step's Gramian, symmetrised, as a float64 CPU tensor (``Method.forward`` has checked
+    that it is there; ``owner`` names the method in errors)."""
+    assert gramian is not None, owner
     g = gramian.detach().to(device="cpu", dtype=torch.float64)
     return (g + g.T) / 2
 

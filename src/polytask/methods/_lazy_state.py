@@ -1,8 +1,7 @@
 """Helpers of the stateful direction methods (MoCo, GREAT).
 
 Their state's shape is only known at the first step (it depends on P, the number of shared
-parameters): tensors start empty and take their shape from the first step or from a state dict.
-Their state advances once per step, whichever of ``weights`` / ``direction`` is called first."""
+parameters): tensors start empty and take their shape from the first step or from a state dict."""
 
 from __future__ import annotations
 
@@ -10,8 +9,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-
-from polytask.methods.base import Step
 
 
 def resize_to_state(module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str) -> None:
@@ -37,17 +34,3 @@ class LazyStateMixin(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         resize_to_state(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def first_visit(step: Step, owner: object) -> bool:
-    """True the first time ``owner`` sees this ``step`` object (it is marked in ``step.extras``).
-
-    Lets a direction method advance its state once per step whether the caller asks for
-    ``weights(step)``, ``direction(step)`` or both (the engine asks for both). ``owner`` is a
-    per-instance token, so a deep copy of a method counts as a different owner.
-    """
-    seen = step.extras.setdefault("_visited", set())
-    if owner in seen:
-        return False
-    seen.add(owner)
-    return True

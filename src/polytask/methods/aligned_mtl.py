@@ -37,8 +37,6 @@ class AlignedMTL(Method):
         self._remember(scale=scale)
 
     def weights(self, step: Step) -> Tensor:
-        if step.gramian is None:
-            raise InvalidParameterError("`AlignedMTL` needs step.gramian")
         return balance_transformation(step.gramian, self.scale).sum(dim=1)
 
 

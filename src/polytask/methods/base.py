@@ -8,7 +8,7 @@ feature Gramian) to w. The engine then runs one ordinary backward of Σ wᵢ L�
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -17,8 +17,23 @@ from torch import Tensor, nn
 from polytask.core.errors import InvalidParameterError
 from polytask.core.registry import Registry
 
-Needs = Literal["losses", "gramian", "features", "jacobian"]
-NEEDS: tuple[str, ...] = ("losses", "gramian", "features", "jacobian")
+Needs = Literal["losses", "gramian", "jacobian"]
+NEEDS: tuple[str, ...] = ("losses", "gramian", "jacobian")
+Compare = Literal["shared", "last_shared", "features"]
+COMPARE: tuple[str, ...] = ("shared", "last_shared", "features")
+
+
+def stream(seed: int, index: int) -> torch.Generator:
+    """The generator of step ``index`` in the counter-based random stream ``seed``.
+
+    Its seed is a SplitMix64 hash of (seed, index), so a step's draws depend on nothing but those
+    two numbers: a checkpoint stores no generator state, a resumed run draws what the killed one
+    would have, and every data-parallel rank draws the same.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed((x ^ (x >> 31)) >> 1)  # manual_seed takes a signed 64-bit value
 
 
 @dataclass
@@ -28,60 +43,98 @@ class Step:
     Attributes:
         tasks: names of the tasks that have a loss this step.
         losses: detached loss values, shape (T,).
-        index: global step counter (0-based).
-        generator: seeded generator for random methods (same stream on every rank).
-        gramian: G = J Jᵀ (T×T) on θ, or on the shared representation in ``features`` mode.
-        jacobian: J (T×P), per-task gradients of θ flattened, when ``needs == "jacobian"``.
-        epoch: current epoch (0-based).
+        index: the step counter of the engine that built the step (0-based).
+        seed: the engine's seed; with ``index`` it fixes ``generator``.
+        gramian: G = J Jᵀ (T×T) of the task gradients where the engine compares them (θ, the
+            last shared layer or the shared representation), when ``needs`` is gramian or jacobian.
+        jacobian: J (T×P), the task gradients on θ flattened, when ``needs == "jacobian"``.
+        epoch: current epoch (0-based), for methods whose schedule is in epochs.
+        generator: the step's random stream, ``stream(seed, index)`` unless given.
     """
 
     tasks: tuple[str, ...]
     losses: Tensor
     index: int = 0
-    generator: torch.Generator | None = None
+    seed: int = 0
     gramian: Tensor | None = None
     jacobian: Tensor | None = None
     epoch: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    generator: torch.Generator = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = stream(self.seed, self.index)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A method's answer for one step.
+
+    Attributes:
+        weights: wᵢ per active task, shape (T,): θ receives Σ wᵢ ∇Lᵢ unless ``direction`` is given;
+            the heads receive wᵢ ∇Lᵢ (or ∇Lᵢ under the engine's ``heads="unweighted"``).
+        direction: the update on the compared parameters, shape (P,), for methods that are not a
+            weighting of this step's gradients (GradDrop, MoCo, GREAT).
+        penalty: a differentiable scalar added to the total (uncertainty weighting's Σ ½ sᵢ).
+    """
+
+    weights: Tensor
+    direction: Tensor | None = None
+    penalty: Tensor | None = None
 
 
 class Method(nn.Module):
     """Base class of every weighting / gradient method.
 
-    Subclasses set ``needs`` and implement :meth:`weights`. Learnable weights (e.g. uncertainty
-    log-variances) are ``nn.Parameter`` s of the method; the trainer hands them to the optimizer.
-    Any other state lives in buffers or in ``state_dict`` overrides keyed by task name, so that a
-    resumed run continues exactly. Hyper-parameters are keyword-only and validated in ``__init__``.
+    A method maps one :class:`Step` to one :class:`Update`: the engine calls ``method(step)``
+    once per step. Subclasses set ``needs`` and implement :meth:`weights` (the common case: the
+    update is Σ wᵢ ∇Lᵢ) or override :meth:`update` (a direction or a penalty as well). The base
+    checks once that what ``needs`` asks for is in the step.
+
+    Learnable weights (e.g. uncertainty log-variances) are ``nn.Parameter`` s of the method; the
+    trainer hands them to the optimizer. Any other state lives in buffers or in ``state_dict``
+    overrides keyed by task name, so that a resumed run continues exactly. Hyper-parameters are
+    keyword-only and validated in ``__init__``.
     """
 
     needs: ClassVar[Needs] = "losses"
-    #: True when ``weights`` may return values that are not a plain weighting of the gradients
-    #: (e.g. GradDrop); such methods implement :meth:`direction` instead.
-    returns_direction: ClassVar[bool] = False
-    #: θ the per-task gradients are taken on: all shared parameters, or only the last shared layer
-    #: (GradNorm's choice, and a cheap approximation for any Gramian method).
-    scope: ClassVar[Literal["shared", "last_shared"]] = "shared"
-    #: False for methods whose weights are not permuted along with the tasks (random task orders,
+    #: where the engine compares the per-task gradients unless told otherwise: all shared
+    #: parameters θ, the last shared layer (GradNorm, GREAT) or the shared representation
+    #: (MGDA-UB). Irrelevant for ``needs == "losses"``.
+    compare: ClassVar[Compare] = "shared"
+    #: True when the weights depend on more than this step's inputs: on state kept between steps
+    #: (buffers, parameters, the step counter, epochs) or on random draws. A one-shot
+    #: ``polytask.backward`` refuses such methods: only a kept Engine gives them their history.
+    stateful: ClassVar[bool] = False
+    #: True for methods whose weights are not permuted along with the tasks (random task orders,
     #: as in PCGrad); the conformance suite skips the permutation check for them.
     permutation_equivariant: ClassVar[bool] = True
+    #: values for the required hyper-parameters, used wherever a method must be built without a
+    #: user (the conformance suites, the benchmarks); empty when every parameter has a default
+    example_params: ClassVar[Mapping[str, Any]] = {}
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:
         """Called once before training with all task names and, when known, their data sizes."""
         self.all_tasks = tuple(tasks)
 
-    def weights(self, step: Step) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement weights(step)")
+    @property
+    def is_set_up(self) -> bool:
+        return getattr(self, "all_tasks", None) is not None
 
-    def penalty(self, step: Step, losses: Tensor) -> Tensor | None:
-        """Extra differentiable term added to Σ wᵢ Lᵢ (e.g. uncertainty weighting's log σ)."""
-        return None
+    def forward(self, step: Step) -> Update:
+        """The step's update; checks that the step carries what ``needs`` asks for."""
+        if self.needs != "losses" and step.gramian is None:
+            raise InvalidParameterError(f"`{type(self).__name__}` needs the task Gramian (needs = {self.needs!r}); "
+                                        "the step has none")
+        if self.needs == "jacobian" and step.jacobian is None:
+            raise InvalidParameterError(f"`{type(self).__name__}` needs the task Jacobian on θ; the step has none")
+        return self.update(step)
 
-    def direction(self, step: Step) -> Tensor:
-        """Update direction on θ, shape (P,). Default: wᵀ J."""
-        if step.jacobian is None:
-            raise InvalidParameterError(f"{type(self).__name__}.direction needs step.jacobian")
-        return self.weights(step) @ step.jacobian
+    def update(self, step: Step) -> Update:
+        """Default: the update is the weighting ``self.weights(step)`` (each registered method
+        defines one of the two; ``register`` checks)."""
+        return Update(self.weights(step))  # type: ignore[attr-defined]
 
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float],
                      val_metrics: Mapping[str, Mapping[str, float]] | None = None) -> None:
@@ -104,8 +157,17 @@ def register(name: str):
     def decorate(cls: type[Method]) -> type[Method]:
         if cls.needs not in NEEDS:
             raise InvalidParameterError(f"{cls.__name__}.needs must be one of {NEEDS}; found {cls.needs!r}")
+        if cls.update is Method.update and not callable(getattr(cls, "weights", None)):
+            raise InvalidParameterError(f"{cls.__name__} must define weights(step) or update(step)")
+        if cls.compare not in COMPARE:
+            raise InvalidParameterError(f"{cls.__name__}.compare must be one of {COMPARE}; found {cls.compare!r}")
         return METHODS.register(name)(cls)  # type: ignore[return-value]
     return decorate
+
+
+def example_method(name: str) -> Method:
+    """The registered method ``name`` built with its ``example_params``."""
+    return METHODS.create(name, **METHODS.get(name).example_params)
 
 
 def get_method(method: str | Method, **params: Any) -> Method:

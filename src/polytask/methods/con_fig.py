@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.core.errors import InvalidParameterError
 from polytask.methods.base import Method, Step, register
 
 
@@ -31,8 +30,6 @@ class ConFIG(Method):
         self._remember()
 
     def weights(self, step: Step) -> Tensor:
-        if step.gramian is None:
-            raise InvalidParameterError("`ConFIG` needs step.gramian")
         g = step.gramian.double()
         norms = g.diagonal().clamp(min=0).sqrt()
         inv = torch.where(norms > torch.finfo(g.dtype).tiny, 1 / norms, torch.zeros_like(norms))

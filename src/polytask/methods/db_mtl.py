@@ -27,6 +27,7 @@ class DBMTL(PerTaskMethod):
     """
 
     needs = "gramian"
+    stateful = True
 
     def __init__(self, *, beta: float = 0.9) -> None:
         super().__init__()
@@ -40,8 +41,6 @@ class DBMTL(PerTaskMethod):
         self.norms = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
 
     def weights(self, step: Step) -> Tensor:
-        if step.gramian is None:
-            raise InvalidParameterError("`db_mtl` needs step.gramian (needs = 'gramian')")
         idx = self.index(step)
         losses = step.losses.double().clamp_min(EPS)
         current = step.gramian.diagonal().double().clamp_min(0).sqrt() / losses

@@ -36,6 +36,7 @@ class DTP(PerTaskMethod):
     """
 
     needs = "losses"
+    stateful = True
 
     def __init__(self, *, gamma: float = 2.0, ema: float = 0.5, kpis: Mapping[str, str] | None = None) -> None:
         super().__init__()

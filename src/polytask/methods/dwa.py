@@ -25,6 +25,7 @@ class DWA(PerTaskMethod):
     """
 
     needs = "losses"
+    stateful = True
 
     def __init__(self, *, temperature: float = 2.0) -> None:
         super().__init__()

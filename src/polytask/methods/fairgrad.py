@@ -39,8 +39,6 @@ class FairGrad(Method):
         self._remember(alpha=alpha, tolerance=tolerance, max_evaluations=max_evaluations)
 
     def weights(self, step: Step) -> Tensor:
-        if step.gramian is None:
-            raise InvalidParameterError("`FairGrad` needs step.gramian")
         w = solve_fair(step.gramian.detach().double().cpu().numpy(), self.alpha, self.tolerance, self.max_evaluations)
         return torch.as_tensor(w, dtype=step.losses.dtype, device=step.losses.device)
 

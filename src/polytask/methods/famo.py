@@ -30,6 +30,7 @@ class FAMO(PerTaskMethod):
     """
 
     needs = "losses"
+    stateful = True
 
     def __init__(self, *, lr: float = 0.025, weight_decay: float = 0.01) -> None:
         super().__init__()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods.base import Method, Step, register
+from polytask.methods.base import Method, Step, Update, register
 
 
 @register("graddrop")
@@ -20,12 +19,12 @@ class GradDrop(Method):
     sum). Coordinates where every gᵢ is 0 take P = ½. As in TorchJD, the masks act on the
     parameter gradients J rather than on the activation gradients of the paper (where P is
     taken over the batch at the layer GradDrop is inserted after). The heads get their own
-    gradients unchanged (weights 1). U comes from ``step.generator`` (a generator seeded with
-    ``step.index`` when the step has none).
+    gradients unchanged (weights 1). U comes from ``step.generator`` (the engine's counter-based
+    stream).
     """
 
     needs = "jacobian"
-    returns_direction = True
+    stateful = True  # one uniform draw per coordinate and step
 
     def __init__(self, *, leak: float = 0.0) -> None:
         super().__init__()
@@ -34,16 +33,12 @@ class GradDrop(Method):
         self.leak = float(leak)
         self._remember(leak=leak)
 
-    def weights(self, step: Step) -> Tensor:
-        return torch.ones_like(step.losses)
-
-    def direction(self, step: Step) -> Tensor:
-        if step.jacobian is None:
-            raise InvalidParameterError("`GradDrop` needs step.jacobian")
+    def update(self, step: Step) -> Update:
         j = step.jacobian
+        assert j is not None  # Method.forward checked
         total = j.abs().sum(dim=0)
         purity = torch.where(total > 0, 0.5 * (1 + j.sum(dim=0) / total.clamp(min=torch.finfo(j.dtype).tiny)), 0.5)
-        generator = step.generator if step.generator is not None else torch.Generator().manual_seed(step.index)
-        u = torch.rand(j.shape[1], generator=generator, dtype=j.dtype, device=generator.device).to(j.device)
+        u = torch.rand(j.shape[1], generator=step.generator, dtype=j.dtype).to(j.device)
         keep = ((purity > u) & (j > 0)) | ((purity < u) & (j < 0))
-        return ((self.leak + (1 - self.leak) * keep.to(j.dtype)) * j).sum(dim=0)
+        direction = ((self.leak + (1 - self.leak) * keep.to(j.dtype)) * j).sum(dim=0)
+        return Update(torch.ones_like(step.losses), direction=direction)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.core.errors import InvalidParameterError
 from polytask.methods._weighting import EPS, PerTaskMethod
 from polytask.methods.base import Step, check_positive, register
 
@@ -21,7 +20,7 @@ class GradNorm(PerTaskMethod):
     """GradNorm — Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for
     Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018 (Algorithm 1).
 
-    With gᵢ = ∇_W Lᵢ on the last shared layer W (``scope = "last_shared"``; ‖gᵢ‖² = Gᵢᵢ), the
+    With gᵢ = ∇_W Lᵢ on the last shared layer W (``compare = "last_shared"``; ‖gᵢ‖² = Gᵢᵢ), the
     weights wᵢ descend
 
         L_grad = Σᵢ | wᵢ‖gᵢ‖ − Ḡ_W · rᵢ^α |,   Ḡ_W = meanᵢ wᵢ‖gᵢ‖,   rᵢ = L̃ᵢ / meanⱼ L̃ⱼ,  L̃ᵢ = Lᵢ / Lᵢ(0)
@@ -34,7 +33,8 @@ class GradNorm(PerTaskMethod):
     """
 
     needs = "gramian"
-    scope = "last_shared"
+    compare = "last_shared"
+    stateful = True
 
     def __init__(self, *, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
@@ -49,8 +49,6 @@ class GradNorm(PerTaskMethod):
         self.initial_losses = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
 
     def weights(self, step: Step) -> Tensor:
-        if step.gramian is None:
-            raise InvalidParameterError("`gradnorm` needs step.gramian (needs = 'gramian')")
         idx = self.index(step)
         losses = step.losses.double()
         first = torch.isnan(self.initial_losses[idx])

@@ -31,6 +31,7 @@ class GradVac(Method):
     """
 
     needs = "gramian"
+    stateful = True
     permutation_equivariant: ClassVar[bool] = False
 
     def __init__(self, *, beta: float = 0.5) -> None:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._lazy_state import LazyStateMixin, first_visit
+from polytask.methods._lazy_state import LazyStateMixin
 from polytask.methods._weighting import PerTaskMethod, adam_step
-from polytask.methods.base import Step, check_positive, register
+from polytask.methods.base import Step, Update, check_positive, register
 
 _PARAMS = ("hidden_weight", "hidden_bias", "out_weight", "out_bias")
 
@@ -27,16 +27,15 @@ class GREAT(LazyStateMixin, PerTaskMethod):
 
     - the discriminator D (one hidden ReLU layer of ``hidden`` units, one logit per task) sees
       the unit task gradients uᵢ = gᵢ/‖gᵢ‖ and minimises L_D = mean_i CE(D(uᵢ), i) with one
-      Adam step (``lr``) per training step (on the first call of ``weights(step)`` or
-      ``direction(step)`` with that step object); ``weights`` returns 1 for every task;
-    - ``direction(step)`` moves every task gradient up L_D (the reversal), along the part aᵢ of
+      Adam step (``lr``) per training step; the update's weights are 1 for every task;
+    - its direction moves every task gradient up L_D (the reversal), along the part aᵢ of
       ∇_{uᵢ} L_D orthogonal to uᵢ: d = Σᵢ gᵢ + ``strength`` · Σᵢ ‖gᵢ‖ aᵢ/‖aᵢ‖.
 
     Honest departures: the paper feeds D the per-sample gradients w.r.t. the shared feature map
     and sends the reversed signal into θ by second-order back-propagation (through gradient
     alignment layers); the engine hands us only the batch gradients J on θ, so we use J's rows
     and a first-order step in gradient space. D's input layer has P inputs (P = |θ|): it is
-    created at the first step from ``step.generator``, so prefer ``last_shared`` scope or small θ.
+    created at the first step from ``step.generator``, hence the ``last_shared`` default of ``compare``.
     D's parameters are ``nn.Parameter`` s with ``requires_grad=False`` (the trainer's optimizer
     leaves them alone; they are updated only here); their Adam moments and step count are
     buffers, so ``state_dict`` resumes exactly.
@@ -45,8 +44,8 @@ class GREAT(LazyStateMixin, PerTaskMethod):
     needs = "jacobian"
     # the discriminator reads whole gradient vectors (its first layer is hidden × |θ|): on all
     # shared parameters of a real encoder that is gigabytes, so GREAT defaults to the last layer
-    scope = "last_shared"
-    returns_direction = True
+    compare = "last_shared"
+    stateful = True
 
     def __init__(self, *, strength: float = 0.1, hidden: int = 32, lr: float = 1e-3) -> None:
         super().__init__()
@@ -61,7 +60,6 @@ class GREAT(LazyStateMixin, PerTaskMethod):
             self.register_buffer(f"{name}_sq", torch.empty(0))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_loss", torch.full((), math.nan))
-        self._token = object()
         self._remember(strength=strength, hidden=hidden, lr=lr)
 
     def reset_state(self, num_tasks: int) -> None:
@@ -77,14 +75,16 @@ class GREAT(LazyStateMixin, PerTaskMethod):
         logits = F.linear(torch.relu(F.linear(u, w1.to(u.dtype), b1.to(u.dtype))), w2.to(u.dtype), b2.to(u.dtype))
         return F.cross_entropy(logits, self.index(step))
 
-    def weights(self, step: Step) -> Tensor:
+    def update(self, step: Step) -> Update:
         self._advance(step)
-        return torch.ones_like(step.losses)
+        j = self._jacobian(step)
+        direction = j.sum(dim=0)
+        if self.strength != 0:
+            direction = direction + self.strength * (j.norm(dim=1, keepdim=True) * self.adversarial(step)).sum(dim=0)
+        return Update(torch.ones_like(step.losses), direction=direction)
 
     def _advance(self, step: Step) -> None:
         self.index(step)  # sets up lazily with the step's tasks
-        if not first_visit(step, self._token):
-            return
         self._materialise(step)
         params = [getattr(self, n).detach().requires_grad_() for n in _PARAMS]
         with torch.enable_grad():
@@ -98,13 +98,6 @@ class GREAT(LazyStateMixin, PerTaskMethod):
             getattr(self, f"{name}_sq").copy_(sq)
         self.count += 1
         self.last_loss.fill_(float(loss.detach()))
-
-    def direction(self, step: Step) -> Tensor:
-        self._advance(step)
-        j = self._jacobian(step)
-        if self.strength == 0:
-            return j.sum(dim=0)
-        return j.sum(dim=0) + self.strength * (j.norm(dim=1, keepdim=True) * self.adversarial(step)).sum(dim=0)
 
     def adversarial(self, step: Step) -> Tensor:
         """aᵢ/‖aᵢ‖ (T×P): the unit directions in which each uᵢ most increases L_D."""
@@ -122,19 +115,18 @@ class GREAT(LazyStateMixin, PerTaskMethod):
         if int(self.count) > 0:
             raise InvalidParameterError(f"`GREAT`'s discriminator was built for {self.hidden_weight.shape[1]} "
                                         f"parameters; the step has {size}")
-        generator = step.generator if step.generator is not None else torch.Generator().manual_seed(step.index)
         shapes = {"hidden_weight": (self.hidden, size), "hidden_bias": (self.hidden,),
                   "out_weight": (len(self.all_tasks), self.hidden), "out_bias": (len(self.all_tasks),)}
         for name, shape in shapes.items():
             bound = 1 / math.sqrt(size if name.startswith("hidden") else self.hidden)
-            init = (torch.rand(shape, generator=generator, device=generator.device) * 2 - 1) * bound
+            init = (torch.rand(shape, generator=step.generator) * 2 - 1) * bound
             getattr(self, name).data = init.to(step.losses.device)
             setattr(self, f"{name}_avg", torch.zeros(shape, device=step.losses.device))
             setattr(self, f"{name}_sq", torch.zeros(shape, device=step.losses.device))
 
-    def _jacobian(self, step: Step) -> Tensor:
-        if step.jacobian is None:
-            raise InvalidParameterError("`GREAT` needs step.jacobian")
+    @staticmethod
+    def _jacobian(step: Step) -> Tensor:
+        assert step.jacobian is not None  # Method.forward checked
         return step.jacobian.detach()
 
 

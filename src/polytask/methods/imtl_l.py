@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from polytask.methods._weighting import PerTaskMethod
-from polytask.methods.base import Step, register
+from polytask.methods.base import Step, Update, register
 
 
 @register("imtl_l")
@@ -15,10 +15,11 @@ class IMTLL(PerTaskMethod):
 
     Each task has a learnable scale parameter sᵢ (``nn.Parameter``, initialised to 0) and the
     scaled loss e^(sᵢ) Lᵢ − sᵢ. At the optimum in sᵢ, e^(sᵢ) Lᵢ = 1: every scaled loss is kept
-    at the same value. ``weights`` returns the differentiable e^(sᵢ), ``penalty`` −Σ sᵢ.
+    at the same value. The update's weights are the differentiable e^(sᵢ), its penalty −Σ sᵢ.
     """
 
     needs = "losses"
+    stateful = True  # learnable scales
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,8 +29,6 @@ class IMTLL(PerTaskMethod):
     def reset_state(self, num_tasks: int) -> None:
         self.log_scales.data = torch.zeros(num_tasks)
 
-    def weights(self, step: Step) -> Tensor:
-        return torch.exp(self.log_scales[self.index(step)]).to(step.losses.dtype)
-
-    def penalty(self, step: Step, losses: Tensor) -> Tensor:
-        return -self.log_scales[self.index(step)].sum().to(losses.dtype)
+    def update(self, step: Step) -> Update:
+        scales = self.log_scales[self.index(step)]
+        return Update(torch.exp(scales).to(step.losses.dtype), penalty=-scales.sum().to(step.losses.dtype))

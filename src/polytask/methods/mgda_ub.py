@@ -13,7 +13,8 @@ class MGDAUB(MGDA):
     Same problem as :class:`MGDA`, min_{w ≥ 0, Σw = 1} wᵀGw, but G is the Gramian of ∇_z Lᵢ, the
     gradients w.r.t. the shared representation z (summed over the batch), which costs about one
     backward instead of T. The paper shows the resulting update still decreases an upper bound of
-    every task loss when the encoder's Jacobian ∂z/∂θ has full rank.
+    every task loss when the encoder's Jacobian ∂z/∂θ has full rank. It is :class:`MGDA` whose
+    default ``compare`` is ``features``; ``compare="shared"`` makes it exactly MGDA on θ.
     """
 
-    needs = "features"
+    compare = "features"

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._lazy_state import LazyStateMixin, first_visit
+from polytask.methods._lazy_state import LazyStateMixin
 from polytask.methods._simplex import project_simplex
 from polytask.methods._weighting import PerTaskMethod
-from polytask.methods.base import Step, check_positive, register
+from polytask.methods.base import Step, Update, check_positive, register
 
 
 @register("moco")
@@ -26,14 +26,13 @@ class MoCo(LazyStateMixin, PerTaskMethod):
 
     Y mixes gradients taken at earlier parameters, so it is not a combination of this step's
     gradients: the method needs J and returns d. Y (T×P), λ and the step count are buffers and
-    round-trip through ``state_dict``. The state advances once per step, on the first call of
-    ``weights(step)`` (λ: the heads get Σ λᵢ ∇Lᵢ) or ``direction(step)`` (d) with that step
-    object; the other call reads the same state. On a step with a subset S of the tasks,
+    round-trip through ``state_dict``. Each step advances the state once and returns λ as the
+    weights (the heads get λᵢ ∇Lᵢ) and d as the direction. On a step with a subset S of the tasks,
     λ_S is renormalised, updated on the simplex of S and written back with its previous mass.
     """
 
     needs = "jacobian"
-    returns_direction = True
+    stateful = True
 
     def __init__(self, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
                  gamma_sigma: float = 0.5, rho: float = 0.0) -> None:
@@ -49,7 +48,6 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.register_buffer("seen", torch.empty(0, dtype=torch.bool))
         self.register_buffer("lam", torch.empty(0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self._token = object()
         self._remember(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
 
     def reset_state(self, num_tasks: int) -> None:
@@ -58,19 +56,13 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.lam = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.long)
 
-    def weights(self, step: Step) -> Tensor:
-        self._advance(step)
-        return self._active_lambda(self.index(step))[1].to(step.losses.dtype)
-
-    def direction(self, step: Step) -> Tensor:
-        self._advance(step)
+    def update(self, step: Step) -> Update:
         idx = self.index(step)
-        return self._active_lambda(idx)[1].to(self.tracked.dtype) @ self.tracked[idx]
+        self._advance(idx, step.jacobian.detach())  # type: ignore[union-attr]  # Method.forward checked
+        lam = self._active_lambda(idx)[1]
+        return Update(lam.to(step.losses.dtype), direction=lam.to(self.tracked.dtype) @ self.tracked[idx])
 
-    def _advance(self, step: Step) -> None:
-        idx, j = self.index(step), self._jacobian(step)
-        if not first_visit(step, self._token):
-            return
+    def _advance(self, idx: Tensor, j: Tensor) -> None:
         if self.tracked.shape[1] != j.shape[1]:
             if bool(self.seen.any()):
                 raise InvalidParameterError(
@@ -94,9 +86,3 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         lam = self.lam[idx]
         mass = float(lam.sum())
         return mass, (lam / mass if mass > 1e-12 else torch.full_like(lam, 1.0 / len(lam)))
-
-    @staticmethod
-    def _jacobian(step: Step) -> Tensor:
-        if step.jacobian is None:
-            raise InvalidParameterError("`MoCo` needs step.jacobian")
-        return step.jacobian.detach()

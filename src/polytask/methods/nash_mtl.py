@@ -32,6 +32,7 @@ class NashMTL(Method):
     """
 
     needs = "gramian"
+    stateful = True
 
     def __init__(self, *, max_norm: float = 1.0, update_weights_every: int = 1) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ class PCGrad(Method):
     """
 
     needs = "gramian"
+    stateful = True  # random task orders
     permutation_equivariant: ClassVar[bool] = False
 
     def __init__(self) -> None:

@@ -23,6 +23,7 @@ class RLW(PerTaskMethod):
     """
 
     needs = "losses"
+    stateful = True  # a random draw per step
 
     def __init__(self) -> None:
         super().__init__()

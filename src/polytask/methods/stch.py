@@ -28,6 +28,7 @@ class STCH(PerTaskMethod):
     """
 
     needs = "losses"
+    stateful = True
 
     def __init__(self, *, mu: float = 1.0, warmup_epochs: int = 0) -> None:
         super().__init__()

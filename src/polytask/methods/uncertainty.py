@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._weighting import PerTaskMethod, check_tasks
-from polytask.methods.base import Step, register
+from polytask.methods.base import Step, Update, register
 
 FORMS = ("regression", "classification")
 
@@ -24,12 +24,13 @@ class Uncertainty(PerTaskMethod):
     - regression (Gaussian likelihood):  1/(2σᵢ²) Lᵢ + log σᵢ = ½ e^(−sᵢ) Lᵢ + ½ sᵢ
     - classification (scaled softmax):   1/σᵢ² Lᵢ + log σᵢ   = e^(−sᵢ) Lᵢ + ½ sᵢ
 
-    ``weights`` returns the differentiable precision factor (½ e^(−sᵢ) or e^(−sᵢ)), ``penalty``
-    the Σ ½ sᵢ term, so the optimiser learns sᵢ through the same backward. ``forms`` maps a
+    The update's weights are the differentiable precision factors (½ e^(−sᵢ) or e^(−sᵢ)), its
+    penalty the Σ ½ sᵢ term, so the optimiser learns sᵢ through the same backward. ``forms`` maps a
     task name to its form; unlisted tasks use ``"regression"``.
     """
 
     needs = "losses"
+    stateful = True  # learnable log-variances
 
     def __init__(self, *, forms: Mapping[str, str] | None = None) -> None:
         super().__init__()
@@ -48,9 +49,7 @@ class Uncertainty(PerTaskMethod):
         self.log_vars.data = torch.zeros(num_tasks)
         self.scale = torch.tensor([1.0 if self.forms.get(t) == "classification" else 0.5 for t in self.all_tasks])
 
-    def weights(self, step: Step) -> Tensor:
+    def update(self, step: Step) -> Update:
         idx = self.index(step)
-        return (self.scale[idx] * torch.exp(-self.log_vars[idx])).to(step.losses.dtype)
-
-    def penalty(self, step: Step, losses: Tensor) -> Tensor:
-        return 0.5 * self.log_vars[self.index(step)].sum().to(losses.dtype)
+        weights = (self.scale[idx] * torch.exp(-self.log_vars[idx])).to(step.losses.dtype)
+        return Update(weights, penalty=0.5 * self.log_vars[idx].sum().to(step.losses.dtype))

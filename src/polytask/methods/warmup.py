@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
-
 from polytask.core.errors import InvalidParameterError
-from polytask.methods.base import Method, Step, get_method, register
+from polytask.methods.base import Method, Step, Update, get_method, register
 from polytask.methods.static import Static
 
 
@@ -20,15 +18,18 @@ class Warmup(Method):
 
     with t the global step index and N = ``steps`` (a = 1 throughout when N = 0). ``weights``
     maps task → λ; unlisted tasks take their ``Task.weight`` (1 by default), as in ``static``.
-    ``needs``, ``scope``, ``setup`` and ``on_epoch_end`` are the inner method's, and the inner
-    method's weights are computed every step so its state keeps evolving during the warm-up. Its
-    ``penalty`` (e.g. uncertainty weighting's Σ ½ sᵢ) is scaled by a too, so the total is the
+    ``needs``, ``compare``, ``setup`` and ``on_epoch_end`` are the inner method's, and the inner
+    method's update is computed every step so its state keeps evolving during the warm-up. Its
+    penalty (e.g. uncertainty weighting's Σ ½ sᵢ) is scaled by a too, so the total is the
     blend (1 − a) Σ λᵢ Lᵢ + a · (inner total) and learnable parameters do not drift while a = 0.
     The inner method is named by ``inner`` (a registry name) with ``inner_params``, e.g.
     ``{name: warmup, inner: dwa, inner_params: {temperature: 2}, steps: 500}`` (not ``method``:
     that name is taken by ``get_method``'s own argument). It is the submodule ``inner``, so
     ``state_dict()`` includes its state.
     """
+
+    stateful = True  # the blend follows the step counter
+    example_params = {"inner": "dwa", "steps": 3}
 
     def __init__(self, *, inner: str, inner_params: Mapping[str, Any] | None = None, steps: int,
                  weights: Mapping[str, float] | None = None) -> None:
@@ -38,11 +39,11 @@ class Warmup(Method):
         if not isinstance(inner, str):
             raise InvalidParameterError(f"`inner` of `warmup` must be a method's registry name; found {inner!r}")
         self.inner = get_method(inner, **dict(inner_params or {}))
-        if self.inner.returns_direction:
+        if self.inner.needs == "jacobian":
             raise InvalidParameterError(
                 f"`warmup` blends task weights; '{inner}' returns an update direction and cannot be warmed up")
         self.needs = self.inner.needs  # type: ignore[misc]
-        self.scope = self.inner.scope  # type: ignore[misc]
+        self.compare = self.inner.compare  # type: ignore[misc]
         self.permutation_equivariant = getattr(self.inner, "permutation_equivariant", True)  # type: ignore[misc]
         self.steps = steps
         self.start = Static(weights=weights)
@@ -58,16 +59,14 @@ class Warmup(Method):
         """a = min(1, t / N)."""
         return 1.0 if self.steps == 0 else min(1.0, step.index / self.steps)
 
-    def weights(self, step: Step) -> Tensor:
-        if getattr(self, "all_tasks", None) is None:  # used without setup(): the inner method decides for itself
+    def update(self, step: Step) -> Update:
+        if not self.is_set_up:  # used without setup(): the inner method decides for itself
             super().setup(step.tasks)
             self.start.setup(step.tasks)
         a = self.progress(step)
-        return (1 - a) * self.start.weights(step) + a * self.inner.weights(step)
-
-    def penalty(self, step: Step, losses: Tensor) -> Tensor | None:
-        inner = self.inner.penalty(step, losses)
-        return None if inner is None else self.progress(step) * inner
+        inner = self.inner(step)
+        penalty = None if inner.penalty is None else a * inner.penalty
+        return Update((1 - a) * self.start.weights(step) + a * inner.weights, penalty=penalty)
 
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float],
                      val_metrics: Mapping[str, Mapping[str, float]] | None = None) -> None:

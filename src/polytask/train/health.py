@@ -8,13 +8,14 @@ import statistics
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from polytask.core.errors import InvalidParameterError, PolytaskError
+from polytask.core.errors import PolytaskError
+from polytask.core.options import Options
 
 Policy = Literal["warn", "skip", "stop"]
 POLICIES = ("warn", "skip", "stop")
@@ -32,11 +33,10 @@ class NonFiniteLossError(GradientHealthError):
     """A task's loss became NaN or infinite (and the policy is ``stop``)."""
 
 
-@dataclass(frozen=True)
-class HealthSettings:
-    """When to look and how to react.
+class HealthOptions(Options):
+    """When to look and how to react (YAML ``health:``).
 
-    Args:
+    Attributes:
         every: per-task norms, per-layer norms and task cosines are logged every ``every`` steps
             (0: never; the task Jacobian is computed on those steps).
         policy: on a non-finite loss or gradient, or an exploding gradient: ``warn`` (non-finite
@@ -45,36 +45,27 @@ class HealthSettings:
         vanish_threshold / vanish_patience: a layer whose gradient norm stays below the threshold
             for that many consecutive logged steps is reported as vanishing.
         explode_threshold: a total gradient norm above it is exploding.
-        explode_factor: so is a norm more than this factor above the median of the last 20 steps.
+        explode_factor: so is a norm more than this factor above the median of the last 20 steps
+            that trained the same set of tasks (steps of different task sets have different
+            gradient scales: per-task data sets, samplers, schedulers).
     """
 
-    every: int = 0
+    every: int = Field(0, ge=0, strict=True)
     policy: Policy = "stop"
-    vanish_threshold: float = 1e-7
-    vanish_patience: int = 3
-    explode_threshold: float = 1e4
-    explode_factor: float = 100.0
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise InvalidParameterError(f"health `policy` must be one of {', '.join(POLICIES)}; found {self.policy!r}")
-        if not isinstance(self.every, int) or self.every < 0:
-            raise InvalidParameterError(f"health `every` must be an int >= 0; found {self.every!r}")
-        for name in ("vanish_threshold", "explode_threshold", "explode_factor"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise InvalidParameterError(f"health `{name}` must be > 0; found {value!r}")
-        if not isinstance(self.vanish_patience, int) or self.vanish_patience < 1:
-            raise InvalidParameterError(f"health `vanish_patience` must be an int >= 1; found {self.vanish_patience!r}")
+    vanish_threshold: float = Field(1e-7, gt=0)
+    vanish_patience: int = Field(3, ge=1, strict=True)
+    explode_threshold: float = Field(1e4, gt=0)
+    explode_factor: float = Field(100.0, gt=0)
 
 
 class GradientMonitor:
     """Watches each step's gradients; the trainer asks it whether to apply the step."""
 
-    def __init__(self, model: nn.Module, settings: HealthSettings) -> None:
+    def __init__(self, model: nn.Module, settings: HealthOptions) -> None:
         self.settings = settings
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.recent: deque[float] = deque(maxlen=20)
+        #: recent total norms per set of trained tasks (key: the task names joined by ",")
+        self.recent: dict[str, deque[float]] = {}
         self.low_counts = {n: 0 for n, _ in self.named}
         self.reported_vanishing: set[str] = set()
         self.rows: list[dict[str, Any]] = []
@@ -105,8 +96,9 @@ class GradientMonitor:
                          if task_norms is not None else [])
             return self._react(step, "non_finite_gradient", f"gradient is not finite in layer(s) {layers[:5]}",
                                tasks=bad_tasks, layers=layers, never_apply=True)
-        median = statistics.median(self.recent) if len(self.recent) >= 5 else None
-        self.recent.append(total)
+        recent = self.recent.setdefault(",".join(tasks), deque(maxlen=20))
+        median = statistics.median(recent) if len(recent) >= 5 else None
+        recent.append(total)
         if total > self.settings.explode_threshold or (median and total > self.settings.explode_factor * median):
             layer_norms = self._layer_norms() if layer_norms is None else layer_norms
             top = max(zip(layer_norms.tolist(), (n for n, _ in self.named)))[1]
@@ -155,8 +147,10 @@ class GradientMonitor:
         if self.settings.policy == "stop":
             self._event(step, kind, message, tasks, layers, warn=False)
             error = NonFiniteLossError if kind == "non_finite_loss" else GradientHealthError
-            raise error(f"{full}; training stopped by health policy 'stop' (lower the learning "
-                                      "rate, clip gradients, or set train.health.policy to skip)")
+            advice = ("fix the data or the loss that produced it" if kind == "non_finite_loss" else
+                      "lower optim.lr, bring large regression targets to unit scale, raise health.explode_threshold "
+                      "/ health.explode_factor if such norms are normal for this model, or set health.policy: skip")
+            raise error(f"{full}; training stopped by health policy 'stop' ({advice})")
         self._event(step, kind, message, tasks, layers)
         return never_apply or self.settings.policy == "skip"
 
@@ -169,11 +163,11 @@ class GradientMonitor:
             warnings.warn(f"step {step}: {message}{who}", GradientHealthWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "low_counts": dict(self.low_counts),
+        return {"recent": {k: list(v) for k, v in self.recent.items()}, "low_counts": dict(self.low_counts),
                 "reported": sorted(self.reported_vanishing), "rows": list(self.rows), "events": list(self.events)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.recent = deque(state["recent"], maxlen=20)
+        self.recent = {k: deque(v, maxlen=20) for k, v in state["recent"].items()}
         self.low_counts.update(state["low_counts"])
         self.reported_vanishing = set(state["reported"])
         self.rows, self.events = list(state["rows"]), list(state["events"])

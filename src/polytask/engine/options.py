@@ -1,0 +1,43 @@
+"""The engine's options: where task gradients are compared, what the heads receive, how often."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from polytask.core.options import Options
+
+Compare = Literal["auto", "shared", "last_shared", "features"]
+Heads = Literal["auto", "weighted", "unweighted"]
+
+#: what ``heads="auto"`` means for a gradient method (needs gramian or jacobian). Chosen by the
+#: measurement in docs/engine.md (bundled benchmarks, 3 seeds, MGDA/CAGrad/UPGrad/Nash-MTL/PCGrad).
+GRADIENT_METHOD_HEADS: Literal["weighted", "unweighted"] = "unweighted"
+
+
+class EngineOptions(Options):
+    """How the engine turns task losses into one update.
+
+    Attributes:
+        compare: where per-task gradients are compared by gradient methods: ``shared`` (all
+            shared parameters θ, exact), ``last_shared`` (the last shared layer only: cheap, and
+            GradNorm's definition), ``features`` (the shared representation z: about one
+            backward; MGDA-UB is MGDA there) or ``auto`` (the method's own default).
+        heads: what each task's private parameters (its head) receive: ``weighted`` (wᵢ ∇Lᵢ,
+            the gradient of Σ wᵢ Lᵢ), ``unweighted`` (∇Lᵢ, as LibMTL's gradient methods and
+            TorchJD's ``mtl_backward`` do) or ``auto`` (weighted for loss-weighting methods,
+            ``GRADIENT_METHOD_HEADS`` for gradient methods).
+        every: recompute the weights every ``every`` steps and reuse them in between.
+        jacobian: how J is computed: ``loop`` (one backward per task), ``batched`` (vmapped,
+            ``chunk_size`` tasks at a time) or ``auto`` (time both on the first steps, keep the faster).
+    """
+
+    moved: ClassVar = {"mode": "engine.compare (shared, last_shared or features)",
+                       "scope": "engine.compare (shared, last_shared or features)"}
+
+    compare: Compare = "auto"
+    heads: Heads = "auto"
+    every: int = Field(1, ge=1)
+    jacobian: Literal["auto", "loop", "batched"] = "auto"
+    chunk_size: int | None = Field(None, ge=1)

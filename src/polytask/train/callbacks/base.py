@@ -1,0 +1,74 @@
+"""The callback contract: everything around the training loop reads the loop through four hooks.
+
+Checkpoints, early stopping, CSV files, plots, the console line and the optional TensorBoard /
+MLflow loggers are callbacks; so is anything a user adds (``Trainer(callbacks=[...])`` from
+Python, ``callbacks: [{name: ...}]`` from YAML). A callback that keeps state between steps
+returns it from ``state_dict`` so a resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from polytask.core.registry import Registry
+from polytask.engine.backward import StepReport
+
+if TYPE_CHECKING:
+    from polytask.train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One training step as the loop saw it.
+
+    Attributes:
+        index: the trainer's global step (0-based).
+        epoch: the epoch (0-based).
+        losses: every task's loss value this step (None: no labelled sample or not scheduled).
+        weights: the weight each task's loss received (0 when it did not train).
+        report: the engine's report, or None when the step was dropped before the engine ran
+            (a non-finite loss).
+        applied: False when the update was not applied (non-finite values, health policy skip).
+    """
+
+    index: int
+    epoch: int
+    losses: dict[str, float | None]
+    weights: dict[str, float]
+    report: StepReport | None
+    applied: bool
+
+
+class Callback:
+    """Hooks the Trainer calls; override the ones you need. ``key`` names the callback's state
+    in checkpoints (the class name unless set)."""
+
+    key: str | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step (after a resumed run's state is loaded)."""
+
+    def on_step_end(self, trainer: Trainer, step: TrainStep) -> None:
+        """After every training step."""
+
+    def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        """After validation; ``rows`` are this epoch's metric rows (epoch, split, task, metric, value)."""
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """After the final evaluation; ``summary`` is what summary.json holds."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    @property
+    def state_key(self) -> str:
+        return self.key or type(self).__name__
+
+
+#: callbacks a YAML config can name: ``callbacks: [{name: tensorboard, every: 10}]``
+CALLBACKS: Registry[Callback] = Registry("callback")

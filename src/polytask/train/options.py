@@ -1,0 +1,93 @@
+"""The Trainer's option sections. Each is also a section of the YAML config (``train:``,
+``optim:``, ``engine:``, ``health:``, ``run:``), validated once, here."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, StrictBool, StrictInt, field_validator
+
+from polytask.core.options import Options
+from polytask.data.loader import check_mode
+from polytask.engine.options import EngineOptions
+from polytask.train.health import HealthOptions
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+_MOVED_FROM_TRAIN = {
+    "lr": "optim.lr", "optimizer": "optim.optimizer", "weight_decay": "optim.weight_decay",
+    "momentum": "optim.momentum", "scheduler": "optim.scheduler", "clip": "optim.clip",
+    "engine": "the top-level section `engine`", "health": "the top-level section `health`",
+    "device": "run.device", "precision": "run.precision", "progress": "run.progress",
+}
+
+
+class LoopOptions(Options):
+    """How long and in what steps training runs, and what picks the best epoch (YAML ``train:``).
+
+    Attributes:
+        epochs, batch_size: the usual (whole numbers: ``true`` or ``"16"`` are refused).
+        steps_per_epoch: fixed number of steps per epoch (default: from the data sizes).
+        loader_mode: how an epoch walks per-task data sets (``polytask.data.loader.LOADER_MODES``).
+        monitor: what picks the best epoch and drives early stopping: ``loss`` (mean validation
+            loss over tasks), ``TASK/METRIC`` or ``delta_m`` (needs ``baselines``).
+        patience: epochs without improvement before stopping (None: never stop early).
+        checkpoint_every: also write checkpoints/last.pt every N steps inside an epoch, so a
+            killed run resumes mid-epoch exactly (default: at epoch ends only).
+    """
+
+    moved: ClassVar = _MOVED_FROM_TRAIN
+
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 256
+    steps_per_epoch: PositiveInt | None = None
+    loader_mode: str = "sample"
+    monitor: str = "loss"
+    patience: PositiveInt | None = None
+    checkpoint_every: PositiveInt | None = None
+
+    @field_validator("loader_mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        check_mode(value)
+        return value
+
+
+class ClipOptions(Options):
+    """Gradient clipping: ``norm`` (max global norm), ``value`` (max absolute value) and
+    ``per_task`` (max norm of each task's gradient on θ, before aggregation)."""
+
+    norm: float | None = Field(None, gt=0)
+    value: float | None = Field(None, gt=0)
+    per_task: float | None = Field(None, gt=0)
+
+
+class OptimOptions(Options):
+    """The optimiser (YAML ``optim:``): adam | adamw | sgd, and a per-epoch learning-rate schedule
+    none | cosine | step | exponential. Tasks may set their own ``lr`` / ``weight_decay``."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    scheduler: Literal["none", "cosine", "step", "exponential"] = "none"
+    clip: ClipOptions = Field(default_factory=ClipOptions)
+
+
+class RunOptions(Options):
+    """Where and how the run executes (YAML ``run:``).
+
+    Attributes:
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present; under torchrun each
+            rank takes its LOCAL_RANK GPU).
+        precision: ``32``, ``bf16`` (autocast; CPU or GPU) or ``16`` (fp16 autocast with a
+            gradient scaler; GPU).
+        progress: progress bars and one console line per epoch.
+    """
+
+    device: str = "cpu"
+    precision: Literal["32", "bf16", "16"] = "32"
+    progress: StrictBool = True
+
+
+__all__ = ["ClipOptions", "EngineOptions", "HealthOptions", "LoopOptions", "OptimOptions", "RunOptions"]
