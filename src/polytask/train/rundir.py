@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,17 @@ GRADIENT_FIELDS = ("step", "kind", "name", "value")
 RUN_FILES = ("config.yaml", "metrics.csv", "steps.csv", "summary.json", "training.png", "preprocess.json",
              "gradients.csv", "gradients.png",
              "checkpoints", "single_task")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf, -inf) inside dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 class RunDir:
@@ -78,7 +90,13 @@ class RunDir:
         atomic_write_text(self.path / name, text)
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
-        self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        """Strict JSON (RFC 8259): NaN and ±inf are written as ``null``.
+
+        Python's default ``NaN`` / ``Infinity`` literals are rejected by strict parsers
+        (JavaScript's ``JSON.parse``, jq, Go, serde), so a run whose loss diverged would leave a
+        summary.json that no tool can read; ``null`` says "no finite value" in every parser.
+        """
+        self.write_text(name, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
     def write_csv(self, name: str, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
         buffer = io.StringIO()
