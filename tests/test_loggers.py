@@ -63,13 +63,14 @@ def health_rows(i: int) -> list[dict[str, Any]]:
 
 
 def run_steps(callback: Any, trainer: SimpleNamespace, steps: range, epoch: int, shift: float = 0.0) -> None:
-    """Steps as the trainer runs them: health rows first (the monitor checks inside the step), then the hook."""
+    """Steps as the trainer runs them: the monitor's rows inside the step, the step counter moved on,
+    then the hook."""
     for i in steps:
         trainer.health.rows.extend(health_rows(i))
+        trainer.step_index = i + 1
         losses = {t: loss(t, i, shift) for t in ("a", "b")}
         callback.on_step_end(trainer, TrainStep(index=i, epoch=epoch, losses=losses,
                                                 weights={t: weight(t, i) for t in ("a", "b")}, report=None, applied=True))
-        trainer.step_index = i + 1
 
 
 def epoch_rows(epoch: int) -> list[dict[str, Any]]:
