@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, normalisers, simplex_qp, to_step
@@ -19,6 +20,11 @@ class MGDA(Method):
     ``normalization`` rescales gᵢ to gᵢ / nᵢ before solving (the paper's code): ``none`` (nᵢ = 1),
     ``l2`` (‖gᵢ‖), ``loss`` (Lᵢ) or ``loss+`` (Lᵢ‖gᵢ‖). As in LibMTL the min-norm weights then apply
     to the normalised gradients, wᵢ / nᵢ on the raw ones, which keeps gⱼᵀd ≥ 0.
+
+    At a Pareto-stationary point (0 in the convex hull: opposed gradients, a zero gradient) the
+    min-norm point is d = 0 and the weights are a convex combination that cancels, as in the paper.
+    A Gramian rounded in low precision (bfloat16) may be slightly indefinite; it is first replaced
+    by its nearest positive semi-definite matrix (negative eigenvalues set to 0), see :func:`min_norm`.
     """
 
     needs = "gramian"
@@ -31,5 +37,28 @@ class MGDA(Method):
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
         n = normalisers(g, step.losses, self.normalization)
-        w = simplex_qp(g / (n[:, None] * n[None, :])) / n
+        w = min_norm(g / (n[:, None] * n[None, :]))[0] / n
         return to_step(w, step.gramian)
+
+
+def nearest_psd(g: Tensor) -> Tensor:
+    """The positive semi-definite matrix nearest to the symmetric ``g`` (Frobenius norm): its
+    negative eigenvalues, round-off of a Gramian computed in low precision, set to 0."""
+    vals, vecs = torch.linalg.eigh(g)
+    if bool((vals >= 0).all()):
+        return g
+    return (vecs * vals.clamp_min(0)) @ vecs.T
+
+
+def min_norm(g: Tensor) -> tuple[Tensor, float]:
+    """(w, ‖d‖² / mean Gᵢᵢ): the min-norm point d = Jᵀw of the convex hull of the gradients.
+
+    The value is relative to the mean squared gradient norm (0 when every gradient is 0): 0 at a
+    Pareto-stationary point, whatever the scale of the gradients.
+    """
+    scale = float(g.diagonal().mean()) if len(g) else 0.0
+    if not scale > 0:
+        return torch.full((len(g),), 1.0 / max(len(g), 1), dtype=g.dtype), 0.0
+    gs = nearest_psd(g / scale)
+    w = simplex_qp(gs)
+    return w, max(float(w @ gs @ w), 0.0)

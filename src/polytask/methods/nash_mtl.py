@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,25 +11,45 @@ from torch import Tensor
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import as_float64, to_step
 from polytask.methods.base import Method, Step, check_positive, register
+from polytask.methods.mgda import min_norm, nearest_psd
 
-_RIDGE = 1e-10
+#: Smallest ‖d_min‖² / mean ‖gᵢ‖² (d_min: the min-norm point of the convex hull of the gradients)
+#: at which the bargaining problem is solved; below it (or below T·eps of the Gramian's dtype, its
+#: round-off) the point counts as Pareto-stationary. The weights grow like 1/‖d_min‖, ~1e5 here.
+STATIONARY = 1e-10
 
 
 @register("nash_mtl")
 class NashMTL(Method):
-    """Multi-task learning as a bargaining game — Navon et al., ICML 2022, Algorithm 1.
+    """Multi-task learning as a bargaining game — Navon, Shamsian, Achituve, Maron, Kawaguchi,
+    Chechik & Fetaya, "Multi-Task Learning as a Bargaining Game", ICML 2022, Algorithm 1.
 
-    The weights solve Gw = 1/w, w > 0 (the bargaining solution of their Section 3; then ‖Σ wᵢ gᵢ‖² = wᵀGw = T). Instead of
-    the paper's sequence of convex programs, this solves it exactly with damped Newton on the
-    strictly convex, self-concordant f(w) = ½wᵀGw − Σ log wᵢ, whose stationary point is Gw = 1/w;
-    a 1e-10 relative ridge on G keeps it well posed when the gradients are linearly dependent.
+    The weights solve Gw = 1/w, w > 0 (the bargaining solution of their Section 3; then
+    ‖Σ wᵢ gᵢ‖² = wᵀGw = T). ``max_norm`` > 0 rescales w so that ‖Σ wᵢ gᵢ‖ ≤ max_norm.
+    ``update_weights_every`` re-solves every k calls and reuses the last weights in between (while
+    the same tasks are active); the cached weights and the call counter are buffers, so resuming
+    is exact.
 
-    (The official code divides G by ‖G‖_F for conditioning and multiplies the factor back into its
-    constraint, so it solves the same equation; here G is scaled by its mean diagonal instead.)
-    ``max_norm`` > 0 rescales w so that ‖Σ wᵢ gᵢ‖ ≤ max_norm (the official code clips
-    the shared gradient only; here the heads' gradients scale with it). ``update_weights_every``
-    re-solves every k calls and reuses the last weights in between (while the same tasks are
-    active); the cached weights and the call counter are buffers, so resuming is exact.
+    Departures:
+
+    - Solver. Instead of the paper's sequence of convex programs (CCP, solved with cvxpy), Gw = 1/w
+      is solved exactly with damped Newton on the self-concordant, strictly convex
+      f(w) = ½wᵀGw − Σ log wᵢ, whose stationary point it is. G is scaled by its mean diagonal
+      (the official code divides by ‖G‖_F and multiplies the factor back into its constraint:
+      the same equation) and replaced by its nearest positive semi-definite matrix (a Gramian
+      rounded in float32 or bfloat16 can be slightly indefinite).
+    - Pareto-stationary points. Gw = 1/w has a positive solution exactly when 0 is not in the
+      convex hull of the gradients (f is then coercive on w > 0; otherwise it decreases without
+      bound along the cancelling combination): at a Pareto-stationary point no direction improves
+      every task and the bargaining problem of the paper has no solution. Such a point (two
+      opposed gradients, a zero gradient) is detected as ‖d_min‖² ≤ max(1e-10, T·eps of the
+      Gramian's dtype)·mean ‖gᵢ‖², d_min the min-norm point of the hull (MGDA's direction). There
+      the official code's solver fails and it keeps its previous weights, ones at the first step
+      (as TorchJD's port does); so does this one: the last weights of the same active tasks, else
+      ones, then the ``max_norm`` clipping. Near such a point the weights are large (~1/‖d_min‖)
+      while ‖d‖ stays √T.
+    - ``max_norm`` scales all the weights, so the heads' gradients scale with the shared one (the
+      official code clips the shared gradient only).
     """
 
     needs = "gramian"
@@ -60,35 +81,46 @@ class NashMTL(Method):
             raise InvalidParameterError(f"`NashMTL` got task(s) {unknown} not given to setup(); tasks: {list(tasks)}")
         active = torch.tensor([t in step.tasks for t in tasks], dtype=torch.bool)
         order = [tasks.index(t) for t in step.tasks]
-        reuse = int(self.calls) % self.update_weights_every != 0 and bool((active == self.last_active).all())
-        if reuse:
+        same_tasks = bool((active == self.last_active).all())
+        if int(self.calls) % self.update_weights_every != 0 and same_tasks:
             w = self.last_weights[order]
         else:
-            w = solve_nash(g)
+            tol = max(STATIONARY, len(g) * torch.finfo(step.gramian.dtype).eps)
+            w = solve_nash(g, stationary=tol)
+            if w is None:  # Pareto-stationary: the previous weights, as the official code
+                w = self.last_weights[order] if same_tasks else torch.ones(len(g), dtype=torch.float64)
             self.last_weights.zero_()
             self.last_weights[order] = w
             self.last_active.copy_(active)
         self.calls += 1
         if self.max_norm > 0:
-            norm = float(w @ g @ w) ** 0.5
+            norm = max(float(w @ g @ w), 0.0) ** 0.5
             if norm > self.max_norm:
                 w = w * (self.max_norm / norm)
         return to_step(w, step.gramian)
 
 
-def solve_nash(g: Tensor, iters: int = 500) -> Tensor:
-    """w > 0 with Gw = 1/w: damped Newton on f(w) = ½wᵀGw − Σ log wᵢ (in float64)."""
+def solve_nash(g: Tensor, *, stationary: float = STATIONARY, iters: int = 500) -> Tensor | None:
+    """w > 0 with Gw = 1/w (float64), or None where there is none: at a Pareto-stationary point
+    (‖d_min‖² ≤ ``stationary`` · mean Gᵢᵢ) or if damped Newton on f(w) = ½wᵀGw − Σ log wᵢ fails."""
     n = len(g)
     s = float(g.diagonal().mean())
-    s = s if s > 0 else 1.0
-    a = g / s + _RIDGE * torch.eye(n, dtype=g.dtype)  # solve A u = 1/u, then w = u / √s
-    u = a.diagonal().rsqrt()
+    if not (math.isfinite(s) and s > 0) or min_norm(g)[1] <= stationary:
+        return None
+    a = nearest_psd(g / s)  # solve A u = 1/u, then w = u / √s
+    u = a.diagonal().clamp_min(stationary).rsqrt()
     u = u * (n / float(u @ a @ u)) ** 0.5  # best multiple of the diagonal solution
+    decrement_sq = math.inf
     for _ in range(iters):
         grad = a @ u - 1 / u
         delta = -torch.linalg.solve(a + torch.diag(u.pow(-2)), grad)
-        decrement = float(-(grad @ delta)) ** 0.5
-        if decrement < 1e-12:
+        previous, decrement_sq = decrement_sq, float(-(grad @ delta))  # ≥ 0: the Hessian is positive definite
+        if not math.isfinite(decrement_sq) or decrement_sq < 1e-20:
             break
-        u = u + (1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)) * delta
+        if decrement_sq < 1e-12 and decrement_sq > previous / 4:  # at the round-off floor (ill-conditioned G)
+            break
+        decrement = max(decrement_sq, 0.0) ** 0.5
+        u = u + (1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)) * delta  # stays in w > 0
+    if not (math.isfinite(decrement_sq) and decrement_sq < 1e-10 and bool((u > 0).all())):
+        return None
     return u / s**0.5
