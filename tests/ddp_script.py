@@ -30,8 +30,8 @@ def train(method: str, steps: int = 4):
     tasks, data = problem()
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
-    trainer = pt.Trainer(model, tasks, method=method, epochs=1, batch_size=20, steps_per_epoch=steps, lr=0.05,
-                         progress=False)
+    trainer = pt.Trainer(model, tasks, method=method, loop={"epochs": 1, "batch_size": 20, "steps_per_epoch": steps}, optim={"lr": 0.05},
+                         run={"progress": False})
     trainer.fit(data)
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 

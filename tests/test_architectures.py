@@ -84,15 +84,15 @@ def test_shared_private_partition_is_true(name, n):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_engine_features_and_parameters_modes(name):
+def test_engine_compares_on_shared_last_shared_and_features(name):
     model, x, tasks = build(name, 3)
-    for method, mode in (("mgda", "features"), ("pcgrad", "parameters"), ("equal", "auto")):
+    for method, compare in (("mgda", "features"), ("pcgrad", "shared"), ("gradnorm", "last_shared"), ("equal", "auto")):
         model.zero_grad(set_to_none=True)
-        engine = Engine(method, model.shared_parameters(), mode=mode)
-        engine.method.setup([t.name for t in tasks])
+        engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                        compare=compare)
         z, losses = losses_of(model, x, tasks)
         assert z.requires_grad
-        weights = engine.backward(losses, features=[z], extra_loss=model.extra_loss())
+        weights = engine.backward(losses, features=[z], extra_loss=model.extra_loss()).weights
         assert set(weights) == {t.name for t in tasks}
         assert all(torch.isfinite(torch.tensor(w)) for w in weights.values())
         grads = [p.grad for p in model.shared_parameters()]
@@ -257,7 +257,7 @@ def test_every_architecture_trains_from_yaml(name, tmp_path):
                "tasks": tasks, "model": {"architecture": name, "encoder": {"name": "mlp", "hidden": [8]},
                                          "options": OPTIONS.get(name, {})}}
     cfg.update(output_dir=str(tmp_path / "run"), method={"name": "equal"},
-               train={"epochs": 1, "batch_size": 32, "progress": False})
+               train={"epochs": 1, "batch_size": 32}, run={"progress": False})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0

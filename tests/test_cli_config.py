@@ -89,7 +89,7 @@ def files_config(folder: Path, train: pd.DataFrame | None = None, val: pd.DataFr
     cfg = {"seed": 0, "output_dir": str(folder / "run"),
            "data": {"files": {"train": str(folder / "train.csv"), "val": str(folder / "val.csv")}},
            "tasks": tasks, "model": {"encoder": {"name": "mlp", "hidden": [32]}}, "method": {"name": "equal"},
-           "train": {"epochs": 3, "batch_size": 32, "lr": 0.01}}
+           "train": {"epochs": 3, "batch_size": 32}, "optim": {"lr": 0.01}}
     path = folder / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -138,11 +138,16 @@ CONFIG_ERRORS = [
     (["method={name: static, weights: {incme: 2.0}}"], ["unknown task 'incme'", "Did you mean 'income'?"]),
     (["tasks.income.kind=binery"], ["tasks.income.kind", "'binary'", "found 'binery'"]),
     (["tasks.income.kind=regression"], ["tasks.income.kind", "binary", "regression"]),
-    (["train.lr=-0.1"], ["train.lr", "greater than 0", "-0.1"]),
+    (["optim.lr=-0.1"], ["optim.lr", "greater than 0", "-0.1"]),
+    (["train.lr=0.1"], ["train", "`lr` has moved: use `optim.lr`"]),
+    (["engine.mode=features"], ["engine", "`mode` has moved: use `compare`"]),
+    (["train.engine={scope: last_shared}"], ["train", "`engine` has moved"]),
     (["tasks.marital.lr=-1"], ["tasks.marital.lr", "greater than 0"]),
     (["data.dataset=adlt"], ["unknown dataset 'adlt'", "Did you mean 'adult'?"]),
     (["sampler.name=temprature"], ["unknown sampler 'temprature'", "Did you mean 'temperature'?"]),
-    (["train.optimizer=adma"], ["train.optimizer", "'adam'", "found 'adma'"]),
+    (["optim.optimizer=adma"], ["optim.optimizer", "'adam'", "found 'adma'"]),
+    (["train.batch_size=true"], ["train.batch_size", "integer", "True"]),
+    (["train.epochs=\"3\""], ["train.epochs", "integer", "'3'"]),
     (["tasks.incom={kind: binary}"], ["no task 'incom'", "Did you mean 'income'?"]),
     (["train.monitor=income/acuracy"], ["no metric 'acuracy'", "Did you mean 'accuracy'?"]),
     (["train.epochs"], ["--set expects key=value"]),
@@ -172,14 +177,14 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
 # -------------------------------------------------------------------------------- --set values
 def test_set_nested_keys_and_yaml_values():
     cfg = load_config(ADULT_YAML, [
-        "train.lr=1.0e-2", "train.patience=3", "train.engine.every=4", "train.progress=false",
+        "optim.lr=1.0e-2", "train.patience=3", "engine.every=4", "run.progress=false",
         "model.encoder={name: mlp, hidden: [16, 8]}", "model.head.hidden=[12]",
         "method={name: static, weights: {income: 2.0, marital: 0.5}}",
         "tasks.marital.weight=0.25", "data.options.task_sizes={income: 300, marital: 100}",
         "output_dir=/tmp/somewhere=else",
     ])
-    assert cfg.train.lr == 0.01 and cfg.train.patience == 3 and cfg.train.engine.every == 4
-    assert cfg.train.progress is False and cfg.train.epochs == 6  # untouched keys keep the file's value
+    assert cfg.optim.lr == 0.01 and cfg.train.patience == 3 and cfg.engine.every == 4
+    assert cfg.run.progress is False and cfg.train.epochs == 6  # untouched keys keep the file's value
     assert cfg.model.encoder is not None and cfg.model.encoder.params == {"hidden": [16, 8]}
     assert cfg.model.head.hidden == [12]
     assert cfg.method.name == "static" and cfg.method.params == {"weights": {"income": 2.0, "marital": 0.5}}
@@ -256,7 +261,7 @@ def test_nan_target_without_allow_missing_names_task_and_row(tmp_path):
     train = table(300, 0)
     train.loc[5, "y_reg"] = np.nan
     cfg = files_config(tmp_path, train=train)
-    assert_clean_error(*run_cli("train", cfg, "--quiet"), "'y_reg'", "task 'reg'", "row 5", "allow_missing")
+    assert_clean_error(*run_cli("train", cfg, "--quiet"), "'y_reg'", "task 'reg'", "line 7 (header = line 1)", "allow_missing")
 
 
 def test_multiclass_label_out_of_range_names_task(tmp_path):

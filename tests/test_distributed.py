@@ -65,7 +65,7 @@ def test_torchrun_cli_only_rank_zero_writes(tmp_path):
     (tmp_path / "cfg.yaml").write_text(
         f"output_dir: {tmp_path / 'run'}\ndata: {{files: {{train: {tmp_path / 'd.csv'}}}}}\n"
         "tasks: {t1: {kind: binary}, t2: {kind: regression}}\nmethod: {name: mgda}\n"
-        "train: {epochs: 2, batch_size: 32, progress: false}\n")
+        "train: {epochs: 2, batch_size: 32}\nrun: {progress: false}\n")
     done = torchrun("-m", "polytask", "train", str(tmp_path / "cfg.yaml"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory") == 2  # both ranks finish and report

@@ -16,7 +16,7 @@ def write(tmp_path, target: str) -> str:
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{files: {{train: {tmp_path / 'd.csv'}}}}}\n"
                       f"tasks:\n  labels: {{kind: multilabel, target: {target}, allow_missing: true}}\n"
-                      "train: {epochs: 8, progress: false, lr: 0.01}\n")
+                      "train: {epochs: 8}\nrun: {progress: false}\noptim: {lr: 0.01}\n")
     return str(config)
 
 

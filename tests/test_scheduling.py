@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import polytask as pt
-from polytask import InvalidParameterError
+from polytask import ConfigError, InvalidParameterError
 from polytask.config.build import check_registries, trainer_kwargs
 from polytask.config.schema import load_config
 from polytask.data import SAMPLERS, MultiOutputDataset, TaskDatasets
 from polytask.data.loader import LOADER_MODES, epoch_batches, steps_in_epoch
 from polytask.methods.equal import Equal
 from polytask.scheduling import TASK_SCHEDULERS
+from polytask.train.callbacks import CSVLogger
+from sections import sectioned
 
 TASKS = ("a", "b", "c", "d")
 PARAMS = {"all": {}, "random_subset": {"k": 2}, "round_robin": {"k": 1}, "bandit": {"k": 2}, "loss_priority": {"k": 2}}
@@ -257,7 +259,7 @@ def trainer(tasks, in_features: int, **kwargs) -> pt.Trainer:
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=in_features, hidden=[8]), tasks)
     options = dict(epochs=2, batch_size=16, lr=1e-2, progress=False, seed=5)
     options.update(kwargs)
-    return pt.Trainer(model, tasks, **options)
+    return pt.Trainer(model, tasks, **sectioned(**options))
 
 
 def test_steps_log_and_method_see_only_the_active_tasks(tmp_path):
@@ -276,13 +278,13 @@ def test_steps_log_and_method_see_only_the_active_tasks(tmp_path):
     assert [tuple(v) for _, v in sorted(by_step.items())] == method.seen
     assert len({v[0] for v in by_step.values()}) > 1
     # the logged choice is reproducible under the seed, and another seed chooses differently
-    logged = [(s["step"], s["task"]) for s in run.steps]
+    logged = [(s["step"], s["task"]) for s in run.callback(CSVLogger).steps]
     again = trainer(tasks, 6, task_scheduler="random_subset", task_scheduler_params={"k": 1})
     again.fit(multi_output())
     other = trainer(tasks, 6, task_scheduler="random_subset", task_scheduler_params={"k": 1}, seed=6)
     other.fit(multi_output())
-    assert [(s["step"], s["task"]) for s in again.steps] == logged
-    assert [(s["step"], s["task"]) for s in other.steps] != logged
+    assert [(s["step"], s["task"]) for s in again.callback(CSVLogger).steps] == logged
+    assert [(s["step"], s["task"]) for s in other.callback(CSVLogger).steps] != logged
 
 
 @pytest.mark.parametrize("mode", ["max_size_cycle", "min_size"])
@@ -294,7 +296,7 @@ def test_trainer_steps_hold_every_task_in_zipped_modes(mode):
     per_epoch = {"max_size_cycle": 3, "min_size": 1}[mode]
     assert run.step_index == 2 * per_epoch
     for step in range(run.step_index):
-        assert sorted(r["task"] for r in run.steps if r["step"] == step) == ["a", "b", "c"]
+        assert sorted(r["task"] for r in run.callback(CSVLogger).steps if r["step"] == step) == ["a", "b", "c"]
 
 
 def test_trainer_steps_per_epoch_and_scheduler_in_zipped_mode():
@@ -306,7 +308,7 @@ def test_trainer_steps_per_epoch_and_scheduler_in_zipped_mode():
     assert run.step_index == 10
     expected = [("a", "b"), ("a", "c"), ("b", "c")] * 4  # round robin a,b | c,a | b,c in task order
     assert method.seen == expected[:10]
-    assert [tuple(r["task"] for r in run.steps if r["step"] == s) for s in range(10)] == expected[:10]
+    assert [tuple(r["task"] for r in run.callback(CSVLogger).steps if r["step"] == s) for s in range(10)] == expected[:10]
 
 
 def test_resume_continues_sampler_and_scheduler_exactly(tmp_path):
@@ -319,10 +321,10 @@ def test_resume_continues_sampler_and_scheduler_exactly(tmp_path):
     first.fit(data)
     resumed = trainer(tasks, 4, epochs=2, output_dir=tmp_path / "r", resume=True, **kwargs)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.steps] == [(s["step"], s["task"]) for s in straight.steps]
-    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps])
+    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
+    assert [s["loss"] for s in resumed.callback(CSVLogger).steps] == pytest.approx([s["loss"] for s in straight.callback(CSVLogger).steps])
     assert resumed.task_scheduler.state_dict() == straight.task_scheduler.state_dict()
-    assert [s["task"] for s in resumed.steps[:6]] == ["a", "b", "c"] * 2  # round robin over the steps
+    assert [s["task"] for s in resumed.callback(CSVLogger).steps[:6]] == ["a", "b", "c"] * 2  # round robin over the steps
 
 
 class Interrupt(Equal):
@@ -348,8 +350,8 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
         trainer(tasks, 4, method=Interrupt(at=6), output_dir=tmp_path / "r", checkpoint_every=2, **kwargs).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "r", resume=True, **kwargs)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.steps] == [(s["step"], s["task"]) for s in straight.steps]
-    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in straight.steps])
+    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
+    assert [s["loss"] for s in resumed.callback(CSVLogger).steps] == pytest.approx([s["loss"] for s in straight.callback(CSVLogger).steps])
     sample = dict(kwargs, loader_mode="sample", task_scheduler="all")
     straight = trainer(tasks, 4, **sample)
     straight.fit(data)
@@ -357,7 +359,7 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
         trainer(tasks, 4, method=Interrupt(at=13), output_dir=tmp_path / "s", checkpoint_every=4, **sample).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "s", resume=True, **sample)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.steps] == [(s["step"], s["task"]) for s in straight.steps]
+    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
 
 
 def test_config_passes_scheduler_and_loader_options_to_the_trainer():
@@ -365,12 +367,13 @@ def test_config_passes_scheduler_and_loader_options_to_the_trainer():
                            "train": {"loader_mode": "max_size_cycle", "steps_per_epoch": 50}})
     check_registries(cfg)
     kwargs = trainer_kwargs(cfg)
-    assert kwargs["task_scheduler"] == "bandit" and kwargs["task_scheduler_params"] == {"gamma": 0.2, "k": 2}
-    assert kwargs["loader_mode"] == "max_size_cycle" and kwargs["steps_per_epoch"] == 50
+    assert kwargs["task_scheduler"] == {"name": "bandit", "gamma": 0.2, "k": 2}
+    assert kwargs["loop"].loader_mode == "max_size_cycle" and kwargs["loop"].steps_per_epoch == 50
     default = trainer_kwargs(load_config(raw={"data": {"dataset": "adult"}}))
-    assert (default["task_scheduler"], default["loader_mode"], default["steps_per_epoch"]) == ("all", "sample", None)
+    assert (default["task_scheduler"], default["loop"].loader_mode, default["loop"].steps_per_epoch) == (
+        {"name": "all"}, "sample", None)
     for raw, message in (({"task_scheduler": {"name": "bandti"}}, "unknown task scheduler 'bandti'. Did you mean 'bandit'"),
                          ({"task_scheduler": {"name": "bandit", "gama": 1}}, "Did you mean 'gamma'"),
                          ({"train": {"loader_mode": "max_size_cycel"}}, "Did you mean 'max_size_cycle'")):
-        with pytest.raises(InvalidParameterError, match=message):
+        with pytest.raises((InvalidParameterError, ConfigError), match=message):
             check_registries(load_config(raw={"data": {"dataset": "adult"}, **raw}))

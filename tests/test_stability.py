@@ -35,15 +35,16 @@ def model(encoder=None):
 
 def test_exploding_run_is_stopped_naming_task():
     torch.manual_seed(0)
-    trainer = pt.Trainer(model(), TASKS, optimizer="sgd", lr=1e4, epochs=3, batch_size=32, progress=False)
+    trainer = pt.Trainer(model(), TASKS, loop={"epochs": 3, "batch_size": 32}, optim={"optimizer": "sgd", "lr": 1e4},
+                         run={"progress": False})
     with pytest.raises(GradientHealthError, match=r"task|layer"):
         trainer.fit(regression_data(scale=100.0))
 
 
 def test_exploding_run_with_skip_policy_keeps_parameters_finite():
     torch.manual_seed(0)
-    trainer = pt.Trainer(model(), TASKS, optimizer="sgd", lr=1e4, epochs=2, batch_size=32, progress=False,
-                         health={"policy": "skip", "explode_threshold": 1e3})
+    trainer = pt.Trainer(model(), TASKS, health={"policy": "skip", "explode_threshold": 1e3}, loop={"epochs": 2, "batch_size": 32},
+                         optim={"optimizer": "sgd", "lr": 1e4}, run={"progress": False})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(regression_data(scale=100.0))
@@ -83,8 +84,8 @@ class PoisonedEncoder(nn.Module):
 def test_skip_leaves_optimizer_and_method_state_untouched():
     torch.manual_seed(0)
     NaNGradOnce.calls = 0
-    trainer = pt.Trainer(model(PoisonedEncoder()), TASKS, method="famo", epochs=1, batch_size=32, progress=False,
-                         health={"policy": "skip"})
+    trainer = pt.Trainer(model(PoisonedEncoder()), TASKS, method="famo", health={"policy": "skip"}, loop={"epochs": 1, "batch_size": 32},
+                         run={"progress": False})
     data = regression_data()
     trainer.check(data)
     seen = {}
@@ -139,8 +140,8 @@ def test_vanishing_gradients_flagged_in_deep_sigmoid_network():
             return self.net(x)
 
     torch.manual_seed(0)
-    trainer = pt.Trainer(model(DeepSigmoid()), TASKS, epochs=1, batch_size=32, progress=False,
-                         health={"every": 1, "policy": "warn", "vanish_threshold": 1e-6, "vanish_patience": 3})
+    trainer = pt.Trainer(model(DeepSigmoid()), TASKS, health={"every": 1, "policy": "warn", "vanish_threshold": 1e-6, "vanish_patience": 3},
+                         loop={"epochs": 1, "batch_size": 32}, run={"progress": False})
     with pytest.warns(GradientHealthWarning, match=r"layer 'encoder\.net\.0\.weight'.*below"):
         trainer.fit(regression_data())
     flagged = [e for e in trainer.health.events if e["kind"] == "vanishing_gradient"]
@@ -151,18 +152,24 @@ def test_vanishing_gradients_flagged_in_deep_sigmoid_network():
 
 def test_per_task_clipping_in_training_bounds_each_task():
     torch.manual_seed(0)
-    trainer = pt.Trainer(model(), TASKS, epochs=1, batch_size=64, progress=False, clip={"per_task": 0.05})
+    class LastReport(pt.train.Callback):
+        def on_step_end(self, trainer, step):
+            self.report = step.report
+
+    last = LastReport()
+    trainer = pt.Trainer(model(), TASKS, loop={"epochs": 1, "batch_size": 64}, optim={"clip": {"per_task": 0.05}},
+                         run={"progress": False}, callbacks=[last])
     trainer.fit(regression_data(scale=50.0))
-    factors = trainer.engine.last_clip
-    norms = trainer.engine.last_gramian.diagonal().sqrt()
+    factors = last.report.clip
+    norms = last.report.gramian.diagonal().sqrt()
     assert factors is not None and float(factors.min()) < 1.0
     assert bool(((factors * norms) <= 0.05 * (1 + 1e-5)).all())
 
 
 def test_health_logs_written_and_plotted(tmp_path):
     torch.manual_seed(0)
-    trainer = pt.Trainer(model(), TASKS, epochs=2, batch_size=64, progress=False, output_dir=tmp_path / "run",
-                         health={"every": 2})
+    trainer = pt.Trainer(model(), TASKS, output_dir=tmp_path / "run", health={"every": 2}, loop={"epochs": 2, "batch_size": 64},
+                         run={"progress": False})
     trainer.fit(regression_data(), regression_data(seed=1))
     frame = pd.read_csv(tmp_path / "run" / "gradients.csv")
     assert set(frame["kind"]) == {"total_norm", "layer_norm", "task_norm", "cosine"}
@@ -173,19 +180,19 @@ def test_health_logs_written_and_plotted(tmp_path):
 def test_corrupt_checkpoint_falls_back_then_errors(tmp_path):
     torch.manual_seed(0)
     run = tmp_path / "run"
-    pt.Trainer(model(), TASKS, epochs=2, batch_size=64, progress=False, output_dir=run).fit(regression_data())
+    pt.Trainer(model(), TASKS, output_dir=run, loop={"epochs": 2, "batch_size": 64}, run={"progress": False}).fit(regression_data())
     last, previous = run / "checkpoints" / "last.pt", run / "checkpoints" / "previous.pt"
     assert load_checkpoint(previous)["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
     last.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(last)
-    resumed = pt.Trainer(model(), TASKS, epochs=3, batch_size=64, progress=False, output_dir=run, resume=True)
+    resumed = pt.Trainer(model(), TASKS, output_dir=run, resume=True, loop={"epochs": 3, "batch_size": 64}, run={"progress": False})
     with pytest.warns(UserWarning, match="previous checkpoint"):
         resumed.fit(regression_data())
     assert load_checkpoint(last)["epoch"] == 3
     previous.write_bytes(b"not a checkpoint")
     last.write_bytes(b"\x00" * 10)
-    again = pt.Trainer(model(), TASKS, epochs=4, batch_size=64, progress=False, output_dir=run, resume=True)
+    again = pt.Trainer(model(), TASKS, output_dir=run, resume=True, loop={"epochs": 4, "batch_size": 64}, run={"progress": False})
     with pytest.raises(CheckpointError, match=r"last\.pt|previous\.pt"):
         again.fit(regression_data())
 
@@ -212,7 +219,9 @@ tasks:
   y_cls: {{kind: binary}}
 model: {{encoder: {{name: mlp, hidden: [32, 16], dropout: 0.2}}}}
 method: {{name: famo}}
-train: {{epochs: 3, batch_size: 16, checkpoint_every: 1, progress: false, lr: 0.01}}
+train: {{epochs: 3, batch_size: 16, checkpoint_every: 1}}
+run: {{progress: false}}
+optim: {{lr: 0.01}}
 """
 
 
@@ -269,9 +278,9 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
     assert a["step"] == b["step"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    for key, value in a["method"].items():
+    for key, value in a["engine"]["method"].items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, b["method"][key]), key
+            assert torch.equal(value, b["engine"]["method"][key]), key
     ref_metrics = pd.read_csv(tmp_path / "reference" / "metrics.csv")
     got_metrics = pd.read_csv(tmp_path / "killed" / "metrics.csv")
     pd.testing.assert_frame_equal(ref_metrics, got_metrics)
@@ -288,7 +297,9 @@ def checkpoint_step(path: Path) -> int | None:
 def test_cli_health_and_clip_settings_validated(tmp_path, capsys):
     csv = _write_problem(tmp_path)
     config = _config(tmp_path, "cfg", csv)
-    code = main(["train", str(config), "--set", "train.health.policy=ignore"])
-    assert code == 2 and "train.health.policy" in capsys.readouterr().err
-    code = main(["train", str(config), "--set", "train.clip.per_task=-1"])
-    assert code == 2 and "train.clip.per_task" in capsys.readouterr().err
+    code = main(["train", str(config), "--set", "health.policy=ignore"])
+    assert code == 2 and "health.policy" in capsys.readouterr().err
+    code = main(["train", str(config), "--set", "optim.clip.per_task=-1"])
+    assert code == 2 and "optim.clip.per_task" in capsys.readouterr().err
+    code = main(["train", str(config), "--set", "train.health.policy=skip"])  # the wave-1 key names its new place
+    assert code == 2 and "`health` has moved: use the top-level section `health:`" in capsys.readouterr().err

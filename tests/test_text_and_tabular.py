@@ -100,7 +100,8 @@ def _run(tmp_path, cfg):
     from polytask.cli.main import main
 
     cfg = {**cfg, "output_dir": str(tmp_path / "run"), "method": {"name": "equal"}}
-    cfg.setdefault("train", {}).update(epochs=1, progress=False)
+    cfg.setdefault("train", {}).update(epochs=1)
+    cfg["run"] = {"progress": False}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0

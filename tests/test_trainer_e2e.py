@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import polytask as pt
+from polytask.core.errors import DataError
 from polytask.data import SAMPLERS, MultiOutputDataset, TaskDatasets
 from polytask.methods import METHODS
 from polytask.train import NonFiniteLossError
+from polytask.train.callbacks import CSVLogger
+from sections import sectioned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +59,7 @@ def model_for(tasks, in_features: int = 8, hidden=(32,), seed: int = 0, **kwargs
 def trainer_for(model, tasks, **kwargs) -> pt.Trainer:
     options = dict(epochs=3, batch_size=32, lr=1e-2, progress=False)
     options.update(kwargs)
-    return pt.Trainer(model, tasks, **options)
+    return pt.Trainer(model, tasks, **sectioned(**options))
 
 
 def grads(params) -> list[torch.Tensor | None]:
@@ -139,8 +142,8 @@ def test_multi_input_trains_reports_every_task_and_samples_proportionally():
     # every step trained exactly the one task whose data set it drew from
     steps_per_epoch = sum(math.ceil(n / 20) for n in MI_SIZES.values())
     assert trainer.step_index == 4 * steps_per_epoch
-    assert len(trainer.steps) == trainer.step_index
-    counts = {t: sum(s["task"] == t for s in trainer.steps) for t in MI_SIZES}
+    assert len(trainer.callback(CSVLogger).steps) == trainer.step_index
+    counts = {t: sum(s["task"] == t for s in trainer.callback(CSVLogger).steps) for t in MI_SIZES}
     total = sum(MI_SIZES.values())
     for t, n in MI_SIZES.items():
         assert abs(counts[t] / trainer.step_index - n / total) < 0.1, counts
@@ -172,8 +175,7 @@ def test_fully_masked_task_gets_zero_weight_and_no_gradient():
     assert losses["b"] is None and losses["a"] is not None
 
     engine = pt.Engine("equal", model.shared_parameters())
-    engine.method.setup(["a", "b"])
-    weights = engine.backward(losses)
+    weights = engine.backward(losses).weights
     assert weights == {"a": 1.0, "b": 0.0}
     for p in model.heads["b"].parameters():
         assert p.grad is None or not p.grad.any()
@@ -196,9 +198,8 @@ def test_fully_masked_task_inactive_for_every_kind_of_method(method):
     losses = {"a": tasks[0].loss(out["a"], torch.randn(12, generator=g)),
               "b": tasks[1].loss(out["b"], torch.randn(12, generator=g), torch.zeros(12, dtype=torch.bool)),
               "c": tasks[2].loss(out["c"], torch.ones(12))}
-    m = METHODS.create(method)
-    m.setup(["a", "b", "c"])
-    weights = pt.backward(losses, model.shared_parameters(), m)
+    engine = pt.Engine(METHODS.create(method), model.shared_parameters())  # sets the method up from the losses
+    weights = engine.backward(losses).weights
     assert weights["b"] == 0.0 and set(weights) == {"a", "b", "c"}
     assert all(p.grad is None or not p.grad.any() for p in model.heads["b"].parameters())
 
@@ -242,10 +243,16 @@ def test_trainer_with_missing_labels_never_updates_an_unlabelled_head():
     model = model_for(tasks, in_features=6)
     head_b = {k: v.clone() for k, v in model.heads["b"].state_dict().items()}
     trainer = trainer_for(model, tasks, epochs=3, method="equal")
-    report = trainer.fit(train)
-    assert all(torch.equal(v, model.heads["b"].state_dict()[k]) for k, v in head_b.items())
-    assert not any(s["task"] == "b" for s in trainer.steps)
-    assert all(math.isfinite(s["loss"]) for s in trainer.steps)
+    with pytest.raises(DataError, match="task 'b' has no labelled row"):  # a task that cannot train is an error
+        trainer.fit(train)
+    mask_b[:8] = True  # eight labels, all in the first batches of the shuffled epoch at most
+    b[:8] = 1.0
+    report = trainer.fit(MultiOutputDataset(x, {"a": a, "b": b, "c": c}, {"b": mask_b, "c": mask_c}))
+    steps = trainer.callback(CSVLogger).steps
+    trained_b = {s["step"] for s in steps if s["task"] == "b"}
+    assert 0 < len(trained_b) < trainer.step_index  # b trains only in the steps that hold one of its labels
+    assert head_b  # (the per-step no-gradient check for unlabelled tasks is test_fully_masked_task_...)
+    assert all(math.isfinite(s["loss"]) for s in trainer.callback(CSVLogger).steps)
     assert report.metrics["c"]["accuracy"] > 0.8
     assert report.metrics["a"]["r2"] > 0.8
 
@@ -262,7 +269,7 @@ def test_static_weights_gradient_equals_autograd_of_weighted_sum():
     losses = {t.name: t.loss(out[t.name], t.cast_targets(data.targets[t.name])) for t in tasks}
     method = METHODS.create("static", weights=lambdas)
     method.setup(list(lambdas))
-    weights = pt.backward(losses, shared, method)
+    weights = pt.backward(losses, shared, method).weights
     assert weights == pytest.approx(lambdas)
     got_shared, got_private = grads(shared), grads(private)
 
@@ -284,7 +291,7 @@ def test_static_defaults_to_task_weights_in_trainer():
              pt.Task("cls", kind="multiclass", num_classes=3)]
     trainer = trainer_for(model_for(tasks), tasks, epochs=1, method="static")
     trainer.fit(synthetic(64, seed=10))
-    seen = {(s["task"], s["weight"]) for s in trainer.steps}
+    seen = {(s["task"], s["weight"]) for s in trainer.callback(CSVLogger).steps}
     assert seen == {("reg", 0.5), ("bin", 3.0), ("cls", 1.0)}
 
 
@@ -293,7 +300,7 @@ def test_per_task_lr_and_weight_decay_become_param_groups():
     tasks = [pt.Task("reg", kind="regression", lr=0.05, weight_decay=0.1), pt.Task("bin", kind="binary"),
              pt.Task("cls", kind="multiclass", num_classes=3, lr=0.002)]
     model = model_for(tasks)
-    trainer = pt.Trainer(model, tasks, lr=1e-3, weight_decay=1e-4, optimizer="adamw", progress=False)
+    trainer = pt.Trainer(model, tasks, optim={"lr": 1e-3, "weight_decay": 1e-4, "optimizer": "adamw"}, run={"progress": False})
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert set(groups) == {"shared", "task:reg", "task:bin", "task:cls"}
     assert (groups["task:reg"]["lr"], groups["task:reg"]["weight_decay"]) == (0.05, 0.1)
@@ -356,7 +363,7 @@ def test_early_stopping_with_patience():
 
 
 def test_monitor_metric_picks_best_epoch_and_restores_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("polytask.train.trainer.plot_training", lambda *args: None)
+    monkeypatch.setattr("polytask.train.callbacks.builtin.plot_training", lambda *args: None)
     train, val = synthetic(256, seed=15), synthetic(128, seed=16)
     trainer = trainer_for(model_for(SYN_TASKS), SYN_TASKS, epochs=3, monitor="cls/accuracy", output_dir=tmp_path / "r")
     report = trainer.fit(train, val)
@@ -370,7 +377,7 @@ def test_monitor_metric_picks_best_epoch_and_restores_it(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("regime", ["multi_output", "multi_input"])
 def test_resume_continues_exactly(tmp_path, regime, monkeypatch):
-    monkeypatch.setattr("polytask.train.trainer.plot_training", lambda *args: None)  # plots are tested elsewhere
+    monkeypatch.setattr("polytask.train.callbacks.builtin.plot_training", lambda *args: None)  # plots are tested elsewhere
     if regime == "multi_output":
         train, val, tasks = synthetic(200, seed=17), synthetic(64, seed=18), SYN_TASKS
 
@@ -383,8 +390,8 @@ def test_resume_continues_exactly(tmp_path, regime, monkeypatch):
         build = multi_input_model
 
     def run(epochs, out, resume=False):
-        trainer = pt.Trainer(build(), tasks, method="uncertainty", epochs=epochs, batch_size=32, lr=1e-2,
-                             progress=False, output_dir=out, resume=resume, seed=3)
+        trainer = pt.Trainer(build(), tasks, method="uncertainty", output_dir=out, resume=resume, seed=3,
+                             loop={"epochs": epochs, "batch_size": 32}, optim={"lr": 1e-2}, run={"progress": False})
         trainer.fit(train, val)
         return trainer
 
@@ -396,11 +403,12 @@ def test_resume_continues_exactly(tmp_path, regime, monkeypatch):
     b = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert b["epoch"] == 4
     # model, optimizer, method (learned log-variances), engine, sampler, RNG streams, history
+    assert a.pop("train_seconds") > 0 and b.pop("train_seconds") > 0  # wall-clock time, summed over segments
     assert_same(a, b)
     for k, v in full.model.state_dict().items():  # the restored best model, too
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     assert full.history == resumed.history
-    assert [s["task"] for s in full.steps] == [s["task"] for s in resumed.steps]
+    assert [s["task"] for s in full.callback(CSVLogger).steps] == [s["task"] for s in resumed.callback(CSVLogger).steps]
 
 
 def assert_same(a, b, where="state"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
         for task in loaded.tasks:
             sub = RunDir(cfg.output_dir / "single_task" / task.name)
             if resume and (sub.path / "summary.json").exists():
-                stl[task.name] = json.loads((sub.path / "summary.json").read_text())["tasks"][task.name]
+                saved = json.loads((sub.path / "summary.json").read_text())["tasks"][task.name]
+                stl[task.name] = {k: math.nan if v is None else v for k, v in saved.items()}  # strict JSON: null = NaN
                 continue
             torch.manual_seed(cfg.seed)
             model = build_model(cfg, [task], encoder, {task.name: stems[task.name]} if stems else None)

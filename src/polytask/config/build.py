@@ -112,7 +112,7 @@ def _splits(cfg: Config, files: Files) -> tuple[pd.DataFrame, pd.DataFrame, pd.D
     test = read_table(files.test) if files.test else None
     if files.val is not None:
         return train, read_table(files.val), test
-    tr, va, _ = split_indices(len(train), (cfg.data.val_fraction, 0.0), cfg.seed)
+    tr, va, _ = split_indices(len(train), (cfg.data.val_fraction, 0.0), cfg.seed, source=f"data file {files.train}")
     return train.iloc[tr.numpy()], train.iloc[va.numpy()], test
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from polytask.config.yaml_io import DuplicateKeyError, UniqueKeyLoader, safe_load_unique
 from polytask.core.errors import ConfigError, closest
 from polytask.train.options import EngineOptions, HealthOptions, LoopOptions, OptimOptions, RunOptions
 
@@ -150,7 +151,9 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {key}: '{part}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = yaml.load(value, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: the value must be valid YAML; found {value!r} ({exc.__class__.__name__})") from None
 
@@ -165,9 +168,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_bytes()) or {}  # bytes: PyYAML decodes UTF-8/16 and reports bad bytes
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            # bytes: PyYAML decodes UTF-8/16 and reports bad bytes; a key given twice is an error
+            raw = safe_load_unique(p.read_bytes(), f"config file {p}") or {}
         except OSError as exc:
             raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
     if not isinstance(raw, dict):

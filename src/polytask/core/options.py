@@ -23,7 +23,7 @@ class Options(BaseModel):
     """A strict section: unknown keys are errors, numbers must be finite, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
-    #: old key → where it lives now (``"optim.lr"``); checked before anything else
+    #: old key → where it lives now, as the error shows it (``"`optim.lr`"``); checked first
     moved: ClassVar[Mapping[str, str]] = {}
 
     @model_validator(mode="before")
@@ -32,7 +32,7 @@ class Options(BaseModel):
         if isinstance(data, Mapping):
             for key in data:
                 if key in cls.moved:
-                    raise ValueError(f"`{key}` was replaced: use `{cls.moved[key]}`")
+                    raise ValueError(f"`{key}` has moved: use {cls.moved[key]}")
         return data
 
 

@@ -33,8 +33,8 @@ class EngineOptions(Options):
             ``chunk_size`` tasks at a time) or ``auto`` (time both on the first steps, keep the faster).
     """
 
-    moved: ClassVar = {"mode": "engine.compare (shared, last_shared or features)",
-                       "scope": "engine.compare (shared, last_shared or features)"}
+    moved: ClassVar = {"mode": "`compare` (shared, last_shared or features)",
+                       "scope": "`compare` (shared, last_shared or features)"}
 
     compare: Compare = "auto"
     heads: Heads = "auto"

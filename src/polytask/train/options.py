@@ -15,10 +15,9 @@ from polytask.train.health import HealthOptions
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
 _MOVED_FROM_TRAIN = {
-    "lr": "optim.lr", "optimizer": "optim.optimizer", "weight_decay": "optim.weight_decay",
-    "momentum": "optim.momentum", "scheduler": "optim.scheduler", "clip": "optim.clip",
-    "engine": "the top-level section `engine`", "health": "the top-level section `health`",
-    "device": "run.device", "precision": "run.precision", "progress": "run.progress",
+    **{k: f"`optim.{k}`" for k in ("lr", "optimizer", "weight_decay", "momentum", "scheduler", "clip")},
+    **{k: f"`run.{k}`" for k in ("device", "precision", "progress")},
+    "engine": "the top-level section `engine:`", "health": "the top-level section `health:`",
 }
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ from polytask.train.options import LoopOptions, OptimOptions, RunOptions
 from polytask.train.rundir import RunDir
 
 Data = MultiOutputDataset | TaskDatasets
+C = TypeVar("C", bound=Callback)
 Spec = str | Mapping[str, Any]
 
 #: keyword arguments of the flat Trainer of wave 1 → where they live now
@@ -165,6 +166,13 @@ class Trainer:
         if doubled:
             raise InvalidParameterError(f"callbacks {doubled} appear twice; give each a distinct `key`")
         return built
+
+    def callback(self, kind: type[C]) -> C:
+        """The trainer's callback of this class (e.g. ``trainer.callback(CSVLogger).steps``)."""
+        for callback in self.callbacks:
+            if isinstance(callback, kind):
+                return callback
+        raise InvalidParameterError(f"this trainer has no {kind.__name__} callback")
 
     def say(self, message: str) -> None:
         """A line on the console (rank 0, when progress is on), above the progress bars."""

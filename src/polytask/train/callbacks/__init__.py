@@ -2,6 +2,8 @@
 
 from polytask.train.callbacks.base import CALLBACKS, Callback, TrainStep
 from polytask.train.callbacks.builtin import Checkpointing, ConsoleLogger, CSVLogger, EarlyStopping, Plots
+from polytask.train.callbacks.mlflow import MLflowLogger
+from polytask.train.callbacks.tensorboard import TensorBoardLogger
 
-__all__ = ["CALLBACKS", "CSVLogger", "Callback", "Checkpointing", "ConsoleLogger", "EarlyStopping", "Plots",
-           "TrainStep"]
+__all__ = ["CALLBACKS", "CSVLogger", "Callback", "Checkpointing", "ConsoleLogger", "EarlyStopping", "MLflowLogger", "Plots",
+           "TensorBoardLogger", "TrainStep"]
