@@ -254,6 +254,11 @@ def regression_tasks(names) -> list[pt.Task]:
     return [pt.Task(t, kind="regression") for t in names]
 
 
+def steps(trainer: pt.Trainer) -> list[dict]:
+    """The trainer's steps.csv rows: (step, epoch, task, loss, weight) per task that trained."""
+    return trainer.callback(CSVLogger).steps
+
+
 def trainer(tasks, in_features: int, **kwargs) -> pt.Trainer:
     torch.manual_seed(0)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=in_features, hidden=[8]), tasks)
@@ -321,8 +326,8 @@ def test_resume_continues_sampler_and_scheduler_exactly(tmp_path):
     first.fit(data)
     resumed = trainer(tasks, 4, epochs=2, output_dir=tmp_path / "r", resume=True, **kwargs)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
-    assert [s["loss"] for s in resumed.callback(CSVLogger).steps] == pytest.approx([s["loss"] for s in straight.callback(CSVLogger).steps])
+    assert [(s["step"], s["task"]) for s in steps(resumed)] == [(s["step"], s["task"]) for s in steps(straight)]
+    assert [s["loss"] for s in steps(resumed)] == pytest.approx([s["loss"] for s in steps(straight)])
     assert resumed.task_scheduler.state_dict() == straight.task_scheduler.state_dict()
     assert [s["task"] for s in resumed.callback(CSVLogger).steps[:6]] == ["a", "b", "c"] * 2  # round robin over the steps
 
@@ -350,8 +355,8 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
         trainer(tasks, 4, method=Interrupt(at=6), output_dir=tmp_path / "r", checkpoint_every=2, **kwargs).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "r", resume=True, **kwargs)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
-    assert [s["loss"] for s in resumed.callback(CSVLogger).steps] == pytest.approx([s["loss"] for s in straight.callback(CSVLogger).steps])
+    assert [(s["step"], s["task"]) for s in steps(resumed)] == [(s["step"], s["task"]) for s in steps(straight)]
+    assert [s["loss"] for s in steps(resumed)] == pytest.approx([s["loss"] for s in steps(straight)])
     sample = dict(kwargs, loader_mode="sample", task_scheduler="all")
     straight = trainer(tasks, 4, **sample)
     straight.fit(data)
@@ -359,7 +364,7 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
         trainer(tasks, 4, method=Interrupt(at=13), output_dir=tmp_path / "s", checkpoint_every=4, **sample).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "s", resume=True, **sample)
     resumed.fit(data)
-    assert [(s["step"], s["task"]) for s in resumed.callback(CSVLogger).steps] == [(s["step"], s["task"]) for s in straight.callback(CSVLogger).steps]
+    assert [(s["step"], s["task"]) for s in steps(resumed)] == [(s["step"], s["task"]) for s in steps(straight)]
 
 
 def test_config_passes_scheduler_and_loader_options_to_the_trainer():

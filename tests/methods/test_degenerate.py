@@ -382,19 +382,8 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "warmup": ones,  # step 0 of the warm-up: the static weights 1
 }
 
-#: (method, case, dtype) cases that fail in files this change may not touch (see the reason).
-_FAIRGRAD_ZERO = ("fairgrad.solve_fair starts from u₀ = −α/(α+1)·log(max(ΣG/T, tiny)) = 354 for a zero Gramian: "
-                  "w = e^354 ≈ 7e153, inf once cast to the step's float32/bfloat16")
-_FAIRGRAD_SCALE = ("fairgrad.solve_fair passes absolute xtol/ftol/gtol = 1e-12 to least_squares on the raw G: at "
-                   "gradients ~1e-12 (G ~ 1e-24) it stops at its start, equal weights, where Gw = w^(−1/α) is off "
-                   "by 19-165% (and gᵢᵀd < 0 for the near-opposed pair)")
-XFAIL: dict[tuple[str, str, str], str] = {
-    ("fairgrad", "all_zero", "float32"): _FAIRGRAD_ZERO,
-    ("fairgrad", "all_zero", "bfloat16"): _FAIRGRAD_ZERO,
-    ("fairgrad", "rank1", "float64"): _FAIRGRAD_SCALE,
-    ("fairgrad", "duplicated", "float64"): _FAIRGRAD_SCALE,
-    ("fairgrad", "near_anti_parallel", "float64"): _FAIRGRAD_SCALE,
-}
+#: (method, case, dtype) cases known to fail, with the reason (none today).
+XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 # --- the battery ---------------------------------------------------------------------------------

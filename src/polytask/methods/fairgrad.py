@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.optimize import least_squares
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.methods._gramian_qp import as_float64
 from polytask.methods.base import Method, Step, check_positive, register
+from polytask.methods.mgda import min_norm
 
 
 @register("fairgrad")
@@ -24,6 +28,13 @@ class FairGrad(Method):
     Jacobian, to ``tolerance``. When G is singular the condition may have no solution; the
     least-squares point is returned then, as in the reference code. α = 0 (linear scalarisation)
     is plain equal weighting: use ``equal``.
+
+    Departures:
+        G is divided by its mean diagonal s before solving (w = s^(−α/(α+1)) w̃ undoes it), so the
+        solver's tolerances mean the same at gradients of 1e−12 and of 1e12. At a
+        Pareto-stationary point (the min-norm point of the gradients' hull is 0 relative to
+        their norms, including all gradients 0) the condition has no solution and the
+        least-squares point is huge (1e7 for g₂ = −2g₁); the weights are then 1 for every task.
     """
 
     needs = "gramian"
@@ -39,7 +50,14 @@ class FairGrad(Method):
         self._remember(alpha=alpha, tolerance=tolerance, max_evaluations=max_evaluations)
 
     def weights(self, step: Step) -> Tensor:
-        w = solve_fair(step.gramian.detach().double().cpu().numpy(), self.alpha, self.tolerance, self.max_evaluations)
+        g = as_float64(step.gramian, "FairGrad")
+        scale = float(g.diagonal().mean()) if len(g) else 0.0
+        _, stationary = min_norm(g)
+        if not (math.isfinite(scale) and scale > 0) or stationary <= max(1e-10, len(g) * torch.finfo(step.gramian.dtype).eps):
+            w = np.ones(len(g))  # no solution of G w = w^(−1/α): see Departures
+        else:  # G w = w^(−1/α)  ⇔  (G/s) w̃ = w̃^(−1/α) with w = s^(−α/(α+1)) w̃: tolerances act on unit scale
+            w = solve_fair((g / scale).numpy(), self.alpha, self.tolerance, self.max_evaluations)
+            w = w * scale ** (-self.alpha / (self.alpha + 1))
         return torch.as_tensor(w, dtype=step.losses.dtype, device=step.losses.device)
 
 
