@@ -79,6 +79,19 @@ def equal_step(problem: Problem) -> Callable[[int], None]:
     return step
 
 
+def floor_step(problem: Problem) -> Callable[[int], None]:
+    """The floor of an exact gradient method: T per-task backward passes, gradients discarded."""
+    shared = list(problem.model.shared_parameters())
+
+    def step(i: int) -> None:
+        problem.model.zero_grad(set_to_none=True)
+        _, losses = problem.losses()
+        values = list(losses.values())
+        for k, loss in enumerate(values):
+            torch.autograd.grad(loss, shared, retain_graph=k < len(values) - 1)
+    return step
+
+
 def jacobian_step(problem: Problem) -> Callable[[int], None]:
     shared = list(problem.model.shared_parameters())
 
@@ -146,18 +159,19 @@ class Row:
     ms: float
     vs_equal: float
     vs_jacobian: float
+    vs_floor: float
     peak_mb: float | None
     params: int
 
 
-HEADER = (f"{'encoder':<6} {'T':>3} {'method':<22} {'needs':<9} {'mode':<10} {'ms/step':>9} {'×EW':>7} {'×Jac':>7} "
+HEADER = (f"{'encoder':<6} {'T':>3} {'method':<22} {'needs':<9} {'mode':<10} {'ms/step':>9} {'×EW':>7} {'×Jac':>7} {'×floor':>7} "
           f"{'peak MB':>8}")
 
 
 def format_row(row: Row) -> str:
     shown = "-" if row.peak_mb is None else f"{row.peak_mb:.0f}"
     return (f"{row.encoder:<6} {row.tasks:>3} {row.method:<22} {row.needs:<9} {row.mode:<10} {row.ms:>9.1f} "
-            f"{row.vs_equal:>7.2f} {row.vs_jacobian:>7.2f} {shown:>8}")
+            f"{row.vs_equal:>7.2f} {row.vs_jacobian:>7.2f} {row.vs_floor:>7.2f} {shown:>8}")
 
 
 def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int, features: bool, every: int,
@@ -169,14 +183,17 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
     time_step(jacobian_step(problem), dev, 2, warmup)
     ew_ms, ew_mem = time_step(equal_step(problem), dev, steps, warmup)
     jac_ms, jac_mem = time_step(jacobian_step(problem), dev, steps, warmup)
+    floor_ms, floor_mem = time_step(floor_step(problem), dev, steps, warmup)
     rows: list[Row] = []
 
     def add(method: str, needs: str, mode: str, ms: float, mem: float | None) -> None:
-        rows.append(Row(problem.name, len(problem.tasks), method, needs, mode, ms, ms / ew_ms, ms / jac_ms, mem, params))
+        rows.append(Row(problem.name, len(problem.tasks), method, needs, mode, ms, ms / ew_ms, ms / jac_ms, ms / floor_ms,
+                        mem, params))
         echo(format_row(rows[-1]))
 
     add("(equal: 1 backward)", "losses", "-", ew_ms, ew_mem)
     add("(task Jacobian alone)", "gramian", "-", jac_ms, jac_mem)
+    add("(floor: T backwards)", "gramian", "-", floor_ms, floor_mem)
     for name in methods:
         cls = METHODS.get(name)
         modes = ["auto"] if cls.needs == "losses" else [cls.compare]

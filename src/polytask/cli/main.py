@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     arch.add_argument("--steps", type=int, default=20, help="timed steps per architecture (median reported)")
     arch.add_argument("--warmup", type=int, default=3)
     arch.add_argument("--device", default="cpu")
+    heads = bench_sub.add_parser("heads", help="weighted vs unweighted head gradients of gradient methods on the "
+                                 "bundled examples: Δm%% against single-task baselines, per seed")
+    heads.add_argument("--datasets", default="adult,multimnist,reviews,movielens")
+    heads.add_argument("--methods", default="mgda,cagrad,upgrad,nash_mtl,pcgrad")
+    heads.add_argument("--seeds", default="0,1,2")
+    heads.add_argument("--csv", type=Path, default=Path("runs/bench_heads.csv"),
+                       help="results, appended cell by cell; finished cells are not rerun")
     sampling = bench_sub.add_parser("sampling", help="per-task metrics under proportional/temperature/uniform/annealed "
                                     "sampling, task data sets of ~100x/10x/1x size (Adult)")
     sampling.add_argument("--sizes", default="20000,2000,200", help="training rows of income,marital,hours")
@@ -128,6 +135,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.suite == "sampling":
         return _bench_sampling(args)
+    if args.suite == "heads":
+        from polytask.bench import heads as heads_bench
+
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        cells = heads_bench.run(args.datasets.split(","), args.methods.split(","),
+                                [int(s) for s in args.seeds.split(",")], csv_path=args.csv)
+        print(heads_bench.table(cells))
+        return 0
     if args.suite == "architectures":
         return _bench_architectures(args)
     torch.set_num_threads(torch.get_num_threads())
