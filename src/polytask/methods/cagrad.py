@@ -87,7 +87,9 @@ def _piece_root(g: Tensor, b: Tensor, y: Tensor, target: float, lo: float, hi: f
     if not bool(free.any()):
         return mid
     gff = g[free][:, free]
-    sol = torch.linalg.lstsq(gff, torch.stack([torch.ones_like(b[free]), b[free]], dim=1)).solution
+    # G_FF⁺ by eigendecomposition, not lstsq: MKL's lstsq differs in the last bits from call to call
+    # (memory alignment), which made the weights of identical steps differ
+    sol = torch.linalg.pinv(gff, hermitian=True) @ torch.stack([torch.ones_like(b[free]), b[free]], dim=1)
     p, q = sol[:, 0], sol[:, 1]  # y_F(t) = t·p − q
     qa, qb, qc = float(p @ gff @ p), float(-2 * (p @ gff @ q)), float(q @ gff @ q) - target
     disc = qb * qb - 4 * qa * qc

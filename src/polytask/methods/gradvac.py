@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -11,13 +10,14 @@ from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import as_float64, to_step
-from polytask.methods.base import Method, Step, register
+from polytask.methods._weighting import PerTaskMethod
+from polytask.methods.base import Step, register
 
 _EPS = 1e-8
 
 
 @register("gradvac")
-class GradVac(Method):
+class GradVac(PerTaskMethod):
     """Gradient Vaccine — Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models", ICLR 2021, Algorithm 1.
 
@@ -26,8 +26,8 @@ class GradVac(Method):
     then φ̂ᵢⱼ ← (1−β)φ̂ᵢⱼ + βφᵢⱼ. The update is Σᵢ g_i^PC, tracked as coefficients over the gₖ from
     G alone. Differences from the paper: one θ (all shared parameters) instead of per-layer
     targets, and β = 0.5 by default (LibMTL's and TorchJD's default). The targets φ̂ (a T×T buffer
-    over the setup() tasks, zero-initialised) are the only state; orders come from
-    ``step.generator`` (same draws as TorchJD's GradVac).
+    over the setup() tasks, zero-initialised) are the only state, with the task names, so a fresh
+    method loads a saved state; orders come from ``step.generator`` (same draws as TorchJD's GradVac).
     """
 
     needs = "gramian"
@@ -42,17 +42,12 @@ class GradVac(Method):
         self.register_buffer("targets", torch.zeros(0, 0, dtype=torch.float64))
         self._remember(beta=beta)
 
-    def setup(self, tasks: Sequence[str], *, sizes=None, static_weights=None) -> None:
-        super().setup(tasks)
-        self.targets = torch.zeros(len(self.all_tasks), len(self.all_tasks), dtype=torch.float64)
+    def reset_state(self, num_tasks: int) -> None:
+        self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
 
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
-        tasks = getattr(self, "all_tasks", ())
-        unknown = [t for t in step.tasks if t not in tasks]
-        if unknown:
-            raise InvalidParameterError(f"`GradVac` got task(s) {unknown} not given to setup(); tasks: {list(tasks)}")
-        idx = [tasks.index(t) for t in step.tasks]
+        idx = self.index(step).tolist()
         n = len(g)
         # T² sequential scalar updates: numpy float64 avoids torch's per-op overhead
         gn = g.numpy()

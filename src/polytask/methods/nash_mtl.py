@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import as_float64, to_step
-from polytask.methods.base import Method, Step, check_positive, register
+from polytask.methods._weighting import PerTaskMethod
+from polytask.methods.base import Step, check_positive, register
 from polytask.methods.mgda import min_norm, nearest_psd
 
 #: Smallest ‖d_min‖² / mean ‖gᵢ‖² (d_min: the min-norm point of the convex hull of the gradients)
@@ -20,15 +20,15 @@ STATIONARY = 1e-10
 
 
 @register("nash_mtl")
-class NashMTL(Method):
+class NashMTL(PerTaskMethod):
     """Multi-task learning as a bargaining game — Navon, Shamsian, Achituve, Maron, Kawaguchi,
     Chechik & Fetaya, "Multi-Task Learning as a Bargaining Game", ICML 2022, Algorithm 1.
 
     The weights solve Gw = 1/w, w > 0 (the bargaining solution of their Section 3; then
     ‖Σ wᵢ gᵢ‖² = wᵀGw = T). ``max_norm`` > 0 rescales w so that ‖Σ wᵢ gᵢ‖ ≤ max_norm.
     ``update_weights_every`` re-solves every k calls and reuses the last weights in between (while
-    the same tasks are active); the cached weights and the call counter are buffers, so resuming
-    is exact.
+    the same tasks are active); the cached weights and the call counter are buffers and the task
+    names travel with them, so resuming (into a fresh method as well) is exact.
 
     Departures:
 
@@ -68,19 +68,15 @@ class NashMTL(Method):
         self.register_buffer("last_active", torch.zeros(0, dtype=torch.bool))
         self._remember(max_norm=max_norm, update_weights_every=update_weights_every)
 
-    def setup(self, tasks: Sequence[str], *, sizes=None, static_weights=None) -> None:
-        super().setup(tasks)
-        self.last_weights = torch.zeros(len(self.all_tasks), dtype=torch.float64)
-        self.last_active = torch.zeros(len(self.all_tasks), dtype=torch.bool)
+    def reset_state(self, num_tasks: int) -> None:
+        self.last_weights = torch.zeros(num_tasks, dtype=torch.float64)
+        self.last_active = torch.zeros(num_tasks, dtype=torch.bool)
 
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
-        tasks = getattr(self, "all_tasks", ())
-        unknown = [t for t in step.tasks if t not in tasks]
-        if unknown:
-            raise InvalidParameterError(f"`NashMTL` got task(s) {unknown} not given to setup(); tasks: {list(tasks)}")
-        active = torch.tensor([t in step.tasks for t in tasks], dtype=torch.bool)
-        order = [tasks.index(t) for t in step.tasks]
+        order = self.index(step).tolist()
+        active = torch.zeros(len(self.all_tasks), dtype=torch.bool)
+        active[order] = True
         same_tasks = bool((active == self.last_active).all())
         if int(self.calls) % self.update_weights_every != 0 and same_tasks:
             w = self.last_weights[order]

@@ -55,12 +55,19 @@ class Warmup(Method):
         self.start.setup(tasks, static_weights=static_weights)
         self.inner.setup(tasks, sizes=sizes, static_weights=static_weights)
 
+    @property
+    def is_set_up(self) -> bool:
+        # The inner method is what holds the state: a fresh Warmup that loaded a state dict has an
+        # inner method set up with the saved tasks, and setting it up again would reset that state.
+        return self.inner.is_set_up
+
     def progress(self, step: Step) -> float:
         """a = min(1, t / N)."""
         return 1.0 if self.steps == 0 else min(1.0, step.index / self.steps)
 
     def update(self, step: Step) -> Update:
-        if not self.is_set_up:  # used without setup(): the inner method decides for itself
+        if getattr(self, "all_tasks", None) is None:
+            # used without setup(), or a fresh Warmup that loaded a state: the inner method decides
             super().setup(step.tasks)
             self.start.setup(step.tasks)
         a = self.progress(step)
