@@ -108,7 +108,7 @@ def method_step(problem: Problem, name: str, compare: str, every: int) -> Callab
     method.to(problem.x.device)
     model = problem.model
     engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
-                    compare=compare, every=every)
+                    compare=compare, every=every if method.needs == "gramian" else 1)  # reuse: Gramian methods only
 
     def step(i: int) -> None:
         model.zero_grad(set_to_none=True)
@@ -200,7 +200,7 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
         if cls.needs == "gramian" and features and cls.compare != "features":
             modes.append("features")
         for mode in modes:
-            label = name if every == 1 or cls.needs == "losses" else f"{name} (every {every})"
+            label = name if every == 1 or cls.needs != "gramian" else f"{name} (every {every})"
             # past the engine's first steps, where `jacobian: auto` times loop against batched
             ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5), amortised=every > 1)
             add(label, "features" if mode == "features" else cls.needs, mode if mode != "auto" else "-", ms, mem)

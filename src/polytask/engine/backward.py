@@ -102,6 +102,11 @@ class Engine:
         else:
             self.theta = self.shared
         self.heads = self._resolve_heads(opts.heads)
+        if opts.every > 1 and self.method.needs != "gramian":
+            why = ("its weights cost nothing to recompute, and a learnable one must see its loss every step"
+                   if self.method.needs == "losses" else "it returns a new direction from the task Jacobian every step")
+            raise InvalidParameterError(f"every={opts.every} reuses a gradient method's weights between "
+                                        f"recomputations; '{self.name}' cannot reuse them: {why} (use every=1)")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InvalidParameterError(f"`seed` of the engine must be an int; found {seed!r}")
         self.seed, self.every = seed, opts.every

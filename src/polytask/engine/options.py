@@ -28,7 +28,9 @@ class EngineOptions(Options):
             the gradient of Σ wᵢ Lᵢ), ``unweighted`` (∇Lᵢ, as LibMTL's gradient methods and
             TorchJD's ``mtl_backward`` do) or ``auto`` (weighted for loss-weighting methods,
             ``GRADIENT_METHOD_HEADS`` for gradient methods).
-        every: recompute the weights every ``every`` steps and reuse them in between.
+        every: recompute the weights every ``every`` steps and reuse them in between (Gramian
+            methods only: loss weights cost nothing to recompute, and a Jacobian method's
+            direction is new every step).
         jacobian: how J is computed: ``loop`` (one backward per task), ``batched`` (vmapped,
             ``chunk_size`` tasks at a time) or ``auto`` (time both on the first steps, keep the faster).
     """
