@@ -22,16 +22,26 @@ class TaskMetrics:
         self.metrics = {t.name: {k: m.to(device) for k, m in METRICS.build(t).items()} for t in tasks}
         self.reset()
 
+    #: buffered updates before they are handed to torchmetrics in one call per metric
+    FLUSH_EVERY = 64
+
     def reset(self) -> None:
         for group in self.metrics.values():
             for m in group.values():
                 m.reset()
         self._loss_n: dict[str, int] = {t: 0 for t in self.tasks}
         self._losses: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
+        self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {t: [] for t in self.tasks}
+        self._pending_count = 0
 
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                losses: Mapping[str, Tensor | None] | None = None) -> None:
+        """Record a batch. Predictions and targets are buffered and handed to torchmetrics every
+        ``FLUSH_EVERY`` updates (and before ``compute`` / ``state_dict``): a torchmetrics update
+        costs ~0.1 ms of Python per metric, which on a small model is a third of a training step.
+        The flush points depend only on the number of updates, so a resumed run flushes where the
+        uninterrupted one did."""
         for name, out in outputs.items():
             task = self.tasks[name]
             y = targets[name]
@@ -40,18 +50,30 @@ class TaskMetrics:
                 out, y = out[mask], y[mask]
             if len(y) == 0:
                 continue
-            pred = out.float()
+            pred = out.detach().float()
             if task.kind in ("binary", "multilabel"):
                 pred, y = torch.sigmoid(pred), y.long()
-            for metric in self.metrics[name].values():
-                metric.update(pred, y)
+            self._pending[name].append((pred, y))
             if losses is not None and losses.get(name) is not None:
                 # keep tensors and sum at compute(): avoids a device sync every step
                 self._losses[name].append(losses[name].detach() * len(y))  # type: ignore[union-attr]
                 self._loss_n[name] += len(y)
+        self._pending_count += 1
+        if self._pending_count >= self.FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        for name, pending in self._pending.items():
+            if pending:
+                pred, y = torch.cat([p for p, _ in pending]), torch.cat([t for _, t in pending])
+                for metric in self.metrics[name].values():
+                    metric.update(pred, y)
+                pending.clear()
+        self._pending_count = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The partial accumulation (so a run resumed mid-epoch reports the same epoch metrics)."""
+        self._flush()
         metrics = {name: {metric_name: {"state": dict(metric.metric_state), "count": metric.update_count}
                           for metric_name, metric in group.items()} for name, group in self.metrics.items()}
         return {"metrics": metrics, "loss_n": dict(self._loss_n),
@@ -68,9 +90,12 @@ class TaskMetrics:
                 metric._computed = None
         self._loss_n = dict(state["loss_n"])
         self._losses = {t: list(vs) for t, vs in state["losses"].items()}
+        self._pending = {t: [] for t in self.tasks}
+        self._pending_count = 0
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Epoch values; under torch.distributed, summed over ranks (torchmetrics syncs itself)."""
+        self._flush()
         names = list(self.metrics)
         sums = torch.tensor([[float(torch.stack(self._losses[t]).sum()) if self._losses[t] else 0.0,
                               float(self._loss_n[t])] for t in names], dtype=torch.float64)

@@ -17,11 +17,15 @@ SCHEDULERS = ("none", "cosine", "step", "exponential")
 
 def parameter_groups(model: MultiTaskModel, tasks: Sequence[Task], extra: Iterable[nn.Parameter], *, lr: float,
                      weight_decay: float) -> list[dict]:
-    """Shared parameters at the global settings; each task's private parameters at its own
-    ``lr`` / ``weight_decay`` when the task sets them; method parameters (e.g. uncertainty
-    log-variances) at the global learning rate without decay."""
+    """Shared parameters, and the private parameters of tasks without settings of their own, at
+    the global settings; each task that sets its own ``lr`` / ``weight_decay`` gets a group of its
+    private parameters (``task:NAME``); method parameters (e.g. uncertainty log-variances) at the
+    global learning rate without decay. (One group per task would cost an optimiser call per task
+    per step: on small models more than the update itself.)"""
     groups, seen = [], set()
     for task in tasks:
+        if task.lr is None and task.weight_decay is None:
+            continue
         params = [p for p in model.task_parameters(task.name) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         if params:

@@ -1,0 +1,99 @@
+"""`polytask bench overhead`: the Trainer's own cost per step over a hand-written PyTorch loop.
+
+Both train the demo's model (UCI Adult, hard-sharing MLP 100 → 128 → 64, two binary heads,
+Adam, batch 256, equal weights) on the same batches. The hand-written loop does what a careful
+user writes: slice the batch, forward, two BCE losses, one backward of their sum, Adam step,
+and keep the loss values. The Trainer adds the engine, the health check, per-task train
+metrics, the step log and its callbacks. Times are medians over interleaved repeats of whole
+epochs (the two loops alternate, so machine noise hits both alike), per step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from polytask.datasets import load
+from polytask.models.encoders import MLP
+from polytask.models.hard_sharing import HardSharing
+
+
+@dataclass
+class Overhead:
+    steps: int
+    hand_ms: float
+    trainer_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.trainer_ms / self.hand_ms
+
+
+def run(repeats: int = 5, batch_size: int = 256, threads: int = 1, echo: Callable[[str], None] = print) -> Overhead:
+    """``threads`` intra-op threads (1 by default: a small model gains nothing from a second
+    thread, and one thread makes the ratio far less sensitive to other processes)."""
+    from polytask.train.trainer import Trainer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(Trainer, repeats, batch_size, echo)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], None]) -> Overhead:  # noqa: N803
+
+    data = load("adult")
+    train = data.train
+    names = [t.name for t in data.tasks]
+
+    def model() -> HardSharing:
+        torch.manual_seed(0)
+        return HardSharing(MLP(in_features=data.input_shape[0], hidden=[128, 64]), data.tasks)
+
+    def hand_epoch() -> tuple[float, int]:
+        net = model()
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(1)
+        losses_seen: list[torch.Tensor] = []
+        start = time.perf_counter()
+        steps = 0
+        for batch in train.batches(batch_size, shuffle=True, generator=generator):
+            out = net(batch.x)
+            losses = [F.binary_cross_entropy_with_logits(out[t], batch.targets[t]) for t in names]
+            optimizer.zero_grad(set_to_none=True)
+            total = sum(losses)
+            total.backward()
+            optimizer.step()
+            losses_seen.append(torch.stack(losses).detach())
+            steps += 1
+        torch.stack(losses_seen).mean(0).tolist()  # what a user logs at the epoch's end
+        return time.perf_counter() - start, steps
+
+    def trainer_epoch() -> tuple[float, int]:
+        trainer = Trainer(model(), data.tasks, method="equal", loop={"epochs": 1, "batch_size": batch_size},
+                          run={"progress": False})
+        trainer.check(train)
+        start = time.perf_counter()
+        trainer._train_epoch(train)  # the loop itself: no validation, no final evaluation
+        return time.perf_counter() - start, trainer.step_index
+
+    hand_epoch(), trainer_epoch()  # warm-up: thread pools, allocator, first-call costs
+    hand, ours = [], []
+    for _ in range(repeats):
+        seconds, steps = hand_epoch()
+        hand.append(seconds / steps)
+        seconds, steps = trainer_epoch()
+        ours.append(seconds / steps)
+    result = Overhead(steps, statistics.median(hand) * 1000, statistics.median(ours) * 1000)
+    echo(f"Adult demo model, batch {batch_size}, {result.steps} steps per epoch, median of {repeats} interleaved epochs")
+    echo(f"  hand-written loop  {result.hand_ms:7.3f} ms/step")
+    echo(f"  polytask Trainer   {result.trainer_ms:7.3f} ms/step   ({result.ratio:.3f}×, "
+         f"{(result.ratio - 1) * 100:+.1f}% overhead)")
+    return result
