@@ -24,11 +24,9 @@ contract.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -36,6 +34,7 @@ import torch
 from torch import Tensor
 
 from polytask.methods import METHODS, Method, Step
+from polytask.methods.base import example_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,24 +93,9 @@ def tasks_of(case: Case) -> tuple[str, ...]:
     return tuple(f"t{i}" for i in range(len(case.jacobian)))
 
 
-def _conformance_required() -> dict:
-    """The example parameters of the conformance suite (tests/test_methods_conformance.py)."""
-    path = Path(__file__).resolve().parents[1] / "test_methods_conformance.py"
-    if not path.exists():
-        return {}
-    spec = importlib.util.spec_from_file_location("_conformance_for_degenerate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return dict(getattr(module, "REQUIRED", {}))
-
-
-_REQUIRED = _conformance_required()
-
-
 def build(name: str, tasks: tuple[str, ...]) -> Method:
-    """A fresh method with its ``example_params`` (else the conformance suite's), set up for ``tasks``."""
-    params = dict(getattr(METHODS.get(name), "example_params", None) or _REQUIRED.get(name, {}))
-    method = METHODS.create(name, **params)
+    """A fresh method with its ``example_params``, set up for ``tasks``."""
+    method = example_method(name)
     method.setup(tasks, sizes={t: 100 for t in tasks})  # equal sizes: duplicated tasks stay identical
     return method
 
