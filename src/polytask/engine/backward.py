@@ -95,9 +95,10 @@ class Engine:
         self.compare = self._resolve_compare(opts.compare)
         if self.compare == "last_shared":
             if last_shared_params is None:
+                whose = f" (the default of '{self.name}')" if opts.compare == "auto" else ""
                 raise InvalidParameterError(
-                    f"compare='last_shared' (the default of '{self.name}') needs `last_shared_params`, the parameters "
-                    "of the last shared layer (a polytask model gives them: model.last_shared_parameters())")
+                    f"compare='last_shared'{whose} needs `last_shared_params`, the parameters of the last shared "
+                    "layer (a polytask model gives them: model.last_shared_parameters())")
             self.theta = [p for p in last_shared_params if p.requires_grad]
         else:
             self.theta = self.shared
@@ -148,7 +149,9 @@ class Engine:
                     f"heads='unweighted' applies to gradient methods; '{self.name}' weights the losses themselves, so "
                     "each head receives its weighted loss's gradient (leave engine.heads at auto)")
             return "weighted"
-        return GRADIENT_METHOD_HEADS if heads == "auto" else heads
+        if heads != "auto":
+            return heads
+        return self.method.heads or GRADIENT_METHOD_HEADS
 
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         """The method's learnable parameters (uncertainty log-variances, …): give them to the optimizer."""
@@ -354,7 +357,8 @@ class Engine:
 
 
 def backward(losses: Mapping[str, Tensor | None], shared_params: Iterable[Tensor], method: str | Method = "equal",
-             *, features: Iterable[Tensor] | None = None, compare: str = "auto", heads: str = "auto") -> StepReport:
+             *, last_shared_params: Iterable[Tensor] | None = None, features: Iterable[Tensor] | None = None,
+             compare: str = "auto", heads: str = "auto") -> StepReport:
     """One multi-task backward from any training loop, for methods without state or randomness.
 
     Leaves d = Σ wᵢ ∇Lᵢ in ``.grad`` of the shared and private parameters and returns the step's
@@ -370,5 +374,5 @@ def backward(losses: Mapping[str, Tensor | None], shared_params: Iterable[Tensor
             "repeat its first step on every call. Keep an engine for the whole run instead:\n"
             f"    engine = polytask.Engine({name!r}, model.shared_parameters())   # once\n"
             "    report = engine.backward(losses)                               # every step")
-    engine = Engine(resolved, shared_params, compare=compare, heads=heads)
+    engine = Engine(resolved, shared_params, last_shared_params=last_shared_params, compare=compare, heads=heads)
     return engine.backward(losses, features=features)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from polytask.core.options import Options
 
@@ -26,8 +26,10 @@ class EngineOptions(Options):
             backward; MGDA-UB is MGDA there) or ``auto`` (the method's own default).
         heads: what each task's private parameters (its head) receive: ``weighted`` (wᵢ ∇Lᵢ,
             the gradient of Σ wᵢ Lᵢ), ``unweighted`` (∇Lᵢ, as LibMTL's gradient methods and
-            TorchJD's ``mtl_backward`` do) or ``auto`` (weighted for loss-weighting methods,
-            ``GRADIENT_METHOD_HEADS`` for gradient methods).
+            TorchJD's ``mtl_backward`` do; with per-task clipping cᵢ ∇Lᵢ) or ``auto``: the
+            method's ``heads`` when it declares one (GradNorm: weighted, its weights multiply the
+            losses), weighted for loss-weighting methods, ``GRADIENT_METHOD_HEADS`` for the other
+            gradient methods.
         every: recompute the weights every ``every`` steps and reuse them in between (Gramian
             methods only: loss weights cost nothing to recompute, and a Jacobian method's
             direction is new every step).
@@ -40,6 +42,6 @@ class EngineOptions(Options):
 
     compare: Compare = "auto"
     heads: Heads = "auto"
-    every: int = Field(1, ge=1)
+    every: StrictInt = Field(1, ge=1)
     jacobian: Literal["auto", "loop", "batched"] = "auto"
-    chunk_size: int | None = Field(None, ge=1)
+    chunk_size: StrictInt | None = Field(None, ge=1)

@@ -102,6 +102,9 @@ class Method(nn.Module):
     #: parameters θ, the last shared layer (GradNorm, GREAT) or the shared representation
     #: (MGDA-UB). Irrelevant for ``needs == "losses"``.
     compare: ClassVar[Compare] = "shared"
+    #: what ``heads="auto"`` gives this method's task-specific parameters, when the paper says
+    #: (GradNorm's weights multiply the losses: weighted); None: decided by ``needs``
+    heads: ClassVar[Literal["weighted", "unweighted"] | None] = None
     #: True when the weights depend on more than this step's inputs: on state kept between steps
     #: (buffers, parameters, the step counter, epochs) or on random draws. A one-shot
     #: ``polytask.backward`` refuses such methods: only a kept Engine gives them their history.

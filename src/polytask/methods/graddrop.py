@@ -16,11 +16,14 @@ class GradDrop(Method):
     Per coordinate k of θ, the positive sign purity P_k = ½ (1 + Σᵢ g_ik / Σᵢ |g_ik|) and one draw
     U_k ~ Uniform(0, 1) give the masks M_ik = [P_k > U_k][g_ik > 0] + [P_k < U_k][g_ik < 0];
     the update is d_k = Σᵢ (ℓ + (1 − ℓ) M_ik) g_ik with ``leak`` ℓ ∈ [0, 1] (ℓ = 1 is the plain
-    sum). Coordinates where every gᵢ is 0 take P = ½. As in TorchJD, the masks act on the
-    parameter gradients J rather than on the activation gradients of the paper (where P is
-    taken over the batch at the layer GradDrop is inserted after). The heads get their own
+    sum). Coordinates where every gᵢ is 0 take P = ½. The heads get their own
     gradients unchanged (weights 1). U comes from ``step.generator`` (the engine's counter-based
     stream).
+
+    Departures:
+        As in TorchJD, the masks act on the parameter gradients J rather than on the activation
+        gradients of the paper (where P is taken over the batch at the layer GradDrop is
+        inserted after).
     """
 
     needs = "jacobian"

@@ -28,12 +28,16 @@ class GradNorm(PerTaskMethod):
     with the target Ḡ_W rᵢ^α held constant (as in the paper), by the analytic gradient
     ∂L_grad/∂wᵢ = sign(wᵢ‖gᵢ‖ − targetᵢ) ‖gᵢ‖ and step size ``lr``, then are renormalised so
     that Σ w = T over the step's tasks. The step uses the current weights; the update applies
-    from the next step. Lᵢ(0) is each task's first seen loss (a buffer). The paper trains wᵢ
-    with the network's optimiser; here it is plain gradient descent owned by the method.
+    from the next step. Lᵢ(0) is each task's first seen loss (a buffer).
+
+    Departures:
+        The paper trains wᵢ with the network's optimiser; here it is plain gradient descent
+        owned by the method (so ``state_dict`` holds all of it).
     """
 
     needs = "gramian"
     compare = "last_shared"
+    heads = "weighted"  # the paper's weights multiply the losses: every parameter sees Σ wᵢ ∇Lᵢ
     stateful = True
 
     def __init__(self, *, alpha: float = 1.5, lr: float = 0.025) -> None:

@@ -31,14 +31,17 @@ class GREAT(LazyStateMixin, PerTaskMethod):
     - its direction moves every task gradient up L_D (the reversal), along the part aᵢ of
       ∇_{uᵢ} L_D orthogonal to uᵢ: d = Σᵢ gᵢ + ``strength`` · Σᵢ ‖gᵢ‖ aᵢ/‖aᵢ‖.
 
-    Honest departures: the paper feeds D the per-sample gradients w.r.t. the shared feature map
-    and sends the reversed signal into θ by second-order back-propagation (through gradient
-    alignment layers); the engine hands us only the batch gradients J on θ, so we use J's rows
-    and a first-order step in gradient space. D's input layer has P inputs (P = |θ|): it is
-    created at the first step from ``step.generator``, hence the ``last_shared`` default of ``compare``.
-    D's parameters are ``nn.Parameter`` s with ``requires_grad=False`` (the trainer's optimizer
-    leaves them alone; they are updated only here); their Adam moments and step count are
-    buffers, so ``state_dict`` resumes exactly.
+    D's input layer has P inputs (P = |θ|): it is created at the first step from
+    ``step.generator``, hence the ``last_shared`` default of ``compare``. D's parameters are
+    ``nn.Parameter`` s with ``requires_grad=False`` (the trainer's optimizer leaves them alone;
+    they are updated only here); their Adam moments and step count are buffers, so
+    ``state_dict`` resumes exactly.
+
+    Departures:
+        The paper feeds D the per-sample gradients w.r.t. the shared feature map and sends the
+        reversed signal into θ by second-order back-propagation (through gradient alignment
+        layers); the engine hands us only the batch gradients J on θ, so we use J's rows and a
+        first-order step in gradient space.
     """
 
     needs = "jacobian"

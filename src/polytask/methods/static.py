@@ -44,6 +44,16 @@ class Static(Method):
         defaults = dict(static_weights or {})
         self.lambdas = {t: float(self.given.get(t, defaults.get(t, 1.0))) for t in tasks}
 
+    def check_trains(self) -> None:
+        """Refuse weights that are all 0 (after ``setup``): the total loss would be 0 and nothing
+        would train. The Trainer calls it when ``static`` is the run's method; wrappers that only
+        start from these weights (``warmup``) may start from all zeros."""
+        if self.lambdas and not any(self.lambdas.values()):
+            shown = ", ".join(f"{t}: {w:g}" for t, w in self.lambdas.items())
+            raise InvalidParameterError(
+                f"`static` gives every task weight 0 ({{{shown}}}), so the total loss is 0 and nothing would train; "
+                "expected at least one weight > 0: raise one in method.weights (or tasks.NAME.weight)")
+
     def weights(self, step: Step) -> Tensor:
         missing = [t for t in step.tasks if t not in self.lambdas]
         if missing:

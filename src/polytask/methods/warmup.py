@@ -44,6 +44,7 @@ class Warmup(Method):
                 f"`warmup` blends task weights; '{inner}' returns an update direction and cannot be warmed up")
         self.needs = self.inner.needs  # type: ignore[misc]
         self.compare = self.inner.compare  # type: ignore[misc]
+        self.heads = self.inner.heads  # type: ignore[misc]
         self.permutation_equivariant = getattr(self.inner, "permutation_equivariant", True)  # type: ignore[misc]
         self.steps = steps
         self.start = Static(weights=weights)
