@@ -8,11 +8,13 @@ from polytask.core.errors import (
     PolytaskError,
     ShapeError,
 )
+from polytask.core.losses import LOSSES, TaskLoss, register_loss
 from polytask.core.registry import Registry
-from polytask.core.task import KINDS, Task, task_names
+from polytask.core.task import KINDS, Task, infer_num_classes, task_names
 
 __all__ = [
     "KINDS",
+    "LOSSES",
     "ConfigError",
     "DataError",
     "InvalidParameterError",
@@ -21,5 +23,8 @@ __all__ = [
     "Registry",
     "ShapeError",
     "Task",
+    "TaskLoss",
+    "infer_num_classes",
+    "register_loss",
     "task_names",
 ]

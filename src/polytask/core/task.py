@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from polytask.core.errors import DataError, InvalidParameterError, ShapeError, closest
+from polytask.core.losses import LOSSES, LossSpec, TaskLoss
+
+logger = logging.getLogger("polytask")
 
 TaskKind = Literal["regression", "binary", "multiclass", "multilabel"]
 KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "multilabel")
@@ -29,17 +34,41 @@ class Task:
 
     Args:
         name: unique name; every per-task value in polytask is keyed by it.
-        kind: ``regression`` (MSE loss), ``binary`` (BCE on one logit), ``multiclass``
-            (cross-entropy over ``num_classes`` logits) or ``multilabel`` (BCE over
-            ``num_classes`` logits).
-        num_classes: classes (multiclass) or labels (multilabel).
+        kind: ``regression`` (one value per sample), ``binary`` (one logit), ``multiclass``
+            (``num_classes`` logits, one class per sample) or ``multilabel`` (``num_classes``
+            logits, each label 0/1).
+        num_classes: classes (multiclass) or labels (multilabel); required for those kinds. From
+            training labels: ``num_classes=infer_num_classes(name, y_train)`` (a YAML config may
+            leave it out, the builder infers it and logs the value).
         weight: static loss weight λ used by the ``static`` method (Total = Σ λᵢ Lᵢ).
         metrics: metric names (checked against ``polytask.metrics.METRICS`` when metrics are
-            built); the first is the main one.
+            built); the first is the main one. Default per kind: regression rmse, mae, r2;
+            binary and multilabel accuracy, f1, auroc; multiclass accuracy, f1. Add your own with
+            ``polytask.metrics.register_metric`` before building the task's metrics.
         lr: learning rate of this task's private parameters (default: the global one).
         weight_decay: weight decay of this task's private parameters (default: the global one).
         target: column holding this task's label, for data read from tables (multilabel: one 0/1
             column per label).
+        loss: this task's loss (see ``polytask.core.losses``). ``None``: the kind's default, ``mse``
+            (regression), ``bce`` (binary, multilabel) or ``ce`` (multiclass). A registered name,
+            ``"huber"``, or a name with parameters, ``{"name": "focal", "gamma": 2.0}``:
+
+            - ``mse``, ``l1``, ``huber`` (``delta`` = 1.0): regression;
+            - ``bce`` (``pos_weight``: weight of positives, one number, or one per label for
+              multilabel): binary, multilabel;
+            - ``ce`` (``class_weights``: one per class; ``label_smoothing`` in [0, 1)): multiclass;
+            - ``focal`` (Lin et al., ICCV 2017; ``gamma`` = 2.0, ``alpha``: weight of positives
+              for binary/multilabel, one weight per class for multiclass): binary, multilabel,
+              multiclass.
+
+            Or any callable ``(prediction, target) -> scalar tensor``, called on the labelled
+            samples only, with prediction/target shapes per kind: regression (N,) / (N,) float;
+            binary logits (N,) / (N,) float 0-1; multiclass logits (N, C) / (N,) int64;
+            multilabel logits (N, C) / (N, C) float 0-1. Its first values are checked (a finite
+            0-dim tensor with a gradient), with an error naming the task. After construction the
+            attribute is a :class:`~polytask.core.losses.TaskLoss`, called as
+            ``task.loss(prediction, target, mask=None)``: the mean loss over labelled samples,
+            ``None`` when no sample of the batch is labelled.
     """
 
     name: str
@@ -50,6 +79,7 @@ class Task:
     lr: float | None = None
     weight_decay: float | None = None
     target: str | tuple[str, ...] | None = None
+    loss: LossSpec | TaskLoss = None
     _metrics: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -64,8 +94,10 @@ class Task:
             )
         if self.kind in ("multiclass", "multilabel"):
             if not isinstance(self.num_classes, int) or self.num_classes < 2:
+                hint = (f"; to take it from the training labels: num_classes=infer_num_classes({self.name!r}, y_train)"
+                        if self.num_classes is None and self.kind == "multiclass" else "")
                 raise InvalidParameterError(
-                    f"`num_classes` of {self.kind} task '{self.name}' must be an int >= 2; found {self.num_classes!r}"
+                    f"`num_classes` of {self.kind} task '{self.name}' must be an int >= 2; found {self.num_classes!r}{hint}"
                 )
         elif self.num_classes is not None:
             raise InvalidParameterError(
@@ -81,6 +113,8 @@ class Task:
         if not names or not all(isinstance(m, str) for m in names):
             raise InvalidParameterError(f"`metrics` of task '{self.name}' must be a non-empty list of names; found {self.metrics!r}")
         object.__setattr__(self, "_metrics", names)
+        object.__setattr__(self, "loss", LOSSES.resolve(self.loss, task=self.name, kind=self.kind,
+                                                        num_classes=self.num_classes))
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -141,20 +175,6 @@ class Task:
     def cast_targets(self, y: Tensor) -> Tensor:
         return y.long() if self.kind == "multiclass" else y.float()
 
-    # -------------------------------------------------------------------------------------- loss
-    def loss(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor | None:
-        """Mean loss over labelled samples; ``None`` when no sample of the batch is labelled."""
-        if mask is not None:
-            if not bool(mask.any()):
-                return None
-            if not bool(mask.all()):
-                prediction, target = prediction[mask], target[mask]
-        if self.kind == "regression":
-            return F.mse_loss(prediction, target)
-        if self.kind == "multiclass":
-            return F.cross_entropy(prediction, target)
-        return F.binary_cross_entropy_with_logits(prediction, target)
-
     def predict(self, output: Tensor) -> Tensor:
         """Human-facing prediction: value, probability (binary), class index or label probabilities."""
         if self.kind == "regression":
@@ -172,3 +192,65 @@ def task_names(tasks: list[Task] | tuple[Task, ...]) -> tuple[str, ...]:
     if not names:
         raise InvalidParameterError("at least one task is required")
     return names
+
+
+def infer_num_classes(task: str | Task, labels: Tensor | np.ndarray | Iterable[Any], source: str = "the training labels") -> int:
+    """The number of classes of a multiclass task, read from its training labels, and logged.
+
+    ``labels``: integer class codes (a tensor, an array, a pandas Series, a list) give
+    ``max + 1`` classes (codes are 0-based: class 0 always exists); text labels (or a label
+    vocabulary such as ``data.files.label_vocabulary`` returns) give the number of distinct
+    labels, which become codes in sorted order. Missing values (NaN, None) are skipped.
+
+    The value is logged on the ``polytask`` logger: INFO, or WARNING when some codes in
+    ``0..max`` never occur (1-based labels, or classes missing from the training split). Raises
+    a DataError naming the task when the labels are not class codes or hold fewer than 2 classes.
+    """
+    name = task.name if isinstance(task, Task) else str(task)
+    if isinstance(labels, Tensor):
+        values = labels.detach().cpu()
+        values = (values.double() if values.is_floating_point() else values).numpy()
+    elif isinstance(labels, np.ndarray):
+        values = labels
+    elif hasattr(labels, "dropna") and hasattr(labels, "to_numpy"):  # pandas, missing values as pandas marks them
+        values = labels.dropna().to_numpy()
+    else:
+        values = np.asarray(list(labels), dtype=object)
+    values = values.reshape(-1)
+    if values.dtype == object:
+        values = np.array([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                          dtype=object)
+        if len(values) and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                               for v in values):
+            values = values.astype(np.float64)
+    elif values.dtype.kind == "f":
+        values = values[~np.isnan(values)]
+    cannot = f"task '{name}': cannot infer num_classes from {source}"
+    if len(values) == 0:
+        raise DataError(f"{cannot}: there are none; give num_classes")
+    if values.dtype.kind in "biuf":
+        numbers = values.astype(np.float64)
+        bad = ~np.isfinite(numbers) | (numbers != np.round(numbers)) | (numbers < 0)
+        if bad.any():
+            raise DataError(f"{cannot}: label {numbers[bad][0]:g} is not a class code (expected integers 0, 1, ..., "
+                            "C-1, or text labels)")
+        codes = np.unique(numbers.astype(np.int64))
+        count = int(codes[-1]) + 1
+        if count < 2:
+            raise DataError(f"{cannot}: every label is 0 (one class); a multiclass task needs at least 2: give num_classes")
+        absent = sorted(set(range(count)) - set(codes.tolist()))
+        message = f"task '{name}': num_classes inferred as {count} from {source} (0..{count - 1})"
+        if absent:
+            shown = ", ".join(map(str, absent[:10])) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+            note = "; the labels look 1-based: codes must start at 0" if absent == [0] else ""
+            logger.warning(f"{message}; class(es) {shown} never occur{note}")
+        else:
+            logger.info(message)
+        return count
+    text = sorted({str(v) for v in values})
+    if len(text) < 2:
+        raise DataError(f"{cannot}: every label is {text[0]!r} (one class); a multiclass task needs at least 2: give "
+                        "num_classes")
+    shown = ", ".join(map(repr, text[:5])) + (f", ... ({len(text) - 5} more)" if len(text) > 5 else "")
+    logger.info(f"task '{name}': num_classes inferred as {len(text)} from {source} ({shown})")
+    return len(text)

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from polytask.core.errors import DataError, closest
-from polytask.core.task import Task
+from polytask.core.task import Task, infer_num_classes
 from polytask.data.dataset import MultiOutputDataset
 from polytask.data.tabular import TabularPreprocessor
 
@@ -156,6 +156,20 @@ def label_vocabulary(frame: pd.DataFrame, task: Task, column: str | Sequence[str
             f"(rows per label: {listed}{more}); expected {want}. The rarest, {rarest!r}, is first at "
             f"{locate_row(frame, first)}")
     return labels
+
+
+def infer_classes_from_column(frame: pd.DataFrame, task: str, column: str, where: str = "training data") -> int:
+    """``num_classes`` of multiclass task ``task`` from its target column, as :func:`label_vocabulary`
+    reads it: text labels count their distinct values, numeric ones are codes 0..max (logged on
+    the ``polytask`` logger by :func:`polytask.core.task.infer_num_classes`)."""
+    if column not in frame.columns:
+        raise DataError(f"{where}: target column '{column}' of task '{task}' not found."
+                        f"{closest(column, map(str, frame.columns))} Columns: {', '.join(map(str, frame.columns))}")
+    values = frame[column].dropna()
+    source = f"the training labels in column '{column}'"
+    if pd.api.types.is_numeric_dtype(values):
+        return infer_num_classes(task, values, source)
+    return infer_num_classes(task, sorted(values.astype(str).unique()), source)
 
 
 def require_column(frame: pd.DataFrame, task: Task, column: str, where: str) -> None:

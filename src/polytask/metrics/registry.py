@@ -1,16 +1,25 @@
-"""Per-task metrics built on torchmetrics, each knowing whether higher is better."""
+"""Per-task metrics built on torchmetrics, each knowing whether higher is better.
+
+What a metric's ``update(prediction, target)`` receives (labelled samples only, concatenated over
+up to 64 batches): regression values (N,) and float targets (N,); binary probabilities (N,)
+(sigmoid of the logit) and int64 targets; multiclass logits (N, C) and int64 class indices (N,);
+multilabel probabilities (N, C) and int64 0/1 targets (N, C).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torchmetrics
 from torchmetrics import classification as C
 from torchmetrics import regression as R
 
 from polytask.core.errors import InvalidParameterError, closest
-from polytask.core.task import Task
+from polytask.core.task import KINDS, Task
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,34 @@ class MetricRegistry:
     def __init__(self, specs: list[MetricSpec]) -> None:
         self._specs = {s.name: s for s in specs}
 
+    def register(self, name: str, factory: Callable[..., torchmetrics.Metric] | None = None, *, higher_is_better: bool,
+                 kinds: Sequence[str] | str, overwrite: bool = False) -> Any:
+        """Add a metric under ``name``; see :func:`register_metric`. Without ``factory``, a decorator."""
+        if factory is None:
+            return lambda f: self.register(name, f, higher_is_better=higher_is_better, kinds=kinds, overwrite=overwrite) or f
+        if not isinstance(name, str) or not name.isidentifier():
+            raise InvalidParameterError(f"a metric name must be identifier-like (letters, digits, '_'); found {name!r}")
+        if name == "loss":
+            raise InvalidParameterError("'loss' is the name of every task's mean loss in the results; choose another "
+                                        "metric name")
+        if name in self._specs and not overwrite:
+            raise InvalidParameterError(f"metric '{name}' is registered already; pass overwrite=True to replace it")
+        if not isinstance(higher_is_better, bool):
+            raise InvalidParameterError(f"`higher_is_better` of metric '{name}' must be True or False; found "
+                                        f"{higher_is_better!r}")
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        for kind in kinds:
+            if kind not in KINDS:
+                raise InvalidParameterError(f"`kinds` of metric '{name}': {kind!r} is not a task kind."
+                                            f"{closest(str(kind), KINDS)} Kinds: {', '.join(KINDS)}")
+        if not kinds:
+            raise InvalidParameterError(f"`kinds` of metric '{name}' must name at least one task kind ({', '.join(KINDS)})")
+        if not callable(factory):
+            raise InvalidParameterError(f"the factory of metric '{name}' must be callable (a torchmetrics.Metric class, or "
+                                        f"a function of the Task); found {type(factory).__name__}")
+        self._specs[name] = MetricSpec(name, higher_is_better, _task_factory(name, factory), kinds)
+        return None
+
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
@@ -65,7 +102,8 @@ class MetricRegistry:
 
     def get(self, name: str) -> MetricSpec:
         if name not in self._specs:
-            raise InvalidParameterError(f"unknown metric '{name}'.{closest(name, self._specs)} Valid: {', '.join(self.names())}")
+            raise InvalidParameterError(f"unknown metric '{name}'.{closest(name, self._specs)} Valid: {', '.join(self.names())} "
+                                        "(or register one with polytask.metrics.register_metric)")
         return self._specs[name]
 
     def kinds(self, name: str) -> tuple[str, ...]:
@@ -89,4 +127,47 @@ class MetricRegistry:
         return out
 
 
+def _task_factory(name: str, factory: Callable[..., Any]) -> Callable[[Task], torchmetrics.Metric]:
+    """``factory`` as a function of the Task, its result checked to be a torchmetrics.Metric.
+
+    A torchmetrics.Metric class (or a functools.partial of one) is called with no argument; another
+    callable with the Task when it takes a required positional parameter, else with none."""
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    if isinstance(target, type):
+        takes_task = False
+    else:
+        try:
+            params = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        takes_task = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+    def build(task: Task) -> torchmetrics.Metric:
+        metric = factory(task) if takes_task else factory()
+        if not isinstance(metric, torchmetrics.Metric):
+            raise InvalidParameterError(f"metric '{name}' built {type(metric).__name__} for task '{task.name}'; expected a "
+                                        "torchmetrics.Metric instance")
+        return metric
+    return build
+
+
 METRICS = MetricRegistry(_SPECS)
+
+
+def register_metric(name: str, factory: Callable[..., torchmetrics.Metric] | None = None, *, higher_is_better: bool,
+                    kinds: Sequence[str] | str, overwrite: bool = False) -> Any:
+    """Register a metric so that tasks can name it in ``metrics`` (from Python or YAML).
+
+    Args:
+        name: the name tasks use (identifier-like; not ``loss``).
+        factory: a torchmetrics.Metric class (``torchmetrics.classification.BinaryPrecision``), a
+            ``functools.partial`` of one, or a function ``(task) -> torchmetrics.Metric`` (read
+            ``task.num_classes`` there). Called once per task and split. Omit it to use this as a
+            decorator: ``@register_metric("top3", higher_is_better=True, kinds="multiclass")``.
+        higher_is_better: the direction used for the best epoch, early stopping and Δm.
+        kinds: the task kinds it applies to (regression, binary, multiclass, multilabel).
+        overwrite: replace a metric of that name (otherwise registering it twice is an error).
+
+    The inputs the metric's ``update`` receives per kind are listed in this module's docstring.
+    """
+    return METRICS.register(name, factory, higher_is_better=higher_is_better, kinds=kinds, overwrite=overwrite)
