@@ -41,9 +41,10 @@ class DSelectGate(nn.Module):
         self.register_buffer("fold", torch.arange(2**self.m) % num_experts, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = smooth_step(self.codes(x).view(len(x), self.k, 1, self.m), self.gamma)  # (B, k, 1, m)
+        batch = x.shape[0]  # not len(x): a traced or exported graph keeps the batch dimension free
+        s = smooth_step(self.codes(x).view(batch, self.k, 1, self.m), self.gamma)  # (B, k, 1, m)
         r = (self.bits * s + (1 - self.bits) * (1 - s)).prod(dim=-1)  # (B, k, 2^m)
-        single = torch.zeros(len(x), self.k, self.num_experts, device=x.device, dtype=r.dtype)
+        single = torch.zeros(batch, self.k, self.num_experts, device=x.device, dtype=r.dtype)
         single = single.index_add(2, self.fold, r)  # (B, k, n)
         alpha = torch.softmax(self.mixture(x), dim=-1)  # (B, k)
         return torch.einsum("bk,bkn->bn", alpha, single)
