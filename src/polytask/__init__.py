@@ -1,16 +1,48 @@
 """polytask: multi-task learning on PyTorch.
 
 Every method yields task weights; tasks are named everywhere. See DESIGN in the repository.
+
+The names below are imported on first use (PEP 562), so ``import polytask`` alone, and the
+``polytask --help`` / ``--version`` that need nothing more, do not import torch.
 """
 
-from polytask import data, datasets, engine, methods, metrics, models
-from polytask.core import ConfigError, DataError, InvalidParameterError, PolytaskError, ShapeError, Task
-from polytask.engine import Engine, backward
-from polytask.metrics import delta_m
-from polytask.models import encoders
-from polytask.train import CheckpointError, NonFiniteLossError, Trainer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("data", "datasets", "engine", "methods", "metrics", "models")
+_NAMES = {
+    "CheckpointError": "polytask.train", "ConfigError": "polytask.core", "DataError": "polytask.core",
+    "Engine": "polytask.engine", "InvalidParameterError": "polytask.core", "NonFiniteLossError": "polytask.train",
+    "PolytaskError": "polytask.core", "ShapeError": "polytask.core", "Task": "polytask.core", "Trainer": "polytask.train",
+    "backward": "polytask.engine", "delta_m": "polytask.metrics", "encoders": "polytask.models",
+}
+
+if TYPE_CHECKING:
+    from polytask import data, datasets, engine, methods, metrics, models
+    from polytask.core import ConfigError, DataError, InvalidParameterError, PolytaskError, ShapeError, Task
+    from polytask.engine import Engine, backward
+    from polytask.metrics import delta_m
+    from polytask.models import encoders
+    from polytask.train import CheckpointError, NonFiniteLossError, Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"polytask.{name}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'polytask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES, *_NAMES})
+
 
 __all__ = [
     "CheckpointError",

@@ -1,21 +1,25 @@
-"""`polytask` command line: train, eval, predict, list."""
+"""`polytask` command line: train, eval, predict, list.
+
+Nothing here imports torch at module level, so ``polytask --help`` and ``polytask --version``
+answer at once; each command imports what it needs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from polytask.core.errors import PolytaskError
 
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polytask", description="Multi-task learning on PyTorch.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a multi-task model from a YAML config")
@@ -78,9 +82,25 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--epochs", type=int, default=5)
     sampling.add_argument("--batch-size", type=int, default=64)
 
-    ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics")
+    ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics; "
+                        "`list methods NAME` shows one entry's parameters and defaults")
     ls.add_argument("what", nargs="?", choices=LISTS)
+    ls.add_argument("name", nargs="?", help="one entry of that list: its description, parameters and defaults")
     return parser
+
+
+def _version() -> str:
+    """``polytask X (torch Y, Python Z)``, read from the installed metadata (torch is not imported)."""
+    import platform
+    from importlib import metadata
+
+    from polytask import __version__
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"polytask {__version__} (torch {torch}, Python {platform.python_version()})"
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]] | None = None
@@ -209,7 +229,7 @@ def _bench_sampling(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(what: str | None) -> int:
+def _list(what: str | None, name: str | None = None) -> int:
     from polytask.data.samplers import SAMPLERS
     from polytask.datasets import DATASETS
     from polytask.methods import METHODS
@@ -220,6 +240,8 @@ def _list(what: str | None) -> int:
 
     registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
                                   "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS}
+    if name is not None:
+        return _describe(what, name, registries)
     for name in [what] if what else LISTS:
         print(f"{name}:")
         if name == "metrics":
@@ -235,13 +257,63 @@ def _list(what: str | None) -> int:
     return 0
 
 
+def _describe(what: str | None, name: str, registries: Mapping[str, Any]) -> int:
+    """`polytask list methods NAME`: the entry's first docstring paragraph, its parameters with
+    their defaults, and what it needs."""
+    import inspect
+
+    from polytask.core.errors import ConfigError
+    from polytask.metrics.registry import METRICS
+
+    if what is None:
+        raise ConfigError(f"`polytask list` takes a list before an entry; found only {name!r}: write e.g. "
+                          f"`polytask list methods {name}`")
+    if what == "metrics":
+        spec = METRICS.get(name)
+        direction = "higher is better" if spec.higher_is_better else "lower is better"
+        print(f"{name}: {direction}; for {', '.join(spec.kinds)} tasks")
+        return 0
+    registry = registries[what]
+    entry = registry.get(name)
+    doc = inspect.getdoc(entry) or ""
+    print(f"{name} ({registry.kind})")
+    paragraph = doc.split("\n\n")[0].strip()
+    if paragraph:
+        print("\n".join("  " + line for line in paragraph.splitlines()))
+    if what == "methods":
+        print(f"  needs: {entry.needs}")
+    params = registry.parameters(name)
+    if what == "architectures":  # what the config builds from model.encoder, tasks and model.head
+        from polytask.config.build import ARCHITECTURE_RESERVED
+
+        params = {k: p for k, p in params.items() if k not in ARCHITECTURE_RESERVED}
+    print("parameters:" if params else "parameters: none")
+    for key, param in params.items():
+        annotation = "" if param.annotation is param.empty else f": {param.annotation}" if isinstance(
+            param.annotation, str) else f": {getattr(param.annotation, '__name__', param.annotation)}"
+        default = " (required)" if param.default is param.empty else f" = {param.default!r}"
+        print(f"  {key}{annotation}{default}")
+    if what == "architectures":
+        print("  (set under model.options; the encoder, tasks and heads come from model.encoder, tasks and model.head)")
+    return 0
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from polytask.core.errors import PolytaskError
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # type: ignore[assignment]  # "warning: …", as errors are "error: …"
     try:
         if args.command == "train":
             return _train(args)
         if args.command == "list":
-            return _list(args.what)
+            return _list(args.what, args.name)
         if args.command == "bench":
             return _bench(args)
         from polytask.cli import pipeline
@@ -258,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolytaskError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders import ENCODERS
 from polytask.scheduling import TASK_SCHEDULERS
 from polytask.train.callbacks import CALLBACKS
+from polytask.train.callbacks.base import callback_class
 from polytask.train.trainer import resolve_device
 
 ARCHITECTURE_RESERVED = ("encoder", "encoder_factory", "tasks", "heads", "stems", "head_hidden", "head_dropout")
@@ -48,8 +49,8 @@ def check_registries(cfg: Config) -> None:
         registry.get(block.name)
         registry.check_params(block.name, block.params, reserved)
     for callback in cfg.callbacks:
-        CALLBACKS.get(callback.name)
-        CALLBACKS.check_params(callback.name, callback.params)
+        if callback_class(callback.name) and ":" not in callback.name:
+            CALLBACKS.check_params(callback.name, callback.params)
     check_device(cfg.run.device)
     ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:
@@ -140,22 +141,25 @@ def _from_files(cfg: Config, tasks: list[Task], files: Files) -> tuple[LoadedDat
 
 def _from_task_files(cfg: Config, tasks: list[Task]) -> tuple[LoadedData, Preprocessing]:
     assert cfg.tasks is not None
-    train_sets, val_sets, per_task, labels = {}, {}, {}, {}
+    train_sets, val_sets, test_sets, per_task, labels = {}, {}, {}, {}, {}
     for task in tasks:
         files = cfg.tasks[task.name].data
         if files is None:
             raise ConfigError(f"tasks.{task.name}.data is required when tasks have their own data sets")
-        train, val, _ = _splits(cfg, files)
+        train, val, test = _splits(cfg, files)
         column = task.target or task.name
         prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, [column] if isinstance(column, str) else list(column)))
         labels[task.name] = label_vocabulary(train, task, column)
         allow = {task.name: cfg.tasks[task.name].allow_missing}
         train_sets[task.name] = table_dataset(train, [task], {task.name: column}, prep, labels, allow, str(files.train))
         val_sets[task.name] = table_dataset(val, [task], {task.name: column}, prep, labels, allow, f"validation data of '{task.name}'")
+        if test is not None:  # the schema asks for a test file for every task or for none
+            test_sets[task.name] = table_dataset(test, [task], {task.name: column}, prep, labels, allow, str(files.test))
         per_task[task.name] = prep.to_dict()
     tasks = _with_inferred_classes(tasks, labels)
     widths = {name: TabularPreprocessor.from_dict(s).out_features for name, s in per_task.items()}
-    loaded = LoadedData("task_files", tasks, TaskDatasets(train_sets), TaskDatasets(val_sets), None, None,
+    loaded = LoadedData("task_files", tasks, TaskDatasets(train_sets), TaskDatasets(val_sets),
+                        TaskDatasets(test_sets) if test_sets else None, None,
                         {"name": "mlp", "in_features": cfg.model.stem_dim, "hidden": [128, 64], "_stems": widths})
     return loaded, Preprocessing(None, per_task=per_task, labels=labels)
 

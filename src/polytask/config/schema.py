@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polytask.config.yaml_io import DuplicateKeyError, UniqueKeyLoader, safe_load_unique
 from polytask.core.errors import ConfigError, closest
@@ -28,6 +28,15 @@ class Named(BaseModel):
         return dict(self.model_extra or {})
 
 
+NAMED_KEYS = {("method",), ("sampler",), ("task_scheduler",), ("model", "encoder")}
+"""Keys that take a registry entry, written ``{name: NAME, **params}`` or just ``NAME``."""
+
+
+def named(value: Any) -> Any:
+    """``method: pcgrad`` means ``method: {name: pcgrad}`` (a registry entry with no parameters)."""
+    return {"name": value} if isinstance(value, str) else value
+
+
 class Files(Strict):
     train: Path
     val: Path | None = None
@@ -45,6 +54,13 @@ class DataConfig(Strict):
     def _one_source(self) -> DataConfig:
         if self.dataset is not None and self.files is not None:
             raise ValueError("give either `dataset` or `files`, not both")
+        if self.dataset is None and self.options:
+            raise ValueError(f"`options` ({', '.join(map(str, self.options))}) are parameters of a bundled `dataset` "
+                             "(see `polytask list datasets`); data from files take none, so they would be ignored: "
+                             "remove data.options")
+        if self.dataset is not None and self.features is not None:
+            raise ValueError(f"`features` picks input columns of data `files`; the bundled dataset '{self.dataset}' "
+                             "has its own inputs, so it would be ignored: remove data.features")
         return self
 
 
@@ -72,6 +88,8 @@ class ModelConfig(Strict):
     stem_dim: int = Field(64, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)  # the architecture's keyword parameters
 
+    _encoder_name = field_validator("encoder", mode="before")(named)
+
 
 class Config(Strict):
     seed: int = 0
@@ -88,6 +106,32 @@ class Config(Strict):
     health: HealthOptions = Field(default_factory=HealthOptions)
     run: RunOptions = Field(default_factory=RunOptions)
     callbacks: list[Named] = Field(default_factory=list)
+
+    @field_validator("method", "sampler", "task_scheduler", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return named(value)
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _named_callbacks(cls, value: Any) -> Any:
+        return [named(item) for item in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _task_files(self) -> Config:
+        source = "data.files" if self.data.files is not None else "data.dataset" if self.data.dataset else None
+        given = [name for name, task in (self.tasks or {}).items() if task.data is not None]
+        if source and given:
+            raise ValueError(f"tasks.{given[0]}.data: per-task files are read only when `data` has neither `files` nor "
+                             f"`dataset`; found {source} too, which gives every task's data (so tasks.{given[0]}.data "
+                             "would be ignored): keep one of them")
+        if source is None and given:
+            tests = [name for name in given if self.tasks[name].data.test is not None]  # type: ignore[index, union-attr]
+            if tests and len(tests) != len(given):
+                missing = [name for name in given if name not in tests]
+                raise ValueError(f"tasks.{tests[0]}.data.test is given but tasks.{missing[0]}.data.test is not; a test "
+                                 "split needs a file for every task: add the missing ones or remove the others")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -134,7 +178,8 @@ def format_errors(error: ValidationError) -> str:
         else:
             found = item.get("input")
             shown = "" if isinstance(found, dict) or item["type"] == "value_error" else f"; found {found!r}"
-            lines.append(f"{where}: {item['msg'].removeprefix('Value error, ')}{shown}")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{message}{shown}" if not loc else f"{where}: {message}{shown}")  # whole-config checks name their keys
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -145,8 +190,10 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects key=value (e.g. train.epochs=1); found {assignment!r}")
     node = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if isinstance(child, str) and tuple(parts[:depth + 1]) in NAMED_KEYS:  # `method: pcgrad`, then --set method.x=…
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
         node = child

@@ -10,11 +10,27 @@ from torch import Tensor, nn
 from polytask.core.errors import InvalidParameterError
 
 
+def layer_sizes(value: object, key: str = "hidden", who: str | None = None, *, allow_empty: bool = True) -> list[int]:
+    """``value`` as a list of layer widths, or an error that says a list of positive ints is
+    expected (a string such as ``"16"`` or a bare ``16`` is not one, nor is ``true``)."""
+    where = f"`{key}`" + (f" of `{who}`" if who else "")
+    ok = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+    if ok and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in value):  # type: ignore[union-attr]
+        sizes = [int(h) for h in value]  # type: ignore[union-attr]
+        if sizes or allow_empty:
+            return sizes
+        raise InvalidParameterError(f"{where} needs at least one layer size, e.g. [128, 64]; found []")
+    hint = ""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        hint = f" (for one layer of {value} write [{value}])" if str(value).strip().isdigit() else ""
+    raise InvalidParameterError(f"{where} must be a list of positive ints (one width per layer), e.g. [128, 64]; "
+                                f"found {value!r}{hint}")
+
+
 def mlp_layers(in_features: int, hidden: Sequence[int], out_features: int | None, *, dropout: float = 0.0,
                activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """Linear → activation (→ dropout) blocks, then an optional final linear layer."""
-    if any(not isinstance(h, int) or h < 1 for h in hidden):
-        raise InvalidParameterError(f"`hidden` sizes must be positive ints; found {list(hidden)}")
+    hidden = layer_sizes(hidden)
     if not 0.0 <= dropout < 1.0:
         raise InvalidParameterError(f"`dropout` must be in [0, 1); found {dropout}")
     layers: list[nn.Module] = []

@@ -25,6 +25,7 @@ def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; run files get the mode open() would give
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -38,6 +39,20 @@ def atomic_write(path: Path, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``);
+    elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -74,7 +89,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a polytask checkpoint: {exc}") from exc
+        raise CheckpointError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a polytask checkpoint (no 'model' entry)")
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``path`` failed the safe load, without torch's advice to retry with ``weights_only=False``
+    (that would run whatever code the file carries: wrong advice for a file that failed this check)."""
+    text = str(exc)
+    if "weights only load failed" in text.lower() or "weights_only" in text:
+        kept = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in text.splitlines()
+                if line.strip() and "weights_only" not in line and "weights only load failed" not in line.lower()
+                and "torch.load" not in line and "trusted source" not in line]
+        reason = " ".join(kept)[:300].rstrip(". ") or "it holds objects other than tensors and plain containers"
+        return (f"checkpoint {path} failed the safe load, which accepts tensors and plain containers only ({reason}); "
+                "a polytask checkpoint holds nothing else, so this file was altered or is not one: do not load it, "
+                "use a checkpoint you trust or train again")
+    first = text.strip().splitlines()[0].split(". ")[0].rstrip(". ")[:300] if text.strip() else type(exc).__name__
+    return (f"checkpoint {path} is corrupt or not a polytask checkpoint ({first}); expected a file polytask "
+            "wrote: use checkpoints/previous.pt or another checkpoint, or train again")

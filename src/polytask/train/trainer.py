@@ -25,6 +25,7 @@ from polytask.engine.backward import Engine
 from polytask.engine.comm import Communicator
 from polytask.engine.options import EngineOptions
 from polytask.methods.base import METHODS, Method
+from polytask.methods.static import Static
 from polytask.metrics.delta_m import delta_m
 from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
@@ -150,7 +151,8 @@ class Trainer:
         self.weight_counts: dict[str, int] = {}
         self.best: dict[str, Any] = {"epoch": -1, "score": None}
         self.bad_epochs, self.improved, self.stop = 0, False, False
-        self.train_seconds = self._segment_seconds = 0.0
+        self.train_seconds = 0.0  # of the earlier segments of a resumed run
+        self._fit_started: float | None = None
         self._best_state: dict[str, Tensor] | None = None
 
     def _callbacks(self, extra: Sequence[Callback | Mapping[str, Any]]) -> list[Callback]:
@@ -192,6 +194,8 @@ class Trainer:
             raise InvalidParameterError(f"monitor '{self.loop.monitor}' needs validation data")
         sizes = train.sizes if isinstance(train, TaskDatasets) else {t: len(train) for t in self.names}
         self.method.setup(self.names, sizes=sizes, static_weights={t.name: t.weight for t in self.tasks})
+        if isinstance(self.method, Static):
+            self.method.check_trains()
         if isinstance(train, TaskDatasets):
             self.sampler.setup({t: sizes[t] for t in self.names})
         self.task_scheduler.setup(self.names)
@@ -199,17 +203,26 @@ class Trainer:
     def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
         """Train for ``loop.epochs`` (or until a callback stops it) and return the report."""
         self.check(train, val, test)
-        self._open_run()
-        started = time.perf_counter()
-        for callback in self.callbacks:
-            callback.on_fit_start(self)
-        while self.epoch < self.loop.epochs and not self.stop:
-            rows = self._train_epoch(train)
-            if val is not None:
-                rows += self._rows("val", self.evaluate(val))
-            self.history.extend(rows)
-            self._end_epoch(rows, time.perf_counter() - started)
-        summary = self._finish(train, val, test, time.perf_counter() - started)
+        try:
+            self._open_run()
+            self._fit_started = started = time.perf_counter()
+            for callback in self.callbacks:
+                callback.on_fit_start(self)
+            while self.epoch < self.loop.epochs and not self.stop:
+                rows = self._train_epoch(train)
+                if val is not None:
+                    rows += self._rows("val", self.evaluate(val))
+                self.history.extend(rows)
+                self._end_epoch(rows, time.perf_counter() - started)
+            summary = self._finish(train, val, test, time.perf_counter() - started)
+        except BaseException:
+            if self.writer is not None:  # a run this one replaces comes back while this one has no checkpoint
+                self.writer.rollback()
+            raise
+        finally:
+            if self._fit_started is not None:
+                self.train_seconds += time.perf_counter() - self._fit_started
+                self._fit_started = None
         return Report(metrics=summary["tasks"], best_epoch=summary["best_epoch"], history=self.history, summary=summary)
 
     @torch.no_grad()
@@ -381,7 +394,6 @@ class Trainer:
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
             self.bad_epochs += 1
-        self._segment_seconds = seconds
         for callback in self.callbacks:
             callback.on_epoch_end(self, rows)
 
@@ -417,6 +429,8 @@ class Trainer:
                 self._best_state = load_checkpoint(run.best)["model"]
         if self.writer is not None and self.config_text is not None:
             self.writer.write_text("config.yaml", self.config_text)
+        if self.writer is not None:
+            self.writer.record_environment(epoch=self.epoch)
 
     # ---------------------------------------------------------------------------- batching
     def _eval_batches(self, data: Data) -> Iterator[Batch]:
@@ -489,9 +503,13 @@ class Trainer:
             "weight_sums": dict(self.weight_sums), "weight_counts": dict(self.weight_counts),
             "train_metrics": self.metrics.state_dict(), "health": self.health.state_dict(),
             "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
-            "history": list(self.history), "train_seconds": self.train_seconds + self._segment_seconds,
+            "history": list(self.history), "train_seconds": self.train_seconds + self._segment(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
         }
+
+    def _segment(self) -> float:
+        """Seconds of this ``fit`` so far (0 outside one)."""
+        return 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         try:

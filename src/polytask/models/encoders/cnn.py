@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError, ShapeError
 from polytask.models.encoders.base import ENCODERS
+from polytask.models.heads import layer_sizes
 
 
 @ENCODERS.register("cnn")
@@ -24,8 +25,7 @@ class CNN(nn.Module):
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise InvalidParameterError(f"`in_channels` of `cnn` must be a positive int; found {in_channels!r}")
-        if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
-            raise InvalidParameterError(f"`channels` of `cnn` must be positive ints; found {list(channels)}")
+        channels = layer_sizes(channels, "channels", "cnn", allow_empty=False)
         blocks: list[nn.Module] = []
         width = in_channels
         for c in channels:

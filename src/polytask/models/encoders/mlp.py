@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
 from polytask.models.encoders.base import ENCODERS
-from polytask.models.heads import mlp_layers
+from polytask.models.heads import layer_sizes, mlp_layers
 
 
 @ENCODERS.register("mlp")
@@ -19,11 +19,10 @@ class MLP(nn.Module):
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise InvalidParameterError(f"`in_features` of `mlp` must be a positive int; found {in_features!r}")
-        if not hidden:
-            raise InvalidParameterError("`hidden` of `mlp` needs at least one layer size")
-        self.net = mlp_layers(in_features, list(hidden), None, dropout=dropout)
+        hidden = layer_sizes(hidden, "hidden", "mlp", allow_empty=False)
+        self.net = mlp_layers(in_features, hidden, None, dropout=dropout)
         self.in_features = in_features
-        self.out_features = int(list(hidden)[-1])
+        self.out_features = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))

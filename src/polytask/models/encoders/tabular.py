@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError, ShapeError
 from polytask.models.encoders.base import ENCODERS
-from polytask.models.heads import mlp_layers
+from polytask.models.heads import layer_sizes, mlp_layers
 
 
 def embedding_size(cardinality: int, cap: int = 16) -> int:
@@ -36,16 +36,15 @@ class Tabular(nn.Module):
             raise InvalidParameterError(f"`cardinalities` of `tabular` must be positive ints; found {list(cardinalities)}")
         if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
             raise InvalidParameterError(f"`embedding_dim` of `tabular` must be a positive int or null; found {embedding_dim!r}")
-        if not hidden:
-            raise InvalidParameterError("`hidden` of `tabular` needs at least one layer size")
+        hidden = layer_sizes(hidden, "hidden", "tabular", allow_empty=False)
         self.n_numeric = n_numeric
         self.cardinalities = [int(c) for c in cardinalities]
         self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_dim or embedding_size(c)) for c in self.cardinalities)
         width = n_numeric + sum(e.embedding_dim for e in self.embeddings)
         if width == 0:
             raise InvalidParameterError("`tabular` needs at least one numeric or categorical column")
-        self.net = mlp_layers(width, list(hidden), None, dropout=dropout)
-        self.out_features = int(list(hidden)[-1])
+        self.net = mlp_layers(width, hidden, None, dropout=dropout)
+        self.out_features = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         expected = self.n_numeric + len(self.cardinalities)

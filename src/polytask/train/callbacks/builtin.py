@@ -51,7 +51,9 @@ class CSVLogger(Callback):
 class Checkpointing(Callback):
     """checkpoints/last.pt at every epoch end (and every ``every`` steps inside an epoch, so a
     killed run resumes mid-epoch exactly), the replaced one kept as previous.pt; best.pt when
-    the monitored value improves. Runs last, so the state it saves includes every callback's."""
+    the monitored value improves. Runs last, so the state it saves includes every callback's. The
+    first last.pt of a run that replaces another (``--overwrite``) settles the replacement
+    (``RunDir.settle``: the old run's files, kept aside until then, are deleted)."""
 
     def __init__(self, every: int | None = None) -> None:
         self.every = every
@@ -61,6 +63,7 @@ class Checkpointing(Callback):
         if (run is not None and self.every and trainer.epoch_step % self.every == 0
                 and trainer.epoch_step < trainer.steps_this_epoch):
             save_checkpoint(run.last, trainer.state_dict(), previous=run.previous)
+            run.settle()
 
     def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
         run = trainer.writer
@@ -69,6 +72,7 @@ class Checkpointing(Callback):
         if trainer.improved:
             save_checkpoint(run.best, {"model": trainer.model.state_dict(), "epoch": trainer.epoch})
         save_checkpoint(run.last, trainer.state_dict(), previous=run.previous)
+        run.settle()  # the first checkpoint of a run that replaces another: the old one's files go
 
 
 class EarlyStopping(Callback):
