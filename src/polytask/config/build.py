@@ -23,6 +23,7 @@ from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders import ENCODERS
 from polytask.scheduling import TASK_SCHEDULERS
 from polytask.train.callbacks import CALLBACKS
+from polytask.train.callbacks.base import callback_class
 from polytask.train.trainer import resolve_device
 
 ARCHITECTURE_RESERVED = ("encoder", "encoder_factory", "tasks", "heads", "stems", "head_hidden", "head_dropout")
@@ -47,9 +48,10 @@ def check_registries(cfg: Config) -> None:
                                       (TASK_SCHEDULERS, cfg.task_scheduler, ())):
         registry.get(block.name)
         registry.check_params(block.name, block.params, reserved)
-    for callback in cfg.callbacks:
-        CALLBACKS.get(callback.name)
-        CALLBACKS.check_params(callback.name, callback.params)
+    for callback in cfg.callbacks:  # a registered name, or a user's class by import path (module:Class)
+        callback_class(callback.name)
+        if ":" not in callback.name:
+            CALLBACKS.check_params(callback.name, callback.params)
     check_device(cfg.run.device)
     ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -31,8 +32,8 @@ from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
-from polytask.train.callbacks import CALLBACKS, Callback, Checkpointing, ConsoleLogger, CSVLogger, EarlyStopping, Plots
-from polytask.train.callbacks.base import TrainStep
+from polytask.train.callbacks import Callback, Checkpointing, ConsoleLogger, CSVLogger, EarlyStopping, Plots
+from polytask.train.callbacks.base import TrainStep, build_callback
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest
 from polytask.train.health import GradientMonitor, HealthOptions
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
@@ -74,7 +75,8 @@ class Trainer:
             :class:`OptimOptions`, :class:`EngineOptions`, :class:`HealthOptions`,
             :class:`RunOptions` (an instance or a mapping of its fields; the YAML sections
             ``train``, ``optim``, ``engine``, ``health``, ``run``).
-        callbacks: extra :class:`Callback` s (or ``{"name": NAME, **params}`` of ``CALLBACKS``),
+        callbacks: extra :class:`Callback` s, or ``{"name": NAME, **params}`` with NAME registered in
+            ``CALLBACKS`` or a class by import path (``package.module:ClassName``),
             called after the built-in ones (CSV, plots, console, early stopping) and before the
             checkpoint, so their state is saved with it.
         baselines: single-task metrics {task: {metric: value}} for Δm.
@@ -156,17 +158,19 @@ class Trainer:
         self._best_state: dict[str, Tensor] | None = None
 
     def _callbacks(self, extra: Sequence[Callback | Mapping[str, Any]]) -> list[Callback]:
+        users = [build_callback(cb) for cb in extra]
         built: list[Callback] = [CSVLogger(), Plots()]
-        if self.run_options.progress:
-            built.append(ConsoleLogger())
+        if self.run_options.progress and not any(isinstance(cb, ConsoleLogger) for cb in users):
+            built.append(ConsoleLogger())  # on by default with progress; naming `console` as well is no duplicate
         if self.loop.patience is not None:
             built.append(EarlyStopping(self.loop.patience))
-        built += [_build(CALLBACKS, cb, Callback, "callbacks") for cb in extra]
+        built += users
         built.append(Checkpointing(self.loop.checkpoint_every))
         keys = [cb.state_key for cb in built]
         doubled = sorted({k for k in keys if keys.count(k) > 1})
         if doubled:
-            raise InvalidParameterError(f"callbacks {doubled} appear twice; give each a distinct `key`")
+            raise InvalidParameterError(f"callbacks {doubled} appear twice; give each a distinct `key` attribute "
+                                        "(their states are saved under it)")
         return built
 
     def callback(self, kind: type[C]) -> C:
@@ -336,8 +340,8 @@ class Trainer:
                 continue
             if self.comm is not None:
                 batch = batch.shard(self.comm.rank, self.comm.world_size)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                  else contextlib.nullcontext()):
                 z = self.model.encode(batch.x, batch.source)
                 outputs = self.model.decode(z, tasks)
                 for t in tasks:

@@ -8,10 +8,12 @@ returns it from ``state_dict`` so a resumed run continues it exactly.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from polytask.core.errors import InvalidParameterError
 from polytask.core.registry import Registry
 from polytask.engine.backward import StepReport
 
@@ -72,3 +74,38 @@ class Callback:
 
 #: callbacks a YAML config can name: ``callbacks: [{name: tensorboard, every: 10}]``
 CALLBACKS: Registry[Callback] = Registry("callback")
+
+
+def callback_class(name: str) -> type[Callback]:
+    """A registered callback (``tensorboard``) or one of the user's by import path
+    (``my_package.callbacks:PrintLosses``), so a YAML config can name either."""
+    if ":" not in name:
+        return CALLBACKS.get(name)  # type: ignore[return-value]
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidParameterError(f"callback '{name}': module '{module_name}' cannot be imported ({exc}); "
+                                    "expected 'package.module:ClassName' on the Python path") from None
+    cls = getattr(module, attribute, None)
+    if not (isinstance(cls, type) and issubclass(cls, Callback)):
+        raise InvalidParameterError(f"callback '{name}': '{attribute}' in module '{module_name}' is not a "
+                                    "polytask.train.Callback subclass")
+    return cls
+
+
+def build_callback(spec: Callback | Mapping[str, Any]) -> Callback:
+    """A callback object from an instance or ``{"name": NAME_OR_IMPORT_PATH, **params}``."""
+    if isinstance(spec, Callback):
+        return spec
+    if not (isinstance(spec, Mapping) and isinstance(spec.get("name"), str)):
+        raise InvalidParameterError(f"a callback must be a Callback or {{'name': NAME, **params}}; found {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    cls = callback_class(spec["name"])
+    if ":" not in spec["name"]:
+        CALLBACKS.check_params(spec["name"], params)
+        return CALLBACKS.create(spec["name"], **params)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise InvalidParameterError(f"callback '{spec['name']}' does not take these parameters: {exc}") from None
