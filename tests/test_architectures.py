@@ -86,7 +86,10 @@ def test_shared_private_partition_is_true(name, n):
 @pytest.mark.parametrize("name", NAMES)
 def test_engine_compares_on_shared_last_shared_and_features(name):
     model, x, tasks = build(name, 3)
-    for method, compare in (("mgda", "features"), ("pcgrad", "shared"), ("gradnorm", "last_shared"), ("equal", "auto")):
+    compares = [("pcgrad", "shared"), ("gradnorm", "last_shared"), ("equal", "auto")]
+    if model.shares_representation:  # else each task has its own slice of z: the Trainer refuses features
+        compares.append(("mgda", "features"))
+    for method, compare in compares:
         model.zero_grad(set_to_none=True)
         engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                         compare=compare)
@@ -278,3 +281,19 @@ def test_architecture_option_typo_is_named(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 2
     assert "did you mean 'num_experts'" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_features_comparison_is_refused_where_tasks_have_their_own_representation(name):
+    """On experts, cross-stitch columns, soft sharing and MTAN, z is (batch, T, D) and each task
+    reads its own slice: the feature Gramian is diagonal, so comparing there sees no conflict."""
+    model, x, tasks = build(name, 3)
+    z, losses = losses_of(model, x, tasks)
+    jz = torch.stack([torch.autograd.grad(losses[t.name], z, retain_graph=True)[0].flatten() for t in tasks])
+    off_diagonal = (jz @ jz.T).fill_diagonal_(0).abs().max()
+    assert bool(off_diagonal == 0) == (not model.shares_representation), name
+    if model.shares_representation:
+        pt.Trainer(model, tasks, method="mgda_ub", run={"progress": False})
+    else:
+        with pytest.raises(pt.InvalidParameterError, match="its own slice of the representation"):
+            pt.Trainer(model, tasks, method="mgda_ub", run={"progress": False})

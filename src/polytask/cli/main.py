@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics")
+LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
+         "callbacks")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", default="best", choices=("best", "last"))
     pr.add_argument("--task", help="for runs with per-task inputs: the task whose input columns the file has")
 
+    ex = sub.add_parser("export", help="write a trained run's model as ONNX, TorchScript or safetensors")
+    ex.add_argument("run_dir", type=Path)
+    ex.add_argument("--format", choices=("onnx", "torchscript", "safetensors"),
+                    help="default: from the --output suffix, else onnx")
+    ex.add_argument("--output", type=Path, help="file to write (default: RUN_DIR/model.onnx|.pt|.safetensors)")
+    ex.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    ex.add_argument("--task", help="for runs with per-task inputs: the task whose inputs and output to export")
+
     bench = sub.add_parser("bench", help="benchmarks (not part of the test suite)")
     bench_sub = bench.add_subparsers(dest="suite", required=True)
     speed = bench_sub.add_parser("speed", help="ms per step and peak memory of every method vs equal weighting")
@@ -68,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     arch.add_argument("--steps", type=int, default=20, help="timed steps per architecture (median reported)")
     arch.add_argument("--warmup", type=int, default=3)
     arch.add_argument("--device", default="cpu")
+    over = bench_sub.add_parser("overhead", help="the Trainer's per-step cost over a hand-written PyTorch loop on "
+                                "the demo model (Adult, hard sharing), median of interleaved epochs")
+    over.add_argument("--repeats", type=int, default=7)
+    over.add_argument("--threads", type=int, default=1)
     heads = bench_sub.add_parser("heads", help="weighted vs unweighted head gradients of gradient methods on the "
                                  "bundled examples: Δm%% against single-task baselines, per seed")
     heads.add_argument("--datasets", default="adult,multimnist,reviews,movielens")
@@ -155,6 +169,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.suite == "sampling":
         return _bench_sampling(args)
+    if args.suite == "overhead":
+        from polytask.bench import overhead
+
+        overhead.run(repeats=args.repeats, threads=args.threads)
+        return 0
     if args.suite == "heads":
         from polytask.bench import heads as heads_bench
 
@@ -230,6 +249,7 @@ def _bench_sampling(args: argparse.Namespace) -> int:
 
 
 def _list(what: str | None, name: str | None = None) -> int:
+    from polytask.core.losses import LOSSES
     from polytask.data.samplers import SAMPLERS
     from polytask.datasets import DATASETS
     from polytask.methods import METHODS
@@ -237,9 +257,11 @@ def _list(what: str | None, name: str | None = None) -> int:
     from polytask.models import ARCHITECTURES
     from polytask.models.encoders import ENCODERS
     from polytask.scheduling import TASK_SCHEDULERS
+    from polytask.train.callbacks import CALLBACKS
 
     registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
-                                  "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS}
+                                  "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS,
+                                  "losses": LOSSES, "callbacks": CALLBACKS}
     if name is not None:
         return _describe(what, name, registries)
     for name in [what] if what else LISTS:
@@ -303,17 +325,41 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return f"warning: {message}\n"
 
 
+def _export(args: argparse.Namespace) -> int:
+    from polytask.models.export import resolve_format
+    from polytask.runs import export
+
+    fmt = args.format or (resolve_format(args.output, None) if args.output else "onnx")
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}[fmt]
+    path = export(args.run_dir, args.output or args.run_dir / f"model{suffix}", fmt, checkpoint=args.checkpoint,
+                  task=args.task)
+    print(json.dumps({"format": fmt, "output": str(path)}))
+    return 0
+
+
+class _LogFormat(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:  # "info: …" / "warning: …", as errors are "error: …"
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from polytask.core.errors import PolytaskError
 
     shown = warnings.formatwarning
     warnings.formatwarning = _format_warning  # type: ignore[assignment]  # "warning: …", as errors are "error: …"
+    log = logging.getLogger("polytask")  # the library's own lines (an inferred num_classes): "info: …" on stderr
+    handler, level = logging.StreamHandler(sys.stderr), log.level
+    handler.setFormatter(_LogFormat())
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         if args.command == "train":
             return _train(args)
         if args.command == "list":
             return _list(args.what, args.name)
+        if args.command == "export":
+            return _export(args)
         if args.command == "bench":
             return _bench(args)
         from polytask.cli import pipeline
@@ -332,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = shown  # type: ignore[assignment]
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def resolved(cfg: Config, loaded: LoadedData, encoder: dict[str, Any]) -> Config
     tasks = {t.name: TaskConfig(kind=t.kind, target=t.target, num_classes=t.num_classes, weight=t.weight,
                                 metrics=list(t.metric_names), lr=t.lr, weight_decay=t.weight_decay,
                                 allow_missing=(cfg.tasks or {}).get(t.name, TaskConfig()).allow_missing,
-                                data=(cfg.tasks or {}).get(t.name, TaskConfig()).data)
+                                data=(cfg.tasks or {}).get(t.name, TaskConfig()).data, loss=t.loss.to_config())
              for t in loaded.tasks}
     raw = cfg.model_dump(mode="json", exclude_none=True)
     raw["tasks"] = {n: tc.model_dump(mode="json", exclude_none=True) for n, tc in tasks.items()}
@@ -111,16 +112,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
     planned = kept or ({t.name: {} for t in loaded.tasks} if baselines else None)
     Trainer(build_model(cfg, loaded.tasks, encoder, stems), loaded.tasks, **kwargs, baselines=planned).check(
         loaded.train, loaded.val, loaded.test)
-    run.prepare(resume=resume, overwrite=overwrite)
+    # under torchrun only rank 0 touches the run directory (the Trainer waits for it before reading)
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        run.prepare(resume=resume, overwrite=overwrite)
     try:
         summary = _train(cfg, run, loaded, encoder, stems, kwargs, full, kept, resume=resume,
                          baselines=baselines, single_task_only=single_task_only)
     except BaseException:
-        run.rollback()  # an overwritten run comes back when the new one has no checkpoint yet
+        if main:
+            run.rollback()  # an overwritten run comes back when the new one has no checkpoint yet
         raise
-    if not single_task_only:
-        run.write_json("preprocess.json", prep)
-    run.commit()
+    if main:
+        if not single_task_only:
+            run.write_json("preprocess.json", prep)
+        run.commit()
     return summary
 
 

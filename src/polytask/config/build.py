@@ -11,9 +11,10 @@ from torch import nn
 
 from polytask.config.schema import Config, Files, TaskConfig
 from polytask.core.errors import ConfigError, DataError, InvalidParameterError, closest
+from polytask.core.losses import LOSSES
 from polytask.core.task import Task
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
-from polytask.data.files import label_vocabulary, read_table, table_dataset
+from polytask.data.files import infer_classes_from_column, label_vocabulary, read_table, table_dataset
 from polytask.data.samplers import SAMPLERS
 from polytask.data.tabular import TabularPreprocessor
 from polytask.datasets import DATASETS, LoadedData
@@ -53,6 +54,14 @@ def check_registries(cfg: Config) -> None:
         if ":" not in callback.name:
             CALLBACKS.check_params(callback.name, callback.params)
     check_device(cfg.run.device)
+    for name, tc in (cfg.tasks or {}).items():
+        if tc.loss is not None:  # the name and parameters; whether it fits the kind is checked when the task is built
+            try:
+                loss, params = LOSSES.split(tc.loss, name)
+                LOSSES.entry(loss)
+                LOSSES.check_params(loss, params, name)
+            except InvalidParameterError as exc:
+                raise ConfigError(f"tasks.{name}.loss: {exc}") from None
     ARCHITECTURES.check_params(cfg.model.architecture, cfg.model.options, ARCHITECTURE_RESERVED)
     if cfg.model.encoder is not None:
         ENCODERS.get(cfg.model.encoder.name)
@@ -70,7 +79,7 @@ def check_device(device: str) -> None:
         raise ConfigError(f"run.device: {exc}") from None
 
 
-def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
+def _task(name: str, tc: TaskConfig, base: Task | None = None, train: pd.DataFrame | None = None) -> Task:
     kind = tc.kind or (base.kind if base else None)
     if kind is None:
         raise ConfigError(f"tasks.{name}.kind is required (regression, binary, multiclass or multilabel)")
@@ -87,9 +96,12 @@ def _task(name: str, tc: TaskConfig, base: Task | None = None) -> Task:
     elif kind == "multilabel" and base is None:
         raise ConfigError(f"tasks.{name}.target: a multilabel task reads one 0/1 column per label; "
                           "give the list of columns, e.g. target: [label_a, label_b]")
+    if kind == "multiclass" and num_classes is None and train is not None and isinstance(target, str):
+        num_classes = infer_classes_from_column(train, name, target)  # logged on the `polytask` logger
     metrics = tuple(tc.metrics) if tc.metrics else (base.metrics if base else None)
+    loss = tc.loss if tc.loss is not None else (base.loss if base else None)
     return Task(name, kind=kind, num_classes=num_classes, weight=tc.weight, metrics=metrics, lr=tc.lr,
-                weight_decay=tc.weight_decay, target=target)
+                weight_decay=tc.weight_decay, target=target, loss=loss)
 
 
 def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
@@ -103,10 +115,9 @@ def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
         return loaded, Preprocessing(loaded.preprocessor)
     if not cfg.tasks:
         raise ConfigError("`tasks` are required when data come from files (name, kind and target column)")
-    tasks = [_task(name, tc) for name, tc in cfg.tasks.items()]
     if cfg.data.files is not None:
-        return _from_files(cfg, tasks, cfg.data.files)
-    return _from_task_files(cfg, tasks)
+        return _from_files(cfg, cfg.data.files)
+    return _from_task_files(cfg)
 
 
 def _splits(cfg: Config, files: Files) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
@@ -124,9 +135,10 @@ def _feature_columns(cfg: Config, frame: pd.DataFrame, targets: list[str]) -> li
     return [c for c in frame.columns if c not in targets]
 
 
-def _from_files(cfg: Config, tasks: list[Task], files: Files) -> tuple[LoadedData, Preprocessing]:
+def _from_files(cfg: Config, files: Files) -> tuple[LoadedData, Preprocessing]:
     assert cfg.tasks is not None
     train, val, test = _splits(cfg, files)
+    tasks = [_task(name, tc, train=train) for name, tc in cfg.tasks.items()]  # num_classes inferred from `train`
     columns = {t.name: t.target or t.name for t in tasks}
     used = [c for cols in columns.values() for c in ([cols] if isinstance(cols, str) else cols)]
     prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, used))
@@ -140,14 +152,17 @@ def _from_files(cfg: Config, tasks: list[Task], files: Files) -> tuple[LoadedDat
     return loaded, Preprocessing(prep.to_dict(), labels=labels)
 
 
-def _from_task_files(cfg: Config, tasks: list[Task]) -> tuple[LoadedData, Preprocessing]:
+def _from_task_files(cfg: Config) -> tuple[LoadedData, Preprocessing]:
     assert cfg.tasks is not None
     train_sets, val_sets, test_sets, per_task, labels = {}, {}, {}, {}, {}
-    for task in tasks:
-        files = cfg.tasks[task.name].data
+    tasks: list[Task] = []
+    for name, tc in cfg.tasks.items():
+        files = tc.data
         if files is None:
-            raise ConfigError(f"tasks.{task.name}.data is required when tasks have their own data sets")
+            raise ConfigError(f"tasks.{name}.data is required when tasks have their own data sets")
         train, val, test = _splits(cfg, files)
+        task = _task(name, tc, train=train)  # num_classes inferred from this task's own training data
+        tasks.append(task)
         column = task.target or task.name
         prep = TabularPreprocessor.fit(train, _feature_columns(cfg, train, [column] if isinstance(column, str) else list(column)))
         labels[task.name] = label_vocabulary(train, task, column)
@@ -171,8 +186,6 @@ def _with_inferred_classes(tasks: list[Task], labels: dict[str, list[str] | None
         vocab = labels.get(t.name)
         if t.kind == "binary" and vocab is not None and len(vocab) != 2:
             raise DataError(f"binary task '{t.name}' has {len(vocab)} distinct labels {vocab[:5]}; expected 2")
-        if t.kind == "multiclass" and t.num_classes is None:
-            raise ConfigError(f"tasks.{t.name}.num_classes is required for a multiclass task")
         out.append(t)
     return out
 

@@ -74,6 +74,7 @@ class TaskConfig(Strict):
     weight_decay: float | None = Field(None, ge=0)
     allow_missing: bool = False
     data: Files | None = None
+    loss: str | dict[str, Any] | None = None  # a loss name, or {name: focal, gamma: 2.0}; default per kind
 
 
 class HeadConfig(Strict):

@@ -17,11 +17,13 @@ class Static(Method):
     """Static weighted sum: Total = Σᵢ λᵢ Lᵢ with user-chosen λ.
 
     ``weights`` maps task name → λ; tasks left out take their ``Task.weight`` (default 1).
+    Weights that are all 0 are refused at ``setup`` (nothing would train) unless
+    ``allow_all_zero`` (for ``warmup``, which may start from zeros).
     """
 
     needs = "losses"
 
-    def __init__(self, *, weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, *, weights: Mapping[str, float] | None = None, allow_all_zero: bool = False) -> None:
         super().__init__()
         if weights is not None and not isinstance(weights, Mapping):
             raise InvalidParameterError(
@@ -31,6 +33,7 @@ class Static(Method):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise InvalidParameterError(f"`weights['{name}']` of `static` must be a finite number >= 0; found {value!r}")
         self.given = weights
+        self.allow_all_zero = bool(allow_all_zero)
         self.lambdas: dict[str, float] = dict(weights)
         self._remember(weights=weights)
 
@@ -43,11 +46,12 @@ class Static(Method):
                 )
         defaults = dict(static_weights or {})
         self.lambdas = {t: float(self.given.get(t, defaults.get(t, 1.0))) for t in tasks}
+        if not self.allow_all_zero:
+            self.check_trains()
 
     def check_trains(self) -> None:
         """Refuse weights that are all 0 (after ``setup``): the total loss would be 0 and nothing
-        would train. The Trainer calls it when ``static`` is the run's method; wrappers that only
-        start from these weights (``warmup``) may start from all zeros."""
+        would train."""
         if self.lambdas and not any(self.lambdas.values()):
             shown = ", ".join(f"{t}: {w:g}" for t, w in self.lambdas.items())
             raise InvalidParameterError(

@@ -27,6 +27,8 @@ class ExpertModel(MultiTaskModel):
     (task i's loss only reads row i); the coupling between tasks lives in θ (the experts).
     """
 
+    shares_representation = False  # each task reads its own slice of z
+
     architecture = "experts"
 
     def __init__(self, tasks: Sequence[Task], head_hidden: Sequence[int], head_dropout: float) -> None:

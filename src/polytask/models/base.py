@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -17,6 +18,11 @@ class MultiTaskModel(nn.Module):
     differentiates), ``decode(z, tasks)`` the raw outputs per task; ``forward`` chains them.
     ``shared_parameters`` (θ) and ``task_parameters(name)`` partition the trainable parameters.
     """
+
+    #: False when ``encode`` gives each task its own slice (z of shape (batch, T, D): experts'
+    #: gate mixtures, per-task columns, attention masks): the gradients w.r.t. z then never
+    #: meet, so ``compare="features"`` would see no conflict and is refused
+    shares_representation: ClassVar[bool] = True
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         super().__init__()

@@ -36,6 +36,8 @@ class CrossStitch(MultiTaskModel):
     final mixed column outputs stacked as (batch, T, D), task order = ``task_names``.
     """
 
+    shares_representation = False  # each task reads its own slice of z
+
     def __init__(self, encoder_factory: EncoderFactory, tasks: Sequence[Task], *, self_weight: float = 0.9,
                  head_hidden: Sequence[int] = (), head_dropout: float = 0.0) -> None:
         super().__init__(tasks)

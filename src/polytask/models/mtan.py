@@ -36,6 +36,8 @@ class MTAN(MultiTaskModel):
     task features stacked as (batch, T, D), task order = ``task_names``.
     """
 
+    shares_representation = False  # each task reads its own slice of z
+
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], *, head_hidden: Sequence[int] = (),
                  head_dropout: float = 0.0) -> None:
         super().__init__(tasks)

@@ -36,6 +36,8 @@ class SoftSharing(MultiTaskModel):
     stacked as (batch, T, D), task order = ``task_names``.
     """
 
+    shares_representation = False  # each task reads its own slice of z
+
     def __init__(self, encoder_factory: EncoderFactory, tasks: Sequence[Task], *, strength: float = 1e-3,
                  distance: str = "pairwise", head_hidden: Sequence[int] = (), head_dropout: float = 0.0) -> None:
         super().__init__(tasks)

@@ -26,7 +26,6 @@ from polytask.engine.backward import Engine
 from polytask.engine.comm import Communicator
 from polytask.engine.options import EngineOptions
 from polytask.methods.base import METHODS, Method
-from polytask.methods.static import Static
 from polytask.metrics.delta_m import delta_m
 from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
@@ -126,6 +125,11 @@ class Trainer:
         self.engine = Engine(self.method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                              **engine_options.model_dump(), seed=seed, task_clip=self.optim.clip.per_task,
                              comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters()])
+        if self.engine.compare == "features" and not model.shares_representation:
+            raise InvalidParameterError(
+                f"'{self.method_name}' would compare gradients on the features, but architecture "
+                f"{type(model).__name__} gives each task its own slice of the representation, so the task gradients "
+                "there never meet (no conflict to see); use engine.compare: shared or last_shared")
         self.health = GradientMonitor(model, self.health_options)
         self.higher_is_better = self._check_monitor(self.loop.monitor)
         precision = self.run_options.precision
@@ -198,8 +202,6 @@ class Trainer:
             raise InvalidParameterError(f"monitor '{self.loop.monitor}' needs validation data")
         sizes = train.sizes if isinstance(train, TaskDatasets) else {t: len(train) for t in self.names}
         self.method.setup(self.names, sizes=sizes, static_weights={t.name: t.weight for t in self.tasks})
-        if isinstance(self.method, Static):
-            self.method.check_trains()
         if isinstance(train, TaskDatasets):
             self.sampler.setup({t: sizes[t] for t in self.names})
         self.task_scheduler.setup(self.names)
