@@ -13,6 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_script  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses / hundreds of generated examples
+
 HERE = Path(__file__).parent
 
 

@@ -39,6 +39,8 @@ from polytask.config.schema import Config, load_config
 from polytask.core.errors import PolytaskError
 from polytask.data.dataset import MultiOutputDataset
 
+pytestmark = pytest.mark.slow  # subprocesses / hundreds of generated examples
+
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 

@@ -251,6 +251,7 @@ def test_tensorboard_missing_package_names_the_install_command(monkeypatch: pyte
 
 
 # ------------------------------------------------------------------------------------- MLflow
+@pytest.mark.slow
 def test_mlflow_logs_params_metrics_artifacts_and_ends_the_run(tmp_path: Path, no_env_uri: None) -> None:
     trainer = make_trainer(tmp_path / "run")
     callback = CALLBACKS.create("mlflow", experiment="unit", every=2)
@@ -369,6 +370,7 @@ def test_mlflow_other_ranks_no_run_dir_and_missing_packages(tmp_path: Path, no_e
 
 
 # ------------------------------------------------------------------------------------ imports
+@pytest.mark.slow
 def test_importing_the_logger_modules_registers_them_without_importing_the_packages() -> None:
     code = ("import sys, polytask, polytask.train.callbacks.tensorboard, polytask.train.callbacks.mlflow\n"
             "from polytask.train.callbacks.base import CALLBACKS\n"

@@ -249,6 +249,7 @@ def _train_process(config: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
     csv = _write_problem(tmp_path)
     reference = _train_process(_config(tmp_path, "reference", csv))
