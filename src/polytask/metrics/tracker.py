@@ -22,8 +22,9 @@ class TaskMetrics:
         self.metrics = {t.name: {k: m.to(device) for k, m in METRICS.build(t).items()} for t in tasks}
         self.reset()
 
-    #: buffered updates before they are handed to torchmetrics in one call per metric
-    FLUSH_EVERY = 64
+    #: buffered prediction values before they are handed to torchmetrics in one call per metric
+    #: (16 MB of float32: an epoch of a small data set is one call, a large one stays bounded)
+    FLUSH_ELEMENTS = 1 << 22
 
     def reset(self) -> None:
         for group in self.metrics.values():
@@ -32,16 +33,16 @@ class TaskMetrics:
         self._loss_n: dict[str, int] = {t: 0 for t in self.tasks}
         self._losses: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
         self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {t: [] for t in self.tasks}
-        self._pending_count = 0
+        self._pending_elements = 0
 
     @torch.no_grad()
     def update(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                losses: Mapping[str, Tensor | None] | None = None) -> None:
-        """Record a batch. Predictions and targets are buffered and handed to torchmetrics every
-        ``FLUSH_EVERY`` updates (and before ``compute`` / ``state_dict``): a torchmetrics update
-        costs ~0.1 ms of Python per metric, which on a small model is a third of a training step.
-        The flush points depend only on the number of updates, so a resumed run flushes where the
-        uninterrupted one did."""
+        """Record a batch. Predictions and targets are buffered and handed to torchmetrics once
+        ``FLUSH_ELEMENTS`` values are waiting (and before ``compute`` / ``state_dict``): a
+        torchmetrics update costs ~0.1 ms of Python per metric, which on a small model is a third
+        of a training step. The flush points depend only on the data seen, so a resumed run
+        flushes where the uninterrupted one did."""
         for name, out in outputs.items():
             task = self.tasks[name]
             y = targets[name]
@@ -54,12 +55,12 @@ class TaskMetrics:
             if task.kind in ("binary", "multilabel"):
                 pred, y = torch.sigmoid(pred), y.long()
             self._pending[name].append((pred, y))
+            self._pending_elements += pred.numel()
             if losses is not None and losses.get(name) is not None:
                 # keep tensors and sum at compute(): avoids a device sync every step
                 self._losses[name].append(losses[name].detach() * len(y))  # type: ignore[union-attr]
                 self._loss_n[name] += len(y)
-        self._pending_count += 1
-        if self._pending_count >= self.FLUSH_EVERY:
+        if self._pending_elements >= self.FLUSH_ELEMENTS:
             self._flush()
 
     def _flush(self) -> None:
@@ -69,7 +70,7 @@ class TaskMetrics:
                 for metric in self.metrics[name].values():
                     metric.update(pred, y)
                 pending.clear()
-        self._pending_count = 0
+        self._pending_elements = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The partial accumulation (so a run resumed mid-epoch reports the same epoch metrics)."""
@@ -91,7 +92,7 @@ class TaskMetrics:
         self._loss_n = dict(state["loss_n"])
         self._losses = {t: list(vs) for t, vs in state["losses"].items()}
         self._pending = {t: [] for t in self.tasks}
-        self._pending_count = 0
+        self._pending_elements = 0
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Epoch values; under torch.distributed, summed over ranks (torchmetrics syncs itself)."""
