@@ -304,3 +304,30 @@ def test_cli_health_and_clip_settings_validated(tmp_path, capsys):
     assert code == 2 and "optim.clip.per_task" in capsys.readouterr().err
     code = main(["train", str(config), "--set", "train.health.policy=skip"])  # the wave-1 key names its new place
     assert code == 2 and "`health` has moved: use the top-level section `health:`" in capsys.readouterr().err
+
+
+def test_explosion_statistics_are_kept_per_set_of_trained_tasks():
+    """Steps that alternate between tasks with their own data sets have their own gradient
+    scales; one task's norm 100× another's is no explosion (issue 20: a sound per-task-data run
+    with the temperature sampler stopped at step 73)."""
+    from polytask.data import TaskDatasets
+    from polytask.data.dataset import MultiOutputDataset
+
+    g = torch.Generator().manual_seed(0)
+    x_big, x_small = torch.randn(400, 4, generator=g), torch.randn(400, 4, generator=g)
+    big = MultiOutputDataset(x_big, {"big": 300.0 * x_big[:, 0]})  # gradients ~1e4× the other task's
+    small = MultiOutputDataset(x_small, {"small": (x_small[:, 1] > 0).float()})
+    tasks = [pt.Task("big", kind="regression"), pt.Task("small", kind="binary")]
+    torch.manual_seed(0)
+    net = pt.models.HardSharing(pt.encoders.MLP(in_features=4, hidden=[16]), tasks)
+    trainer = pt.Trainer(net, tasks, method="equal", sampler={"name": "temperature", "temperature": 2.0},
+                         loop={"epochs": 2, "batch_size": 16}, optim={"lr": 1e-4},
+                         health={"explode_threshold": 1e9}, run={"progress": False})
+    trainer.fit(TaskDatasets({"big": big, "small": small}))  # stopped with "exceeds 100× the recent median" before
+    assert trainer.step_index == 100 and not trainer.health.events
+    assert set(trainer.health.recent) == {"big", "small"}
+
+
+def test_tasks_given_as_names_instead_of_task_objects_are_one_clear_error():
+    with pytest.raises(pt.InvalidParameterError, match="sequence of polytask.Task objects"):
+        pt.Trainer(model(), ["a", "b"])
