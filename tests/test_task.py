@@ -58,3 +58,10 @@ def test_prediction_shape_checked():
 def test_bad_targets(task, y, match):
     with pytest.raises(DataError, match=match):
         task.check_targets(y)
+
+
+@pytest.mark.parametrize("name", ["type", "train", "forward", "eval"])
+def test_task_names_that_are_module_attributes_are_one_clear_error(name):
+    """Per-task heads live in nn.ModuleDicts: a task called `type` crashed with a raw KeyError."""
+    with pytest.raises(InvalidParameterError, match=f"task name '{name}' is an attribute of torch's nn.Module"):
+        Task(name, kind="binary")

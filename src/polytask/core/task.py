@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from polytask.core.errors import DataError, InvalidParameterError, ShapeError, closest
 from polytask.core.losses import LOSSES, LossSpec, TaskLoss
@@ -27,6 +27,10 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "multilabel": ("accuracy", "f1", "auroc"),
 }
 
+
+
+#: names a task cannot take: attributes of nn.ModuleDict (where per-task modules are kept)
+_MODULE_ATTRIBUTES = frozenset(name for name in dir(nn.ModuleDict) if not name.startswith("__"))
 
 @dataclass(frozen=True)
 class Task:
@@ -87,6 +91,12 @@ class Task:
             raise InvalidParameterError(
                 f"task name must be an identifier-like string (letters, digits, '_'); found {self.name!r}"
             )
+        if self.name in _MODULE_ATTRIBUTES:
+            # heads, towers and gates live in nn.ModuleDicts keyed by task name, which cannot hold
+            # a key that is one of torch.nn.Module's own attributes
+            raise InvalidParameterError(
+                f"task name {self.name!r} is an attribute of torch's nn.Module (like train, eval, type, forward), so "
+                f"per-task modules cannot be stored under it; rename the task, e.g. {self.name + '_'!r}")
         if self.kind not in KINDS:
             raise InvalidParameterError(
                 f"`kind` of task '{self.name}' must be one of {', '.join(KINDS)}; found {self.kind!r}."
