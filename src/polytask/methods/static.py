@@ -17,13 +17,16 @@ class Static(Method):
     """Static weighted sum: Total = Σᵢ λᵢ Lᵢ with user-chosen λ.
 
     ``weights`` maps task name → λ; tasks left out take their ``Task.weight`` (default 1).
-    Weights that are all 0 are refused at ``setup`` (nothing would train) unless
-    ``allow_all_zero`` (for ``warmup``, which may start from zeros).
+    Weights that are all 0 are refused at ``setup`` (nothing would train), except where
+    ``warmup`` starts from them.
     """
 
     needs = "losses"
 
-    def __init__(self, *, weights: Mapping[str, float] | None = None, allow_all_zero: bool = False) -> None:
+    #: warmup sets it on the Static it starts from: a warm-up may begin with all weights 0
+    allow_all_zero = False
+
+    def __init__(self, *, weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if weights is not None and not isinstance(weights, Mapping):
             raise InvalidParameterError(
@@ -33,7 +36,6 @@ class Static(Method):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise InvalidParameterError(f"`weights['{name}']` of `static` must be a finite number >= 0; found {value!r}")
         self.given = weights
-        self.allow_all_zero = bool(allow_all_zero)
         self.lambdas: dict[str, float] = dict(weights)
         self._remember(weights=weights)
 

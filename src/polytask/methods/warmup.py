@@ -47,7 +47,8 @@ class Warmup(Method):
         self.heads = self.inner.heads  # type: ignore[misc]
         self.permutation_equivariant = getattr(self.inner, "permutation_equivariant", True)  # type: ignore[misc]
         self.steps = steps
-        self.start = Static(weights=weights, allow_all_zero=True)  # a warm-up may start from nothing
+        self.start = Static(weights=weights)
+        self.start.allow_all_zero = True  # a warm-up may start from nothing
         self._remember(inner=inner, inner_params=dict(inner_params or {}), steps=steps, weights=weights)
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,

@@ -94,10 +94,12 @@ def callback_class(name: str) -> type[Callback]:
     return cls
 
 
-def build_callback(spec: Callback | Mapping[str, Any]) -> Callback:
-    """A callback object from an instance or ``{"name": NAME_OR_IMPORT_PATH, **params}``."""
+def build_callback(spec: Callback | str | Mapping[str, Any]) -> Callback:
+    """A callback object from an instance, a name or ``{"name": NAME_OR_IMPORT_PATH, **params}``."""
     if isinstance(spec, Callback):
         return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
     if not (isinstance(spec, Mapping) and isinstance(spec.get("name"), str)):
         raise InvalidParameterError(f"a callback must be a Callback or {{'name': NAME, **params}}; found {spec!r}")
     params = {k: v for k, v in spec.items() if k != "name"}
