@@ -122,7 +122,9 @@ def _csv_line(path: Path, data_row: int) -> int:
                     return start
                 records += 1
     except (OSError, csv.Error, UnicodeError):
-        pass
+        # only called while a DataError is being raised: a file that cannot be re-read gets the
+        # line of a file without blank lines or multi-line cells (header + 1-based row)
+        return data_row + 2
     return data_row + 2
 
 

@@ -45,11 +45,12 @@ def umask() -> int:
     """The process umask, read without changing it where Linux tells it (``/proc/self/status``);
     elsewhere set and restored at once."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:  # no /proc (not Linux)
+        status = []
+    for line in status:
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
     current = os.umask(0o022)
     os.umask(current)
     return current

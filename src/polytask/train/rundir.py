@@ -4,6 +4,7 @@ environment.json, checkpoints/{last,best}.pt. Every file is written atomically."
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -59,8 +60,9 @@ def _sync(folder: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:  # some file systems cannot fsync a folder (EINVAL): the renames stand, unflushed
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
