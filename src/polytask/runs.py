@@ -206,7 +206,7 @@ class Run:
     def _columns(self, task: Task, value: Tensor, probabilities: bool, threshold: float) -> dict[str, Any]:
         names = self.labels.get(task.name)
         if task.kind == "regression":
-            return {task.name: value.numpy()}
+            return {task.name: task.predict(value).numpy()}  # in the target's units
         if task.kind == "binary":
             p = torch.sigmoid(value)
             positive = (p >= threshold).long().numpy()

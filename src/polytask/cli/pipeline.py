@@ -167,13 +167,13 @@ def _restore(run_dir: Path, checkpoint: str) -> tuple[Config, LoadedData | None,
         raise ConfigError(f"--checkpoint must be best or last; found {checkpoint!r}")
     path = run.best if checkpoint == "best" else run.last
     state = load_checkpoint(path)
-    from polytask.config.build import _task
+    from polytask.config.build import _task, apply_target_scaling
 
-    tasks = [_task(n, tc) for n, tc in (cfg.tasks or {}).items()]
     assert cfg.model.encoder is not None
     encoder = {"name": cfg.model.encoder.name, **cfg.model.encoder.params}
     prep_path = run.path / "preprocess.json"
     prep = json.loads(prep_path.read_text()) if prep_path.exists() else {}
+    tasks = apply_target_scaling([_task(n, tc) for n, tc in (cfg.tasks or {}).items()], prep)
     stems = None
     if prep.get("per_task"):
         stems = {t: TabularPreprocessor.from_dict(s).out_features for t, s in prep["per_task"].items()}

@@ -12,7 +12,7 @@ from torch import nn
 from polytask.config.schema import Config, Files, TaskConfig
 from polytask.core.errors import ConfigError, DataError, InvalidParameterError, closest
 from polytask.core.losses import LOSSES
-from polytask.core.task import Task
+from polytask.core.task import Task, standardize_targets
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.data.files import infer_classes_from_column, label_vocabulary, read_table, table_dataset
 from polytask.data.samplers import SAMPLERS
@@ -38,9 +38,10 @@ class Preprocessing:
     features: dict[str, Any] | None  # TabularPreprocessor state (one for all tasks)
     per_task: dict[str, dict[str, Any]] | None = None
     labels: dict[str, list[str] | None] | None = None
+    targets: dict[str, list[float]] | None = None  # (mean, std) of standardised regression targets
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": self.features, "per_task": self.per_task, "labels": self.labels}
+        return {"features": self.features, "per_task": self.per_task, "labels": self.labels, "targets": self.targets}
 
 
 def check_registries(cfg: Config) -> None:
@@ -105,6 +106,25 @@ def _task(name: str, tc: TaskConfig, base: Task | None = None, train: pd.DataFra
 
 
 def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
+    """The data and tasks a config describes, regression targets standardised on the training
+    rows (``tasks.NAME.standardize``, on by default; the scaling is kept in preprocess.json)."""
+    loaded, prep = _load_data(cfg)
+    wanted = [t for t in loaded.tasks if (cfg.tasks or {}).get(t.name, TaskConfig()).standardize]
+    scaled = {t.name: t for t in standardize_targets(wanted, loaded.train, loaded.val, loaded.test)}
+    loaded.tasks = [scaled.get(t.name, t) for t in loaded.tasks]
+    prep.targets = {t.name: list(t.target_scaling) for t in loaded.tasks if t.target_scaling is not None} or None
+    return loaded, prep
+
+
+def apply_target_scaling(tasks: list[Task], prep: dict[str, Any]) -> list[Task]:
+    """The tasks of a saved run with the target scaling its preprocess.json recorded."""
+    import dataclasses
+
+    saved = prep.get("targets") or {}
+    return [dataclasses.replace(t, target_scaling=tuple(saved[t.name])) if t.name in saved else t for t in tasks]
+
+
+def _load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:
     if cfg.data.dataset is not None:
         names = list(cfg.tasks) if cfg.tasks else None
         options = dict(cfg.data.options)

@@ -73,6 +73,8 @@ class TaskConfig(Strict):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     allow_missing: bool = False
+    # regression: learn (y − mean)/std fitted on the training rows; metrics and predictions stay in y's units
+    standardize: bool = True
     data: Files | None = None
     loss: str | dict[str, Any] | None = None  # a loss name, or {name: focal, gamma: 2.0}; default per kind
 

@@ -73,6 +73,11 @@ class Task:
             attribute is a :class:`~polytask.core.losses.TaskLoss`, called as
             ``task.loss(prediction, target, mask=None)``: the mean loss over labelled samples,
             ``None`` when no sample of the batch is labelled.
+        target_scaling: ``(mean, std)`` of a regression target: the model learns (y − mean)/std
+            (the data hold standardised targets, so losses and gradient norms do not depend on
+            the target's units), while metrics and ``predict`` are in the original units. The
+            config builder fits it on the training rows (``tasks.NAME.standardize``, on by
+            default); ``standardize_targets`` does it for data built in Python.
     """
 
     name: str
@@ -84,6 +89,7 @@ class Task:
     weight_decay: float | None = None
     target: str | tuple[str, ...] | None = None
     loss: LossSpec | TaskLoss = None
+    target_scaling: tuple[float, float] | None = None
     _metrics: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -97,6 +103,11 @@ class Task:
             raise InvalidParameterError(
                 f"task name {self.name!r} is an attribute of torch's nn.Module (like train, eval, type, forward), so "
                 f"per-task modules cannot be stored under it; rename the task, e.g. {self.name + '_'!r}")
+        if self.target_scaling is not None:
+            mean, std = self.target_scaling
+            if self.kind != "regression" or not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise InvalidParameterError(f"`target_scaling` of task '{self.name}' must be (mean, std > 0), finite, for "
+                                            f"a regression task; found {self.target_scaling!r} on a {self.kind} task")
         if self.kind not in KINDS:
             raise InvalidParameterError(
                 f"`kind` of task '{self.name}' must be one of {', '.join(KINDS)}; found {self.kind!r}."
@@ -185,10 +196,18 @@ class Task:
     def cast_targets(self, y: Tensor) -> Tensor:
         return y.long() if self.kind == "multiclass" else y.float()
 
+    def unscale(self, values: Tensor) -> Tensor:
+        """Regression values from the model's (standardised) space back to the target's units."""
+        if self.target_scaling is None:
+            return values
+        mean, std = self.target_scaling
+        return values * std + mean
+
     def predict(self, output: Tensor) -> Tensor:
-        """Human-facing prediction: value, probability (binary), class index or label probabilities."""
+        """Human-facing prediction: value (in the target's units), probability (binary), class
+        index or label probabilities."""
         if self.kind == "regression":
-            return output
+            return self.unscale(output)
         if self.kind == "multiclass":
             return output.argmax(-1)
         return torch.sigmoid(output)
@@ -264,3 +283,32 @@ def infer_num_classes(task: str | Task, labels: Tensor | np.ndarray | Iterable[A
     shown = ", ".join(map(repr, text[:5])) + (f", ... ({len(text) - 5} more)" if len(text) > 5 else "")
     logger.info(f"task '{name}': num_classes inferred as {len(text)} from {source} ({shown})")
     return len(text)
+
+
+def standardize_targets(tasks: list[Task], train: Any, *others: Any) -> list[Task]:
+    """Fit (mean, std) on the training targets of every regression task without a
+    ``target_scaling`` yet, standardise its targets in ``train`` and ``others`` in place
+    (``MultiOutputDataset`` s or ``TaskDatasets``; masked rows are left out of the fit) and
+    return the tasks with their ``target_scaling`` set."""
+    import dataclasses
+
+    def sets(data: Any) -> list[Any]:
+        return [] if data is None else list(getattr(data, "datasets", {None: data}).values())
+
+    out = []
+    for task in tasks:
+        fitted = [ds for ds in sets(train) if task.name in ds.targets]
+        if task.kind != "regression" or task.target_scaling is not None or not fitted:
+            out.append(task)
+            continue
+        values = torch.cat([ds.targets[task.name][ds.masks[task.name]] if task.name in ds.masks
+                            else ds.targets[task.name] for ds in fitted]).double()
+        mean = float(values.mean()) if values.numel() else 0.0
+        std = float(values.std()) if values.numel() > 1 else 0.0
+        std = std if math.isfinite(std) and std > 0 else 1.0  # a constant target: centre only
+        for data in (train, *others):
+            for ds in sets(data):
+                if task.name in ds.targets:
+                    ds.targets[task.name] = ((ds.targets[task.name].double() - mean) / std).to(ds.targets[task.name].dtype)
+        out.append(dataclasses.replace(task, target_scaling=(mean, std)))
+    return out

@@ -52,7 +52,9 @@ class TaskMetrics:
             if len(y) == 0:
                 continue
             pred = out.detach().float()
-            if task.kind in ("binary", "multilabel"):
+            if task.kind == "regression":  # metrics in the target's units (standardised targets are unscaled)
+                pred, y = task.unscale(pred), task.unscale(y)
+            elif task.kind in ("binary", "multilabel"):
                 pred, y = torch.sigmoid(pred), y.long()
             self._pending[name].append((pred, y))
             self._pending_elements += pred.numel()

@@ -6,8 +6,9 @@
 * safetensors: the model's state dict plus a JSON header (``metadata()["polytask"]``) naming the
   architecture and the tasks; :func:`load_weights` puts it back into a freshly built model.
 
-Outputs are the model's own (``model(x)``): regression values, binary and multilabel logits,
-multiclass logits, i.e. what :meth:`Task.predict` turns into values, probabilities and classes.
+Outputs are the model's own (``model(x)``): regression values (standardised when the task has a
+``target_scaling``, recorded in the description), binary and multilabel logits, multiclass
+logits, i.e. what :meth:`Task.predict` turns into values, probabilities and classes.
 Every file carries the same description of the model (:func:`describe`), ONNX in its metadata
 property ``polytask``, TorchScript in the extra file ``polytask.json``.
 
@@ -110,8 +111,10 @@ def describe(model: MultiTaskModel, example: Tensor | None, outputs: list[str], 
     ``example``) the input's name, shape (None: the free batch dimension) and dtype."""
     from polytask import __version__
 
+    # target_scaling: a regression output o is in standardised units, the value is o·std + mean
     tasks = [{"name": t.name, "kind": t.kind, "num_classes": t.num_classes,
-              "target": list(t.target) if isinstance(t.target, tuple) else t.target}
+              "target": list(t.target) if isinstance(t.target, tuple) else t.target,
+              "target_scaling": list(t.target_scaling) if t.target_scaling is not None else None}
              for t in (model.tasks[n] for n in model.task_names)]
     info: dict[str, Any] = {
         "format": "polytask", "polytask_version": __version__, "architecture": architecture_name(model),
