@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polytask.core.errors import InvalidParameterError, MissingDependencyError
-from polytask.train.callbacks.base import CALLBACKS, Callback, TrainStep
-from polytask.train.callbacks.tensorboard import new_health_rows
+from polytask.train.callbacks.base import CALLBACKS
+from polytask.train.callbacks.scalars import ScalarLogger
+from polytask.train.rundir import strict_json
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Run
@@ -65,7 +66,7 @@ def metric_key(name: str) -> str:
 
 
 @CALLBACKS.register("mlflow")
-class MLflowLogger(Callback):
+class MLflowLogger(ScalarLogger):
     """Log params, per-task losses, task weights, metrics, learning rates and gradient health to MLflow.
 
     Args:
@@ -121,45 +122,15 @@ class MLflowLogger(Callback):
         if trainer.config_text is not None:  # rewritten on resume: the resumed config is the one in force
             self.client.log_text(self.run_id, trainer.config_text, "config.yaml")
 
-    def on_step_end(self, trainer: Trainer, step: TrainStep) -> None:
-        if self.client is None:
-            return
-        self._last_step = step.index
-        self._lrs = [float(group["lr"]) for group in trainer.optimizer.param_groups]
-        if step.index % self.every == 0:
-            for task, loss in step.losses.items():
-                if loss is not None:
-                    self._add(f"loss/{task}", loss, step.index)
-            for task, weight in step.weights.items():
-                self._add(f"weight/{task}", weight, step.index)
-        self._add_health(trainer)  # this step's rows are there: the monitor ran before `step` was built
-
-    def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        if self.client is None:
-            return
-        at = self._last_step if self._last_step is not None else max(int(trainer.step_index) - 1, 0)
-        for row in rows:
-            self._add(f"{row['split']}/{row['task']}/{row['metric']}", row["value"], at)
-        # the rates the epoch trained with: a scheduler may already have moved the optimizer's
-        lrs = self._lrs if self._lrs is not None else [float(g["lr"]) for g in trainer.optimizer.param_groups]
-        for i, lr in enumerate(lrs):
-            self._add(f"lr/group{i}", lr, at)
-        self._add_health(trainer)
-        self._last_step, self._lrs = None, None
-        self._flush()
+    def _active(self) -> bool:
+        return self.client is not None
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         if self.client is None or self.run_id is None:
             return
-        self._add_health(trainer)
-        at = max(int(trainer.step_index) - 1, 0)
-        for task, metrics in (summary.get("tasks") or {}).items():
-            for metric, value in metrics.items():
-                self._add(f"final/{task}/{metric}", value, at)
-        if summary.get("delta_m") is not None:
-            self._add("final/delta_m", summary["delta_m"], at)
-        self._flush()
-        self.client.log_text(self.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+        self._log_final(trainer, summary)
+        self.client.log_text(self.run_id, json.dumps(strict_json(summary), indent=2, default=str, allow_nan=False),
+                             "summary.json")  # strict JSON, as the run directory's (non-finite → null)
         self.client.set_terminated(self.run_id, status="FINISHED")
         self.client = None  # run_id stays: a checkpoint written after this still names the run
 
@@ -226,7 +197,7 @@ class MLflowLogger(Callback):
         self.client.log_batch(run.info.run_id, params=params)
         return run
 
-    def _add(self, name: str, value: float, step: int) -> None:
+    def _scalar(self, name: str, value: float, step: int) -> None:
         from mlflow.entities import Metric
 
         key = metric_key(name)
@@ -235,11 +206,6 @@ class MLflowLogger(Callback):
         self._pending.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
         if len(self._pending) >= BATCH:
             self._flush()
-
-    def _add_health(self, trainer: Trainer) -> None:
-        for row in new_health_rows(trainer.health.rows, self._health_step):
-            self._add(f"health/{row['kind']}/{row['name']}", row["value"], int(row["step"]))
-            self._health_step = max(self._health_step, int(row["step"]))
 
     def _flush(self) -> None:
         # one batched call per epoch (or per BATCH values) instead of one request per value

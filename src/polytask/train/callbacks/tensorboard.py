@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polytask.core.errors import InvalidParameterError, MissingDependencyError
-from polytask.train.callbacks.base import CALLBACKS, Callback, TrainStep
+from polytask.train.callbacks.base import CALLBACKS
+from polytask.train.callbacks.scalars import ScalarLogger
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -53,19 +54,8 @@ def _require_tensorboard() -> None:
         ) from exc
 
 
-def new_health_rows(rows: list[dict[str, Any]], after: int) -> list[dict[str, Any]]:
-    """The rows whose step is past ``after``, in their order.
-
-    The monitor appends rows in step order, so the scan walks back from the end and stops at the
-    first old row: each call costs the new rows only, however long the run's list has grown."""
-    start = len(rows)
-    while start > 0 and int(rows[start - 1]["step"]) > after:
-        start -= 1
-    return rows[start:]
-
-
 @CALLBACKS.register("tensorboard")
-class TensorBoardLogger(Callback):
+class TensorBoardLogger(ScalarLogger):
     """Log per-task losses, task weights, metrics, learning rates and gradient health to TensorBoard.
 
     Args:
@@ -110,45 +100,21 @@ class TensorBoardLogger(Callback):
             # indented four spaces: TensorBoard renders text as Markdown, this keeps the YAML verbatim
             self._writer.add_text("config", _as_code(trainer.config_text), global_step=start)
 
-    def on_step_end(self, trainer: Trainer, step: TrainStep) -> None:
-        if self._writer is None:
-            return
-        self._last_step = step.index
-        self._lrs = [float(group["lr"]) for group in trainer.optimizer.param_groups]
-        if step.index % self.every == 0:
-            for task, loss in step.losses.items():
-                if loss is not None:
-                    self._writer.add_scalar(f"loss/{task}", float(loss), global_step=step.index)
-            for task, weight in step.weights.items():
-                self._writer.add_scalar(f"weight/{task}", float(weight), global_step=step.index)
-        # the monitor has checked this step before the trainer built `step` (its verdict is
-        # `step.applied`), so this step's rows are already there
-        self._write_health(trainer)
+    def _active(self) -> bool:
+        return self._writer is not None
 
-    def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        if self._writer is None:
-            return
-        at = self._last_step if self._last_step is not None else max(int(trainer.step_index) - 1, 0)
-        for row in rows:
-            self._writer.add_scalar(f"{row['split']}/{row['task']}/{row['metric']}", float(row["value"]), global_step=at)
-        # the rates the epoch trained with: a scheduler may already have moved the optimizer's
-        lrs = self._lrs if self._lrs is not None else [float(g["lr"]) for g in trainer.optimizer.param_groups]
-        for i, lr in enumerate(lrs):
-            self._writer.add_scalar(f"lr/group{i}", lr, global_step=at)
-        self._write_health(trainer)
-        self._last_step, self._lrs = None, None
-        self._writer.flush()
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        assert self._writer is not None
+        self._writer.add_scalar(tag, value, global_step=step)
+
+    def _flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        self._write_health(trainer)
-        at = max(int(trainer.step_index) - 1, 0)
-        for task, metrics in (summary.get("tasks") or {}).items():
-            for metric, value in metrics.items():
-                self._writer.add_scalar(f"final/{task}/{metric}", float(value), global_step=at)
-        if summary.get("delta_m") is not None:
-            self._writer.add_scalar("final/delta_m", float(summary["delta_m"]), global_step=at)
+        self._log_final(trainer, summary)
         self._writer.close()
         self._writer = None
 
@@ -176,12 +142,6 @@ class TensorBoardLogger(Callback):
             )
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def _write_health(self, trainer: Trainer) -> None:
-        assert self._writer is not None
-        for row in new_health_rows(trainer.health.rows, self._health_step):
-            self._writer.add_scalar(f"health/{row['kind']}/{row['name']}", float(row["value"]), global_step=int(row["step"]))
-            self._health_step = max(self._health_step, int(row["step"]))
 
 
 def _as_code(text: str) -> str:
