@@ -15,6 +15,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+#: Command modules beyond the built-in ones: ``polytask.cli.<name>`` with a
+#: ``register(sub, bench_sub)`` that adds its parsers (``sub``: top-level commands, ``bench_sub``:
+#: ``polytask bench`` suites) and sets ``handler=<function(args) -> int>`` on each. They must not
+#: import torch at module level (``--help`` stays fast). One line per module, so that separate
+#: features add their commands without touching each other's code.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
          "callbacks")
 
@@ -95,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seeds", default="0,1,2", help="comma list of seeds (mean ± std reported)")
     sampling.add_argument("--epochs", type=int, default=5)
     sampling.add_argument("--batch-size", type=int, default=64)
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"polytask.cli.{module}").register(sub, bench_sub)
 
     ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics; "
                         "`list methods NAME` shows one entry's parameters and defaults")
@@ -354,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.command == "train":
             return _train(args)
         if args.command == "list":
