@@ -328,7 +328,7 @@ class Trainer:
             return TrainStep(self.step_index, self.epoch, loss_values, dropped.weights, report, False)
         self._optimizer_step()
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
-        return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True)
+        return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
 
     def _forward(self, groups: list[Batch], active: Sequence[str]
                  ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from polytask.core.errors import InvalidParameterError
 from polytask.core.registry import Registry
+from polytask.data.dataset import Batch
 from polytask.engine.backward import StepReport
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class TrainStep:
         report: the engine's report, or None when the step was dropped before the engine ran
             (a non-finite loss).
         applied: False when the update was not applied (non-finite values, health policy skip).
+        batches: the step's batches (on the training device) when the update was applied, for
+            callbacks that measure on them (the diagnostics callback's lookahead affinity); empty
+            otherwise.
     """
 
     index: int
@@ -41,6 +45,7 @@ class TrainStep:
     weights: dict[str, float]
     report: StepReport | None
     applied: bool
+    batches: tuple[Batch, ...] = ()
 
 
 class Callback:
