@@ -82,6 +82,13 @@ class Trainer:
         output_dir: run directory (None: nothing written). resume / overwrite: see RunDir.
         seed: seeds the data order, the sampler, the scheduler and the engine's random stream.
         config_text: the resolved YAML written to config.yaml.
+        objectives: extra loss terms (distillation, ``polytask.distill``): objects with ``terms``, a
+            mapping term name → its task, called in every training forward as ``objective(trainer,
+            batch, outputs, z, losses)`` → ``{term: scalar or None}`` (a term named like a task
+            replaces that task's loss). The method is set up with the task names, then the term names
+            (a term takes its task's data size and weight), so it balances them like tasks. An
+            ``nn.Module`` objective is moved to the device, its ``parameter_groups(lr,
+            weight_decay)`` are optimised and its state is checkpointed.
     """
 
     def __init__(self, model: MultiTaskModel, tasks: Sequence[Task], *, method: Spec | Method = "static",
@@ -91,7 +98,7 @@ class Trainer:
                  health: HealthOptions | Mapping[str, Any] | None = None, run: RunOptions | Mapping[str, Any] | None = None,
                  callbacks: Sequence[Callback | Mapping[str, Any]] = (), baselines: Mapping[str, Mapping[str, float]] | None = None,
                  output_dir: str | Path | None = None, seed: int = 0, resume: bool = False, overwrite: bool = False,
-                 config_text: str | None = None, **removed: Any) -> None:
+                 config_text: str | None = None, objectives: Sequence[Any] = (), **removed: Any) -> None:
         for key in removed:
             hint = f" use {_REMOVED[key]}" if key in _REMOVED else closest(key, list(_REMOVED))
             raise InvalidParameterError(f"Trainer has no argument `{key}`;{hint}")
@@ -100,6 +107,9 @@ class Trainer:
                                         f"{[type(t).__name__ for t in tasks] if not isinstance(tasks, str) else 'a string'}")
         self.tasks = list(tasks)
         self.names = task_names(self.tasks)
+        self.objectives = list(objectives)
+        self.term_tasks = {term: task for o in self.objectives for term, task in o.terms.items()}
+        self.loss_names = self.names + tuple(self.term_tasks)
         if not isinstance(model, MultiTaskModel):
             raise InvalidParameterError(f"model must be a polytask MultiTaskModel; found {type(model).__name__}")
         if set(model.task_names) != set(self.names):
@@ -139,6 +149,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16" else None
         groups = parameter_groups(model, self.tasks, self.method.parameters(), lr=self.optim.lr,
                                   weight_decay=self.optim.weight_decay)
+        for objective in self.objectives:
+            if isinstance(objective, torch.nn.Module):
+                objective.to(self.device)
+                groups += objective.parameter_groups(self.optim.lr, self.optim.weight_decay)
         self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum)
         self.scheduler = build_scheduler(self.optim.scheduler, self.optimizer, epochs=self.loop.epochs)
         self.data_generator = torch.Generator().manual_seed(seed + 1)
@@ -201,7 +215,9 @@ class Trainer:
         if self.loop.monitor != "loss" and val is None:
             raise InvalidParameterError(f"monitor '{self.loop.monitor}' needs validation data")
         sizes = train.sizes if isinstance(train, TaskDatasets) else {t: len(train) for t in self.names}
-        self.method.setup(self.names, sizes=sizes, static_weights={t.name: t.weight for t in self.tasks})
+        weights = {t.name: t.weight for t in self.tasks}
+        self.method.setup(self.loss_names, sizes={**sizes, **{k: sizes[t] for k, t in self.term_tasks.items()}},
+                          static_weights={**weights, **{k: weights[t] for k, t in self.term_tasks.items()}})
         if isinstance(train, TaskDatasets):
             self.sampler.setup({t: sizes[t] for t in self.names})
         self.task_scheduler.setup(self.names)
@@ -263,7 +279,7 @@ class Trainer:
                                                        self.loop.steps_per_epoch)
         if self.epoch_step == 0:
             self.metrics.reset()
-            self.weight_sums, self.weight_counts = {t: 0.0 for t in self.names}, {t: 0 for t in self.names}
+            self.weight_sums, self.weight_counts = {t: 0.0 for t in self.loss_names}, {t: 0 for t in self.loss_names}
             self.epoch_rng = {"data": self.data_generator.get_state(), "sampler": self.sampler_generator.get_state()}
         else:  # resuming mid-epoch: replay the epoch's draws up to where the checkpoint was taken
             self.data_generator.set_state(self.epoch_rng["data"])
@@ -354,6 +370,10 @@ class Trainer:
                         losses[t] = outputs[t].sum() * 0.0  # keeps this rank's graph like the others'
             features.append(z)
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
+            for objective in self.objectives:  # after the metrics: they report the tasks' own losses
+                terms = objective(self, batch, outputs, z, {t: losses[t] for t in tasks})
+                losses.update(terms)
+                counts.update({k: len(batch) for k in terms if k not in self.names})
         return losses, counts, features
 
     def _optimizer_step(self) -> None:
@@ -511,6 +531,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
             "history": list(self.history), "train_seconds": self.train_seconds + self._segment(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
+            "objectives": [o.state_dict() if isinstance(o, torch.nn.Module) else {} for o in self.objectives],
         }
 
     def _segment(self) -> float:
@@ -544,6 +565,9 @@ class Trainer:
         self.epoch, self.step_index = state["epoch"], state["step"]
         self.best, self.bad_epochs = dict(state["best"]), state["bad_epochs"]
         self.history, self.train_seconds = list(state["history"]), float(state["train_seconds"])
+        for objective, saved_objective in zip(self.objectives, state.get("objectives", []), strict=False):
+            if isinstance(objective, torch.nn.Module):
+                objective.load_state_dict(saved_objective)
         saved = state["callbacks"]
         for callback in self.callbacks:
             if callback.state_key in saved:
