@@ -305,14 +305,14 @@ def test_string_labels_round_trip_through_predict(files_run, tmp_path):
     assert code == 0, err
     assert json.loads(out) == {"rows": 40, "output": str(tmp_path / "p.csv")}
     pred = pd.read_csv(tmp_path / "p.csv")
-    assert list(pred.columns) == ["reg", "bin", "cls"] and len(pred) == 40
+    assert list(pred.columns) == ["id", "reg", "bin", "bin_probability", "cls", "cls_probability"] and len(pred) == 40
     assert set(pred["cls"]) <= {"red", "green", "blue"}
     truth = table(40, 7)
     assert (pred["cls"] == truth["y_cls"]).mean() > 0.75
-    assert ((pred["bin"] > 0.5).astype(int) == truth["y_bin"]).mean() > 0.8
+    assert (pred["bin"] == truth["y_bin"]).mean() > 0.8
     # without --output the table goes to stdout
     code, out, _ = run_cli("predict", files_run / "run", "--input", tmp_path / "new.csv")
-    assert code == 0 and out.splitlines()[0] == "reg,bin,cls" and len(out.splitlines()) == 41
+    assert code == 0 and out.splitlines()[0] == "id,reg,bin,bin_probability,cls,cls_probability" and len(out.splitlines()) == 41
 
 
 def test_eval_split_without_data_and_missing_run(files_run, tmp_path):
@@ -438,9 +438,10 @@ def test_predict_on_raw_adult_rows(adult_run, tmp_path):
     assert code == 0, err
     assert json.loads(out)["rows"] == 300
     pred = pd.read_csv(tmp_path / "out.csv")
-    assert list(pred.columns) == ["income", "marital"] and len(pred) == 300
-    assert pred.notna().all().all() and ((pred >= 0) & (pred <= 1)).all().all()
-    assert pred["income"].std() > 0.01  # not a constant
+    assert list(pred.columns) == ["id", "income", "income_probability", "marital", "marital_probability"] and len(pred) == 300
+    probs = pred[["income_probability", "marital_probability"]]
+    assert pred.notna().all().all() and ((probs >= 0) & (probs <= 1)).all().all()
+    assert pred["income_probability"].std() > 0.01  # not a constant
     # a table without one of the features is refused with the column named
     raw[[c for c in FEATURES if c != "age"]].to_csv(tmp_path / "partial.csv", index=False)
     assert_clean_error(*run_cli("predict", folder, "--input", tmp_path / "partial.csv"), "'age'")

@@ -131,12 +131,13 @@ def test_load_cli_run_predicts_with_ids_and_label_names(cli_run):
     assert out["id"].tolist() == list(range(100, 107))
     assert set(out["bin"]) <= {"no", "yes"} and set(out["cls"]) <= {"blue", "green", "red"}
     assert ((out["bin_probability"] >= 0.5) == (out["bin"] == "yes")).all()
-    # the same predictions as `polytask predict` (pipeline.predict) on the same rows
+    # the same columns and predictions as `polytask predict` (pipeline.predict) on the same rows
     path = cli_run.parent / "rows.csv"
     rows.to_csv(path, index=False)
     cli = pipeline.predict(cli_run, path, None)
     np.testing.assert_allclose(out["reg"], cli["reg"], rtol=1e-6)
-    np.testing.assert_allclose(out["bin_probability"], cli["bin"], rtol=1e-6)
+    np.testing.assert_allclose(out["bin_probability"], cli["bin_probability"], rtol=1e-6)
+    assert list(cli.columns) == list(out.columns) and cli["bin"].tolist() == out["bin"].tolist()
     assert out["cls"].tolist() == cli["cls"].tolist()
     # a file path, an id column of the user's, one task, every class's probability
     rows["customer"] = list("abcdefg")

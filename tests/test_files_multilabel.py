@@ -27,7 +27,7 @@ def test_multilabel_columns_train_and_predict(tmp_path, capsys):
     assert auroc > 0.85
     assert main(["predict", str(tmp_path / "run"), "--input", str(tmp_path / "d.csv")]) == 0
     header = capsys.readouterr().out.splitlines()[0]
-    assert header == "labels_0,labels_1,labels_2"
+    assert header == "id,labels_l1,labels_l1_probability,labels_l2,labels_l2_probability,labels_l3,labels_l3_probability"
 
 
 def test_multilabel_needs_a_list_of_columns(tmp_path, capsys):

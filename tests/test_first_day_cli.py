@@ -392,7 +392,7 @@ def test_per_task_test_files_are_the_test_split(tmp_path):
     pd.read_csv(tmp_path / "price_test.csv").drop(columns=["price"]).head(5).to_csv(tmp_path / "p.csv", index=False)
     code, out, err = run_cli("predict", tmp_path / "run", "--input", tmp_path / "p.csv", "--task", "price")
     assert code == 0, err
-    assert out.splitlines()[0] == "price" and len(out.splitlines()) == 6
+    assert out.splitlines()[0] == "id,price" and len(out.splitlines()) == 6
     assert_clean_error(run_cli("predict", tmp_path / "run", "--input", tmp_path / "p.csv", "--task", "pricee"),
                        "--task 'pricee' is not a task", "Did you mean 'price'?")
     assert_clean_error(run_cli("predict", tmp_path / "run", "--input", tmp_path / "p.csv"), "per-task inputs", "--task NAME")
@@ -447,7 +447,7 @@ def test_predict_with_a_wrong_shape_npy_says_the_expected_shape(finished, tmp_pa
                        "holds an array of shape (4, 3)", "reads inputs of shape (N, 6)")
     np.save(tmp_path / "ok.npy", np.zeros((4, 6), dtype=np.float32))
     code, out, err = run_cli("predict", finished / "run", "--input", tmp_path / "ok.npy")
-    assert code == 0 and out.splitlines()[0] == "reg,bin", err
+    assert code == 0 and out.splitlines()[0] == "id,reg,bin,bin_probability", err
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     assert_clean_error(run_cli("predict", finished / "run", "--input", tmp_path / "junk.npy"), "cannot be read as a .npy array")
 
@@ -493,7 +493,7 @@ def test_csv_into_an_image_run_says_what_input_the_run_expects(multimnist_run, t
     assert "per-task" not in err
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 36, 36), dtype=np.float32))
     code, out, err = run_cli("predict", multimnist_run, "--input", tmp_path / "x.npy")
-    assert code == 0 and out.splitlines()[0] == "left,right", err
+    assert code == 0 and out.splitlines()[0] == "id,left,left_probability,right,right_probability", err
 
 
 # -------------------------------------------------------------- 6. unclear → clear, or accepted

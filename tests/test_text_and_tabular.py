@@ -139,8 +139,9 @@ def test_adult_codes_with_tabular_encoder_trains_and_predicts(tmp_path):
     assert main(["predict", str(tmp_path / "run"), "--input", str(tmp_path / "new.csv"),
                  "--output", str(tmp_path / "pred.csv")]) == 0
     pred = pd.read_csv(tmp_path / "pred.csv")
-    assert list(pred.columns) == ["income", "marital"] and len(pred) == 5
-    assert np.all((pred.to_numpy() >= 0) & (pred.to_numpy() <= 1))
+    assert list(pred.columns) == ["id", "income", "income_probability", "marital", "marital_probability"] and len(pred) == 5
+    probs = pred[["income_probability", "marital_probability"]].to_numpy()
+    assert np.all((probs >= 0) & (probs <= 1)) and set(pred["income"]) <= {0, 1}
 
 
 def test_tabular_encoder_on_one_hot_data_says_what_is_missing(tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 #: import torch at module level (``--help`` stays fast). One line per module, so that separate
 #: features add their commands without touching each other's code.
 COMMAND_MODULES: tuple[str, ...] = (
+    "bench_quality",
+    "diagnose",
 )
 
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
@@ -54,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", type=Path, help="CSV file to write (default: print)")
     pr.add_argument("--checkpoint", default="best", choices=("best", "last"))
     pr.add_argument("--task", help="for runs with per-task inputs: the task whose input columns the file has")
+    pr.add_argument("--id-column", help="a column of the input table that identifies its rows (kept in the output; "
+                    "default: an `id` column of row numbers)")
+    pr.add_argument("--probabilities", action="store_true", help="multiclass: also every class's probability")
+    pr.add_argument("--threshold", type=float, default=0.5, help="binary and multilabel: probability for label 1")
 
     ex = sub.add_parser("export", help="write a trained run's model as ONNX, TorchScript or safetensors")
     ex.add_argument("run_dir", type=Path)
@@ -130,25 +137,46 @@ def _version() -> str:
     return f"polytask {__version__} (torch {torch}, Python {platform.python_version()})"
 
 
+def format_number(value: float) -> str:
+    """A metric as a reader takes it in: 4 decimals in the usual range, thousands separated from 10⁴
+    (an RMSE in dollars), scientific notation beyond 10¹² or below 10⁻³."""
+    import math
+
+    if not math.isfinite(value):
+        return str(value)
+    size = abs(value)
+    if size >= 1e12 or 0 < size < 1e-3:
+        return f"{value:.3e}"
+    if size >= 1e4:
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
 def format_table(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]] | None = None
                  ) -> str:
-    """Per-task metrics, with single-task values and the relative change when given."""
+    """Per-task metrics, with single-task values and the relative change when given; columns as wide
+    as their longest entry."""
     from polytask.metrics.registry import METRICS
 
-    header = f"{'task':<12} {'metric':<10} {'multi-task':>11}"
-    if baselines:
-        header += f" {'single-task':>12} {'change':>8}"
-    lines = [header, "-" * len(header)]
+    rows: list[list[str]] = []
     for task, metrics in results.items():
         for metric, value in metrics.items():
-            line = f"{task:<12} {metric:<10} {value:>11.4f}"
+            row = [task, metric, format_number(value)]
             base = (baselines or {}).get(task, {}).get(metric)
-            if base is not None:
-                better = METRICS.higher_is_better(metric) if metric in METRICS else False
-                change = (value - base) / abs(base) * 100 * (1 if better else -1) if base else float("nan")
-                line += f" {base:>12.4f} {change:>+7.2f}%"
-            lines.append(line)
-    return "\n".join(lines)
+            if baselines:
+                if base is None:
+                    row += ["", ""]
+                else:
+                    better = METRICS.higher_is_better(metric) if metric in METRICS else False
+                    change = (value - base) / abs(base) * 100 * (1 if better else -1) if base else float("nan")
+                    row += [format_number(base), f"{change:+.2f}%"]
+            rows.append(row)
+    names = ["task", "metric", "multi-task"] + (["single-task", "change"] if baselines else [])
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    def line(cells: Sequence[str]) -> str:
+        return " ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    header = line(names)
+    return "\n".join([header, "-" * len(header), *(line(r) for r in rows)])
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -159,6 +187,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     summary = pipeline.train(cfg, resume=args.resume, overwrite=args.overwrite, baselines=args.baselines,
                              single_task_only=args.single_task)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun one results table, from rank 0
+        return 0
     if args.single_task:
         print(format_table(summary["baselines"]))
         return 0
@@ -382,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             print(format_table(pipeline.evaluate(args.run_dir, args.split, args.checkpoint)))
             return 0
-        out = pipeline.predict(args.run_dir, args.input, args.output, args.checkpoint, args.task)
+        out = pipeline.predict(args.run_dir, args.input, args.output, args.checkpoint, args.task,
+                               id_column=args.id_column, probabilities=args.probabilities,
+                               threshold=args.threshold)
         if args.output is None:
             print(out.to_csv(index=False), end="")
         else:

@@ -221,8 +221,13 @@ def _read_array(path: Path) -> torch.Tensor:
 
 
 def predict(run_dir: Path, input_path: Path, output_path: Path | None, checkpoint: str = "best",
-            task: str | None = None) -> pd.DataFrame:
-    """Predictions for the rows of a table or a .npy array; with ``task``, only that task's."""
+            task: str | None = None, id_column: str | None = None, probabilities: bool = False,
+            threshold: float = 0.5) -> pd.DataFrame:
+    """Predictions for the rows of a table or a .npy array; with ``task``, only that task's.
+
+    The columns are :meth:`polytask.runs.Run.predict`'s: ``id`` (row numbers, or ``id_column``'s
+    values), then per task its label (a label name where the run's data had names), value or
+    0/1 labels, and the probability columns."""
     cfg, _, trainer, prep = _restore(run_dir, checkpoint)
     names = list(trainer.names)
     per_task = prep.get("per_task")
@@ -258,25 +263,39 @@ def predict(run_dir: Path, input_path: Path, output_path: Path | None, checkpoin
                             f"{f', inputs of shape {tuple(shape)} per example' if shape else ''}); expected {shown}: "
                             "save the inputs with numpy.save and pass that file")
         frame = read_table(input_path)
+        if id_column is not None and id_column not in frame.columns:
+            from polytask.runs import _ids
+
+            _ids(frame, id_column)  # the error naming the columns
         x = TabularPreprocessor.from_dict(state).transform(frame, where=str(input_path))
     try:
-        preds = trainer.predict(x, task=task)
+        preds = run_outputs(trainer, x, task)
     except (RuntimeError, ShapeError) as exc:
         raise DataError(f"the model cannot read the inputs of {input_path} (shape {tuple(x.shape)}): "
                         f"{str(exc).splitlines()[0]}; expected inputs shaped like the run's training inputs") from None
-    if task is not None:  # the file holds this task's inputs: other tasks' heads would read them through its stem
-        preds = {task: preds[task]}
-    labels = prep.get("labels") or {}
-    columns: dict[str, Any] = {}
+    from polytask.runs import Run, _ids
+
+    run = Run(Path(run_dir), trainer.model, trainer.tasks, prep, cfg, checkpoint)
+    ids = _ids(frame, id_column) if suffix != ".npy" else _ids(x, id_column)
+    # with --task, the file holds that task's inputs: other tasks' heads would read them through its stem
+    columns: dict[str, Any] = {id_column or "id": ids}
     for name, values in preds.items():
-        if values.dim() == 2:
-            for j in range(values.shape[1]):
-                columns[f"{name}_{j}"] = values[:, j].numpy()
-        elif labels.get(name) and trainer.model.tasks[name].kind == "multiclass":
-            columns[name] = [labels[name][int(i)] for i in values]
-        else:
-            columns[name] = values.numpy()
+        if task is not None and name != task:
+            continue
+        columns.update(run._columns(trainer.model.tasks[name], values, probabilities, threshold))
     out = pd.DataFrame(columns)
     if output_path is not None:
         out.to_csv(output_path, index=False)
     return out
+
+
+def run_outputs(trainer: Trainer, x: Any, task: str | None, batch_size: int = 1024) -> dict[str, Any]:
+    """The model's raw outputs per task (values, logits) on the CPU, in batches."""
+    trainer.model.eval()
+    chunks: dict[str, list[Any]] = {t: [] for t in trainer.names}
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out = trainer.model(x[start:start + batch_size].to(trainer.device), task=task)
+            for name, value in out.items():
+                chunks[name].append(value.float().cpu())
+    return {t: torch.cat(v) for t, v in chunks.items() if v}
