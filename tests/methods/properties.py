@@ -188,6 +188,9 @@ _TORCHJD = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 20
 CLAIMS: dict[str, dict[str, Claim]] = {
     "aligned_mtl": {"scale_free": Claim("Senushkin et al. 2023: B = σ V Σ⁻¹ Vᵀ depends on G up to scale")},
     "cagrad": {"scale_free": Claim("docstring: the weights do not depend on the scale of G")},
+    "cosmos": {},
+    "cr_mogm": {"scale_free": Claim("Zhou et al. 2022: an average of its inner MGDA's scale-free weights (unique when "
+                                    "the gradients are independent)", independent=True)},
     "config": {"non_conflicting": Claim("Liu et al. 2024: the update has equal positive cosine with every gᵢ",
                                         independent=True),
                "scale_free": Claim("Liu et al. 2024: built from the unit gradients"),
@@ -201,6 +204,7 @@ CLAIMS: dict[str, dict[str, Claim]] = {
     "fairgrad": {"non_conflicting": Claim("Ban & Ji 2024: Gw = w^(−1/α) > 0, so gᵢᵀd > 0", independent=True),
                  "loss_scale_invariant": Claim("Ban & Ji 2024: α = 1 (the default) is Nash-MTL's proportional "
                                                "fairness, invariant to loss scales", independent=True)},
+    "excess_mtl": {},
     "famo": {"loss_scale_invariant": Claim("Liu et al. 2023: balances log-loss decreases, w ∝ zᵢ / Lᵢ")},
     "gls": {"loss_scale_invariant": Claim("Chennupati et al. 2019: the geometric mean's gradient direction")},
     "graddrop": {},
@@ -210,12 +214,17 @@ CLAIMS: dict[str, dict[str, Claim]] = {
     "gradvac": {"scale_free": Claim("Wang et al. 2021: works on cosines and ratios of norms", independent=True,
                                     scales=(7.0, 1e3))},
     "great": {},
+    "imtl": {"scale_free": Claim("Liu et al. 2021: IMTL-G's weights do not depend on the scale of G"),
+             "loss_scale_invariant": Claim("Liu et al. 2021: IMTL-G on the scaled gradients keeps its direction "
+                                           "(d parallel; its sign follows Σ αᵢ = 1)", independent=True,
+                                           up_to_sign=True)},
     "imtl_g": {"scale_free": Claim("docstring: w does not depend on the scale of G"),
                "loss_scale_invariant": Claim("Liu et al. 2021: impartial, scale-invariant to the task losses "
                                              "(d parallel; its sign follows Σ wᵢ = 1)", independent=True,
                                              up_to_sign=True)},
     "imtl_l": {},
     "inverse_size": {},
+    "metabalance": {},
     "mgda": {"non_conflicting": Claim("Désidéri 2012; Sener & Koltun 2018: the min-norm point of the hull "
                                       "is a common descent direction"),
              "scale_free": Claim("docstring: whatever the scale of the gradients")},
@@ -225,6 +234,8 @@ CLAIMS: dict[str, dict[str, Claim]] = {
     "nash_mtl": {"non_conflicting": Claim("Navon et al. 2022, Claim 3.1: gᵢᵀd = 1/wᵢ > 0", independent=True),
                  "loss_scale_invariant": Claim("Navon et al. 2022, Sec. 3: the bargaining solution is invariant "
                                                "to the scale of each task's utility", independent=True)},
+    "pbi": {},
+    "pcd": {},
     "pcgrad": {"non_conflicting": Claim("Yu et al. 2020, Theorem 1 (two tasks)", max_tasks=2),
                "scale_free": Claim("Yu et al. 2020: projections are scale-free")},
     "rlw": {},

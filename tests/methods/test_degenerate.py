@@ -334,15 +334,37 @@ def gradnorm(ctx: Ctx) -> None:
     ones(ctx)
 
 
+def pcd(ctx: Ctx) -> None:
+    """TorchJD's PCD: d = 0 when the primary gradient (t0) is 0; else wₚ > 0 and ‖d‖ = ‖gₚ‖ or d = 0."""
+    if float(ctx.g[0, 0]) == 0:
+        ones(ctx, 0.0)
+        return
+    at_least(ctx, ctx.w[0:1], 0.0, "the primary weight")
+    if ctx.exact and norm_sq(ctx) > 0:
+        close(ctx, norm_sq(ctx), float(ctx.g[0, 0]), "‖d‖² = ‖gₚ‖²", scale=gram_scale(ctx))
+    if ctx.case_name == "single":
+        ones(ctx)
+
+
+def one_task_ones(ctx: Ctx) -> None:
+    """Scalarisations whose gradient is the preference (1) with one task; duplicates weighted alike."""
+    if ctx.case_name == "single":
+        ones(ctx)
+    duplicates_equal(ctx)
+
+
 BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "aligned_mtl": aligned_mtl,
     "cagrad": cagrad,
     "config": config,
+    "cosmos": one_task_ones,
+    "cr_mogm": mgda,  # first step: the inner MGDA's weights
     "db_mtl": db_mtl,
     "dtp": ones,  # no KPI known yet: 1
     "dualproj": dual_cone,
     "dwa": ones,  # fewer than two epochs: 1
     "equal": ones,
+    "excess_mtl": ones,  # a task's first step sets its baseline: weights 1
     "fairgrad": fairgrad,
     "famo": famo,
     "gls": gls,
@@ -350,13 +372,17 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "gradnorm": gradnorm,
     "gradvac": lambda ctx: None,  # universal properties only (random orders, EMA targets)
     "great": unit_weights_direction,
+    "imtl": imtl_g,  # scales e^0 = 1: IMTL-G's weights
     "imtl_g": imtl_g,
     "imtl_l": ones,  # e^0
     "inverse_size": ones,  # equal sizes
+    "metabalance": unit_weights_direction,
     "mgda": mgda,
     "mgda_ub": mgda,
     "moco": moco,
     "nash_mtl": nash_mtl,
+    "pbi": one_task_ones,
+    "pcd": pcd,
     "pcgrad": pcgrad,
     "rlw": rlw,
     "static": ones,

@@ -92,7 +92,8 @@ def test_engine_applies_the_method(name):
     g = task_jacobian(list(losses.values()), [z]) if compare == "features" else jt
     reference = build(name, model.tasks)
     step = Step(tasks=model.tasks, losses=torch.stack(list(losses.values())).detach(), index=0, seed=0,
-                gramian=g @ g.T, jacobian=jt if reference.needs == "jacobian" else None)
+                gramian=g @ g.T, jacobian=jt if reference.needs == "jacobian" else None,
+                param_shapes=tuple(p.shape for p in theta) if reference.needs == "jacobian" else None)
     expected = reference(step)
     model.zero_grad()
     report = engine.backward(losses, features=[z])

@@ -224,6 +224,8 @@ class Engine:
             elif on_theta:
                 step.gramian = theta_gramian
                 step.jacobian = jacobian if self.method.needs == "jacobian" else None
+                if step.jacobian is not None:  # per-group methods split J's columns by these
+                    step.param_shapes = tuple(p.shape for p in self.theta)
             if clip is not None and step.gramian is not None:
                 # per-task clipping acts on the gradients the method sees, as if each gᵢ were cᵢ gᵢ
                 step.gramian = clip[:, None] * step.gramian * clip[None, :]

@@ -50,6 +50,10 @@ class Step:
         jacobian: J (T×P), the task gradients on θ flattened, when ``needs == "jacobian"``.
         epoch: current epoch (0-based), for methods whose schedule is in epochs.
         generator: the step's random stream, ``stream(seed, index)`` unless given.
+        param_shapes: the shapes of the parameter tensors whose flattened gradients make J's
+            columns, in order, when the engine hands J over (``needs == "jacobian"``); methods
+            that work per parameter group (GradVac's ``group_type``, MetaBalance) split J by them.
+            None for a hand-built step: J is then one group.
     """
 
     tasks: tuple[str, ...]
@@ -60,6 +64,7 @@ class Step:
     jacobian: Tensor | None = None
     epoch: int = 0
     generator: torch.Generator = None  # type: ignore[assignment]
+    param_shapes: tuple[torch.Size, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.generator is None:

@@ -22,16 +22,19 @@ class CAGrad(Method):
     That t is found by a safeguarded root search that is exact on each active set (there y(t) is
     affine in t, so ‖x(t)‖² = r² is a quadratic), each QP in the rank-k factor of G by quadprog.
     Then w = 1/T + y (y = r w_dual/‖g_w‖), divided by (1 + c²) when ``rescale`` (the official
-    code's default ``rescale=1``). ``c = 0`` gives the mean gradient.
+    code's default ``rescale=1``). ``c = 0`` gives the mean gradient. ``rescale`` takes the official
+    code's (and LibMTL's) integer choices too: 0 (= False, no division), 1 (= True, 1 + c²) and
+    2 (1 + c).
     """
 
     needs = "gramian"
 
-    def __init__(self, *, c: float = 0.4, rescale: bool = True) -> None:
+    def __init__(self, *, c: float = 0.4, rescale: bool | int = True) -> None:
         super().__init__()
         self.c = check_positive("CAGrad", "c", c, allow_zero=True)
-        if not isinstance(rescale, bool):
-            raise InvalidParameterError(f"`rescale` of `CAGrad` must be a bool; found {rescale!r}")
+        if not (isinstance(rescale, bool) or (isinstance(rescale, int) and rescale in (0, 1, 2))):
+            raise InvalidParameterError(
+                f"`rescale` of `CAGrad` must be a bool or 0, 1, 2 (none, 1 + c², 1 + c); found {rescale!r}")
         self.rescale = rescale
         self._remember(c=c, rescale=rescale)
 
@@ -46,8 +49,10 @@ class CAGrad(Method):
             radius = self.c * float((b.sum() / n).clamp_min(0).sqrt())  # c‖g₀‖
             if radius > 0:
                 w = w + _ball_multipliers(g, b, radius)
-        if self.rescale:
+        if self.rescale == 1:  # True too
             w = w / (1 + self.c**2)
+        elif self.rescale == 2:
+            w = w / (1 + self.c)
         return to_step(w, step.gramian)
 
 

@@ -34,10 +34,13 @@ class IMTLG(Method):
     needs = "gramian"
 
     def weights(self, step: Step) -> Tensor:
-        g = as_float64(step.gramian, type(self).__name__)
-        scale = float(g.diagonal().mean())
-        g = g / scale if scale > 0 else g  # the 1e-12 below is then relative to the gradients' scale
-        v = torch.linalg.pinv(g, hermitian=True) @ g.diagonal().clamp_min(0).sqrt()
-        total = v.sum()
-        w = v / total if total.abs() > 1e-12 else torch.zeros_like(v)
-        return to_step(w, step.gramian)
+        return to_step(imtl_g_weights(as_float64(step.gramian, type(self).__name__)), step.gramian)
+
+
+def imtl_g_weights(g: Tensor) -> Tensor:
+    """IMTL-G's w ∝ G⁺n, Σw = 1, of a float64 Gramian (shared with ``imtl``, which feeds it scaled gradients)."""
+    scale = float(g.diagonal().mean())
+    g = g / scale if scale > 0 else g  # the 1e-12 below is then relative to the gradients' scale
+    v = torch.linalg.pinv(g, hermitian=True) @ g.diagonal().clamp_min(0).sqrt()
+    total = v.sum()
+    return v / total if total.abs() > 1e-12 else torch.zeros_like(v)

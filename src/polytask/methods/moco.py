@@ -11,6 +11,8 @@ from polytask.methods._simplex import project_simplex
 from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, Update, check_positive, register
 
+VARIANTS = ("paper", "authors")
+
 
 @register("moco")
 class MoCo(LazyStateMixin, PerTaskMethod):
@@ -29,13 +31,19 @@ class MoCo(LazyStateMixin, PerTaskMethod):
     round-trip through ``state_dict``. Each step advances the state once and returns λ as the
     weights (the heads get λᵢ ∇Lᵢ) and d as the direction. On a step with a subset S of the tasks,
     λ_S is renormalised, updated on the simplex of S and written back with its previous mass.
+
+    ``variant``: ``paper`` (the default) is Algorithm 1 as above. ``authors`` follows the authors'
+    shared code, which LibMTL reproduces: each gradient is first rescaled to its loss,
+    gᵢ ← Lᵢ gᵢ/(‖gᵢ‖ + 1e-8); every yᵢ starts at 0 (the first step gives yᵢ = β₁gᵢ, not gᵢ); and λ is
+    updated by a softmax instead of the simplex projection, λ ← softmax(λ − γ_k (YᵀY + ρI) λ), so
+    every λᵢ stays > 0. The test cross-checks ``authors`` against a re-derivation of LibMTL's loop.
     """
 
     needs = "jacobian"
     stateful = True
 
     def __init__(self, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
-                 gamma_sigma: float = 0.5, rho: float = 0.0) -> None:
+                 gamma_sigma: float = 0.5, rho: float = 0.0, variant: str = "paper") -> None:
         super().__init__()
         if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta <= 1):
             raise InvalidParameterError(f"`beta` of `MoCo` must be in (0, 1]; found {beta!r}")
@@ -44,11 +52,15 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.gamma = check_positive("MoCo", "gamma", gamma)
         self.gamma_sigma = check_positive("MoCo", "gamma_sigma", gamma_sigma, allow_zero=True)
         self.rho = check_positive("MoCo", "rho", rho, allow_zero=True)
+        if variant not in VARIANTS:
+            raise InvalidParameterError(f"`variant` of `MoCo` must be one of {', '.join(VARIANTS)}; found {variant!r}")
+        self.variant = variant
         self.register_buffer("tracked", torch.empty(0, 0))
         self.register_buffer("seen", torch.empty(0, dtype=torch.bool))
         self.register_buffer("lam", torch.empty(0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self._remember(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+        self._remember(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho,
+                       **({"variant": variant} if variant != "paper" else {}))
 
     def reset_state(self, num_tasks: int) -> None:
         self.tracked = torch.empty(num_tasks, 0)
@@ -58,7 +70,11 @@ class MoCo(LazyStateMixin, PerTaskMethod):
 
     def update(self, step: Step) -> Update:
         idx = self.index(step)
-        self._advance(idx, step.jacobian.detach())  # type: ignore[union-attr]  # Method.forward checked
+        j = step.jacobian.detach()  # type: ignore[union-attr]  # Method.forward checked
+        if self.variant == "authors":
+            losses = step.losses.detach().to(j.dtype)
+            j = j / (j.norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
+        self._advance(idx, j)
         lam = self._active_lambda(idx)[1]
         return Update(lam.to(step.losses.dtype), direction=lam.to(self.tracked.dtype) @ self.tracked[idx])
 
@@ -72,12 +88,16 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         k = float(self.count)
         beta, gamma = self.beta / k ** self.beta_sigma, self.gamma / k ** self.gamma_sigma
         y = self.tracked[idx]
-        y = torch.where(self.seen[idx, None], y - beta * (y - j.to(y.dtype)), j.to(y.dtype))
+        if self.variant == "authors":  # y starts at 0
+            y = y - beta * (y - j.to(y.dtype))
+        else:
+            y = torch.where(self.seen[idx, None], y - beta * (y - j.to(y.dtype)), j.to(y.dtype))
         self.tracked[idx] = y
         self.seen[idx] = True
         mass, lam = self._active_lambda(idx)
         gram = (y @ y.T).to(lam.dtype)
-        lam = project_simplex(lam - gamma * (gram @ lam + self.rho * lam))
+        step = lam - gamma * (gram @ lam + self.rho * lam)
+        lam = torch.softmax(step, dim=0) if self.variant == "authors" else project_simplex(step)
         full = self.lam.clone()
         full[idx] = lam * (mass if mass > 1e-12 else len(idx) / len(full))
         self.lam.copy_(full / full.sum())

@@ -26,14 +26,20 @@ class Uncertainty(PerTaskMethod):
 
     The update's weights are the differentiable precision factors (½ e^(−sᵢ) or e^(−sᵢ)), its
     penalty the Σ ½ sᵢ term, so the optimiser learns sᵢ through the same backward. ``forms`` maps a
-    task name to its form; unlisted tasks use ``"regression"``.
+    task name to its form; unlisted tasks use ``"regression"``. ``init_log_var`` is the initial sᵢ
+    (0: σᵢ² = 1, the paper's; LibMTL starts at −0.5, i.e. weights ½e^0.5 ≈ 0.82 for regression).
     """
 
     needs = "losses"
     stateful = True  # learnable log-variances
 
-    def __init__(self, *, forms: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, forms: Mapping[str, str] | None = None, init_log_var: float = 0.0) -> None:
         super().__init__()
+        if not (isinstance(init_log_var, (int, float)) and not isinstance(init_log_var, bool)
+                and -30.0 <= init_log_var <= 30.0):
+            raise InvalidParameterError(
+                f"`init_log_var` of `uncertainty` must be a number in [-30, 30] (a log-variance); found {init_log_var!r}")
+        self.init_log_var = float(init_log_var)
         forms = dict(forms or {})
         for task, form in forms.items():
             if form not in FORMS:
@@ -42,11 +48,11 @@ class Uncertainty(PerTaskMethod):
         self.forms = forms
         self.log_vars = nn.Parameter(torch.empty(0))
         self.register_buffer("scale", torch.empty(0))
-        self._remember(forms=forms)
+        self._remember(forms=forms, **({"init_log_var": init_log_var} if init_log_var != 0.0 else {}))
 
     def reset_state(self, num_tasks: int) -> None:
         check_tasks(self, "forms", list(self.forms), self.all_tasks)
-        self.log_vars.data = torch.zeros(num_tasks)
+        self.log_vars.data = torch.full((num_tasks,), self.init_log_var)
         self.scale = torch.tensor([1.0 if self.forms.get(t) == "classification" else 0.5 for t in self.all_tasks])
 
     def update(self, step: Step) -> Update:
