@@ -19,7 +19,7 @@ from polytask.train.callbacks import CSVLogger
 from sections import sectioned
 
 TASKS = ("a", "b", "c", "d")
-PARAMS = {"all": {}, "random_subset": {"k": 2}, "round_robin": {"k": 1}, "bandit": {"k": 2}, "loss_priority": {"k": 2}}
+PARAMS = {"all": {}, "random_subset": {"k": 2}, "round_robin": {"k": 1}, "bandit": {"k": 2}, "loss_priority": {"k": 2}, "affinity": {}}
 
 
 def make(name: str, tasks=TASKS, **params):

@@ -41,6 +41,8 @@ class Diagnostics(Callback):
     ``cosine``/``norm``, name, value), ``diagnostics/affinity.csv`` (step, epoch, source, target,
     value) and ``diagnostics/summary.json`` (per-epoch and overall mean cosine matrix, conflict
     fraction, norm ratios, mean affinity matrix). Only the main process measures and writes.
+    A task scheduler with ``observe_affinity`` (``task_scheduler: affinity``) receives every
+    measurement and learns ``affinity_every``.
     """
 
     key = "diagnostics"
@@ -75,6 +77,8 @@ class Diagnostics(Callback):
                                                 {n: p for n, p in trainer.model.named_parameters() if n in wanted})
             if trainer.step_index % self.every == 0:
                 self._take_snapshot(trainer)
+            if hasattr(trainer.task_scheduler, "observe_affinity"):  # the affinity scheduler trains every task here
+                trainer.task_scheduler.every = self.every
 
     def _take_snapshot(self, trainer: Trainer) -> None:
         """θ and the optimizer state the next step starts from (the lookahead starts there)."""
@@ -117,6 +121,8 @@ class Diagnostics(Callback):
         finally:
             model.train(was_training)
         self.affinity_stats.add(step.epoch, tasks, z)
+        if hasattr(trainer.task_scheduler, "observe_affinity"):
+            trainer.task_scheduler.observe_affinity(step.index, tasks, z.tolist())
         self.affinity_rows += [{"step": step.index, "epoch": step.epoch, "source": a, "target": b, "value": float(z[i, j])}
                                for i, a in enumerate(tasks) for j, b in enumerate(tasks) if math.isfinite(float(z[i, j]))]
         self.seconds += time.perf_counter() - started
