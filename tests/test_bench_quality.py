@@ -38,7 +38,7 @@ def test_summary_delta_m_against_same_seed_baselines(tmp_path):
     assert famo.delta_m == pytest.approx([5.0, 5.0])  # +10 % on one task of two, each seed against its own
     assert sorted(baselines) == [0, 1]
     table = quality.markdown(store.read(path), ["adult"], csv_name="cells.csv", suite=quality.FULL)
-    assert "| adult | 2 | famo | 5 ± 0 |" in table and "| famo | 5 ± 0 |" in table
+    assert "| adult | 2 | famo | 5 ± 0 |" in table and "| famo | losses | 5 ± 0 |" in table
 
 
 def test_cells_read_back_torn_and_repeated(tmp_path):

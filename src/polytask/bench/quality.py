@@ -327,6 +327,16 @@ def summarise(cells: dict[CellKey, Cell], dataset: str, main: dict[str, str]) ->
     return sorted(rows.values(), key=lambda r: (order[r.kind], -_mean(r.delta_m) if r.kind == "multi_task" else 0)), complete
 
 
+def _needs(row: Row) -> str:
+    """What the row's method needs (``losses``: loss balancing, ``gramian`` / ``jacobian``: gradient methods)."""
+    from polytask.methods import METHODS
+
+    if row.kind != "multi_task":
+        return "–"
+    name = row.label.split("(")[-1].rstrip(")") if "(" in row.label else row.label
+    return METHODS.get(name).needs if name in METHODS.names() else "–"
+
+
 def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
@@ -356,7 +366,8 @@ def main_metrics(dataset: str) -> dict[str, str]:
     return out
 
 
-def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: str, suite: Suite) -> str:
+def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: str, suite: Suite,
+             statistics: tuple[Path, str] | None = None) -> str:
     """docs/benchmarks.md: a summary line per data set, then one table per data set."""
     from polytask.metrics.registry import METRICS
 
@@ -391,12 +402,75 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
         shown = list(main)
         header = " | ".join(f"{t} {main[t]} {'↑' if METRICS.higher_is_better(main[t]) else '↓'}" for t in shown)
         sections += ["", f"## {dataset}", "", f"Budget: {spec.describe()}; seeds {sorted(complete)}.", "",
-                     f"| row | Δm% | {header} | s/cell | epochs |", "| --- | --- | " + " | ".join("---" for _ in shown)
-                     + " | --- | --- |"]
+                     f"| row | needs | Δm% | {header} | s/cell | epochs / trees |",
+                     "| --- | --- | --- | " + " | ".join("---" for _ in shown) + " | --- | --- |"]
         for r in rows:
             delta = "0 (reference point)" if r.kind == "single_task" else _pm(r.delta_m, 3)
             epochs = f"{min(r.epochs)}–{max(r.epochs)}" if r.epochs and min(r.epochs) != max(r.epochs) else (
                 str(r.epochs[0]) if r.epochs else "–")
-            sections.append(f"| {r.label} | {delta} | " + " | ".join(_pm(r.metrics[t]) for t in shown)
+            sections.append(f"| {r.label} | {_needs(r)} | {delta} | " + " | ".join(_pm(r.metrics[t]) for t in shown)
                             + f" | {_mean(r.seconds):.1f} | {epochs} |")
-    return "\n".join(lines + sections) + "\n"
+    extra = statistics_table(*statistics) if statistics else []
+    return "\n".join(lines + extra + sections) + "\n"
+
+
+# ------------------------------------------------------------------------------- task statistics
+STATISTICS_FIELDS = ("dataset", "train_rows", "tasks", "inputs", "mean_nmi", "max_nmi", "max_pair")
+
+
+def normalized_mutual_information(a: Any, b: Any) -> float:
+    """NMI(a, b) = I(a; b) / √(H(a) H(b)) of two label vectors (0 when either is constant)."""
+    import numpy as np
+
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mutual = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = float(-(pa[pa > 0] * np.log(pa[pa > 0])).sum()), float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
+    return mutual / math.sqrt(ha * hb) if ha > 0 and hb > 0 else 0.0
+
+
+def task_statistics(dataset: str, seed: int = 0) -> dict[str, Any]:
+    """How related a data set's tasks are on its training split: the mean and largest pairwise
+    NMI of their labels (regression targets cut into deciles first), with the sizes."""
+    import numpy as np
+
+    from polytask.cli.pipeline import prepare
+
+    spec = FULL.datasets[dataset]
+    loaded, _, _, _ = prepare(_config(spec, seed))
+    labels = {}
+    for task in loaded.tasks:
+        y = loaded.train.targets[task.name].numpy()
+        if task.kind == "regression":
+            y = np.searchsorted(np.quantile(y, np.linspace(0.1, 0.9, 9)), y)
+        labels[task.name] = y
+    names = list(labels)
+    pairs = {(a, b): normalized_mutual_information(labels[a], labels[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    top = max(pairs, key=pairs.__getitem__)
+    inputs = int(np.prod(loaded.input_shape))
+    return {"dataset": dataset, "train_rows": len(loaded.train), "tasks": len(names), "inputs": inputs,
+            "mean_nmi": f"{statistics.fmean(pairs.values()):.4f}", "max_nmi": f"{pairs[top]:.4f}", "max_pair": "/".join(top)}
+
+
+def statistics_table(path: Path, link: str) -> list[str]:
+    """Markdown lines from the task-statistics CSV (none when it is missing)."""
+    import csv
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    lines = ["", "## How related the tasks are", "",
+             f"From [`{path.name}`]({link}) (`polytask bench quality --task-statistics`): pairwise "
+             "normalised mutual information of the task labels on the training split of seed 0 (regression targets "
+             "cut into deciles), 0 = independent, 1 = one label determines the other.", "",
+             "| data set | training rows | tasks | input size | mean NMI | largest NMI (pair) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dataset']} | {r['train_rows']} | {r['tasks']} | {r['inputs']} | {r['mean_nmi']} | "
+              f"{r['max_nmi']} ({r['max_pair']}) |" for r in rows]
+    return lines

@@ -22,10 +22,15 @@ def register(sub: Any, bench_sub: Any) -> None:
     quality.add_argument("--markdown", type=Path, help="table to write (default: docs/benchmarks.md for full, "
                          "runs/bench_quality_quick.md for quick)")
     quality.add_argument("--table-only", action="store_true", help="write the table from the CSV without training")
+    quality.add_argument("--task-statistics", action="store_true",
+                         help="also measure how related each data set's tasks are (pairwise NMI of the labels) into "
+                         "bench_quality_tasks.csv beside the results CSV; the table shows it")
     quality.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    import csv
+
     from polytask.bench import quality
 
     def names(text: str | None) -> list[str] | None:
@@ -38,8 +43,17 @@ def handle(args: argparse.Namespace) -> int:
     cells = plan.cells if args.table_only else quality.run(plan, echo=lambda line: print(line, flush=True))
     md_path.parent.mkdir(parents=True, exist_ok=True)
     shown = [d for d in quality.FULL.datasets if any(k.dataset == d for k in cells)]
-    relative = Path(_relative(csv_path.resolve(), md_path.resolve().parent))
-    md_path.write_text(quality.markdown(cells, shown, csv_name=str(relative), suite=plan.suite))
+    stats_path = csv_path.with_name("bench_quality_tasks.csv")
+    if args.task_statistics:
+        rows = [quality.task_statistics(d) for d in shown or plan.datasets]
+        with stats_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=quality.STATISTICS_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {stats_path}")
+    relative = _relative(csv_path.resolve(), md_path.resolve().parent)
+    statistics = (stats_path, _relative(stats_path.resolve(), md_path.resolve().parent)) if stats_path.exists() else None
+    md_path.write_text(quality.markdown(cells, shown, csv_name=relative, suite=plan.suite, statistics=statistics))
     print(f"wrote {md_path} ({len(cells)} cells from {csv_path})")
     return 0
 
