@@ -231,6 +231,7 @@ CLAIMS: dict[str, dict[str, Claim]] = {
     "mgda_ub": {"non_conflicting": Claim("Sener & Koltun 2018: MGDA on the Gramian it is given"),
                 "scale_free": Claim("as MGDA")},
     "moco": {},
+    "modo": {},
     "nash_mtl": {"non_conflicting": Claim("Navon et al. 2022, Claim 3.1: gᵢᵀd = 1/wᵢ > 0", independent=True),
                  "loss_scale_invariant": Claim("Navon et al. 2022, Sec. 3: the bargaining solution is invariant "
                                                "to the scale of each task's utility", independent=True)},

@@ -380,6 +380,7 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "mgda": mgda,
     "mgda_ub": mgda,
     "moco": moco,
+    "modo": simplex,  # λ projected onto the simplex
     "nash_mtl": nash_mtl,
     "pbi": one_task_ones,
     "pcd": pcd,

@@ -108,6 +108,11 @@ class Engine:
                    if self.method.needs == "losses" else "it returns a new direction from the task Jacobian every step")
             raise InvalidParameterError(f"every={opts.every} reuses a gradient method's weights between "
                                         f"recomputations; '{self.name}' cannot reuse them: {why} (use every=1)")
+        self.batch_parts = int(getattr(self.method, "batch_parts", 1))
+        if self.batch_parts > 1 and (self.compare == "features" or opts.every > 1):
+            raise InvalidParameterError(
+                f"'{self.name}' compares task gradients on {self.batch_parts} parts of each batch, on the parameters: "
+                "use compare='shared' or 'last_shared' and every=1")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise InvalidParameterError(f"`seed` of the engine must be an int; found {seed!r}")
         self.seed, self.every = seed, opts.every
@@ -196,13 +201,25 @@ class Engine:
                 self.comm.mean_grads_(self.reduce_params)
             return StepReport(index, (), torch.zeros(0), {t: 0.0 for t in losses}, self.compare, self.heads)
         parts: list[Tensor] = [losses[t] for t in active]  # type: ignore[misc]
+        part_losses = self._part_losses(active, parts) if self.batch_parts > 1 else None
+        if part_losses is not None:
+            parts = [p.mean() for p in parts]  # the update is that of the whole batch's loss
         vec = torch.stack(parts)
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         step = Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch)
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         on_theta = self.compare in ("shared", "last_shared") and not reuse
         jacobian = theta_gramian = None
-        if on_theta or diagnose or self.task_clip is not None:
+        part_gramians = None
+        if part_losses is not None and not reuse:
+            # one Jacobian per part; the update's J (of the mean loss) is their mean
+            part_j = [self._jacobian(self.jacobian, [p[a] for p in part_losses], self.theta, scale)
+                      for a in range(self.batch_parts)]
+            jacobian = torch.stack(part_j).mean(dim=0)
+            theta_gramian = gramian(jacobian)
+            part_gramians = torch.stack([torch.stack([a @ b.T for b in part_j]) for a in part_j])
+            del part_j
+        elif on_theta or diagnose or self.task_clip is not None:
             jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
             theta_gramian = gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
@@ -226,6 +243,7 @@ class Engine:
                 step.jacobian = jacobian if self.method.needs == "jacobian" else None
                 if step.jacobian is not None:  # per-group methods split J's columns by these
                     step.param_shapes = tuple(p.shape for p in self.theta)
+                step.part_gramians = part_gramians
             if clip is not None and step.gramian is not None:
                 # per-task clipping acts on the gradients the method sees, as if each gᵢ were cᵢ gᵢ
                 step.gramian = clip[:, None] * step.gramian * clip[None, :]
@@ -246,6 +264,16 @@ class Engine:
         weights.update(zip(active, applied.detach().tolist(), strict=True))
         return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
                           None if feature_jacobian is None else step.gramian, clip, reuse, fallback)
+
+    def _part_losses(self, active: tuple[str, ...], parts: list[Tensor]) -> list[Tensor]:
+        k = self.batch_parts
+        for t, loss in zip(active, parts, strict=True):
+            if loss.shape != (k,):
+                raise InvalidParameterError(
+                    f"'{self.name}' needs each task's loss on {k} independent parts of the step's batch: losses[{t!r}] "
+                    f"must be the {k} part losses stacked, shape ({k},); found shape {tuple(loss.shape)}. The Trainer "
+                    "splits each batch for such methods; in a plain loop pass torch.stack([loss_on_part_1, ...])")
+        return parts
 
     def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
         j = computer([p * scale for p in parts] if scale != 1.0 else parts, inputs)

@@ -54,6 +54,9 @@ class Step:
             columns, in order, when the engine hands J over (``needs == "jacobian"``); methods
             that work per parameter group (GradVac's ``group_type``, MetaBalance) split J by them.
             None for a hand-built step: J is then one group.
+        part_gramians: the cross Gramians Gₐᵦ = Jₐ Jᵦᵀ (k×k×T×T) of the task Jacobians on k disjoint
+            parts of the step's batch, for methods with ``batch_parts = k > 1`` (MoDo); J and G are
+            then those of the mean loss over the parts (the whole batch). None otherwise.
     """
 
     tasks: tuple[str, ...]
@@ -65,6 +68,7 @@ class Step:
     epoch: int = 0
     generator: torch.Generator = None  # type: ignore[assignment]
     param_shapes: tuple[torch.Size, ...] | None = None
+    part_gramians: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -120,6 +124,12 @@ class Method(nn.Module):
     #: values for the required hyper-parameters, used wherever a method must be built without a
     #: user (the conformance suites, the benchmarks); empty when every parameter has a default
     example_params: ClassVar[Mapping[str, Any]] = {}
+    #: k > 1: the method needs the task gradients on k independent, disjoint parts of the step's
+    #: batch (stochastic multi-objective methods such as MoDo). Each task's loss is then given to the
+    #: engine as the k part losses stacked (the Trainer splits every batch in k), the step carries
+    #: their cross Gramians ``part_gramians`` and the update applies to the mean loss. An instance
+    #: may set it from a parameter.
+    batch_parts: ClassVar[int] = 1
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:

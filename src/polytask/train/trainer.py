@@ -314,11 +314,12 @@ class Trainer:
         """One update from a step's batches (one per data set drawn); only scheduled tasks train."""
         available = [t for t in self.names if any(t in b.targets for b in groups)]
         active = self.task_scheduler.select(self.step_index, available, self.schedule_generator)
-        losses, counts, features = self._forward(groups, active)
+        losses, counts, features = self._forward_parts(groups, active)
         if self.comm is not None:
             losses = self._rank_weighted(losses, counts)
         present = [t for t, v in losses.items() if v is not None]
-        values = torch.stack([losses[t] for t in present]).detach() if present else torch.zeros(0)  # type: ignore[misc]
+        # .mean(): a method with batch_parts > 1 gets each task's part losses; the step's loss is their mean
+        values = torch.stack([losses[t].mean() for t in present]).detach() if present else torch.zeros(0)  # type: ignore[union-attr]
         if self.comm is not None and present:
             values = self.comm.mean_(values.clone())
         loss_values = {t: None for t in losses} | dict(zip(present, values.tolist(), strict=True))
@@ -345,6 +346,21 @@ class Trainer:
         self._optimizer_step()
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
+
+    def _forward_parts(self, groups: list[Batch], active: Sequence[str]
+                       ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:
+        """``_forward``, or, for a method that asks for k > 1 independent parts of each batch
+        (``Method.batch_parts``, e.g. MoDo), ``_forward`` on each part with the k losses stacked."""
+        k = self.engine.batch_parts
+        if k == 1:
+            return self._forward(groups, active)
+        runs = [self._forward([b.shard(a, k) for b in groups], active) for a in range(k)]
+        losses: dict[str, Tensor | None] = {}
+        for t in runs[0][0]:
+            values = [run[0].get(t) for run in runs]
+            losses[t] = None if any(v is None for v in values) else torch.stack(values)  # type: ignore[arg-type]
+        counts = {t: sum(run[1].get(t, 0) for run in runs) for t in runs[0][1]}
+        return losses, counts, [z for run in runs for z in run[2]]
 
     def _forward(self, groups: list[Batch], active: Sequence[str]
                  ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:
