@@ -241,6 +241,7 @@ CLAIMS: dict[str, dict[str, Claim]] = {
                "scale_free": Claim("Yu et al. 2020: projections are scale-free")},
     "rlw": {},
     "static": {},
+    "sdmgrad": {},
     "stch": {},
     "uncertainty": {},
     "upgrad": {"non_conflicting": Claim(_TORCHJD), "scale_free": Claim(_TORCHJD),

@@ -54,6 +54,23 @@ def test_modo_engine_matches_torchjd_on_two_half_batches():
             torch.testing.assert_close(model.heads[t].weight.grad, heads[t], rtol=1e-5, atol=1e-7)
 
 
+def test_sdmgrad_engine_matches_torchjd_on_two_half_batches():
+    model = Tiny(("t0", "t1", "t2"), seed=3)
+    shared = model.shared()
+    engine = Engine(METHODS.create("sdmgrad", lamda=0.3), shared)
+    peer = tja.SDMGradWeighting(lambda_=0.3)
+    for k in range(3):
+        stacked, halves = _half_losses(model, seed=10 + k)
+        j1, j2 = (torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(h[t], shared, retain_graph=True)])
+                               for t in model.tasks]) for h in halves)
+        expected = peer((j1 @ j2.T).double())
+        model.zero_grad()
+        report = engine.backward(stacked)
+        weights = torch.tensor([report.weights[t] for t in model.tasks], dtype=torch.float64)
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(flat_grad(shared), weights.float() @ ((j1 + j2) / 2), rtol=1e-5, atol=1e-6)
+
+
 def test_scalar_losses_are_refused_with_the_shape_expected():
     model = Tiny(("t0", "t1"))
     engine = Engine("modo", model.shared())

@@ -346,6 +346,13 @@ def pcd(ctx: Ctx) -> None:
         ones(ctx)
 
 
+def sdmgrad(ctx: Ctx) -> None:
+    """Xiao et al. (2023): (w + λ/T)/(1 + λ) with w on the simplex: Σ = 1, each >= λ/(T(1 + λ))."""
+    lam = ctx.method.lamda
+    close(ctx, ctx.w.sum(), 1.0, "Σw")
+    at_least(ctx, ctx.w, lam / (ctx.t * (1 + lam)), "weights >= λ/(T(1 + λ))")
+
+
 def one_task_ones(ctx: Ctx) -> None:
     """Scalarisations whose gradient is the preference (1) with one task; duplicates weighted alike."""
     if ctx.case_name == "single":
@@ -387,6 +394,7 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "pcgrad": pcgrad,
     "rlw": rlw,
     "static": ones,
+    "sdmgrad": sdmgrad,
     "stch": stch,
     "uncertainty": lambda ctx: ones(ctx, 0.5),  # ½e^0 (regression)
     "upgrad": dual_cone,
