@@ -22,6 +22,7 @@ _NAMES = {
     "backward": "polytask.engine", "delta_m": "polytask.metrics", "encoders": "polytask.models",
     "load": "polytask.runs", "export": "polytask.runs", "infer_num_classes": "polytask.core",
     "register_loss": "polytask.core", "register_metric": "polytask.metrics",
+    "MultiOutputDataset": "polytask.data", "TaskDatasets": "polytask.data", "TorchData": "polytask.data",
 }
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
         infer_num_classes,
         register_loss,
     )
+    from polytask.data import MultiOutputDataset, TaskDatasets, TorchData
     from polytask.engine import Engine, backward
     from polytask.metrics import delta_m, register_metric
     from polytask.models import encoders
@@ -63,10 +65,13 @@ __all__ = [
     "DataError",
     "Engine",
     "InvalidParameterError",
+    "MultiOutputDataset",
     "NonFiniteLossError",
     "PolytaskError",
     "ShapeError",
     "Task",
+    "TaskDatasets",
+    "TorchData",
     "Trainer",
     "backward",
     "data",

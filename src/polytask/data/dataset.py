@@ -83,12 +83,13 @@ class MultiOutputDataset:
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.targets)
 
-    def validate(self, tasks: Sequence[Task], where: str = "data") -> None:
+    def validate(self, tasks: Sequence[Task], where: str = "data", whole: bool = True) -> None:
         """Check that every task has targets of the right shape and range; cast them.
 
         Also refused: a data set without rows, inputs of a dtype no encoder takes (see
-        :data:`UNUSABLE_INPUT_DTYPES`) and a task whose mask marks no row as labelled (it would
-        vanish from every result). Inputs are never converted behind the user's back: ``predict``
+        :data:`UNUSABLE_INPUT_DTYPES`) and, for a ``whole`` data set (not one batch of a stream), a
+        task whose mask marks no row as labelled (it would vanish from every result). Inputs are
+        never converted behind the user's back: ``predict``
         receives raw tensors, and a silent rescaling here would not be applied there.
         """
         if len(self) == 0:
@@ -113,11 +114,14 @@ class MultiOutputDataset:
             what = "NaN" if torch.isnan(self.x[row]).any() else "inf"
             raise DataError(f"{where} inputs `x` contain {what} (first at row {row}); expected finite values: "
                             "impute or drop them")
-        for task in tasks:  # after the checks above, so that a malformed task is named for its own fault first
+        for task in tasks if whole else ():  # after the checks above: a malformed task is named for its own fault first
             mask = self.masks.get(task.name)
             if mask is not None and not bool(mask.any()):
                 raise DataError(f"{where}: task '{task.name}' has no labelled row (its mask is False for all {len(mask)} "
                                 "rows); expected at least one label, or leave the task out")
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
 
     def subset(self, index: Tensor) -> MultiOutputDataset:
         return MultiOutputDataset(self.x[index], {k: v[index] for k, v in self.targets.items()},
@@ -146,10 +150,13 @@ class TaskDatasets:
     def __init__(self, datasets: Mapping[str, MultiOutputDataset]) -> None:
         if not datasets:
             raise DataError("TaskDatasets needs at least one task data set")
+        from polytask.data.torch_data import TorchData
+
         for name, ds in datasets.items():
-            if not isinstance(ds, MultiOutputDataset):
-                raise DataError(f"data set of task '{name}' must be a MultiOutputDataset; found {type(ds).__name__}")
-            if name not in ds.targets:
+            if not isinstance(ds, (MultiOutputDataset, TorchData)):
+                raise DataError(f"data set of task '{name}' must be a MultiOutputDataset or TorchData (a torch Dataset or "
+                                f"DataLoader wrapped); found {type(ds).__name__}")
+            if isinstance(ds, MultiOutputDataset) and name not in ds.targets:
                 raise DataError(f"data set of task '{name}' has no targets for '{name}'; found {', '.join(ds.targets)}")
         self.datasets = dict(datasets)
 

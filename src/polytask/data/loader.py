@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 
-from polytask.core.errors import InvalidParameterError, closest
+from polytask.core.errors import DataError, InvalidParameterError, closest
 from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.data.samplers.base import Sampler
+from polytask.data.torch_data import TorchData
 
 #: How an epoch walks per-task data sets (the last three are the modes of Lightning's CombinedLoader):
 #:
@@ -29,7 +29,11 @@ from polytask.data.samplers.base import Sampler
 LOADER_MODES = ("sample", "max_size_cycle", "min_size", "sequential")
 
 
-def steps_in_epoch(data: MultiOutputDataset | TaskDatasets, batch_size: int, mode: str = "sample",
+#: one data set for all tasks (the multi-output regime): in memory, or a torch Dataset/DataLoader
+Single = MultiOutputDataset | TorchData
+
+
+def steps_in_epoch(data: Single | TaskDatasets, batch_size: int, mode: str = "sample",
                    steps_per_epoch: int | None = None) -> int:
     """Steps of one epoch for ``mode`` (see :data:`LOADER_MODES`), or ``steps_per_epoch`` when given."""
     check_mode(mode)
@@ -37,9 +41,9 @@ def steps_in_epoch(data: MultiOutputDataset | TaskDatasets, batch_size: int, mod
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
             raise InvalidParameterError(f"`steps_per_epoch` must be an int >= 1 or None; found {steps_per_epoch!r}")
         return steps_per_epoch
-    if isinstance(data, MultiOutputDataset):
-        return math.ceil(len(data) / batch_size)
-    counts = [math.ceil(n / batch_size) for n in data.sizes.values()]
+    if isinstance(data, (MultiOutputDataset, TorchData)):
+        return data.num_batches(batch_size)
+    counts = [ds.num_batches(batch_size) for ds in data.datasets.values()]
     if mode == "max_size_cycle":
         return max(counts)
     if mode == "min_size":
@@ -47,13 +51,13 @@ def steps_in_epoch(data: MultiOutputDataset | TaskDatasets, batch_size: int, mod
     return sum(counts)
 
 
-def epoch_batches(data: MultiOutputDataset | TaskDatasets, batch_size: int, *, generator: torch.Generator,
+def epoch_batches(data: Single | TaskDatasets, batch_size: int, *, generator: torch.Generator,
                   sampler: Sampler, sampler_generator: torch.Generator, step: int, total_steps: int,
                   mode: str = "sample", steps_per_epoch: int | None = None) -> Iterator[list[Batch]]:
     """Yield each step's batches: one per data set the step draws from (one per task in
     ``max_size_cycle`` and ``min_size`` modes, one in ``sample`` and ``sequential`` modes)."""
     steps = steps_in_epoch(data, batch_size, mode, steps_per_epoch)
-    if isinstance(data, MultiOutputDataset):
+    if isinstance(data, (MultiOutputDataset, TorchData)):
         stream = cycle(data, batch_size, generator, None)
         for _ in range(steps):
             yield [next(stream)]
@@ -75,15 +79,22 @@ def epoch_batches(data: MultiOutputDataset | TaskDatasets, batch_size: int, *, g
 def _sequential_order(data: TaskDatasets, batch_size: int) -> Iterator[str]:
     """Task after task, ⌈nᵢ/b⌉ steps each (one full pass of its data set), then around again."""
     while True:
-        for task, n in data.sizes.items():
-            for _ in range(math.ceil(n / batch_size)):
+        for task, ds in data.datasets.items():
+            for _ in range(ds.num_batches(batch_size)):
                 yield task
 
 
-def cycle(data: MultiOutputDataset, batch_size: int, generator: torch.Generator, source: str | None) -> Iterator[Batch]:
-    """Endless shuffled batches (re-shuffled at every pass)."""
+def cycle(data: Single, batch_size: int, generator: torch.Generator, source: str | None) -> Iterator[Batch]:
+    """Endless shuffled batches (re-shuffled at every pass; a stream is read again from its start)."""
     while True:
-        yield from data.batches(batch_size, shuffle=True, generator=generator, source=source)
+        empty = True
+        for batch in data.batches(batch_size, shuffle=True, generator=generator, source=source):
+            empty = False
+            yield batch
+        if empty:
+            whose = f" of task '{source}'" if source else ""
+            raise DataError(f"the training data{whose} yielded no batch in a whole pass; expected at least one sample "
+                            "per pass (a stream must start again when iterated anew)")
 
 
 def check_mode(mode: str) -> None:

@@ -22,6 +22,7 @@ from polytask.core.task import Task, task_names
 from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.data.loader import epoch_batches, steps_in_epoch
 from polytask.data.samplers import SAMPLERS, Sampler
+from polytask.data.torch_data import TorchData, as_data
 from polytask.engine.backward import Engine
 from polytask.engine.comm import Communicator
 from polytask.engine.options import EngineOptions
@@ -39,7 +40,9 @@ from polytask.train.optim import build_optimizer, build_scheduler, parameter_gro
 from polytask.train.options import LoopOptions, OptimOptions, RunOptions
 from polytask.train.rundir import RunDir
 
-Data = MultiOutputDataset | TaskDatasets
+#: what fit/evaluate take: in-memory data, a torch Dataset/DataLoader (as TorchData, wrapped on the way in), or per-task
+#: data sets (TaskDatasets, or a mapping task → any of these)
+Data = MultiOutputDataset | TaskDatasets | TorchData
 C = TypeVar("C", bound=Callback)
 Spec = str | Mapping[str, Any]
 
@@ -208,13 +211,20 @@ class Trainer:
         """Validate the data and set up method, sampler and scheduler; writes nothing.
 
         Everything that can reject the input happens here, before a run directory is touched.
+        Besides polytask data, ``train``/``val``/``test`` may be a ``torch.utils.data`` Dataset or
+        DataLoader, or a mapping task → data (see :mod:`polytask.data.torch_data`).
         """
+        train, val, test = (as_data(d, f"{s} data") for s, d in (("train", train), ("val", val), ("test", test)))
         for split, data in (("train", train), ("val", val), ("test", test)):
             if data is not None:
                 self._check_data(data, split)
         if self.loop.monitor != "loss" and val is None:
             raise InvalidParameterError(f"monitor '{self.loop.monitor}' needs validation data")
-        sizes = train.sizes if isinstance(train, TaskDatasets) else {t: len(train) for t in self.names}
+        if isinstance(train, TaskDatasets):
+            sizes = train.sizes
+        else:  # one data set for all tasks: the same size for each (a stream's is unknown, and equal is all that counts)
+            rows = len(train) if not isinstance(train, TorchData) or train.has_length() else 1
+            sizes = {t: rows for t in self.names}
         weights = {t.name: t.weight for t in self.tasks}
         self.method.setup(self.loss_names, sizes={**sizes, **{k: sizes[t] for k, t in self.term_tasks.items()}},
                           static_weights={**weights, **{k: weights[t] for k, t in self.term_tasks.items()}})
@@ -224,6 +234,7 @@ class Trainer:
 
     def fit(self, train: Data, val: Data | None = None, test: Data | None = None) -> Report:
         """Train for ``loop.epochs`` (or until a callback stops it) and return the report."""
+        train, val, test = (as_data(d, f"{s} data") for s, d in (("train", train), ("val", val), ("test", test)))
         self.check(train, val, test)
         try:
             self._open_run()
@@ -250,6 +261,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, data: Data) -> dict[str, dict[str, float]]:
         """Per-task metrics and mean loss on ``data`` (each task on its own set if per-task)."""
+        data = as_data(data, "evaluation data")
+        if isinstance(data, TorchData) and data.tasks is None or isinstance(data, TaskDatasets) and any(
+                isinstance(ds, TorchData) and ds.tasks is None for ds in data.datasets.values()):
+            self._check_data(data, "evaluation")
         self.model.eval()
         tracker = self.metrics
         tracker.reset()
@@ -477,7 +492,7 @@ class Trainer:
     # ---------------------------------------------------------------------------- batching
     def _eval_batches(self, data: Data) -> Iterator[Batch]:
         size = max(self.loop.batch_size, 1024)
-        sets = [(None, data)] if isinstance(data, MultiOutputDataset) else list(data.datasets.items())
+        sets = [(None, data)] if isinstance(data, (MultiOutputDataset, TorchData)) else list(data.datasets.items())
         for name, ds in sets:
             for batch in ds.batches(size, source=name):
                 # each rank evaluates its share; torchmetrics and the loss sums are reduced in compute()
@@ -491,8 +506,9 @@ class Trainer:
         return self.model.tasks[name]
 
     def _check_data(self, data: Data, split: str) -> None:
-        if not isinstance(data, (MultiOutputDataset, TaskDatasets)):
-            raise DataError(f"{split} data must be a MultiOutputDataset or TaskDatasets; found {type(data).__name__}")
+        if not isinstance(data, (MultiOutputDataset, TaskDatasets, TorchData)):
+            raise DataError(f"{split} data must be a MultiOutputDataset, TaskDatasets or TorchData (a torch Dataset or "
+                            f"DataLoader); found {type(data).__name__}")
         data.validate(self.tasks, where=f"{split} data")
 
     def _check_monitor(self, monitor: str) -> bool:
