@@ -220,7 +220,7 @@ def encoder_spec(cfg: Config, loaded: LoadedData) -> dict[str, Any]:
         spec = {**default, **spec}
     elif spec["name"] == "mlp":
         spec.setdefault("in_features", int(torch.tensor(loaded.input_shape).prod()))
-    elif spec["name"] == "cnn" and len(loaded.input_shape) == 3:
+    elif spec["name"] in ("cnn", "resnet") and len(loaded.input_shape) == 3:
         spec.setdefault("in_channels", loaded.input_shape[0])
     return spec
 
