@@ -102,7 +102,8 @@ def _task(name: str, tc: TaskConfig, base: Task | None = None, train: pd.DataFra
     metrics = tuple(tc.metrics) if tc.metrics else (base.metrics if base else None)
     loss = tc.loss if tc.loss is not None else (base.loss if base else None)
     return Task(name, kind=kind, num_classes=num_classes, weight=tc.weight, metrics=metrics, lr=tc.lr,
-                weight_decay=tc.weight_decay, target=target, loss=loss)
+                weight_decay=tc.weight_decay, target=target, loss=loss,
+                size=base.size if base is not None else None)  # a bundled vision task's image size
 
 
 def load_data(cfg: Config) -> tuple[LoadedData, Preprocessing]:

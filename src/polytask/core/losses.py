@@ -37,6 +37,7 @@ it may also declare ``kind``, ``num_classes`` and ``task`` (the task's name), wh
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -57,6 +58,14 @@ CONTEXT = ("kind", "num_classes", "task")
 """Factory parameters filled from the task rather than from the loss's own parameters."""
 
 _HALF = (torch.float16, torch.bfloat16)
+
+#: the package that registers the losses of the vision kinds (segmentation, dense_regression,
+#: detection); it imports core, so core loads it by name when those losses are first needed
+VISION_LOSSES = "polytask.vision"
+
+
+def _load_vision_losses() -> None:
+    importlib.import_module(VISION_LOSSES)
 
 
 @dataclass(frozen=True)
@@ -113,9 +122,12 @@ class LossRegistry:
         return iter(self.names())
 
     def names(self) -> list[str]:
+        _load_vision_losses()
         return sorted(self._entries)
 
     def entry(self, name: str) -> LossEntry:
+        if name not in self._entries:
+            _load_vision_losses()
         if name not in self._entries:
             raise InvalidParameterError(f"unknown loss '{name}'.{closest(name, self._entries)} Valid losses: "
                                         f"{', '.join(self.names())} (or register one with polytask.core.register_loss)")
@@ -170,6 +182,8 @@ class LossRegistry:
         """The :class:`TaskLoss` a task of this kind calls, parameters validated."""
         if isinstance(spec, TaskLoss):
             spec = spec.spec
+        if kind not in self.defaults:
+            _load_vision_losses()
         if spec is None:
             spec = self.defaults[kind]
         if isinstance(spec, type):

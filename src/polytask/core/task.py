@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from collections.abc import Iterable
@@ -17,14 +18,19 @@ from polytask.core.losses import LOSSES, LossSpec, TaskLoss
 
 logger = logging.getLogger("polytask")
 
-TaskKind = Literal["regression", "binary", "multiclass", "multilabel"]
-KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "multilabel")
+TaskKind = Literal["regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection"]
+KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection")
+#: kinds whose targets are maps or box lists and whose heads read a feature map (``polytask.vision``)
+VISION_KINDS: tuple[str, ...] = ("segmentation", "dense_regression", "detection")
 
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("rmse", "mae", "r2"),
     "binary": ("accuracy", "f1", "auroc"),
     "multiclass": ("accuracy", "f1"),
     "multilabel": ("accuracy", "f1", "auroc"),
+    "segmentation": ("miou", "pixel_accuracy"),
+    "dense_regression": ("abs_error", "rel_error"),
+    "detection": ("map50", "map"),
 }
 
 
@@ -40,10 +46,17 @@ class Task:
         name: unique name; every per-task value in polytask is keyed by it.
         kind: ``regression`` (one value per sample), ``binary`` (one logit), ``multiclass``
             (``num_classes`` logits, one class per sample) or ``multilabel`` (``num_classes``
-            logits, each label 0/1).
+            logits, each label 0/1). Vision kinds (``polytask.vision``; their heads need an
+            encoder exposing a feature map, such as ``cnn_map``): ``segmentation`` (a class per
+            pixel: targets (n, H, W) int in [0, C), −1 = unlabelled pixel), ``dense_regression`` (a
+            value per pixel: targets (n, H, W) float, NaN = no value at that pixel) and ``detection``
+            (boxes with classes: targets (n, K, 5) rows ``[class, x1, y1, x2, y2]`` in pixels, x2 > x1,
+            y2 > y1, padded with class −1 rows; an image with no object has only padding rows).
         num_classes: classes (multiclass) or labels (multilabel); required for those kinds. From
             training labels: ``num_classes=infer_num_classes(name, y_train)`` (a YAML config may
             leave it out, the builder infers it and logs the value).
+            Also the classes of ``segmentation`` (>= 2, background included) and ``detection`` (>= 1,
+            object classes; no background class) tasks.
         weight: static loss weight λ used by the ``static`` method (Total = Σ λᵢ Lᵢ).
         metrics: metric names (checked against ``polytask.metrics.METRICS`` when metrics are
             built); the first is the main one. Default per kind: regression rmse, mae, r2;
@@ -78,6 +91,8 @@ class Task:
             the target's units), while metrics and ``predict`` are in the original units. The
             config builder fits it on the training rows (``tasks.NAME.standardize``, on by
             default); ``standardize_targets`` does it for data built in Python.
+        size: ``(H, W)`` of the images of a vision task: per-pixel targets must have it, boxes must
+            lie inside it, per-pixel heads output it (default: the encoder's feature map × stride).
     """
 
     name: str
@@ -90,6 +105,7 @@ class Task:
     target: str | tuple[str, ...] | None = None
     loss: LossSpec | TaskLoss = None
     target_scaling: tuple[float, float] | None = None
+    size: tuple[int, int] | None = None
     _metrics: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -113,17 +129,25 @@ class Task:
                 f"`kind` of task '{self.name}' must be one of {', '.join(KINDS)}; found {self.kind!r}."
                 f"{closest(str(self.kind), KINDS)}"
             )
-        if self.kind in ("multiclass", "multilabel"):
-            if not isinstance(self.num_classes, int) or self.num_classes < 2:
+        if self.kind in ("multiclass", "multilabel", "segmentation", "detection"):
+            fewest = 1 if self.kind == "detection" else 2
+            if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < fewest:
                 hint = (f"; to take it from the training labels: num_classes=infer_num_classes({self.name!r}, y_train)"
                         if self.num_classes is None and self.kind == "multiclass" else "")
                 raise InvalidParameterError(
-                    f"`num_classes` of {self.kind} task '{self.name}' must be an int >= 2; found {self.num_classes!r}{hint}"
+                    f"`num_classes` of {self.kind} task '{self.name}' must be an int >= {fewest}; found {self.num_classes!r}{hint}"
                 )
         elif self.num_classes is not None:
             raise InvalidParameterError(
-                f"`num_classes` is only for multiclass/multilabel tasks; task '{self.name}' is {self.kind}"
+                f"`num_classes` is only for multiclass/multilabel/segmentation/detection tasks; task '{self.name}' is {self.kind}"
             )
+        if self.size is not None:
+            size = tuple(self.size) if isinstance(self.size, (list, tuple)) else ()
+            if self.kind not in VISION_KINDS or len(size) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+                raise InvalidParameterError(f"`size` of task '{self.name}' must be (height, width), two positive ints, for a "
+                                            f"{'/'.join(VISION_KINDS)} task; found {self.size!r} on a {self.kind} task")
+            object.__setattr__(self, "size", size)
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
             raise InvalidParameterError(f"`weight` of task '{self.name}' must be a finite number >= 0; found {self.weight!r}")
         for key in ("lr", "weight_decay"):
@@ -147,13 +171,19 @@ class Task:
 
     @property
     def out_features(self) -> int:
-        """Width of the head's output for this task."""
-        return self.num_classes if self.kind in ("multiclass", "multilabel") else 1  # type: ignore[return-value]
+        """Width of the head's output for this task (per pixel for per-pixel kinds; per cell for
+        detection: 6 box columns, then one logit per class)."""
+        if self.kind == "detection":
+            return self.num_classes + 6  # type: ignore[operator]
+        return self.num_classes if self.kind in ("multiclass", "multilabel", "segmentation") else 1  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------------- targets
     def prepare_prediction(self, output: Tensor) -> Tensor:
-        """Check a head's raw output and give it the canonical shape: (B,) or (B, C)."""
+        """Check a head's raw output and give it the canonical shape: (B,) or (B, C); per-pixel
+        kinds (B, C, H, W) (segmentation) or (B, H, W) (dense_regression); detection (B, A, 6 + C)."""
         expected = self.out_features
+        if self.kind in VISION_KINDS:
+            return self._prepare_vision(output, expected)
         if output.dim() == 2 and output.shape[1] == expected:
             return output.squeeze(1) if self.kind in ("regression", "binary") else output
         if output.dim() == 1 and expected == 1:
@@ -162,11 +192,77 @@ class Task:
             f"head of task '{self.name}' returned shape {tuple(output.shape)}; expected (batch, {expected})"
         )
 
+    def _prepare_vision(self, output: Tensor, expected: int) -> Tensor:
+        size = "H, W" if self.size is None else f"{self.size[0]}, {self.size[1]}"
+        if self.kind == "detection":
+            if output.dim() == 3 and output.shape[2] == expected:
+                return output
+            raise ShapeError(f"head of detection task '{self.name}' returned shape {tuple(output.shape)}; expected "
+                             f"(batch, cells, {expected}) = 6 box columns + {self.num_classes} class logits")
+        ok = output.dim() == 4 and output.shape[1] == expected and (
+            self.size is None or tuple(output.shape[2:]) == self.size)
+        if ok:
+            return output.squeeze(1) if self.kind == "dense_regression" else output
+        raise ShapeError(f"head of {self.kind} task '{self.name}' returned shape {tuple(output.shape)}; expected "
+                         f"(batch, {expected}, {size})")
+
+    def _check_vision_targets(self, y: Tensor, where: str) -> None:
+        """Per-pixel maps (n, H, W) and padded box lists (n, K, 5): shape, finiteness, ranges; the
+        first bad sample is named with what was expected."""
+        of = f"{where} of {self.kind} task '{self.name}'"
+        if self.kind == "detection":
+            if y.dim() != 3 or y.shape[2] != 5:
+                raise DataError(f"{of} must have shape (n, K, 5): per image K rows [class, x1, y1, x2, y2], padded with "
+                                f"class -1 rows; found {tuple(y.shape)}")
+            if not torch.isfinite(y).all():
+                row, box = (int(v) for v in (~torch.isfinite(y)).any(2).nonzero()[0])
+                raise DataError(f"{of}: sample {row}, box {box} holds a non-finite value ({y[row, box].tolist()}); expected "
+                                "finite pixel coordinates (padding rows: class -1 and any finite numbers)")
+            labels, boxes = y[..., 0], y[..., 1:]
+            bad = (labels != labels.round()) | (labels < -1) | (labels > self.num_classes - 1)  # type: ignore[operator]
+            if bad.any():
+                row, box = (int(v) for v in bad.nonzero()[0])
+                raise DataError(f"{of}: sample {row}, box {box} has class {labels[row, box].item():g}; expected an integer in "
+                                f"[0, {self.num_classes - 1}] (or -1 for a padding row)")  # type: ignore[operator]
+            real = labels >= 0
+            checks = [(boxes[..., 2] <= boxes[..., 0], "x2 > x1"), (boxes[..., 3] <= boxes[..., 1], "y2 > y1"),
+                      ((boxes[..., 0] < 0) | (boxes[..., 1] < 0), "x1 >= 0 and y1 >= 0")]
+            if self.size is not None:
+                height, width = self.size
+                checks.append(((boxes[..., 2] > width) | (boxes[..., 3] > height),
+                               f"x2 <= {width} and y2 <= {height} (inside the {height}x{width} image)"))
+            for wrong, expected in checks:
+                wrong = wrong & real
+                if wrong.any():
+                    row, box = (int(v) for v in wrong.nonzero()[0])
+                    raise DataError(f"{of}: sample {row}, box {box} is [x1, y1, x2, y2] = "
+                                    f"{[round(v, 3) for v in boxes[row, box].tolist()]}; expected {expected}")
+            return
+        expected_shape = "(n, H, W)" if self.size is None else f"(n, {self.size[0]}, {self.size[1]})"
+        if y.dim() != 3 or (self.size is not None and tuple(y.shape[1:]) != self.size):
+            raise DataError(f"{of} must be one map per image of shape {expected_shape}; found {tuple(y.shape)}")
+        if self.kind == "dense_regression":
+            if torch.isinf(y).any():
+                row = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
+                raise DataError(f"{of}: sample {row} holds inf; expected finite values (NaN marks a pixel without a value)")
+            return
+        if y.is_floating_point() and (torch.isnan(y).any() or not torch.equal(y, y.round())):
+            row = int(((y != y.round()) | torch.isnan(y)).flatten(1).any(1).nonzero()[0])
+            raise DataError(f"{of}: sample {row} holds non-integer labels; expected class indices (int, -1 = unlabelled pixel)")
+        bad = (y < -1) | (y > self.num_classes - 1)  # type: ignore[operator]
+        if bad.any():
+            row = int(bad.flatten(1).any(1).nonzero()[0])
+            raise DataError(f"{of}: sample {row} has pixel label {y[row][bad[row]][0].item():g}; expected a class in "
+                            f"[0, {self.num_classes - 1}] or -1 (unlabelled pixel)")  # type: ignore[operator]
+
     def check_targets(self, y: Tensor, where: str = "targets") -> None:
         """Raise a DataError if labels are NaN, of the wrong shape or out of range."""
         if not isinstance(y, Tensor) or y.is_complex():
             found = f"dtype {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
             raise DataError(f"{where} of task '{self.name}' must be a tensor of real numbers; found {found}")
+        if self.kind in VISION_KINDS:
+            self._check_vision_targets(y, where)
+            return
         if self.kind == "multilabel":
             if y.dim() != 2 or y.shape[1] != self.num_classes:
                 raise DataError(
@@ -194,7 +290,7 @@ class Task:
             raise DataError(f"{where} of task '{self.name}' must lie in [0, {high}]; found label {bad:g}")
 
     def cast_targets(self, y: Tensor) -> Tensor:
-        return y.long() if self.kind == "multiclass" else y.float()
+        return y.long() if self.kind in ("multiclass", "segmentation") else y.float()
 
     def unscale(self, values: Tensor) -> Tensor:
         """Regression values from the model's (standardised) space back to the target's units."""
@@ -205,11 +301,19 @@ class Task:
 
     def predict(self, output: Tensor) -> Tensor:
         """Human-facing prediction: value (in the target's units), probability (binary), class
-        index or label probabilities."""
+        index or label probabilities; per pixel a class (segmentation) or value (dense_regression);
+        detections (B, M, 6) ``[x1, y1, x2, y2, score, class]`` padded with class −1 (detection)."""
         if self.kind == "regression":
             return self.unscale(output)
         if self.kind == "multiclass":
             return output.argmax(-1)
+        if self.kind == "segmentation":
+            return output.argmax(1)
+        if self.kind == "dense_regression":
+            return output
+        if self.kind == "detection":
+            # polytask.vision imports core; core reaches it only here, at call time
+            return importlib.import_module("polytask.vision.detection").Decoder().padded(output)
         return torch.sigmoid(output)
 
 

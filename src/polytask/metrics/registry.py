@@ -3,7 +3,10 @@
 What a metric's ``update(prediction, target)`` receives (labelled samples only, concatenated over
 up to 64 batches): regression values (N,) and float targets (N,); binary probabilities (N,)
 (sigmoid of the logit) and int64 targets; multiclass logits (N, C) and int64 class indices (N,);
-multilabel probabilities (N, C) and int64 0/1 targets (N, C).
+multilabel probabilities (N, C) and int64 0/1 targets (N, C). Vision kinds (``polytask.vision``):
+segmentation logits (N, C, H, W) and int64 maps (N, H, W) (−1 = unlabelled pixel); dense_regression
+values (N, H, W) and float maps (N, H, W) (NaN = no value); detection raw head outputs (N, A, 6 + C)
+and padded box rows (N, K, 5).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torchmetrics import regression as R
 
 from polytask.core.errors import InvalidParameterError, closest
 from polytask.core.task import KINDS, Task
+from polytask.vision.coco_eval import MeanAveragePrecision
+from polytask.vision.dense import IGNORE_INDEX, PixelError
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,17 @@ _SPECS = [
     MetricSpec("auroc", True, _classification(
         C.BinaryAUROC, lambda num_classes: C.MulticlassAUROC(num_classes=num_classes),
         lambda num_labels: C.MultilabelAUROC(num_labels=num_labels)), _CLS),
+    # per-pixel metrics over labelled pixels; mIoU averages the classes' IoU (a class absent from both
+    # prediction and target counts 0, torchmetrics' zero_division)
+    MetricSpec("miou", True, lambda t: C.MulticlassJaccardIndex(num_classes=t.num_classes, ignore_index=IGNORE_INDEX,
+                                                                 average="macro"), ("segmentation",)),
+    MetricSpec("pixel_accuracy", True, lambda t: C.MulticlassAccuracy(
+        num_classes=t.num_classes, ignore_index=IGNORE_INDEX, average="micro", multidim_average="global"), ("segmentation",)),
+    MetricSpec("abs_error", False, lambda t: PixelError(relative=False), ("dense_regression",)),
+    MetricSpec("rel_error", False, lambda t: PixelError(relative=True), ("dense_regression",)),
+    # COCO mAP by pycocotools (polytask[vision]): @[.5:.95] and @0.5
+    MetricSpec("map", True, lambda t: MeanAveragePrecision(t.num_classes, iou="coco"), ("detection",)),
+    MetricSpec("map50", True, lambda t: MeanAveragePrecision(t.num_classes, iou=0.5), ("detection",)),
 ]
 
 

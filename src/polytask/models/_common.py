@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -47,8 +48,9 @@ def positive_int(value: object, name: str, architecture: str, low: int = 1) -> i
     return value
 
 
-def task_heads(tasks: Sequence[Task], dim: int, hidden: Sequence[int], dropout: float) -> nn.ModuleDict:
-    return nn.ModuleDict({t.name: make_head(dim, t.out_features, hidden, dropout) for t in tasks})
+def task_heads(tasks: Sequence[Task], dim: int, hidden: Sequence[int], dropout: float, *, feature_map: Any = None) -> nn.ModuleDict:
+    """One head per task; ``feature_map``: the encoder's (``polytask.vision.FeatureMap``), read by the heads of vision tasks."""
+    return nn.ModuleDict({t.name: make_head(dim, t.out_features, hidden, dropout, task=t, feature_map=feature_map) for t in tasks})
 
 
 def check_rows(z: Tensor, dim: int, who: str) -> Tensor:

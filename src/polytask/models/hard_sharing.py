@@ -40,7 +40,9 @@ class HardSharing(MultiTaskModel):
                     raise InvalidParameterError(
                         f"`{group}` names unknown task '{name}'.{closest(name, self.task_names)} Tasks: {', '.join(self.task_names)}")
         self.heads = nn.ModuleDict({
-            t.name: (heads or {}).get(t.name) or make_head(dim, t.out_features, head_hidden, head_dropout) for t in tasks
+            t.name: (heads or {}).get(t.name) or make_head(dim, t.out_features, head_hidden, head_dropout, task=t,
+                                                        feature_map=getattr(encoder, "feature_map", None))
+            for t in tasks
         })
         self.stems = nn.ModuleDict(dict(stems or {}))
 

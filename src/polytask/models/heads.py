@@ -8,6 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
+from polytask.core.task import VISION_KINDS, Task
+from polytask.vision.dense import PixelHead
+from polytask.vision.detection import DetectionHead
+from polytask.vision.feature_map import FeatureMap
 
 
 def layer_sizes(value: object, key: str = "hidden", who: str | None = None, *, allow_empty: bool = True) -> list[int]:
@@ -45,9 +49,36 @@ def mlp_layers(in_features: int, hidden: Sequence[int], out_features: int | None
     return nn.Sequential(*layers)
 
 
-def make_head(in_features: int, out_features: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> nn.Module:
-    """A task head: linear when ``hidden`` is empty, else an MLP."""
-    return mlp_layers(in_features, hidden, out_features, dropout=dropout)
+def make_head(in_features: int, out_features: int, hidden: Sequence[int] = (), dropout: float = 0.0, *,
+              task: Task | None = None, feature_map: FeatureMap | None = None) -> nn.Module:
+    """A task head: linear when ``hidden`` is empty, else an MLP. For a ``task`` of a vision kind,
+    the head that reads the encoder's ``feature_map`` (z flattened, ``in_features`` = C·h·w): a
+    :class:`~polytask.vision.dense.PixelHead` (segmentation, dense_regression) or a
+    :class:`~polytask.vision.detection.DetectionHead` (detection)."""
+    if task is None or task.kind not in VISION_KINDS:
+        return mlp_layers(in_features, hidden, out_features, dropout=dropout)
+    if feature_map is None or feature_map.size != in_features:
+        found = "none" if feature_map is None else f"a {feature_map.size}-value map for a {in_features}-wide representation"
+        raise InvalidParameterError(
+            f"{task.kind} task '{task.name}' needs an encoder that exposes its feature map (an encoder with a "
+            f"`feature_map` attribute, e.g. encoder: {{name: cnn_map, image_size: [H, W]}}); found {found}")
+    if task.kind == "detection":
+        return DetectionHead(feature_map, task.num_classes)  # type: ignore[arg-type]
+    return PixelHead(feature_map, task.out_features, task.size)
+
+
+class ConvBranch(nn.Module):
+    """A task's private conv layers on a flattened feature map: ``depth`` conv 3×3 → BN → ReLU
+    blocks keeping (C, h, w), flattened again (``task_branches`` on a feature-map encoder)."""
+
+    def __init__(self, feature_map: FeatureMap, depth: int) -> None:
+        super().__init__()
+        c = feature_map.channels
+        self.feature_map = feature_map
+        self.net = nn.Sequential(*[m for _ in range(depth) for m in (nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.feature_map.unflatten(z, "task branch")).flatten(1)
 
 
 class DenseHead(nn.Module):

@@ -51,7 +51,8 @@ class MTAN(MultiTaskModel):
             t.name: nn.ModuleList(_attention(c + (widths[j - 1] if j else 0), c) for j, c in enumerate(widths))
             for t in tasks})
         self.representation_dim = encoder.out_features
-        self.heads = task_heads(tasks, encoder.out_features, head_hidden, head_dropout)
+        self.heads = task_heads(tasks, encoder.out_features, head_hidden, head_dropout,
+                                feature_map=getattr(encoder, "feature_map", None))
 
     def encode(self, x: Tensor, task: str | None = None) -> Tensor:
         enc = self.encoder

@@ -10,7 +10,7 @@ from polytask.core.errors import InvalidParameterError
 from polytask.core.task import Task
 from polytask.models._common import check_rows, encoder_width, task_heads
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
-from polytask.models.heads import mlp_layers
+from polytask.models.heads import ConvBranch, mlp_layers
 
 
 @ARCHITECTURES.register("task_branches")
@@ -22,7 +22,9 @@ class TaskBranches(MultiTaskModel):
     Vandenhende et al., "Branched Multi-Task Networks", BMVC 2020, with the split fixed after
     the trunk).
 
-    ŷ_t = head_t(branch_t(trunk(x))), branch_t = ``branch_depth`` blocks Linear(``branch_width``) → ReLU.
+    ŷ_t = head_t(branch_t(trunk(x))), branch_t = ``branch_depth`` blocks Linear(``branch_width``) → ReLU;
+    on an encoder exposing a feature map (``cnn_map``), ``branch_depth`` blocks conv 3×3 → BN → ReLU
+    that keep the map (``branch_width`` and ``branch_dropout`` are then unused).
 
     θ (shared parameters) is the trunk; z is the trunk output (batch, D), so the engine's
     ``features`` mode sees exactly the representation every branch reads.
@@ -40,9 +42,14 @@ class TaskBranches(MultiTaskModel):
             raise InvalidParameterError(f"`branch_width` of `task_branches` must be a positive int; found {branch_width!r}")
         self.encoder = encoder
         self.representation_dim = dim
-        self.branches = nn.ModuleDict({
-            t.name: mlp_layers(dim, [width] * branch_depth, None, dropout=branch_dropout) for t in tasks})
-        self.heads = task_heads(tasks, width if branch_depth else dim, head_hidden, head_dropout)
+        feature_map = getattr(encoder, "feature_map", None)
+        if feature_map is not None:  # conv branches keep the map that per-pixel and detection heads read
+            self.branches = nn.ModuleDict({t.name: ConvBranch(feature_map, branch_depth) for t in tasks})
+            self.heads = task_heads(tasks, dim, head_hidden, head_dropout, feature_map=feature_map)
+        else:
+            self.branches = nn.ModuleDict({
+                t.name: mlp_layers(dim, [width] * branch_depth, None, dropout=branch_dropout) for t in tasks})
+            self.heads = task_heads(tasks, width if branch_depth else dim, head_hidden, head_dropout)
 
     def encode(self, x: Tensor, task: str | None = None) -> Tensor:
         return check_rows(self.encoder(x), self.representation_dim, f"encoder {type(self.encoder).__name__}")
