@@ -76,3 +76,44 @@ def test_trainer_with_the_affinity_scheduler_and_the_diagnostics_callback_trains
         per_step.setdefault(row["step"], set()).add(row["task"])
     assert all(per_step[s] == {"a", "b", "c"} for s in per_step if s % 4 == 0)  # affinity steps
     assert any(len(v) < 3 for v in per_step.values())  # between them, groups train apart
+
+
+def test_bandit_rewarded_by_validation_progress_favours_the_task_whose_held_out_loss_falls():
+    bandit = TASK_SCHEDULERS.create("bandit", k=1, reward="validation", rescale=False, decay=1.0, lr=1.0)
+    bandit.setup(["a", "b"])
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(InvalidParameterError, match="needs the diagnostics callback"):
+        bandit.select(0, ["a", "b"], gen)
+    bandit.fed_by_diagnostics = True
+    val = {"a": 1.0, "b": 1.0}
+    for epoch in range(5):
+        for step in range(20):
+            active = bandit.select(step, ["a", "b"], gen)
+            bandit.observe(step, {t: 5.0 / (step + 1) for t in active})  # training losses give no reward here
+        bandit.observe_validation(epoch, val)
+        val = {"a": val["a"] * 0.8, "b": val["b"]}  # only a's held-out loss improves
+    p = bandit.probabilities(["a", "b"])
+    assert p[0] > 0.7 > p[1]
+    again = TASK_SCHEDULERS.create("bandit", k=1, reward="validation")
+    again.setup(["a", "b"])
+    again.load_state_dict(bandit.state_dict())
+    assert again.val_losses == bandit.val_losses and again.log_weights == bandit.log_weights
+    with pytest.raises(InvalidParameterError, match="`reward` of `bandit`"):
+        TASK_SCHEDULERS.create("bandit", reward="test")
+
+
+def test_bandit_validation_reward_in_a_run_needs_validation_data(tmp_path):
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="regression")]
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    data = MultiOutputDataset(x, {"a": x[:, 0], "b": x[:, 1]})
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=3, hidden=[8]), tasks)
+    trainer = pt.Trainer(model, tasks, task_scheduler={"name": "bandit", "reward": "validation"},
+                         loop={"epochs": 2, "batch_size": 16}, run={"progress": False},
+                         callbacks=[{"name": "diagnostics", "affinity_every": 0}])
+    report = trainer.fit(data, val=data)
+    assert report.best_epoch >= 1 and trainer.task_scheduler.val_losses
+    bare = pt.Trainer(pt.models.HardSharing(pt.encoders.MLP(in_features=3, hidden=[8]), tasks), tasks,
+                      task_scheduler={"name": "bandit", "reward": "validation"}, loop={"epochs": 1, "batch_size": 16},
+                      run={"progress": False}, callbacks=[{"name": "diagnostics", "affinity_every": 0}])
+    with pytest.raises(InvalidParameterError, match="needs validation data"):
+        bare.fit(data)

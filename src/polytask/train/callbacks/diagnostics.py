@@ -37,12 +37,13 @@ class Diagnostics(Callback):
     shared-parameter gradients, T lookahead forwards; 0 turns it off. The time it takes is
     recorded (``affinity.seconds``).
 
-    Files, rewritten at every epoch end: ``diagnostics/conflict.csv`` (step, epoch, kind
+    Files, rewritten at every epoch end (the CSV files once they have rows): ``diagnostics/conflict.csv`` (step, epoch, kind
     ``cosine``/``norm``, name, value), ``diagnostics/affinity.csv`` (step, epoch, source, target,
     value) and ``diagnostics/summary.json`` (per-epoch and overall mean cosine matrix, conflict
     fraction, norm ratios, mean affinity matrix). Only the main process measures and writes.
     A task scheduler with ``observe_affinity`` (``task_scheduler: affinity``) receives every
-    measurement and learns ``affinity_every``.
+    measurement and learns ``affinity_every``; one with ``observe_validation`` (the bandit's
+    ``reward: validation``) receives each epoch's validation losses.
     """
 
     key = "diagnostics"
@@ -65,6 +66,8 @@ class Diagnostics(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.tasks = list(trainer.names)
+        if hasattr(trainer.task_scheduler, "observe_validation"):  # the bandit's held-out reward comes from here
+            trainer.task_scheduler.fed_by_diagnostics = True
         self.conflict_stats, self.affinity_stats = ConflictStats(self.tasks), AffinityStats(self.tasks)
         if self._saved is not None:
             self.conflict_stats.load_state_dict(self._saved["conflict"])
@@ -128,9 +131,13 @@ class Diagnostics(Callback):
         self.seconds += time.perf_counter() - started
 
     def on_epoch_end(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        self._write(trainer)
-
-    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        scheduler = trainer.task_scheduler
+        if hasattr(scheduler, "observe_validation"):  # every rank: the scheduler's draws must agree
+            val = {r["task"]: r["value"] for r in rows if r["split"] == "val" and r["metric"] == "loss"}
+            if not val and getattr(scheduler, "reward_source", None) == "validation":
+                raise InvalidParameterError("the bandit's `reward: validation` needs validation data (data.val_fraction, "
+                                            "or a val split); this run has none")
+            scheduler.observe_validation(trainer.epoch, val)
         self._write(trainer)
 
     def summary(self) -> dict[str, Any]:
@@ -144,9 +151,9 @@ class Diagnostics(Callback):
         if run is None:
             return
         run.write_json(f"{FOLDER}/summary.json", self.summary())
-        if self.conflict:
+        if self.conflict_rows:
             run.write_csv(f"{FOLDER}/conflict.csv", CONFLICT_FIELDS, self.conflict_rows)
-        if self.every:
+        if self.affinity_rows:
             run.write_csv(f"{FOLDER}/affinity.csv", AFFINITY_FIELDS, self.affinity_rows)
 
     def state_dict(self) -> dict[str, Any]:
