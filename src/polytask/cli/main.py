@@ -24,10 +24,11 @@ from typing import Any
 COMMAND_MODULES: tuple[str, ...] = (
     "bench_quality",
     "diagnose",
+    "distill",
 )
 
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
-         "callbacks")
+         "callbacks", "distillation", "annealing")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -295,6 +296,7 @@ def _list(what: str | None, name: str | None = None) -> int:
     from polytask.core.losses import LOSSES
     from polytask.data.samplers import SAMPLERS
     from polytask.datasets import DATASETS
+    from polytask.distill import ANNEALING, DISTILLATION
     from polytask.methods import METHODS
     from polytask.metrics.registry import METRICS
     from polytask.models import ARCHITECTURES
@@ -304,7 +306,8 @@ def _list(what: str | None, name: str | None = None) -> int:
 
     registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
                                   "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS,
-                                  "losses": LOSSES, "callbacks": CALLBACKS}
+                                  "losses": LOSSES, "callbacks": CALLBACKS, "distillation": DISTILLATION,
+                                  "annealing": ANNEALING}
     if name is not None:
         return _describe(what, name, registries)
     for name in [what] if what else LISTS:

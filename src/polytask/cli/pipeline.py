@@ -105,6 +105,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
     stems = loaded.encoder.get("_stems")
     kwargs = trainer_kwargs(cfg)
     run = RunDir(cfg.output_dir)
+    # distillation without teachers given: the run's own single-task baselines are the teachers
+    baselines = baselines or (cfg.distill is not None and cfg.distill.teachers is None and not single_task_only)
     kept = previous_baselines(run, loaded.tasks) if resume and not (baselines or single_task_only) else {}
     # Build and check the multi-task trainer once with nothing written, so that every error in
     # the config or data (encoder or method parameters, monitor, task names) comes before any
@@ -112,6 +114,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, baselin
     planned = kept or ({t.name: {} for t in loaded.tasks} if baselines else None)
     Trainer(build_model(cfg, loaded.tasks, encoder, stems), loaded.tasks, **kwargs, baselines=planned).check(
         loaded.train, loaded.val, loaded.test)
+    if cfg.distill is not None and not single_task_only:
+        from polytask.cli import distill
+
+        distill.check(cfg, loaded, encoder, stems)
     # under torchrun only rank 0 touches the run directory (the Trainer waits for it before reading)
     main = os.environ.get("RANK", "0") == "0"
     if main:
@@ -153,9 +159,15 @@ def _train(cfg: Config, run: RunDir, loaded: LoadedData, encoder: dict[str, Any]
             return {"baselines": stl}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, loaded.tasks, encoder, stems)
-    trainer = Trainer(model, loaded.tasks, **kwargs, baselines=stl or None, output_dir=cfg.output_dir,
+    data, extra = loaded.train, {}
+    if cfg.distill is not None:  # the teachers' cached outputs ride in the data; the KD terms are objectives
+        from polytask.cli.distill import student
+
+        data, extra["objectives"], teacher_metrics = student(cfg, run.path, loaded, encoder, stems, model)
+        stl = stl or teacher_metrics
+    trainer = Trainer(model, loaded.tasks, **kwargs, **extra, baselines=stl or None, output_dir=cfg.output_dir,
                       resume=resume, config_text=full.to_yaml())
-    return trainer.fit(loaded.train, loaded.val, loaded.test).summary
+    return trainer.fit(data, loaded.val, loaded.test).summary
 
 
 def _restore(run_dir: Path, checkpoint: str) -> tuple[Config, LoadedData | None, Trainer, dict[str, Any]]:

@@ -94,6 +94,27 @@ class ModelConfig(Strict):
     _encoder_name = field_validator("encoder", mode="before")(named)
 
 
+class FeatureDistillConfig(Strict):
+    weight: float | dict[str, float] = 1.0  # factor of each TASK:feat term (one, or per task)
+    lr: float | None = Field(None, gt=0)  # the adaptors' own optimiser settings (default: optim's)
+    weight_decay: float | None = Field(None, ge=0)
+
+
+class DistillConfig(Strict):
+    """Knowledge distillation from single-task teachers (see docs/distillation.md)."""
+
+    # None: this run's single_task/ runs (trained first when absent); a folder written by
+    # `polytask teachers` (holding single_task/TASK); or {task: run directory}
+    teachers: Path | dict[str, Path] | None = None
+    tasks: list[str] | None = None  # the tasks to distil (default: every task)
+    temperature: float | dict[str, float] = 1.0
+    anneal: str | float | dict[str, Any] = "linear"  # λ schedule of λ·y + (1 − λ)·teacher, or a fixed λ
+    weight: float | dict[str, float] = 1.0  # factor of each TASK:kd term
+    features: FeatureDistillConfig | None = None  # also distil the teachers' representations (adaptors)
+    cache: Path | None = None  # default: OUTPUT_DIR/teachers/cache.pt (or the teachers folder's)
+    checkpoint: Literal["best", "last"] = "best"
+
+
 class Config(Strict):
     seed: int = 0
     output_dir: Path = Path("runs/run")
@@ -109,6 +130,7 @@ class Config(Strict):
     health: HealthOptions = Field(default_factory=HealthOptions)
     run: RunOptions = Field(default_factory=RunOptions)
     callbacks: list[Named] = Field(default_factory=list)
+    distill: DistillConfig | None = None
 
     @field_validator("method", "sampler", "task_scheduler", mode="before")
     @classmethod
