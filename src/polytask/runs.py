@@ -167,7 +167,11 @@ class Run:
         chunks: dict[str, list[Tensor]] = {t: [] for t in names}
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                out = self.model(x[start:start + batch_size].to(device), tasks=names, task=task)
+                try:
+                    out = self.model(x[start:start + batch_size].to(device), tasks=names, task=task)
+                except RuntimeError as exc:  # a run from Python records no input shape: the model finds out
+                    raise DataError(f"the model cannot read inputs of shape {tuple(x.shape)}: {str(exc).splitlines()[0]}; "
+                                    "expected inputs shaped like the run's training inputs") from None
                 for name in names:
                     chunks[name].append(out[name].float().cpu())
         return {t: torch.cat(v) for t, v in chunks.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +15,8 @@ from torch import Tensor
 from polytask.core.errors import DataError
 
 ENCODINGS = ("onehot", "codes")
+
+logger = logging.getLogger("polytask")
 
 
 class TabularPreprocessor:
@@ -123,7 +127,14 @@ class TabularPreprocessor:
         for col in self.categorical:
             cats = self.categories[col]
             codes = pd.Index(cats).get_indexer(frame[col].astype(str)).astype(np.int64)
-            codes[codes < 0] = len(cats)  # unseen or missing category
+            unseen = codes < 0
+            if unseen.any():  # a stated decision, not a silent one: the rows share the column's unseen slot
+                values = frame[col][unseen]
+                shown = ", ".join(repr(v) for v in pd.unique(values.astype(str))[:3])
+                logger.warning("%s column '%s': %d row(s) hold values not seen in training (%s%s); they are encoded "
+                               "as the column's unseen category", where, col, int(unseen.sum()), shown,
+                               ", …" if values.nunique() > 3 else "")
+            codes[unseen] = len(cats)  # unseen or missing category
             if self.encoding == "codes":
                 blocks.append(codes[:, None].astype(np.float64))
                 continue
