@@ -74,8 +74,8 @@ def test_plan_checks_names(tmp_path):
         quality.plan("medium", None, None, None, tmp_path / "x.csv")
     p = quality.plan("full", ["qm9"], None, 3, tmp_path / "x.csv")
     keys = quality._keys(p)
-    # 12 single-task baselines, the LightGBM reference, 7 methods and one architecture, for each of 3 seeds
-    assert len(keys) == 3 * (12 + 1 + len(quality.CORE_METHODS) + 1)
+    # 12 single-task baselines, the LightGBM reference, 15 methods, MMoE and a wider trunk, for each of 3 seeds
+    assert len(keys) == 3 * (12 + 1 + 15 + 2)
 
 
 def test_runner_skips_finished_cells(tmp_path):

@@ -27,10 +27,10 @@ from polytask.bench.cells import Cell, CellKey, append, finished, read
 from polytask.core.errors import InvalidParameterError, closest
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-#: the three loss-balancing and three gradient methods the many-task comparison is about, with
-#: equal weighting, then the other well-known methods
+#: equal weighting, then the loss-balancing (uncertainty, FAMO) and gradient methods (DB-MTL,
+#: Nash-MTL, UPGrad, FairGrad) the many-task comparison is about, then other well-known methods
 CORE_METHODS = ("equal", "uncertainty", "db_mtl", "famo", "nash_mtl", "upgrad", "fairgrad")
-FULL_METHODS = (*CORE_METHODS, "pcgrad", "cagrad", "rlw", "dwa")
+FULL_METHODS = (*CORE_METHODS, "pcgrad", "cagrad", "mgda", "imtl_g", "aligned_mtl", "rlw", "dwa", "gls")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class DataSpec:
     architectures: tuple[tuple[str, str], ...] = ()
     reference: bool = False
     reference_rounds: int = 1000
+    reference_leaves: tuple[int, ...] = (31, 127)
     note: str = ""
 
     def describe(self) -> str:
@@ -61,25 +62,29 @@ class Suite:
 
 
 FULL = Suite("full", {
-    "qm9": DataSpec("qm9.yaml", ("train.epochs=10", "data.options.rows=12000"), 90, (("mmoe", "qm9.yaml"),),
-                    reference=True),
-    "yeast": DataSpec("yeast.yaml", ("train.epochs=25",), 60),
+    "qm9": DataSpec("qm9.yaml", ("train.epochs=10", "data.options.rows=12000"), 150,
+                    (("mmoe", "qm9.yaml"), ("wide_trunk", "qm9.yaml")),
+                    reference=True, reference_leaves=(63,)),
+    "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150),
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=5", "data.options.rows=20000"), 60, (("mmoe", "diamonds.yaml"),),
-                         reference=True),
+                         reference=True, reference_leaves=(31,)),
     "adult": DataSpec("adult.yaml", ("train.epochs=4",), 60, (("mmoe", "adult_mmoe.yaml"),), reference=True),
     "multimnist": DataSpec("multimnist.yaml", ("train.epochs=3", "data.options.train_size=4000",
                                                "data.options.val_size=1000", "data.options.test_size=2000"), 90,
                            (("mtan", "multimnist_mtan.yaml"),)),
     "reviews": DataSpec("reviews.yaml", ("train.epochs=3", "data.options.max_rows=12000"), 60),
     "movielens": DataSpec("movielens_esmm.yaml", ("train.epochs=2", "data.options.max_rows=60000"), 60),
-}, CORE_METHODS, 3)
+}, FULL_METHODS, 3)
 QUICK = Suite("quick", {
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=1", "data.options.rows=1500"), 10, reference=True,
                          reference_rounds=50),
 }, ("equal", "uncertainty"), 1, note="a smoke run: one tiny data set, two methods, one seed")
 SUITES = {s.name: s for s in (QUICK, FULL)}
 #: the architecture rows replace ``model.architecture`` for configs that name another file's data
-_ARCHITECTURE_OVERRIDES = {"mmoe": ("model.architecture=mmoe", "model.options.num_experts=4")}
+#: (``wide_trunk``: hard sharing with a 4× wider shared MLP, 1024 → 512, asking whether the shared
+#: trunk's capacity is what a many-task set lacks)
+_ARCHITECTURE_OVERRIDES = {"mmoe": ("model.architecture=mmoe", "model.options.num_experts=4"),
+                           "wide_trunk": ("model.encoder.hidden=[1024, 512]",)}
 
 
 @dataclass
@@ -216,7 +221,8 @@ def run(p: Plan, *, echo: Callable[[str], None] = print) -> dict[CellKey, Cell]:
                 elif key.kind == "reference":
                     from polytask.bench.reference import gradient_boosting
 
-                    metrics, epochs = gradient_boosting(loaded, rounds=spec.reference_rounds, seed=seed)
+                    metrics, epochs = gradient_boosting(loaded, rounds=spec.reference_rounds, seed=seed,
+                                                         leaves=spec.reference_leaves)
                 elif key.architecture == "hard_sharing":
                     cfg_m = _config(spec, seed, extra=[f"method.name={key.method}"])
                     metrics, epochs = _fit(cfg_m, loaded.tasks, loaded, encoder, stems, spec.budget_s)

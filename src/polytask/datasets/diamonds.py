@@ -52,10 +52,11 @@ def read_frame(download: bool = True) -> pd.DataFrame:
 @DATASETS.register("diamonds")
 def load_diamonds(*, tasks: list[str] | None = None, seed: int = 0, val_fraction: float = 0.15,
                   test_fraction: float = 0.15, rows: int | None = None, download: bool = True) -> LoadedData:
-    """Diamonds (Wickham, ggplot2 2016), 53,940 stones: ``price`` (US dollars, regression) and the
-    grades ``cut`` (5 classes), ``color`` (7) and ``clarity`` (8), from the stone's measurements.
+    """Diamonds (Wickham, ggplot2 2016), 53,940 stones: price (regression), cut / color / clarity grades.
 
-    Features: carat, depth, table and the dimensions x, y, z, standardised on the training rows.
+    Tasks: ``price`` (US dollars, regression) and the grades ``cut`` (5 classes), ``color`` (7)
+    and ``clarity`` (8), from the stone's measurements. Features: carat, depth, table and the
+    dimensions x, y, z, standardised on the training rows.
     The grades are targets, so none of them is an input: price is predicted from size and shape
     alone, and each grade from the same measurements (cut is largely readable from depth and
     table; colour and clarity only weakly, which makes them the hard tasks). Class indices
