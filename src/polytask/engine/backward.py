@@ -12,7 +12,7 @@ from torch import Tensor
 from polytask.core.errors import InvalidParameterError
 from polytask.core.options import options
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, gramian
+from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
 
@@ -215,9 +215,12 @@ class Engine:
             # one Jacobian per part; the update's J (of the mean loss) is their mean
             part_j = [self._jacobian(self.jacobian, [p[a] for p in part_losses], self.theta, scale)
                       for a in range(self.batch_parts)]
-            jacobian = torch.stack(part_j).mean(dim=0)
-            theta_gramian = gramian(jacobian)
-            part_gramians = torch.stack([torch.stack([a @ b.T for b in part_j]) for a in part_j])
+            part_gramians = torch.stack([torch.stack([cross_gramian(a, b) for b in part_j]) for a in part_j])
+            theta_gramian = part_gramians.sum(dim=(0, 1)) / self.batch_parts**2  # G of the mean: bilinear
+            jacobian = part_j[0]
+            for other in part_j[1:]:  # in place: J is the largest tensor of the step
+                jacobian.add_(other)
+            jacobian.div_(self.batch_parts)
             del part_j
         elif on_theta or diagnose or self.task_clip is not None:
             jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)

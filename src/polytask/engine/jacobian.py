@@ -120,3 +120,11 @@ def gramian(jacobian: Tensor, block: int = 65536) -> Tensor:
     for part in jacobian.split(block, dim=1):
         g.addmm_(part, part.T)
     return (g + g.T) / 2
+
+
+def cross_gramian(a: Tensor, b: Tensor, block: int = 65536) -> Tensor:
+    """A Bᵀ of two Jacobians of the same parameters (T×T, not symmetric), over column blocks as ``gramian``."""
+    g = torch.zeros(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    for pa, pb in zip(a.split(block, dim=1), b.split(block, dim=1), strict=True):
+        g.addmm_(pa, pb.T)
+    return g
