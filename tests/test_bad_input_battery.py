@@ -555,7 +555,7 @@ def classify(item: Case, folder: Path) -> tuple[str, str]:
     if isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], int):
         code, out, err = result
         if code == 0:
-            stated = "warning: " in err and all(n in err for n in item.needles)
+            stated = ("warning: " in err or "info: " in err) and all(n in err for n in item.needles)
             return ("stated" if stated else "silent"), (err if stated else out)[-300:]
         text = err.strip()
         one_line = text.startswith("error: ") and "Traceback" not in text + out

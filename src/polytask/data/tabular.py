@@ -130,7 +130,7 @@ class TabularPreprocessor:
             if unseen.any():  # a stated decision, not a silent one: the rows share the column's unseen slot
                 values = frame[col][unseen]
                 shown = ", ".join(repr(v) for v in pd.unique(values.astype(str))[:3])
-                logger.warning("%s column '%s': %d row(s) hold values not seen in training (%s%s); they are encoded "
+                logger.info("%s column '%s': %d row(s) hold values not seen in training (%s%s); they are encoded "
                                "as the column's unseen category", where, col, int(unseen.sum()), shown,
                                ", …" if values.nunique() > 3 else "")
             codes[unseen] = len(cats)  # unseen or missing category
