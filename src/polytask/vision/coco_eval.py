@@ -126,10 +126,15 @@ class MeanAveragePrecision(torchmetrics.Metric):
         found = _cat(self.found, 7)
         truth = _cat(self.truth, 6)
         n = int(self.images)
-        targets = [truth[truth[:, 0] == i][:, 1:] for i in range(n)]
-        detections = [(found[found[:, 0] == i][:, 1:5], found[found[:, 0] == i][:, 5], found[found[:, 0] == i][:, 6].long())
-                      for i in range(n)]
+        targets = [rows[:, 1:] for rows in _per_image(truth, n)]
+        detections = [(rows[:, 1:5], rows[:, 5], rows[:, 6].long()) for rows in _per_image(found, n)]
         return torch.tensor(coco_map(detections, targets, self.num_classes, self.backend)[self.key], dtype=torch.float64)
+
+
+def _per_image(rows: Tensor, n: int) -> tuple[Tensor, ...]:
+    """``rows`` (first column: image index) split into one block per image 0..n-1, by one sort."""
+    rows = rows[rows[:, 0].argsort(stable=True)]
+    return rows.split(torch.bincount(rows[:, 0].long(), minlength=n).tolist())
 
 
 def _cat(values: list[Tensor] | Tensor, width: int) -> Tensor:
