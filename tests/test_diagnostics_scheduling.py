@@ -117,3 +117,13 @@ def test_bandit_validation_reward_in_a_run_needs_validation_data(tmp_path):
                       run={"progress": False}, callbacks=[{"name": "diagnostics", "affinity_every": 0}])
     with pytest.raises(InvalidParameterError, match="needs validation data"):
         bare.fit(data)
+
+
+def test_affinity_scheduler_with_affinity_switched_off_is_refused():
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="regression")]
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=3, hidden=[8]), tasks)
+    trainer = pt.Trainer(model, tasks, task_scheduler="affinity", loop={"epochs": 1, "batch_size": 16},
+                         run={"progress": False}, callbacks=[{"name": "diagnostics", "affinity_every": 0}])
+    with pytest.raises(InvalidParameterError, match="set affinity_every > 0"):
+        trainer.fit(MultiOutputDataset(x, {"a": x[:, 0], "b": x[:, 1]}))

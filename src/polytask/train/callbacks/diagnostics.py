@@ -68,6 +68,9 @@ class Diagnostics(Callback):
         self.tasks = list(trainer.names)
         if hasattr(trainer.task_scheduler, "observe_validation"):  # the bandit's held-out reward comes from here
             trainer.task_scheduler.fed_by_diagnostics = True
+        if hasattr(trainer.task_scheduler, "observe_affinity") and not self.every:
+            raise InvalidParameterError("the affinity task scheduler needs affinity measurements: set affinity_every > 0 "
+                                        "on the diagnostics callback (e.g. {name: diagnostics, affinity_every: 10})")
         self.conflict_stats, self.affinity_stats = ConflictStats(self.tasks), AffinityStats(self.tasks)
         if self._saved is not None:
             self.conflict_stats.load_state_dict(self._saved["conflict"])
@@ -81,6 +84,9 @@ class Diagnostics(Callback):
             if trainer.step_index % self.every == 0:
                 self._take_snapshot(trainer)
             if hasattr(trainer.task_scheduler, "observe_affinity"):  # the affinity scheduler trains every task here
+                if not trainer.is_main or trainer.comm is not None:
+                    raise InvalidParameterError("the affinity task scheduler is not supported in data-parallel training: "
+                                                "only rank 0 measures affinity, so the ranks would choose different tasks")
                 trainer.task_scheduler.every = self.every
 
     def _take_snapshot(self, trainer: Trainer) -> None:
