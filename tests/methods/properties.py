@@ -188,6 +188,7 @@ _TORCHJD = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 20
 CLAIMS: dict[str, dict[str, Claim]] = {
     "aligned_mtl": {"scale_free": Claim("Senushkin et al. 2023: B = σ V Σ⁻¹ Vᵀ depends on G up to scale")},
     "cagrad": {"scale_free": Claim("docstring: the weights do not depend on the scale of G")},
+    "auto_lambda": {},
     "cosmos": {},
     "cr_mogm": {"scale_free": Claim("Zhou et al. 2022: an average of its inner MGDA's scale-free weights (unique when "
                                     "the gradients are independent)", independent=True)},

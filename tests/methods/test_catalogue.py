@@ -331,3 +331,37 @@ def test_new_options_from_yaml(tmp_path):
     assert (method.primary, method.tau, method.beta) == ("income", {"marital": 0.1}, 0.99)
     with pytest.raises(InvalidParameterError, match="names unknown task 'income'"):
         method.setup(("a", "b"))
+
+
+def test_auto_lambda_hypergradient_is_autograd_through_the_sgd_step():
+    """With SGD at the look-ahead rate α on θ, hₖ = ∂/∂λ Σ F(θₖ − αJₖᵀλ) on the next batch, exactly."""
+    alpha = 0.05
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    method = METHODS.create("auto_lambda", lookahead_lr=alpha, lr=1e-2, primary=["t0", "t2"])
+    engine = Engine(method, [theta])
+    batches = [(torch.randn(3, 4, 5, dtype=torch.float64, generator=gen), torch.randn(3, 4, dtype=torch.float64, generator=gen))
+               for _ in range(3)]
+
+    def losses(th, batch):
+        a, b = batch
+        return {f"t{i}": 0.5 * ((a[i] @ th - b[i]) ** 2).sum() for i in range(3)}
+
+    lam = torch.full((3,), 0.1, dtype=torch.float64)
+    before = theta.detach().clone()
+    j = torch.stack([torch.autograd.grad(v, theta, retain_graph=True)[0] for v in losses(theta, batches[0]).values()])
+    report = engine.backward(losses(theta, batches[0]))
+    torch.testing.assert_close(torch.tensor(list(report.weights.values()), dtype=torch.float64), lam)  # no hypergradient yet
+    with torch.no_grad():
+        theta -= alpha * theta.grad  # SGD at rate α: θ₁ = θ₀ − αJ₀ᵀλ
+    var = lam.clone().requires_grad_(True)
+    outer = losses(before - alpha * j.T @ var, batches[1])
+    (want,) = torch.autograd.grad(outer["t0"] + outer["t2"], var)
+    theta.grad = None
+    report = engine.backward(losses(theta, batches[1]))
+    torch.testing.assert_close(method.hypergradient, want, rtol=1e-10, atol=1e-12)
+    # one Adam step on λ: each weight moves by about lr against its hypergradient
+    moved = torch.tensor(list(report.weights.values()), dtype=torch.float64) - lam
+    torch.testing.assert_close(moved, -1e-2 * torch.sign(want), rtol=1e-4, atol=1e-8)
+    with pytest.raises(InvalidParameterError, match="`primary` of `auto_lambda` must be a non-empty list"):
+        METHODS.create("auto_lambda", primary="t0")

@@ -363,6 +363,7 @@ def one_task_ones(ctx: Ctx) -> None:
 BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "aligned_mtl": aligned_mtl,
     "cagrad": cagrad,
+    "auto_lambda": lambda ctx: ones(ctx, 0.1),  # first step: no hypergradient yet, λ = init
     "config": config,
     "cosmos": one_task_ones,
     "cr_mogm": mgda,  # first step: the inner MGDA's weights
