@@ -11,7 +11,7 @@ from torch import nn
 
 import polytask as pt
 from polytask.core.errors import ConfigError, DataError, InvalidParameterError, ShapeError
-from polytask.data.dataset import Batch, MultiOutputDataset
+from polytask.data.dataset import Batch, MultiOutputDataset, TaskDatasets
 from polytask.distill import (
     ANNEALING,
     FeatureDistillation,
@@ -298,3 +298,31 @@ def test_teacher_outputs_round_trip(tmp_path) -> None:
     loaded = TeacherOutputs.load(out.save(tmp_path / "c.pt"))
     loaded.check(teachers, data, features=True)
     assert loaded.features["income"].shape == (len(data), 8)
+
+
+def test_one_data_set_per_task_each_batch_carries_its_own_teacher() -> None:
+    full = _data()
+    sets = TaskDatasets({t.name: MultiOutputDataset(full.x[i * 30:(i + 1) * 30 + 10],
+                                                    {t.name: full.targets[t.name][i * 30:(i + 1) * 30 + 10]})
+                         for i, t in enumerate(TASKS)})
+    teachers = build_teachers(TASKS, _teachers())
+    cached = cached_outputs(teachers, sets)
+    distilled = attach(sets, cached)
+    assert set(distilled.datasets["kind"].targets) == {"kind", "teacher:kind"}
+    assert torch.equal(distilled.datasets["kind"].targets["teacher:kind"], teachers["kind"].run(sets.datasets["kind"].x)[0])
+    model = _model()
+    trainer = pt.Trainer(model, TASKS, loop={"epochs": 1, "batch_size": 8}, run=QUIET, objectives=[OutputDistillation(TASKS)])
+    trainer.fit(distilled)
+    assert all(trainer.weight_counts[f"{t.name}:kd"] > 0 for t in TASKS)
+    with pytest.raises(DataError, match="task 'price' was built from other data"):
+        other = MultiOutputDataset(sets.datasets["income"].x[:36], {"price": sets.datasets["price"].targets["price"]})
+        cached.check(teachers, TaskDatasets({**sets.datasets, "price": other}))
+
+
+def test_teacher_hash_covers_zero_dim_buffers_and_changes_with_any_weight() -> None:
+    from polytask.distill import module_hash
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    key = module_hash(net)
+    net[1].num_batches_tracked += 1  # a 0-d buffer
+    assert module_hash(net) != key

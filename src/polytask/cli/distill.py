@@ -31,6 +31,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     bench.add_argument("--epochs", type=int, help="epochs of every training (default: each example's)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a key of every config (e.g. distill.temperature=2)")
+    bench.add_argument("--tag", help="a student variant's name: its runs go to distilled_TAG, reusing the teachers")
     bench.add_argument("--root", type=Path, default=Path("runs/bench_distill"), help="where the runs go")
     bench.add_argument("--output", type=Path, default=Path("docs/results/distillation.md"),
                        help="the markdown table (its CSV of raw results beside it)")
@@ -161,9 +162,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    rows = report.run(datasets, seeds, root=args.root, epochs=args.epochs, overrides=args.overrides,
+    rows = report.run(datasets, seeds, root=args.root, epochs=args.epochs, overrides=args.overrides, tag=args.tag,
                       echo=lambda line: print(line, flush=True))
-    text = report.markdown(rows, datasets, seeds, epochs=args.epochs, overrides=args.overrides)
+    text = report.markdown(rows, datasets, seeds, epochs=args.epochs, overrides=args.overrides, tag=args.tag,
+                           output=args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     report.write_csv(rows, args.output.with_suffix(".csv"))

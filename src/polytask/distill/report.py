@@ -38,8 +38,11 @@ def _summary(path: Path) -> dict[str, Any] | None:
 
 
 def run(datasets: Sequence[str], seeds: Sequence[int], *, root: Path, epochs: int | None = None,
-        overrides: Sequence[str] = (), echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Rows {dataset, seed, variant, task, metric, value} and {…, task: 'Δm'}; finished runs are read back."""
+        overrides: Sequence[str] = (), tag: str | None = None, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Rows {dataset, seed, variant, task, metric, value} and {…, task: 'Δm'}; finished runs are read back.
+
+    ``overrides`` apply to every run (those of ``distill.*`` to the student only); ``tag`` names a
+    student variant (its own folder ``distilled_TAG``) that reuses the teachers and plain runs."""
     from polytask.cli import pipeline
 
     plain_overrides = [o for o in overrides if not o.startswith("distill")]
@@ -47,7 +50,7 @@ def run(datasets: Sequence[str], seeds: Sequence[int], *, root: Path, epochs: in
     for dataset in datasets:
         for seed in seeds:
             base = root / dataset / f"seed{seed}"
-            plain_dir, student_dir = base / "plain", base / "distilled"
+            plain_dir, student_dir = base / "plain", base / ("distilled" + (f"_{tag}" if tag else ""))
             plain = _summary(plain_dir)
             if plain is None or not plain.get("baselines"):
                 started = time.perf_counter()
@@ -72,7 +75,7 @@ def run(datasets: Sequence[str], seeds: Sequence[int], *, root: Path, epochs: in
                 rows.append({"dataset": dataset, "seed": seed, "variant": variant, "task": "Δm", "metric": "%",
                              "value": summary["delta_m"]})
         rows += [{"dataset": dataset, "seed": seeds[0], "variant": "cost", "task": k, "metric": "", "value": v}
-                 for k, v in cost(dataset, root / dataset / f"seed{seeds[0]}", epochs, overrides).items()]
+                 for k, v in cost(dataset, root / dataset / f"seed{seeds[0]}", epochs, overrides, tag=tag).items()]
     return rows
 
 
@@ -109,17 +112,19 @@ def _activation_mb(module: torch.nn.Module, forward: Callable[[], Any]) -> float
     return total[0] / 2**20
 
 
-def cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str], repeats: int = 50) -> dict[str, float]:
+def cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str], repeats: int = 50,
+         tag: str | None = None) -> dict[str, float]:
     """Student vs teachers (parameters, forward latency per batch, peak memory) and the step ratio, on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _cost(dataset, base, epochs, overrides, repeats)
+        return _cost(dataset, base, base / ("distilled" + (f"_{tag}" if tag else "")), epochs, overrides, repeats)
     finally:
         torch.set_num_threads(threads)
 
 
-def _cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str], repeats: int) -> dict[str, float]:
+def _cost(dataset: str, base: Path, student_dir: Path, epochs: int | None, overrides: Sequence[str],
+          repeats: int) -> dict[str, float]:
     import copy
 
     from polytask.cli import pipeline
@@ -129,11 +134,11 @@ def _cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str]
     from polytask.runs import load
     from polytask.train.trainer import Trainer
 
-    cfg = _config(dataset, 0, base / "distilled", epochs, overrides, [f"distill.teachers={base / 'plain'}"])
+    cfg = _config(dataset, 0, student_dir, epochs, overrides, [f"distill.teachers={base / 'plain'}"])
     loaded, encoder, _, _ = pipeline.prepare(cfg)
     stems = loaded.encoder.get("_stems")
-    model = load(base / "distilled").model
-    teachers, _, _ = resolve_teachers(cfg, base / "distilled", loaded, encoder, stems)
+    model = load(student_dir).model
+    teachers, _, _ = resolve_teachers(cfg, student_dir, loaded, encoder, stems)
     batch_size = cfg.train.batch_size
     train = loaded.train
     first = next(iter(train.datasets.values())) if isinstance(train, TaskDatasets) else train
@@ -176,7 +181,7 @@ def _cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str]
     kwargs = {**trainer_kwargs(cfg), "run": cfg.run.model_copy(update={"progress": False}), "callbacks": []}
     fresh = build_model(cfg, loaded.tasks, encoder, stems)
     plain_model, distil_model = copy.deepcopy(fresh), copy.deepcopy(fresh)
-    data, objectives, _ = student(cfg, base / "distilled", loaded, encoder, stems, distil_model)
+    data, objectives, _ = student(cfg, student_dir, loaded, encoder, stems, distil_model)
     plain = Trainer(plain_model, loaded.tasks, **kwargs)
     distil = Trainer(distil_model, loaded.tasks, **kwargs, objectives=objectives)
     plain.check(loaded.train)
@@ -223,10 +228,11 @@ def _ms(values: Sequence[float]) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], datasets: Sequence[str], seeds: Sequence[int], *, epochs: int | None,
-             overrides: Sequence[str]) -> str:
+             overrides: Sequence[str], tag: str | None = None, output: Path | None = None) -> str:
     budget = f"{epochs} epochs" if epochs else "each example's epochs"
     lines = [f"Generated by `polytask bench distill --datasets {','.join(datasets)} --seeds {','.join(map(str, seeds))}"
-             f"{f' --epochs {epochs}' if epochs else ''}{''.join(f' --set {o}' for o in overrides)}` "
+             f"{f' --epochs {epochs}' if epochs else ''}{''.join(f' --set {o}' for o in overrides)}"
+             f"{f' --tag {tag}' if tag else ''}{f' --output {output}' if output else ''}` "
              f"({budget}; test split; mean ± std over {len(seeds)} seeds; Δm in % against the teachers, positive = "
              "better than the teachers).", ""]
     for dataset in datasets:

@@ -39,8 +39,8 @@ def tensor_hash(*tensors: Tensor, names: Sequence[str] = ()) -> str:
     """SHA-256 of tensors' names, shapes, dtypes and bytes."""
     digest = hashlib.sha256()
     for i, tensor in enumerate(tensors):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{names[i] if i < len(names) else i}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(f"{names[i] if i < len(names) else i}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counters) too
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
