@@ -45,6 +45,7 @@ class DataSpec:
     reference: bool = False
     reference_rounds: int = 1000
     reference_leaves: tuple[int, ...] = (31, 127)
+    methods: tuple[str, ...] | None = None  # this data set's methods when --methods is not given (None: the suite's)
     note: str = ""
 
     def describe(self) -> str:
@@ -64,8 +65,8 @@ class Suite:
 FULL = Suite("full", {
     "qm9": DataSpec("qm9.yaml", ("train.epochs=10", "data.options.rows=12000"), 150,
                     (("mmoe", "qm9.yaml"), ("wide_trunk", "qm9.yaml")),
-                    reference=True, reference_leaves=(63,)),
-    "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150),
+                    reference=True, reference_leaves=(63,), methods=FULL_METHODS),
+    "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150, methods=FULL_METHODS),
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=5", "data.options.rows=20000"), 60, (("mmoe", "diamonds.yaml"),),
                          reference=True, reference_leaves=(31,)),
     "adult": DataSpec("adult.yaml", ("train.epochs=4",), 60, (("mmoe", "adult_mmoe.yaml"),), reference=True),
@@ -74,7 +75,7 @@ FULL = Suite("full", {
                            (("mtan", "multimnist_mtan.yaml"),)),
     "reviews": DataSpec("reviews.yaml", ("train.epochs=3", "data.options.max_rows=12000"), 60),
     "movielens": DataSpec("movielens_esmm.yaml", ("train.epochs=2", "data.options.max_rows=60000"), 60),
-}, FULL_METHODS, 3)
+}, CORE_METHODS, 3, note="the many-task sets (QM9, Yeast) also run the other methods of FULL_METHODS")
 QUICK = Suite("quick", {
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=1", "data.options.rows=1500"), 10, reference=True,
                          reference_rounds=50),
@@ -93,7 +94,7 @@ class Plan:
 
     suite: Suite
     datasets: list[str]
-    methods: list[str]
+    methods: list[str] | None  # None: each data set's own (DataSpec.methods, else the suite's)
     seeds: list[int]
     csv_path: Path
     cells: dict[CellKey, Cell] = field(default_factory=dict)
@@ -112,10 +113,10 @@ def plan(suite: str, datasets: Sequence[str] | None, methods: Sequence[str] | No
         if name not in FULL.datasets:
             raise InvalidParameterError(f"--datasets: no data set '{name}' in bench quality.{closest(name, FULL.datasets)} "
                                         f"Data sets: {', '.join(FULL.datasets)}")
-    picked = list(methods) if methods else list(chosen.methods)
+    picked = list(methods) if methods else None
     if picked == ["all"]:
         picked = METHODS.names()
-    for method in picked:
+    for method in picked or [m for spec in chosen.datasets.values() for m in spec.methods or chosen.methods]:
         METHODS.get(method)  # an unknown name is one clear error listing the methods
     count = chosen.seeds if seeds is None else seeds
     if not isinstance(count, int) or count < 1:
@@ -263,7 +264,8 @@ def _keys(p: Plan, datasets: Sequence[str] | None = None, seeds: Sequence[int] |
             out += [(CellKey(dataset, "single_task", "equal", "hard_sharing", seed, t), [t]) for t in names]
             if spec.reference:
                 out.append((CellKey(dataset, "reference", "lightgbm", "-", seed), names))
-            out += [(CellKey(dataset, "multi_task", m, "hard_sharing", seed), names) for m in p.methods]
+            methods = p.methods if p.methods is not None else spec.methods or p.suite.methods
+            out += [(CellKey(dataset, "multi_task", m, "hard_sharing", seed), names) for m in methods]
             out += [(CellKey(dataset, "multi_task", "equal", a, seed), names) for a, _ in spec.architectures]
     return out
 
@@ -388,7 +390,10 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
              "validation split. Seconds are wall time per cell on a shared, loaded 2-core machine (one thread), "
              "for comparing rows of one table only.", "",
              "## Summary", "",
-             "| data set | tasks | best method | its Δm% | equal Δm% | best > single-task | best > equal (seeds) |",
+             "The best row is the multi-task row (method or architecture) with the highest mean Δm; choosing it "
+             "on the test split flatters it, so read a small margin as a tie. The last two columns count the "
+             "seeds in which the best row's Δm is above 0 (single-task) and above equal weighting's.", "",
+             "| data set | tasks | best row | its Δm% | equal Δm% | best > single-task (seeds) | best > equal (seeds) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     sections = []
     for dataset in datasets:
@@ -402,8 +407,9 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
         wins = "–"
         if equal is not None and len(equal.delta_m) == len(best.delta_m):
             wins = f"{sum(b > e for b, e in zip(best.delta_m, equal.delta_m))} / {len(best.delta_m)}"
+        above = f"{sum(d > 0 for d in best.delta_m)} / {len(best.delta_m)}"
         lines.append(f"| {dataset} | {len(main)} | {best.label} | {_pm(best.delta_m, 3)} | "
-                     f"{_pm(equal.delta_m, 3) if equal else '–'} | {'yes' if _mean(best.delta_m) > 0 else 'no'} | {wins} |")
+                     f"{_pm(equal.delta_m, 3) if equal else '–'} | {above} | {wins} |")
         spec = FULL.datasets[dataset] if dataset not in suite.datasets else suite.datasets[dataset]
         shown = list(main)
         header = " | ".join(f"{t} {main[t]} {'↑' if METRICS.higher_is_better(main[t]) else '↓'}" for t in shown)
@@ -416,7 +422,8 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
                 str(r.epochs[0]) if r.epochs else "–")
             sections.append(f"| {r.label} | {_needs(r)} | {delta} | " + " | ".join(_pm(r.metrics[t]) for t in shown)
                             + f" | {_mean(r.seconds):.1f} | {epochs} |")
-    extra = statistics_table(*statistics) if statistics else []
+    extra = cost_table(cells, datasets)
+    extra += statistics_table(*statistics) if statistics else []
     return "\n".join(lines + extra + sections) + "\n"
 
 
@@ -479,4 +486,31 @@ def statistics_table(path: Path, link: str) -> list[str]:
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['dataset']} | {r['train_rows']} | {r['tasks']} | {r['inputs']} | {r['mean_nmi']} | "
               f"{r['max_nmi']} ({r['max_pair']}) |" for r in rows]
+    return lines
+
+
+def cost_table(cells: dict[CellKey, Cell], datasets: Sequence[str]) -> list[str]:
+    """Markdown lines: each method's wall time per cell over equal weighting's (same data set and
+    seed, so both ran the same epochs on the same rows), the median over seeds, per data set."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for key, cell in cells.items():
+        if key.kind != "multi_task" or key.architecture != "hard_sharing" or key.method == "equal":
+            continue
+        equal = cells.get(CellKey(key.dataset, "multi_task", "equal", "hard_sharing", key.seed))
+        if equal is None or equal.seconds <= 0 or cell.epochs != equal.epochs:
+            continue
+        ratios.setdefault(key.method, {}).setdefault(key.dataset, []).append(cell.seconds / equal.seconds)
+    if not ratios:
+        return []
+    shown = [d for d in datasets if any(d in r for r in ratios.values())]
+    lines = ["", "## Cost", "",
+             "Wall time of a cell over equal weighting's on the same data set and seed (same epochs, rows and "
+             "batches), median over seeds; it includes data loading and evaluation, so it understates the cost "
+             "of a training step. The machine was shared and loaded: read ratios, not seconds.", "",
+             "| method | needs | " + " | ".join(shown) + " |", "| --- | --- | " + " | ".join("---" for _ in shown) + " |"]
+    from polytask.methods import METHODS
+
+    for method in sorted(ratios, key=lambda m: statistics.median([statistics.median(v) for v in ratios[m].values()])):
+        values = [f"{statistics.median(ratios[method][d]):.1f}×" if d in ratios[method] else "–" for d in shown]
+        lines.append(f"| {method} | {METHODS.get(method).needs} | " + " | ".join(values) + " |")
     return lines
