@@ -313,3 +313,30 @@ def test_trainer_fits_detection_and_segmentation_in_features_mode(tmp_path):
     for task in VISION_TASKS:
         assert all(v == v for v in report.metrics[task.name].values()), task.name
     assert (tmp_path / "run" / "training.png").exists()
+
+
+@pytest.mark.slow
+def test_detection_example_trains_evaluates_and_predicts_from_yaml(tmp_path):
+    """examples/image_detection_classification.yaml on a few images for one epoch, then eval and
+    predict: the detections come back as one JSON list per image."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from polytask.cli.main import main
+    from polytask.datasets import load
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "image_detection_classification.yaml"
+    run = tmp_path / "run"
+    assert main(["train", str(example), "--quiet", "--set", "data.options={train_size: 48, val_size: 16, test_size: 16}",
+                 "--set", "train.epochs=1", "--set", f"output_dir={run}"]) == 0
+    assert main(["eval", str(run)]) == 0
+    np.save(tmp_path / "x.npy", load("multimnist_boxes", train_size=4, val_size=2, test_size=3).test.x.numpy())
+    assert main(["predict", str(run), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.csv")]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert list(table.columns) == ["id", "digits", "largest", "largest_probability"] and len(table) == 3
+    for cell in table["digits"]:
+        assert all(len(row) == 6 and 0 <= row[5] < 10 for row in json.loads(cell))

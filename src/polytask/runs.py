@@ -28,7 +28,7 @@ from torch import Tensor
 
 from polytask.config.schema import Config
 from polytask.core.errors import ConfigError, DataError, InvalidParameterError, closest
-from polytask.core.task import Task
+from polytask.core.task import VISION_KINDS, Task
 from polytask.data.files import read_table
 from polytask.data.tabular import TabularPreprocessor
 from polytask.models.base import MultiTaskModel
@@ -209,6 +209,8 @@ class Run:
 
     def _columns(self, task: Task, value: Tensor, probabilities: bool, threshold: float) -> dict[str, Any]:
         names = self.labels.get(task.name)
+        if task.kind in VISION_KINDS:  # one JSON value per image: its detections, or its map
+            return {task.name: _vision_cells(task, value)}
         if task.kind == "regression":
             return {task.name: task.predict(value).numpy()}  # in the target's units
         if task.kind == "binary":
@@ -352,3 +354,14 @@ def export(run_or_model: Run | MultiTaskModel | str | Path, path: str | Path, fo
         return export_model(run_or_model, path, format, example=example, task=task, verify=verify, opset=opset)
     raise InvalidParameterError(f"export needs a loaded run, a run directory or a MultiTaskModel; found "
                                 f"{type(run_or_model).__name__}")
+
+def _vision_cells(task: Task, value: Tensor) -> list[str]:
+    """Per image, detection: ``[[x1, y1, x2, y2, score, class], ...]`` (best first); segmentation:
+    the class map as nested lists (rows); dense_regression: the value map, 4 decimals."""
+    found = task.predict(value)
+    if task.kind == "detection":
+        return [json.dumps([[round(v, 2) for v in row[:5]] + [int(row[5])] for row in image if row[5] >= 0])
+                for image in found.tolist()]
+    if task.kind == "segmentation":
+        return [json.dumps(image) for image in found.tolist()]
+    return [json.dumps(image) for image in found.round(decimals=4).tolist()]
