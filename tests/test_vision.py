@@ -340,3 +340,24 @@ def test_detection_example_trains_evaluates_and_predicts_from_yaml(tmp_path):
     assert list(table.columns) == ["id", "digits", "largest", "largest_probability"] and len(table) == 3
     for cell in table["digits"]:
         assert all(len(row) == 6 and 0 <= row[5] < 10 for row in json.loads(cell))
+
+
+def test_vision_tasks_from_yaml_keep_their_size_and_fill_the_encoder():
+    """tasks.NAME entries of a bundled vision data set keep the task's image size; `cnn_map` takes
+    in_channels and image_size from the images; the segmentation head outputs their size."""
+    from polytask.config.build import build_model, encoder_spec, load_data
+    from polytask.config.schema import Config
+
+    cfg = Config.model_validate({
+        "data": {"dataset": "multimnist_boxes", "options": {"train_size": 16, "val_size": 8, "test_size": 8}},
+        "tasks": {"segmentation": {}, "digits": {"loss": {"name": "fcos", "giou_weight": 1.0}}, "count": {}},
+        "model": {"encoder": {"name": "cnn_map", "channels": [4, 8]}}})
+    loaded, _ = load_data(cfg)
+    tasks = {t.name: t for t in loaded.tasks}
+    assert tasks["segmentation"].size == (48, 48) and tasks["digits"].size == (48, 48)
+    assert tasks["digits"].loss.params == {"giou_weight": 1.0}
+    spec = encoder_spec(cfg, loaded)
+    assert spec["image_size"] == [48, 48] and spec["in_channels"] == 1
+    model = build_model(cfg, loaded.tasks, spec)
+    out = model(loaded.train.x[:2])
+    assert tuple(out["segmentation"].shape) == (2, 11, 48, 48) and tuple(out["digits"].shape) == (2, 144, 16)

@@ -223,6 +223,9 @@ def encoder_spec(cfg: Config, loaded: LoadedData) -> dict[str, Any]:
         spec.setdefault("in_features", int(torch.tensor(loaded.input_shape).prod()))
     elif spec["name"] in ("cnn", "resnet") and len(loaded.input_shape) == 3:
         spec.setdefault("in_channels", loaded.input_shape[0])
+    elif spec["name"] == "cnn_map" and len(loaded.input_shape) == 3:  # the feature map's size follows the images'
+        spec.setdefault("in_channels", loaded.input_shape[0])
+        spec.setdefault("image_size", list(loaded.input_shape[1:]))
     return spec
 
 
