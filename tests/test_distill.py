@@ -326,3 +326,13 @@ def test_teacher_hash_covers_zero_dim_buffers_and_changes_with_any_weight() -> N
     key = module_hash(net)
     net[1].num_batches_tracked += 1  # a 0-d buffer
     assert module_hash(net) != key
+
+
+def test_objective_terms_must_belong_to_a_task() -> None:
+    class Stray:
+        terms = {"income:extra": "nobody"}
+
+    with pytest.raises(InvalidParameterError, match="objective terms .*income:extra.*must each belong"):
+        pt.Trainer(_model(), TASKS, run=QUIET, objectives=[Stray()])
+    with pytest.raises(InvalidParameterError, match="objective terms"):
+        pt.Trainer(_model(), TASKS, run=QUIET, objectives=[OutputDistillation(TASKS), OutputDistillation(TASKS)])

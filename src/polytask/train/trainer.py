@@ -113,6 +113,11 @@ class Trainer:
         self.objectives = list(objectives)
         self.term_tasks = {term: task for o in self.objectives for term, task in o.terms.items()}
         self.loss_names = self.names + tuple(self.term_tasks)
+        wrong = {term: task for term, task in self.term_tasks.items() if task not in self.names or term in self.names}
+        every_term = [term for o in self.objectives for term in o.terms]
+        if wrong or len(set(every_term)) != len(every_term):
+            raise InvalidParameterError(f"objective terms {wrong or list(self.term_tasks)} must each belong to one of the tasks "
+                                        f"{list(self.names)}, with a name of their own (no task's, no other term's)")
         if not isinstance(model, MultiTaskModel):
             raise InvalidParameterError(f"model must be a polytask MultiTaskModel; found {type(model).__name__}")
         if set(model.task_names) != set(self.names):
