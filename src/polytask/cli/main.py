@@ -320,9 +320,15 @@ def _list(what: str | None, name: str | None = None) -> int:
             continue
         registry = registries[name]
         for entry in registry.names():
-            extra = f" [needs {registry.get(entry).needs}]" if name == "methods" else ""
+            extra = f" [needs {_needs(registry.get(entry))}]" if name == "methods" else ""
             print(f"  {entry:<18} {registry.describe(entry)}{extra}")
     return 0
+
+
+def _needs(method: Any) -> str:
+    """What a method class needs, with the batch parts of methods that ask for more than one."""
+    parts = getattr(method, "batch_parts", 1)
+    return method.needs + (f" on {parts} parts of each batch" if parts > 1 else "")
 
 
 def _describe(what: str | None, name: str, registries: Mapping[str, Any]) -> int:
@@ -349,7 +355,7 @@ def _describe(what: str | None, name: str, registries: Mapping[str, Any]) -> int
     if paragraph:
         print("\n".join("  " + line for line in paragraph.splitlines()))
     if what == "methods":
-        print(f"  needs: {entry.needs}")
+        print(f"  needs: {_needs(entry)}")
     params = registry.parameters(name)
     if what == "architectures":  # what the config builds from model.encoder, tasks and model.head
         from polytask.config.build import ARCHITECTURE_RESERVED

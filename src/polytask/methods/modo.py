@@ -40,6 +40,7 @@ class MoDo(PerTaskMethod):
 
     needs = "gramian"
     stateful = True
+    batch_parts = 2  # the default `parts`; an instance takes its own
     example_params = {"parts": 1}  # the suites build steps by hand, without batch parts
 
     def __init__(self, *, gamma: float = 1e-3, rho: float = 0.1, parts: int = 2) -> None:

@@ -39,6 +39,7 @@ class SDMGrad(PerTaskMethod):
 
     needs = "gramian"
     stateful = True
+    batch_parts = 2  # the default `parts`; an instance takes its own
     example_params = {"parts": 1}  # the suites build steps by hand, without batch parts
 
     def __init__(self, *, lamda: float = 0.3, n_iter: int = 20, lr: float = 10.0, momentum: float = 0.5,
