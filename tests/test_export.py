@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,8 +162,12 @@ def test_load_cli_run_evaluates_and_loads_last(cli_run):
 
 def test_load_errors_say_what_to_do(cli_run, trainer_run, tmp_path):
     run_dir, _ = trainer_run
-    with pytest.raises(ConfigError, match=r"no config\.yaml.*model=model"):
-        load(run_dir)
+    assert load(run_dir).task_names == ["reg", "bin", "cls"]  # rebuilt from the model.json the Trainer wrote
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare)
+    (bare / "model.json").unlink()
+    with pytest.raises(ConfigError, match=r"neither config\.yaml nor model\.json.*model=model"):
+        load(bare)
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nowhere")
     wrong = pt.models.HardSharing(pt.encoders.MLP(in_features=5, hidden=[8]), TASKS)

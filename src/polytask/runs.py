@@ -235,15 +235,46 @@ class Run:
             out[f"{task.name}_{label}_probability"] = p[:, j].numpy()
         return out
 
-    def evaluate(self, split: str = "test") -> dict[str, dict[str, float]]:
-        """Metrics per task on a split of the run's data (what ``polytask eval`` prints); runs
-        trained from a config only."""
-        if self.config is None:
-            raise ConfigError(f"{self.path} has no config.yaml, so its data are unknown; expected a run trained from a "
-                              "config, or evaluate with Trainer(model, tasks).evaluate(data)")
-        from polytask.cli.pipeline import evaluate
+    def evaluate(self, split: str = "test", *, data: pd.DataFrame | str | Path | None = None,
+                 batch_size: int = 1024) -> dict[str, dict[str, float]]:
+        """Metrics per task (what ``polytask eval`` prints): on a split of the run's data (runs
+        trained from a config), or on ``data``, a table of raw input rows with each task's target
+        column (``Task.target``, else the task's name; multilabel: its label columns), in the
+        target's own units and label names."""
+        if data is None:
+            if self.config is None:
+                raise ConfigError(f"{self.path} has no config.yaml (a run trained from Python), so its data splits are "
+                                  "unknown; expected data=: a table with the inputs and each task's target column "
+                                  "(polytask eval RUN_DIR --input FILE)")
+            from polytask.cli.pipeline import evaluate
 
-        return evaluate(self.path, split, self.checkpoint)
+            return evaluate(self.path, split, self.checkpoint)
+        from polytask.data.dataset import MultiOutputDataset
+        from polytask.data.files import targets_from
+        from polytask.train.trainer import Trainer
+
+        frame = _read(data)
+        if not isinstance(frame, pd.DataFrame):
+            raise DataError("evaluation data must be a table (DataFrame, CSV or Parquet) holding the inputs and each "
+                            f"task's target column; found {type(frame).__name__}")
+        if self.per_task_inputs:
+            raise DataError("this run has per-task inputs; evaluate each task on its own table with "
+                            "polytask.Trainer(...).evaluate, or evaluate a run trained from a config by its split")
+        where = str(data) if isinstance(data, (str, Path)) else "the evaluation rows"
+        targets, masks, columns = {}, {}, []
+        for task in self.tasks:
+            column = task.target or task.name
+            columns += list(column) if isinstance(column, tuple) else [column]
+            y, mask = targets_from(frame, task, column, self.labels.get(task.name), True, where)
+            if task.target_scaling is not None:
+                mean, std = task.target_scaling
+                y = (y.double() - mean) / std
+            targets[task.name] = y.float()
+            if mask is not None and not bool(mask.all()):
+                masks[task.name] = mask
+        x = self.encode(frame.drop(columns=[c for c in columns if c in frame.columns]))
+        trainer = Trainer(self.model, self.tasks, loop={"batch_size": batch_size}, run={"progress": False})
+        return trainer.evaluate(MultiOutputDataset(x, targets, masks))
 
     def export(self, path: str | Path, format: str | None = None, **options: Any) -> Path:
         """:func:`export` this run (its labels and preprocessing go into the file's metadata)."""
@@ -292,11 +323,20 @@ def load(run_dir: str | Path, checkpoint: str = "best", *, model: MultiTaskModel
         raise InvalidParameterError(f"checkpoint must be 'best' or 'last'; found {checkpoint!r}")
     if not path.is_dir():
         raise ConfigError(f"run directory {path} does not exist; expected the output_dir of a finished run")
+    if model is None and not (path / "config.yaml").exists():
+        recipe = path / "model.json"
+        if not recipe.exists():
+            raise ConfigError(f"{path} has neither config.yaml nor model.json (a run trained in Python with a model that is "
+                              "not made of registered polytask parts only), so the model cannot be rebuilt from it; "
+                              "expected the model built as for training: polytask.load(run_dir, model=model)")
+        from polytask.models.spec import build_from_spec
+
+        try:
+            spec = json.loads(recipe.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{recipe} is not valid JSON ({exc}); expected the recipe the Trainer wrote") from None
+        model = build_from_spec(spec)  # type: ignore[assignment]
     if model is None:
-        if not (path / "config.yaml").exists():
-            raise ConfigError(f"{path} has no config.yaml (a run trained with polytask.Trainer in Python), so the model "
-                              "cannot be rebuilt from it; expected the model built as for training: "
-                              "polytask.load(run_dir, model=model)")
         from polytask.cli.pipeline import _restore
 
         cfg, _, trainer, prep = _restore(path, checkpoint)

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", type=Path)
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    ev.add_argument("--input", type=Path, help="a CSV/Parquet table of input rows with each task's target column, "
+                    "instead of a split of the run's data (runs trained from Python have no splits)")
 
     pr = sub.add_parser("predict", help="predict every task for new inputs (CSV/Parquet table or .npy array)")
     pr.add_argument("run_dir", type=Path)
@@ -419,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from polytask.cli import pipeline
 
         if args.command == "eval":
-            print(format_table(pipeline.evaluate(args.run_dir, args.split, args.checkpoint)))
+            print(format_table(pipeline.evaluate(args.run_dir, args.split, args.checkpoint, args.input)))
             return 0
         out = pipeline.predict(args.run_dir, args.input, args.output, args.checkpoint, args.task,
                                id_column=args.id_column, probabilities=args.probabilities,

@@ -205,7 +205,16 @@ def _restore(run_dir: Path, checkpoint: str) -> tuple[Config, LoadedData | None,
     return cfg, None, trainer, prep
 
 
-def evaluate(run_dir: Path, split: str = "test", checkpoint: str = "best") -> dict[str, dict[str, float]]:
+def evaluate(run_dir: Path, split: str = "test", checkpoint: str = "best", table: Path | None = None
+             ) -> dict[str, dict[str, float]]:
+    """Metrics per task on a split of the run's data, or on ``table`` (inputs and target columns)."""
+    if table is not None or _from_python(run_dir):
+        from polytask.runs import load
+
+        if table is None:
+            raise ConfigError(f"{run_dir} was trained from Python (model.json, no config.yaml), so its data splits are "
+                              "unknown; expected --input FILE: a table with the inputs and each task's target column")
+        return load(run_dir, checkpoint).evaluate(data=table)
     cfg, _, trainer, _ = _restore(run_dir, checkpoint)
     loaded, _ = load_data(cfg)
     data = getattr(loaded, split, None)
@@ -240,6 +249,14 @@ def predict(run_dir: Path, input_path: Path, output_path: Path | None, checkpoin
     The columns are :meth:`polytask.runs.Run.predict`'s: ``id`` (row numbers, or ``id_column``'s
     values), then per task its label (a label name where the run's data had names), value or
     0/1 labels, and the probability columns."""
+    if _from_python(run_dir):  # the model from model.json; inputs as Run.predict reads them
+        from polytask.runs import load
+
+        out = load(run_dir, checkpoint).predict(input_path, id_column=id_column, task=task, probabilities=probabilities,
+                                                threshold=threshold)
+        if output_path is not None:
+            out.to_csv(output_path, index=False)
+        return out
     cfg, _, trainer, prep = _restore(run_dir, checkpoint)
     names = list(trainer.names)
     per_task = prep.get("per_task")
@@ -311,3 +328,8 @@ def run_outputs(trainer: Trainer, x: Any, task: str | None, batch_size: int = 10
             for name, value in out.items():
                 chunks[name].append(value.float().cpu())
     return {t: torch.cat(v) for t, v in chunks.items() if v}
+
+
+def _from_python(run_dir: Path) -> bool:
+    """A run a Trainer wrote from Python: its model's recipe, no config."""
+    return (Path(run_dir) / "model.json").exists() and not (Path(run_dir) / "config.yaml").exists()

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from polytask.core.registry import Registry
 from polytask.core.task import Task, task_names
+from polytask.models.spec import RecordingRegistry
 
 
 class MultiTaskModel(nn.Module):
@@ -61,4 +62,4 @@ class MultiTaskModel(nn.Module):
         return None
 
 
-ARCHITECTURES: Registry[MultiTaskModel] = Registry("architecture")
+ARCHITECTURES: Registry[MultiTaskModel] = RecordingRegistry("architecture")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -491,6 +492,12 @@ class Trainer:
                 self._best_state = load_checkpoint(run.best)["model"]
         if self.writer is not None and self.config_text is not None:
             self.writer.write_text("config.yaml", self.config_text)
+        elif self.writer is not None:  # a run from Python: its model's recipe, so `polytask.load`/`eval`/`predict` rebuild it
+            from polytask.models.spec import model_spec
+
+            spec = model_spec(self.model)
+            if spec is not None:
+                self.writer.write_text("model.json", json.dumps(spec, indent=1) + "\n")
         if self.writer is not None:
             self.writer.record_environment(epoch=self.epoch)
 

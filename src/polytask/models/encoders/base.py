@@ -5,5 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from polytask.core.registry import Registry
+from polytask.models.spec import RecordingRegistry
 
-ENCODERS: Registry[nn.Module] = Registry("encoder")
+ENCODERS: Registry[nn.Module] = RecordingRegistry("encoder")
