@@ -68,10 +68,17 @@ class ExcessMTL(LazyStateMixin, PerTaskMethod):
                     f"`excess_mtl` accumulates gradients of {self.sq_sum.shape[1]} parameters; the step has {j.shape[1]}")
             dtype = torch.float64 if j.dtype == torch.float64 else torch.float32
             self.sq_sum = torch.zeros(len(self.baseline), j.shape[1], dtype=dtype, device=j.device)
-        sq = j.to(self.sq_sum.dtype) ** 2
+        sq = j.to(self.sq_sum.dtype).square()
         idx = idx.to(self.sq_sum.device)
-        self.sq_sum[idx] += sq
-        excess = (sq / torch.sqrt(self.sq_sum[idx] + _ADAGRAD_EPS)).sum(dim=1).to(self.baseline)
+        every = len(idx) == len(self.sq_sum) and bool((idx == torch.arange(len(idx), device=idx.device)).all())
+        if every:  # in place: J-sized temporaries are the cost of this method
+            self.sq_sum.add_(sq)
+            h = (self.sq_sum + _ADAGRAD_EPS).sqrt_()
+        else:
+            self.sq_sum[idx] += sq
+            h = (self.sq_sum[idx] + _ADAGRAD_EPS).sqrt_()
+        excess = sq.div_(h).sum(dim=1).to(self.baseline)
+        del h
         idx = idx.to(self.baseline.device)
         base = self.baseline[idx]
         first = torch.isnan(base)
