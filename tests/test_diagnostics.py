@@ -197,6 +197,7 @@ def _train(tmp_path, name, callbacks, method="equal"):
     return trainer
 
 
+@pytest.mark.slow  # two trainings
 def test_diagnostics_callback_writes_conflict_and_affinity_without_changing_training(tmp_path):
     plain = _train(tmp_path, "plain", [], method="mgda")
     diagnosed = _train(tmp_path, "diag", [{"name": "diagnostics", "affinity_every": 2}], method="mgda")
@@ -211,6 +212,10 @@ def test_diagnostics_callback_writes_conflict_and_affinity_without_changing_trai
     assert z[0][0] > 0 and z[2][2] > 0  # a step on a task lowers its own loss on the same batch
     rows = (tmp_path / "diag" / "diagnostics" / "affinity.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,source,target,value" and len(rows) == 1 + 4 * 9
+    from polytask.diagnostics.report import write_report
+
+    page = write_report([tmp_path / "diag"], tmp_path / "r.html").read_text()  # a Trainer run: no config.yaml
+    assert 'data-missing="config"' in page and "mean over 4 affinity steps (every 2 steps" in page
 
 
 def test_diagnostics_callback_refuses_bad_parameters():
