@@ -17,7 +17,7 @@ parameters and buffers, updates through a fresh optimizer over clones.
 
 Departures:
     - The lookahead update is the run's own optimizer (its class, parameter-group settings and a
-      copy of its state: Adam's moments and step count, SGD's momentum buffer, weight decay),
+      copy of its state before the step: Adam's moments and step count, SGD's momentum buffer, weight decay),
       not the paper's hand-written SGD-with-momentum step (whose reference code, as published,
       applies plain SGD with weight decay because it reads the momentum buffer from the wrong
       dictionary). For SGD with momentum this is the paper's rule.
@@ -58,10 +58,12 @@ def sgd_update(lr: float) -> Update:
 class OptimizerLookahead:
     """The optimizer's own update applied to copies of the shared parameters.
 
-    ``snapshot()`` records, for every shared parameter, its group's settings and a copy of its
-    optimizer state (call it at the θ the lookahead starts from); ``__call__`` builds a fresh
-    optimizer of the same class over clones, gives each clone the recorded state and the task's
-    gradient, and returns the stepped clones. The real optimizer is never touched.
+    ``snapshot()`` records a copy of every shared parameter's optimizer state (call it at the θ
+    the lookahead starts from); ``__call__`` builds a fresh optimizer of the same class over
+    clones, with the parameter groups' settings as they are at the call (the learning rate the
+    step used: schedules move it between epochs, after the step's callbacks), gives each clone the
+    recorded state and the task's gradient, and returns the stepped clones. The real optimizer is
+    never touched.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, shared: Mapping[str, nn.Parameter]) -> None:
@@ -73,21 +75,21 @@ class OptimizerLookahead:
             raise InvalidParameterError(f"the lookahead needs the optimizer to own every shared parameter; "
                                         f"not owned: {missing[:3]}")
         self.group_of = {n: owner[id(p)] for n, p in self.shared.items()}
-        self.settings: list[dict[str, Any]] = []
-        self.state: dict[str, dict[str, Any]] = {}
+        self.state: dict[str, dict[str, Any]] | None = None
 
     def snapshot(self) -> None:
-        self.settings = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.state = {n: copy.deepcopy(self.optimizer.state.get(p, {})) for n, p in self.shared.items()}
 
     def __call__(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not self.settings:
+        if self.state is None:
             self.snapshot()
+        assert self.state is not None
+        settings = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         clones = {n: params[n].detach().clone() for n in self.shared}
         groups: dict[int, list[Tensor]] = {}
         for n, c in clones.items():
             groups.setdefault(self.group_of[n], []).append(c)
-        fresh = type(self.optimizer)([{**self.settings[g], "params": ps} for g, ps in groups.items()])
+        fresh = type(self.optimizer)([{**settings[g], "params": ps} for g, ps in groups.items()])
         for n, c in clones.items():
             fresh.state[c] = copy.deepcopy(self.state[n])
             c.grad = grads[n].detach().to(c.dtype)
