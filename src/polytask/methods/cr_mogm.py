@@ -26,8 +26,8 @@ class CRMOGM(PerTaskMethod):
     default, the paper's main instance) and λ₀ = λ̂₁ (a task's first weights are taken as they are,
     TorchJD's ``CRMOGMWeighting`` convention). ``alpha = 0`` is the inner method; ``alpha = 1``
     freezes each task's first weights. The average is kept per task (a buffer keyed by task name),
-    updated on the steps where the task is active. ``needs``, ``compare``, ``heads`` and
-    ``permutation_equivariant`` are the inner method's; its state is the submodule ``inner``.
+    updated on the steps where the task is active. ``needs``, ``compare``, ``heads``,
+    ``permutation_equivariant`` and ``batch_parts`` are the inner method's; its state is the submodule ``inner``.
 
     Departures: α is a constant, not the paper's schedule αₖ → 1 as the learning rate decays
     (Corollary 1). Inner methods that return a direction (needs = jacobian) or learn parameters
@@ -57,6 +57,7 @@ class CRMOGM(PerTaskMethod):
         self.compare = self.inner.compare  # type: ignore[misc]
         self.heads = self.inner.heads  # type: ignore[misc]
         self.permutation_equivariant = getattr(self.inner, "permutation_equivariant", True)  # type: ignore[misc]
+        self.batch_parts = getattr(self.inner, "batch_parts", 1)  # type: ignore[misc]
         self.alpha = float(alpha)
         self.register_buffer("average", torch.empty(0, dtype=torch.float64))
         self._remember(inner=inner, inner_params=dict(inner_params or {}), alpha=alpha)

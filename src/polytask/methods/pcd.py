@@ -85,11 +85,12 @@ class PCD(PerTaskMethod):
 
     def weights(self, step: Step) -> Tensor:
         idx = self.index(step)
-        g = as_float64(step.gramian, type(self).__name__)
+        g = as_float64(step.gramian, type(self).__name__)  # the T×T problem is solved on the CPU
         sq_norms = g.diagonal().clamp_min(0)
-        counts = self.counts[idx] + 1
-        ema = self.beta * self.sq_norm_ema[idx] + (1 - self.beta) * sq_norms
-        self.sq_norm_ema[idx], self.counts[idx] = ema, counts
+        counts = self.counts[idx].cpu() + 1
+        ema = self.beta * self.sq_norm_ema[idx].cpu() + (1 - self.beta) * sq_norms
+        self.sq_norm_ema[idx] = ema.to(self.sq_norm_ema.device)
+        self.counts[idx] = counts.to(self.counts.device)
         denominators = (ema / (1 - self.beta ** counts.double()) + self.eps).sqrt()
         scales = torch.where(denominators > 0, 1.0 / denominators.clamp_min(1e-300), torch.zeros_like(denominators))
         p = self._primary_position(step)
