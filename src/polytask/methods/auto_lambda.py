@@ -43,6 +43,7 @@ class AutoLambda(LazyStateMixin, PerTaskMethod):
     """
 
     needs = "jacobian"
+    heads = "weighted"  # λ weights the losses: the heads receive λᵢ∇Lᵢ, as in the paper's Σ λᵢLᵢ
     stateful = True
 
     def __init__(self, *, lr: float = 1e-4, lookahead_lr: float = 1e-3, init: float = 0.1,

@@ -44,6 +44,7 @@ class ExcessMTL(LazyStateMixin, PerTaskMethod):
     """
 
     needs = "jacobian"
+    heads = "weighted"  # its weights multiply the losses (the authors and LibMTL back-propagate Σ wᵢLᵢ)
     stateful = True
 
     def __init__(self, *, robust_step_size: float = 1e-2) -> None:
