@@ -438,10 +438,30 @@ def render(runs: Sequence[RunLogs]) -> str:
             f"<h1>polytask report: {names}</h1><nav>{nav}</nav>{listing}{''.join(parts)}</body></html>")
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Temporary file in the same folder, fsync, rename: a crash leaves the old page or the new one.
+    (``train.checkpoint`` has the same helper; diagnostics sits below train and does not import it.)"""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; a report is read like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     """Read every run (errors before anything is written), render, write ``output`` atomically."""
-    from polytask.train.checkpoint import atomic_write_text
-
     runs = [read_run(p) for p in run_dirs]
     names = [r.name for r in runs]
     for r in runs:  # two runs of the same folder name stay apart in the tables
@@ -451,5 +471,5 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     output = Path(output)
     if output.is_dir():
         raise InvalidParameterError(f"report output '{output}' is a folder; give a file name such as report.html")
-    atomic_write_text(output, page)
+    _atomic_write_text(output, page)
     return output
