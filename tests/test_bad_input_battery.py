@@ -224,6 +224,29 @@ def _(d):
     return cli("train", cfg, "--quiet")
 
 
+@case("data files", ".npz without an 'x' array", "has no array 'x'")
+def _(d):
+    d.mkdir()
+    np.savez(d / "t.npz", reg=np.zeros(10))
+    cfg = write_config(d)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["files"]["train"] = str(d / "t.npz")
+    raw["tasks"] = {"reg": {"kind": "regression"}}
+    cfg.write_text(yaml.safe_dump(raw))
+    return cli("train", cfg, "--quiet")
+
+
+@case("data files", "an image path that does not exist", "does not exist", "line 2")
+def _(d):
+    frame = pd.DataFrame({"file": ["nope.png"] * 20, "y_bin": [0, 1] * 10})
+    cfg = write_config(d, frame, tasks={"bin": {"kind": "binary", "target": "y_bin"}})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["images"] = {"column": "file", "size": [8, 8]}
+    raw["model"] = {"encoder": {"name": "cnn"}}
+    cfg.write_text(yaml.safe_dump(raw))
+    return cli("train", cfg, "--quiet")
+
+
 # ----------------------------------------------------------------------- 2. config (YAML)
 def config_case(name: str, *needles: str, **changes: object) -> None:
     case("config", name, *needles)(lambda d: train(d, **changes))
@@ -262,6 +285,8 @@ config_case("engine every for a loss method", "every", engine={"every": 5})
 config_case("a moved key (train.lr)", "optim", train={"epochs": 1, "lr": 0.1})
 config_case("data.options beside data.files", "options",
             data={"files": {"train": "x.csv"}, "options": {"encodin": "codes"}})
+config_case("data.images without data.files", "`images` reads image paths from the tables in data.files",
+            data={"dataset": "adult", "images": {"column": "f", "size": [8, 8]}})
 config_case("task named like a module attribute", "keys", tasks={"keys": {"kind": "regression", "target": "y_reg"}})
 config_case("compare: features on an architecture without a shared representation", "features",
             model={"architecture": "cross_stitch", "encoder": {"name": "mlp", "hidden": [8]}},

@@ -119,8 +119,13 @@ class Run:
         """Model inputs for ``data``: table rows (a DataFrame, or a CSV/Parquet file) through the
         run's preprocessing; an array, tensor or ``.npy`` file of encoded inputs as they are."""
         task = self._task_for_inputs(task)
+        base = Path(data).parent if isinstance(data, (str, Path)) else Path.cwd()  # where relative image paths start
         data = _read(data)
-        if isinstance(data, pd.DataFrame):
+        if isinstance(data, pd.DataFrame) and self.preprocessing.get("images"):
+            from polytask.data.sources import read_images
+
+            x = read_images(data, self.preprocessing["images"], base, "the input rows")
+        elif isinstance(data, pd.DataFrame):
             x = self._encode_frame(data, task, id_column)
         else:
             x = data if isinstance(data, Tensor) else torch.tensor(np.asarray(data))  # a copy: arrays may be read-only

@@ -278,6 +278,11 @@ def predict(run_dir: Path, input_path: Path, output_path: Path | None, checkpoin
             raise DataError(f"{input_path} holds an array of shape {tuple(x.shape)}; this run's model reads inputs{whose} "
                             f"of shape {_shape(expected)} (N examples): save an array of that shape, or pass the raw "
                             "rows as a CSV/Parquet table")
+    elif prep.get("images"):  # a table naming image files, read as in training
+        from polytask.data.sources import read_images
+
+        frame = read_table(input_path)
+        x = read_images(frame, prep["images"], input_path.parent, str(input_path))
     else:
         state = per_task[task] if per_task else prep.get("features")
         if state is None:

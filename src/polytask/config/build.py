@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -12,10 +14,11 @@ from torch import nn
 from polytask.config.schema import Config, Files, TaskConfig
 from polytask.core.errors import ConfigError, DataError, InvalidParameterError, closest
 from polytask.core.losses import LOSSES
-from polytask.core.task import Task, standardize_targets
+from polytask.core.task import Task, infer_num_classes, standardize_targets
 from polytask.data.dataset import MultiOutputDataset, TaskDatasets
 from polytask.data.files import infer_classes_from_column, label_vocabulary, read_table, table_dataset
 from polytask.data.samplers import SAMPLERS
+from polytask.data.sources import is_array_source
 from polytask.data.tabular import TabularPreprocessor
 from polytask.datasets import DATASETS, LoadedData
 from polytask.datasets.base import split_indices
@@ -39,9 +42,11 @@ class Preprocessing:
     per_task: dict[str, dict[str, Any]] | None = None
     labels: dict[str, list[str] | None] | None = None
     targets: dict[str, list[float]] | None = None  # (mean, std) of standardised regression targets
+    images: dict[str, Any] | None = None  # data.images: the column naming image files, their size and channels
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": self.features, "per_task": self.per_task, "labels": self.labels, "targets": self.targets}
+        out = {"features": self.features, "per_task": self.per_task, "labels": self.labels, "targets": self.targets}
+        return out | ({"images": self.images} if self.images is not None else {})
 
 
 def check_registries(cfg: Config) -> None:
@@ -156,8 +161,53 @@ def _feature_columns(cfg: Config, frame: pd.DataFrame, targets: list[str]) -> li
     return [c for c in frame.columns if c not in targets]
 
 
+def _from_arrays(cfg: Config, files: Files) -> tuple[LoadedData, Preprocessing]:
+    """``data.files`` naming .npz files (or folders of .npy files): inputs under ``x``, a target array per task."""
+    from polytask.data.sources import arrays_dataset, read_arrays
+
+    assert cfg.tasks is not None
+    for split in ("val", "test"):
+        other = getattr(files, split)
+        if other is not None and not is_array_source(other):
+            raise ConfigError(f"data.files.train is NumPy arrays ({files.train}) but data.files.{split} is {other}; "
+                              "expected the same kind of source for every split")
+    arrays = read_arrays(files.train)
+    if "x" not in arrays:
+        raise DataError(f"{files.train} has no array 'x' (found {', '.join(arrays) or 'none'}); expected the inputs "
+                        "under 'x'")
+    tasks = []
+    for name, tc in cfg.tasks.items():
+        key = tc.target if isinstance(tc.target, str) else name
+        if key not in arrays:
+            raise DataError(f"{files.train} has no array '{key}' for task '{name}' (found {', '.join(arrays)}); "
+                            "expected one array per task, under its target name")
+        if tc.kind == "multiclass" and tc.num_classes is None:
+            known = arrays[key][~np.isnan(arrays[key])] if np.issubdtype(arrays[key].dtype, np.floating) else arrays[key]
+            tc = tc.model_copy(update={"num_classes": infer_num_classes(name, known, f"{files.train}:{key}")})
+        tasks.append(_task(name, tc))
+    missing = {name: tc.allow_missing for name, tc in cfg.tasks.items()}
+    train = arrays_dataset(arrays, tasks, missing, str(files.train))
+    if files.val is not None:
+        val = arrays_dataset(read_arrays(files.val), tasks, missing, str(files.val))
+    else:
+        tr, va, _ = split_indices(len(train), (cfg.data.val_fraction, 0.0), cfg.seed, source=f"data file {files.train}")
+        train, val = train.subset(tr), train.subset(va)
+    test = arrays_dataset(read_arrays(files.test), tasks, missing, str(files.test)) if files.test else None
+    shape = tuple(train.x.shape[1:])
+    encoder = ({"name": "cnn", "in_channels": shape[0]} if len(shape) == 3 else
+               {"name": "mlp", "in_features": int(np.prod(shape)), "hidden": [128, 64]})
+    return LoadedData("arrays", tasks, train, val, test, None, encoder), Preprocessing(None)
+
+
 def _from_files(cfg: Config, files: Files) -> tuple[LoadedData, Preprocessing]:
     assert cfg.tasks is not None
+    if is_array_source(files.train):
+        if cfg.data.images is not None or cfg.data.features is not None:
+            raise ConfigError(f"data.files.train is NumPy arrays ({files.train}): the inputs are its 'x' array, so "
+                              "data.images and data.features do not apply; remove them")
+        return _from_arrays(cfg, files)
+    if cfg.data.images is not None:
+        return _from_image_table(cfg, files)
     train, val, test = _splits(cfg, files)
     tasks = [_task(name, tc, train=train) for name, tc in cfg.tasks.items()]  # num_classes inferred from `train`
     columns = {t.name: t.target or t.name for t in tasks}
@@ -171,6 +221,30 @@ def _from_files(cfg: Config, files: Files) -> tuple[LoadedData, Preprocessing]:
                         build(test, str(files.test)) if test is not None else None, prep.to_dict(),
                         {"name": "mlp", "in_features": prep.out_features, "hidden": [128, 64]})
     return loaded, Preprocessing(prep.to_dict(), labels=labels)
+
+
+def _from_image_table(cfg: Config, files: Files) -> tuple[LoadedData, Preprocessing]:
+    """Tables whose ``data.images.column`` names image files: the images are the inputs."""
+    from polytask.data.sources import check_image_spec, read_images
+
+    assert cfg.tasks is not None and cfg.data.images is not None
+    spec = check_image_spec(cfg.data.images.model_dump())
+    train, val, test = _splits(cfg, files)
+    tasks = [_task(name, tc, train=train) for name, tc in cfg.tasks.items()]
+    columns = {t.name: t.target or t.name for t in tasks}
+    labels = {t.name: label_vocabulary(train, t, columns[t.name]) for t in tasks}
+    missing = {name: tc.allow_missing for name, tc in cfg.tasks.items()}
+    tasks = _with_inferred_classes(tasks, labels)
+
+    def build(frame: pd.DataFrame, source: Path, where: str) -> Any:
+        images = read_images(frame, spec, Path(source).parent, where)
+        return table_dataset(frame, tasks, columns, None, labels, missing, where, x=images)
+
+    loaded = LoadedData("image_table", tasks, build(train, files.train, str(files.train)),
+                        build(val, files.val or files.train, "validation data"),
+                        build(test, files.test, str(files.test)) if test is not None and files.test else None, None,
+                        {"name": "cnn", "in_channels": spec["channels"]})
+    return loaded, Preprocessing(None, labels=labels, images=spec)
 
 
 def _from_task_files(cfg: Config) -> tuple[LoadedData, Preprocessing]:

@@ -43,9 +43,25 @@ class Files(Strict):
     test: Path | None = None
 
 
+class ImagesConfig(Strict):
+    """Images named in a table's column (see polytask.data.sources)."""
+
+    column: str
+    size: list[int] = Field(min_length=2, max_length=2)
+    channels: Literal[1, 3] = 3
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"size must be [height, width], positive pixels; found {value}")
+        return value
+
+
 class DataConfig(Strict):
     dataset: str | None = None
     files: Files | None = None
+    images: ImagesConfig | None = None
     features: list[str] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     val_fraction: float = Field(0.15, gt=0, lt=1)
@@ -58,6 +74,12 @@ class DataConfig(Strict):
             raise ValueError(f"`options` ({', '.join(map(str, self.options))}) are parameters of a bundled `dataset` "
                              "(see `polytask list datasets`); data from files take none, so they would be ignored: "
                              "remove data.options")
+        if self.images is not None and self.files is None:
+            raise ValueError("`images` reads image paths from the tables in data.files; give data.files (a CSV/Parquet "
+                             "table with the image column and the targets)")
+        if self.images is not None and self.features is not None:
+            raise ValueError("`features` picks table columns as inputs, but with `images` the images are the inputs: "
+                             "remove data.features")
         if self.dataset is not None and self.features is not None:
             raise ValueError(f"`features` picks input columns of data `files`; the bundled dataset '{self.dataset}' "
                              "has its own inputs, so it would be ignored: remove data.features")

@@ -264,17 +264,23 @@ def _check_values(frame: pd.DataFrame, task: Task, column: str, values: np.ndarr
 
 
 def table_dataset(frame: pd.DataFrame, tasks: Sequence[Task], columns: Mapping[str, str | Sequence[str]],
-                  prep: TabularPreprocessor, labels: Mapping[str, Sequence[str] | None],
-                  allow_missing: Mapping[str, bool], where: str) -> MultiOutputDataset:
+                  prep: TabularPreprocessor | None, labels: Mapping[str, Sequence[str] | None],
+                  allow_missing: Mapping[str, bool], where: str, x: torch.Tensor | None = None) -> MultiOutputDataset:
+    """The rows of a table as a data set: inputs from ``prep`` (or ``x``, e.g. the images the rows
+    name), targets from each task's columns."""
     if len(frame) == 0:  # a split of a file can be empty even though the file is not
         raise DataError(f"{where} has no rows{_rows_of(frame, where)}; expected at least one")
-    for col in prep.numeric:
+    if x is not None:
+        prep = None
+    for col in prep.numeric if prep is not None else ():
         if col in frame.columns:
             infinite = np.isinf(pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64))
             if infinite.any():
                 raise DataError(f"{where} column '{col}' has an infinite value at "
                                 f"{locate_row(frame, int(infinite.nonzero()[0][0]), where)}; expected finite numbers")
-    x = prep.transform(frame, where=where)
+    if prep is not None:
+        x = prep.transform(frame, where=where)
+    assert x is not None, "table_dataset needs a preprocessor or the inputs"
     targets, masks = {}, {}
     for task in tasks:
         y, mask = targets_from(frame, task, columns[task.name], labels.get(task.name),
