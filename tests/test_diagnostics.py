@@ -224,3 +224,44 @@ def test_diagnostics_callback_refuses_bad_parameters():
         CALLBACKS.create("diagnostics", affinity_every=-1)
     with pytest.raises(InvalidParameterError, match="`conflict`"):
         CALLBACKS.create("diagnostics", conflict="yes")
+
+
+def test_lookahead_with_sgd_momentum_is_the_papers_update():
+    """TAG's lookahead under SGD with momentum μ: θ′ = θ − lr·(μ·buf + g) (PyTorch's convention, dampening 0)."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([theta], lr=0.1, momentum=0.9)
+    theta.grad = torch.tensor([0.5, 0.5])
+    opt.step()  # leaves a momentum buffer of [0.5, 0.5]
+    look = OptimizerLookahead(opt, {"theta": theta})
+    look.snapshot()
+    target = torch.tensor([3.0, 1.0])
+    losses_at = _quadratic(target, target)
+    z = lookahead_affinity(losses_at, {"theta": theta.detach()}, ["theta"], look, ["a", "b"])
+    g = 2 * (theta.detach() - target)
+    stepped = theta.detach() - 0.1 * (0.9 * torch.tensor([0.5, 0.5]) + g)
+    expected = 1 - ((stepped - target) ** 2).sum() / ((theta.detach() - target) ** 2).sum()
+    assert z[0, 0].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.equal(opt.state[theta]["momentum_buffer"], torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.slow  # three short trainings
+def test_a_resumed_run_measures_the_same_affinity_as_an_uninterrupted_one(tmp_path):
+    def trainer(name, epochs, resume=False):
+        torch.manual_seed(0)
+        model = pt.models.HardSharing(pt.encoders.MLP(in_features=4, hidden=[16], dropout=0.1), TASKS)
+        return pt.Trainer(model, TASKS, method="equal", loop={"epochs": epochs, "batch_size": 32},
+                          optim={"optimizer": "adam", "lr": 0.01}, run={"progress": False}, health={"every": 3},
+                          callbacks=[{"name": "diagnostics", "affinity_every": 2}], output_dir=tmp_path / name,
+                          seed=0, resume=resume)
+
+    trainer("straight", 2).fit(_data())
+    trainer("resumed", 1).fit(_data())
+    trainer("resumed", 2, resume=True).fit(_data())
+    straight, resumed = (json.loads((tmp_path / n / "diagnostics" / "summary.json").read_text()) for n in ("straight", "resumed"))
+    assert resumed["affinity"]["overall"]["steps"] == straight["affinity"]["overall"]["steps"] == 4
+    for a, b in zip(sum(resumed["affinity"]["overall"]["mean"], []), sum(straight["affinity"]["overall"]["mean"], []),
+                    strict=True):
+        assert a == pytest.approx(b, abs=1e-9)
+    assert resumed["conflict"]["overall"]["steps"] == straight["conflict"]["overall"]["steps"] == 3
+    assert (tmp_path / "resumed" / "diagnostics" / "affinity.csv").read_text() == \
+        (tmp_path / "straight" / "diagnostics" / "affinity.csv").read_text()
