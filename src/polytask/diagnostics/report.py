@@ -136,7 +136,9 @@ def _heatmap(matrix: Sequence[Sequence[float | None]], tasks: Sequence[str], tit
     import numpy as np
 
     values = np.array([[math.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
-    finite = values[np.isfinite(values)]
+    # the colours span the off-diagonal (transfer) values; the diagonal (1 for cosines, self-affinity) saturates
+    off = values[np.isfinite(values) & ~np.eye(len(tasks), dtype=bool)]
+    finite = off if off.size else values[np.isfinite(values)]
     scale = float(np.abs(finite).max()) if finite.size else 1.0
     size = 1.2 + 0.9 * len(tasks)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
