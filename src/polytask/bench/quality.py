@@ -46,6 +46,7 @@ class DataSpec:
     reference_rounds: int = 1000
     reference_leaves: tuple[int, ...] = (31, 127)
     methods: tuple[str, ...] | None = None  # this data set's methods when --methods is not given (None: the suite's)
+    alt_metric: str | None = None  # a second Δm column from another metric of the same cells
     note: str = ""
 
     def describe(self) -> str:
@@ -66,7 +67,7 @@ FULL = Suite("full", {
     "qm9": DataSpec("qm9.yaml", ("train.epochs=10", "data.options.rows=12000"), 150,
                     (("mmoe", "qm9.yaml"), ("wide_trunk", "qm9.yaml")),
                     reference=True, reference_leaves=(63,), methods=FULL_METHODS),
-    "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150, methods=FULL_METHODS),
+    "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150, methods=FULL_METHODS, alt_metric="auroc"),
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=5", "data.options.rows=20000"), 60, (("mmoe", "diamonds.yaml"),),
                          reference=True, reference_leaves=(31,)),
     "adult": DataSpec("adult.yaml", ("train.epochs=4",), 60, (("mmoe", "adult_mmoe.yaml"),), reference=True),
@@ -75,7 +76,7 @@ FULL = Suite("full", {
                            (("mtan", "multimnist_mtan.yaml"),)),
     "reviews": DataSpec("reviews.yaml", ("train.epochs=3", "data.options.max_rows=12000"), 60),
     "movielens": DataSpec("movielens_esmm.yaml", ("train.epochs=2", "data.options.max_rows=60000"), 60),
-}, CORE_METHODS, 3, note="the many-task sets (QM9, Yeast) also run the other methods of FULL_METHODS")
+}, CORE_METHODS, 3, note=f"the many-task sets (QM9, Yeast) also run {', '.join(FULL_METHODS[len(CORE_METHODS):])}")
 QUICK = Suite("quick", {
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=1", "data.options.rows=1500"), 10, reference=True,
                          reference_rounds=50),
@@ -389,6 +390,9 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
              "The reference row is one LightGBM model per task, its number of trees and leaves chosen on the "
              "validation split. Seconds are wall time per cell on a shared, loaded 2-core machine (one thread), "
              "for comparing rows of one table only.", "",
+             f"Suite `{suite.name}`: methods {', '.join(suite.methods)}" + (f"; {suite.note}" if suite.note else "")
+             + ". The budget of each data set (example config, overrides, the wall-time cap per cell after which "
+             "a cell stops at the end of its epoch) heads its table; the epochs column shows what each row ran.", "",
              "## Summary", "",
              "The best row is the multi-task row (method or architecture) with the highest mean Δm; choosing it "
              "on the test split flatters it, so read a small margin as a tie. The last two columns count the "
@@ -413,11 +417,17 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
         spec = FULL.datasets[dataset] if dataset not in suite.datasets else suite.datasets[dataset]
         shown = list(main)
         header = " | ".join(f"{t} {main[t]} {'↑' if METRICS.higher_is_better(main[t]) else '↓'}" for t in shown)
+        alt = {}
+        if spec.alt_metric:  # the same cells scored on another metric every task records
+            alt = {r.label: r.delta_m for r in summarise(cells, dataset, {t: spec.alt_metric for t in main})[0]}
+        alt_head = f" Δm% ({spec.alt_metric}) |" if alt else ""
         sections += ["", f"## {dataset}", "", f"Budget: {spec.describe()}; seeds {sorted(complete)}.", "",
-                     f"| row | needs | Δm% | {header} | s/cell | epochs / trees |",
-                     "| --- | --- | --- | " + " | ".join("---" for _ in shown) + " | --- | --- |"]
+                     f"| row | needs | Δm% |{alt_head} {header} | s/cell | epochs / trees |",
+                     "| --- | --- | --- | " + ("--- | " if alt else "") + " | ".join("---" for _ in shown) + " | --- | --- |"]
         for r in rows:
             delta = "0 (reference point)" if r.kind == "single_task" else _pm(r.delta_m, 3)
+            if alt:
+                delta += " | " + ("0" if r.kind == "single_task" else _pm(alt.get(r.label, []), 3))
             epochs = f"{min(r.epochs)}–{max(r.epochs)}" if r.epochs and min(r.epochs) != max(r.epochs) else (
                 str(r.epochs[0]) if r.epochs else "–")
             sections.append(f"| {r.label} | {_needs(r)} | {delta} | " + " | ".join(_pm(r.metrics[t]) for t in shown)

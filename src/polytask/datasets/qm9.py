@@ -8,6 +8,17 @@ the eigenvalues of its Coulomb matrix (Rupp et al., Physical Review Letters 2012
 magnitude and zero-padded to the largest molecule (29 atoms), followed by its counts of H, C, N,
 O and F atoms. Computing them for all molecules takes seconds; they are cached on disk, keyed by
 the SHA-256 of the four CSV files, so later loads only read the cache.
+
+The twelve targets and their columns follow the qm9pack files; ``alpha`` is the files' isotropic
+polarizability, which the loader checks against the tensor in ``qm9_polarizability.csv`` (merged
+on ``XYZ_file``: every molecule must have one).
+
+Departures
+----------
+Distances are in Ångström rather than bohr (Rupp et al. use atomic units): this scales the
+off-diagonal Coulomb terms by a constant, which the standardisation of the features removes up
+to the interplay with the diagonal. The descriptor is not a graph network's input: the numbers a
+multi-task paper reports for QM9 with message passing (Navon et al., ICML 2022) are not comparable.
 """
 
 from __future__ import annotations
@@ -91,6 +102,13 @@ def _read_molecules(download: bool) -> tuple[pd.DataFrame, list[Path]]:
     if len(merged) != len(frame):
         raise DataError(f"qm9pack: {len(frame) - len(merged)} molecules have no row in qm9_polarizability.csv; "
                         f"expected every molecule there: reinstall with `{_INSTALL}==1.0.3`")
+    trace = (merged["A_xx"] + merged["A_yy"] + merged["A_zz"]) / 3
+    off = (trace - merged[TARGETS["alpha"]]).abs()
+    if (off > 0.01).any():  # the files round to 0.001 bohr³; a larger gap means mismatched rows
+        row = int(off.to_numpy().argmax())
+        raise DataError(f"qm9pack: molecule {merged['XYZ_file'].iloc[row]} has polarizability "
+                        f"{merged[TARGETS['alpha']].iloc[row]} but its tensor's trace / 3 is {trace.iloc[row]:.3f}; "
+                        f"expected them equal: reinstall with `{_INSTALL}==1.0.3`")
     return merged, [*paths, polar_path]
 
 
