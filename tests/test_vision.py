@@ -361,3 +361,23 @@ def test_vision_tasks_from_yaml_keep_their_size_and_fill_the_encoder():
     model = build_model(cfg, loaded.tasks, spec)
     out = model(loaded.train.x[:2])
     assert tuple(out["segmentation"].shape) == (2, 11, 48, 48) and tuple(out["digits"].shape) == (2, 144, 16)
+
+
+@pytest.mark.slow
+def test_segmentation_detection_example_with_baselines_on_the_feature_map(tmp_path):
+    """examples/image_segmentation_detection.yaml (upgrad, engine.compare: features) with
+    --baselines: the single-task runs use `equal`, for which the multi-task run's compare mode
+    does not apply, and every task gets its baseline."""
+    import json
+    from pathlib import Path
+
+    from polytask.cli.main import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "image_segmentation_detection.yaml"
+    run = tmp_path / "run"
+    assert main(["train", str(example), "--quiet", "--baselines", "--set",
+                 "data.options={train_size: 32, val_size: 16, test_size: 16}", "--set", "train.epochs=1",
+                 "--set", f"output_dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["baselines"]) == {"segmentation", "digits"}
+    assert {"miou", "pixel_accuracy"} <= set(summary["tasks"]["segmentation"])

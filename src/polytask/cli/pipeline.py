@@ -150,7 +150,9 @@ def _train(cfg: Config, run: RunDir, loaded: LoadedData, encoder: dict[str, Any]
             torch.manual_seed(cfg.seed)
             model = build_model(cfg, [task], encoder, {task.name: stems[task.name]} if stems else None)
             monitor = cfg.train.monitor if cfg.train.monitor.split("/")[0] in ("loss", task.name) else "loss"
-            single = {**kwargs, "method": "equal", "loop": cfg.train.model_copy(update={"monitor": monitor})}
+            # one task: `equal`, which compares no gradients, so the multi-task run's engine.compare does not apply
+            single = {**kwargs, "method": "equal", "loop": cfg.train.model_copy(update={"monitor": monitor}),
+                      "engine": cfg.engine.model_copy(update={"compare": "auto"})}
             trainer = Trainer(model, [task], **single, output_dir=sub.path, resume=resume and sub.has_checkpoint())
             report = trainer.fit(restrict(loaded.train, task.name), restrict(loaded.val, task.name),
                                  restrict(loaded.test, task.name))
