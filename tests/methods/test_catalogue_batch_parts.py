@@ -99,3 +99,21 @@ def test_modo_trains_from_the_trainer_on_batch_halves():
     first, last = ([r["value"] for r in report.history if r["task"] == "a" and r["split"] == "val" and r["metric"] == "loss"][i]
                    for i in (0, -1))
     assert last < 0.7 * first
+
+
+def test_per_task_clipping_scales_the_part_gramians_too():
+    model = Tiny(("t0", "t1"), seed=5)
+    stacked, _ = _half_losses(model, seed=3)
+    seen = {}
+
+    class Spy(type(METHODS.create("modo"))):
+        def weights(self, step):
+            seen["g"], seen["parts"] = step.gramian, step.part_gramians
+            return super().weights(step)
+
+    engine = Engine(Spy(), model.shared(), task_clip=1e-3)
+    report = engine.backward(stacked)
+    c = report.clip.double()
+    g = seen["parts"].double().sum(dim=(0, 1)) / 4  # G of the mean from the clipped parts
+    torch.testing.assert_close(g, seen["g"].double(), rtol=1e-5, atol=1e-12)
+    assert bool((c < 1).all()) and float(seen["g"].diagonal().max()) <= 1e-6 * (1 + 1e-4)

@@ -251,6 +251,8 @@ class Engine:
                 # per-task clipping acts on the gradients the method sees, as if each gᵢ were cᵢ gᵢ
                 step.gramian = clip[:, None] * step.gramian * clip[None, :]
                 step.jacobian = None if step.jacobian is None else clip[:, None] * step.jacobian
+                if step.part_gramians is not None:
+                    step.part_gramians = clip[:, None] * step.part_gramians * clip[None, :]
             if step.gramian is not None and not bool(torch.isfinite(step.gramian).all()):
                 update, fallback = Update(torch.ones_like(vec)), "non-finite task gradients: equal weights"
             else:
