@@ -40,6 +40,8 @@ class AutoLambda(LazyStateMixin, PerTaskMethod):
     θ₁(λ)), and approximates it otherwise (Adam rescales the step). The look-ahead moves θ (the
     compared parameters) only, not the heads. J is kept between steps (a T×P buffer, like MoCo's),
     with per-task flags: a task without a loss at a step gets no hypergradient at the next one.
+    No peer implementation can be a test (the authors' code is a training script, LibMTL's bilevel
+    code lives in its trainer); the test checks the hypergradient against autograd instead.
     """
 
     needs = "jacobian"

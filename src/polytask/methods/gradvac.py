@@ -39,6 +39,8 @@ class GradVac(PerTaskMethod):
     it, ``Step.param_shapes``) and returns the direction, with weights 1 as LibMTL's
     ``batch_weight``; layers are recovered from the tensor shapes (``methods/_groups.py``: a weight
     and its bias, a norm layer's weight and bias), where LibMTL walks the encoder's leaf modules.
+    The test re-derives LibMTL's grouped loop (it cannot be installed beside this torch) and
+    compares the engine's update on θ for both group types.
     """
 
     needs = "gramian"

@@ -26,7 +26,9 @@ class IMTL(PerTaskMethod):
     and s is trained on Σᵢ (e^(sᵢ)Lᵢ − sᵢ) with the losses detached (the update's penalty), whose
     gradient e^(sᵢ)Lᵢ − 1 vanishes when every scaled loss is 1: IMTL-L's balance. IMTL-G's direction
     is invariant to the task scales, so s sets the size of each task's part, α the direction.
-    IMTL-G's singular-Gramian behaviour is ``imtl_g``'s (see its Departures).
+    IMTL-G's singular-Gramian behaviour is ``imtl_g``'s (see its Departures). LibMTL cannot be
+    installed beside this torch; the test re-derives its ``IMTL.backward`` (the closed form on the
+    scaled gradients) and compares the weights and the scales' gradient.
 
     Departures: the task-specific heads receive what ``engine.heads`` says (unweighted: ∇Lᵢ;
     weighted: wᵢ∇Lᵢ); LibMTL back-propagates e^(sᵢ)∇Lᵢ into them.
