@@ -33,11 +33,32 @@ def parts_step(name: str):  # the real configuration: each task's loss on both h
     return step
 
 
+def lookahead_step():  # auto_lambda's virtual look-ahead: inner half for the step, outer half in a closure
+    method = METHODS.create("auto_lambda", mode="lookahead")
+    method.setup(problem.tasks)
+    engine = Engine(method, problem.model.shared_parameters())
+    names = {id(p): n for n, p in problem.model.named_parameters()}
+    inner, outer = slice(0, None, 2), slice(1, None, 2)
+
+    def outer_losses(replace):
+        out = torch.func.functional_call(problem.model, {names[i]: v for i, v in replace.items()}, (problem.x[outer],))
+        return {t: (out[t] - problem.y[outer, i]).pow(2).mean() for i, t in enumerate(problem.tasks)}
+
+    def step(i: int) -> None:
+        problem.model.zero_grad(set_to_none=True)
+        out = problem.model(problem.x[inner])
+        losses = {t: (out[t] - problem.y[inner, i]).pow(2).mean() for i, t in enumerate(problem.tasks)}
+        engine.backward(losses, lookahead=outer_losses)
+    return step
+
+
+if "auto_lambda" in names:
+    steps["auto_lambda (lookahead)"] = lookahead_step()
 for extra in ("modo", "sdmgrad"):
     if extra in names:
         steps[f"{extra} (parts=2)"] = parts_step(extra)
 times = {k: [] for k in steps}
-for k, s in steps.items():
+for s in steps.values():
     s(0)  # warm-up
 for r in range(int(sys.argv[2]) if len(sys.argv) > 2 else 5):
     for k, s in steps.items():

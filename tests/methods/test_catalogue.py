@@ -14,6 +14,7 @@ import torchjd.aggregation as tja
 import torchjd.scalarization as tjs
 from torchjd.linalg import QuadprogProjector
 
+import polytask as pt
 from polytask.config.schema import load_config
 from polytask.core.errors import InvalidParameterError
 from polytask.engine import Engine
@@ -365,3 +366,48 @@ def test_auto_lambda_hypergradient_is_autograd_through_the_sgd_step():
     torch.testing.assert_close(moved, -1e-2 * torch.sign(want), rtol=1e-4, atol=1e-8)
     with pytest.raises(InvalidParameterError, match="`primary` of `auto_lambda` must be a non-empty list"):
         METHODS.create("auto_lambda", primary="t0")
+
+
+def test_auto_lambda_lookahead_is_autograd_through_the_virtual_step():
+    """mode=lookahead: h = ∂/∂λ F(θ − αJᵀλ) on the outer batch, from the engine's Step.lookahead."""
+    alpha = 0.1
+    gen = torch.Generator().manual_seed(6)
+    theta = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    inner_batch, outer_batch = ((torch.randn(3, 4, 5, dtype=torch.float64, generator=gen),
+                                 torch.randn(3, 4, dtype=torch.float64, generator=gen)) for _ in range(2))
+
+    def losses(th, batch):
+        a, b = batch
+        return {f"t{i}": 0.5 * ((a[i] @ th - b[i]) ** 2).sum() for i in range(3)}
+
+    method = METHODS.create("auto_lambda", mode="lookahead", lookahead_lr=alpha, lr=1e-2, primary=["t1"])
+    engine = Engine(method, [theta])
+    with pytest.raises(InvalidParameterError, match="evaluates an outer batch at displaced parameters: pass lookahead="):
+        engine.backward(losses(theta, inner_batch))
+    j = torch.stack([torch.autograd.grad(v, theta)[0] for v in losses(theta, inner_batch).values()])
+    var = torch.full((3,), 0.1, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(losses(theta.detach() - alpha * j.T @ var, outer_batch)["t1"], var)
+    engine = Engine(METHODS.create("auto_lambda", mode="lookahead", lookahead_lr=alpha, lr=1e-2, primary=["t1"]), [theta])
+    report = engine.backward(losses(theta, inner_batch), lookahead=lambda moved: losses(moved[id(theta)], outer_batch))
+    torch.testing.assert_close(engine.method.hypergradient, want, rtol=1e-10, atol=1e-12)
+    weights = torch.tensor(list(report.weights.values()), dtype=torch.float64)
+    torch.testing.assert_close(weights, 0.1 - 1e-2 * torch.sign(want), rtol=1e-4, atol=1e-8)  # λ updated first
+    torch.testing.assert_close(theta.grad, j.T @ weights)  # then θ's update on the inner batch
+
+
+def test_auto_lambda_lookahead_trains_from_the_trainer():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 6, generator=gen)
+    data = pt.data.MultiOutputDataset(x, {"a": x @ torch.linspace(-1, 1, 6), "b": (x[:, 0] > 0).float()})
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
+    torch.manual_seed(0)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16]), tasks)
+    trainer = pt.Trainer(model, tasks, method={"name": "auto_lambda", "mode": "lookahead", "primary": ["a"], "lr": 1e-2},
+                         loop={"epochs": 3, "batch_size": 32}, optim={"lr": 1e-2}, run={"progress": False})
+    assert trainer.engine.lookahead
+    report = trainer.fit(data, data)
+    lam = trainer.engine.method.lam
+    assert bool((lam != 0.1).all())  # λ moved at every step's hypergradient
+    first, last = ([r["value"] for r in report.history if r["task"] == "a" and r["split"] == "val" and r["metric"] == "loss"][i]
+                   for i in (0, -1))
+    assert last < 0.7 * first

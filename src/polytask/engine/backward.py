@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,9 @@ from polytask.engine.comm import Communicator
 from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
+
+#: a closure over a bilevel method's outer batch: {id(parameter): replacement} → the tasks' losses there
+Outer = Callable[[Mapping[int, Tensor]], Mapping[str, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,11 @@ class Engine:
             raise InvalidParameterError(f"every={opts.every} reuses a gradient method's weights between "
                                         f"recomputations; '{self.name}' cannot reuse them: {why} (use every=1)")
         self.batch_parts = int(getattr(self.method, "batch_parts", 1))
+        self.lookahead = bool(getattr(self.method, "lookahead", False))
+        if self.lookahead and (self.batch_parts > 1 or self.compare == "features" or opts.every > 1):
+            raise InvalidParameterError(
+                f"'{self.name}' evaluates an outer batch at displaced parameters: it needs compare='shared' or "
+                "'last_shared', every=1 and no batch parts")
         if self.batch_parts > 1 and (self.compare == "features" or opts.every > 1):
             raise InvalidParameterError(
                 f"'{self.name}' compares task gradients on {self.batch_parts} parts of each batch, on the parameters: "
@@ -175,7 +183,7 @@ class Engine:
     # ------------------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,
                  epoch: int = 0, extra_loss: Tensor | None = None, scale: float = 1.0,
-                 diagnose: bool = False) -> StepReport:
+                 diagnose: bool = False, lookahead: Outer | None = None) -> StepReport:
         """Accumulate the update into ``.grad``, advance the step counter and report the step.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
@@ -207,6 +215,8 @@ class Engine:
         vec = torch.stack(parts)
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         step = Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch)
+        if getattr(self.method, "lookahead", False):
+            step.lookahead = self._lookahead(active, lookahead)
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         on_theta = self.compare in ("shared", "last_shared") and not reuse
         jacobian = theta_gramian = None
@@ -269,6 +279,33 @@ class Engine:
         weights.update(zip(active, applied.detach().tolist(), strict=True))
         return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
                           None if feature_jacobian is None else step.gramian, clip, reuse, fallback)
+
+    def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``Step.lookahead`` from a closure over the outer batch: θ is replaced by θ + δ (new
+        leaves, not an in-place change, so the inner graph stays valid) and the gradient taken there."""
+        if outer is None:
+            raise InvalidParameterError(
+                f"'{self.name}' evaluates an outer batch at displaced parameters: pass lookahead=, a function that maps "
+                "{id(parameter): replacement} to the tasks' losses on the outer batch (the Trainer builds it from half "
+                "of each batch)")
+
+        def evaluate(delta: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+            moved, offset = {}, 0
+            for p in self.theta:
+                moved[id(p)] = (p.detach() + delta[offset:offset + p.numel()].view_as(p).to(p.dtype)).requires_grad_(True)
+                offset += p.numel()
+            out = outer(moved)
+            missing = [t for t in active if out.get(t) is None]
+            if missing:
+                raise InvalidParameterError(f"the outer batch of '{self.name}' has no loss for task(s) {missing}")
+            values = torch.stack([out[t] for t in active])  # type: ignore[misc]
+            grads = torch.autograd.grad((weights.to(values) * values).sum(), list(moved.values()), allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.theta, grads, strict=True)])
+            if self.comm is not None:
+                self.comm.mean_(flat)
+                values = self.comm.mean_(values.detach().clone())
+            return values.detach(), flat
+        return evaluate
 
     def _part_losses(self, active: tuple[str, ...], parts: list[Tensor]) -> list[Tensor]:
         k = self.batch_parts

@@ -7,7 +7,7 @@ feature Gramian) to w. The engine then runs one ordinary backward of Σ wᵢ L�
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -57,6 +57,10 @@ class Step:
         part_gramians: the cross Gramians Gₐᵦ = Jₐ Jᵦᵀ (k×k×T×T) of the task Jacobians on k disjoint
             parts of the step's batch, for methods with ``batch_parts = k > 1`` (MoDo); J and G are
             then those of the mean loss over the parts (the whole batch). None otherwise.
+        lookahead: for methods with ``lookahead = True`` (bilevel methods), ``lookahead(delta, weights)``
+            gives the step's tasks' losses on an outer batch at the compared parameters displaced by
+            ``delta`` (P,), and ∇ Σᵢ weightsᵢ Lᵢ^outer there (P,); the step's own losses are those of
+            the inner batch. None otherwise.
     """
 
     tasks: tuple[str, ...]
@@ -69,6 +73,7 @@ class Step:
     generator: torch.Generator = None  # type: ignore[assignment]
     param_shapes: tuple[torch.Size, ...] | None = None
     part_gramians: Tensor | None = None
+    lookahead: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -130,6 +135,11 @@ class Method(nn.Module):
     #: their cross Gramians ``part_gramians`` and the update applies to the mean loss. An instance
     #: may set it from a parameter.
     batch_parts: ClassVar[int] = 1
+    #: True: a bilevel method that evaluates an outer batch at displaced parameters
+    #: (``Step.lookahead``). The Trainer gives the engine half of each batch as the step's (inner)
+    #: losses and a closure over the other half; a plain loop passes ``lookahead=`` to
+    #: ``Engine.backward`` itself. An instance may set it from a parameter.
+    lookahead: ClassVar[bool] = False
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:

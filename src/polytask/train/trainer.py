@@ -353,7 +353,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self.scaler.get_scale() if self.scaler is not None else 1.0,
-                                      diagnose=self.health.wants_gramian(self.step_index))
+                                      diagnose=self.health.wants_gramian(self.step_index),
+                                      lookahead=self._outer_losses(groups, active) if self.engine.lookahead else None)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # before clipping, so thresholds are in true units
         # overflowing fp16 steps are the scaler's to skip; look only at finite ones
@@ -373,6 +374,8 @@ class Trainer:
         """``_forward``, or, for a method that asks for k > 1 independent parts of each batch
         (``Method.batch_parts``, e.g. MoDo), ``_forward`` on each part with the k losses stacked."""
         k = self.engine.batch_parts
+        if self.engine.lookahead:  # bilevel: the first half is the step's (inner) batch, the second the outer
+            return self._forward([b.shard(0, 2) for b in groups], active)
         if k == 1:
             return self._forward(groups, active)
         runs = [self._forward([b.shard(a, k) for b in groups], active) for a in range(k)]
@@ -382,6 +385,25 @@ class Trainer:
             losses[t] = None if any(v is None for v in values) else torch.stack(values)  # type: ignore[arg-type]
         counts = {t: sum(run[1].get(t, 0) for run in runs) for t in runs[0][1]}
         return losses, counts, [z for run in runs for z in run[2]]
+
+    def _outer_losses(self, groups: list[Batch], active: Sequence[str]):
+        """The closure over the outer half of each batch that a bilevel method evaluates at displaced
+        shared parameters ({id(parameter): replacement}, through ``torch.func.functional_call``)."""
+        outer = [b.shard(1, 2) for b in groups]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def losses(replace: Mapping[int, Tensor]) -> dict[str, Tensor | None]:
+            params = {names[i]: value for i, value in replace.items()}
+            out: dict[str, Tensor | None] = {}
+            for batch in outer:
+                if self.comm is not None:
+                    batch = batch.shard(self.comm.rank, self.comm.world_size)
+                tasks = [t for t in active if t in batch.targets and t not in out]
+                if tasks:
+                    preds = torch.func.functional_call(self.model, params, (batch.x,), {"tasks": tasks, "task": batch.source})
+                    out.update({t: self._task(t).loss(preds[t], batch.targets[t], batch.masks.get(t)) for t in tasks})
+            return out
+        return losses
 
     def _forward(self, groups: list[Batch], active: Sequence[str]
                  ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:
