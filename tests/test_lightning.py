@@ -1,0 +1,123 @@
+"""polytask methods inside a real lightning.Trainer: the same update as polytask's own engine,
+2-process DDP on CPU equal to one process, bf16 autocast, task weights in Lightning's logger,
+the engine's state in Lightning's checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+pl = pytest.importorskip("lightning.pytorch", reason="pip install 'polytask[lightning]'")
+
+import polytask as pt  # noqa: E402
+from polytask.core.errors import InvalidParameterError  # noqa: E402
+from polytask.integrations.lightning import MultiTaskModule  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lightning_script import Rows  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "lightning_script.py"
+TASKS = [pt.Task("a", "regression"), pt.Task("b", "binary")]
+OPTIM = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "clip": {"norm": 5.0}}
+
+
+def model() -> pt.models.HardSharing:
+    torch.manual_seed(0)
+    return pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 16]), TASKS)
+
+
+def lightning_trainer(folder: Path, epochs: int = 2, **kwargs) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(str(folder), name="l",
+                      version=0), default_root_dir=str(folder), enable_progress_bar=False, enable_model_summary=False,
+                      log_every_n_steps=1, **kwargs)
+
+
+def loader() -> DataLoader:
+    rows = Rows()
+    return DataLoader(rows, batch_size=32, sampler=DistributedSampler(rows, num_replicas=1, rank=0, seed=0))
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("method", ["equal", "upgrad", "uncertainty"])
+def test_the_same_update_as_polytasks_own_engine(tmp_path, method, one_thread):
+    module = MultiTaskModule(model(), method=method, optim=OPTIM)
+    lightning_trainer(tmp_path).fit(module, loader())
+    # the same two epochs by hand: polytask's Engine, SGD, clipping
+    net = model()
+    engine = pt.Engine(method, net.shared_parameters(), last_shared_params=net.last_shared_parameters())
+    opt = torch.optim.SGD([*net.parameters(), *engine.parameters()], lr=0.05)
+    data = loader()
+    for epoch in range(2):
+        data.sampler.set_epoch(epoch)
+        for x, y, m in data:
+            out = net(x)
+            losses = {t: net.tasks[t].loss(out[t], y[t].float(), m.get(t)) for t in ("a", "b")}
+            opt.zero_grad(set_to_none=True)
+            engine.backward(losses, epoch=epoch)
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], 5.0)
+            opt.step()
+    for (name, got), want in zip(module.model.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_task_weights_and_metrics_reach_lightnings_logger(tmp_path, one_thread):
+    module = MultiTaskModule(model(), method={"name": "dwa", "temperature": 2.0}, optim=OPTIM)
+    lightning_trainer(tmp_path, epochs=3).fit(module, loader(), DataLoader(Rows(64), batch_size=64))
+    logged = pd.read_csv(tmp_path / "l" / "version_0" / "metrics.csv")
+    for column in ("train/loss/a_step", "train/weight/b_step", "val/a/rmse", "val/b/auroc", "val/loss/b"):
+        assert logged[column].notna().any(), column
+    weights = logged["train/weight/a_step"].dropna()
+    assert len(weights) == 12 and weights.iloc[-1] != weights.iloc[0]  # DWA moves the weights after epoch 2
+
+
+def test_engine_state_is_in_lightnings_checkpoint_and_resumes(tmp_path, one_thread):
+    straight = MultiTaskModule(model(), method="famo", optim=OPTIM)
+    lightning_trainer(tmp_path / "s", epochs=4).fit(straight, loader())
+    first = MultiTaskModule(model(), method="famo", optim=OPTIM)
+    lightning_trainer(tmp_path / "r", epochs=2).fit(first, loader())
+    checkpoint = next((tmp_path / "r").rglob("*.ckpt"))
+    assert "polytask_engine" in torch.load(checkpoint, weights_only=False)
+    resumed = MultiTaskModule(model(), method="famo", optim=OPTIM)
+    lightning_trainer(tmp_path / "r", epochs=4).fit(resumed, loader(), ckpt_path=str(checkpoint))
+    assert resumed.engine.index == straight.engine.index == 16
+    for got, want in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        torch.testing.assert_close(got, want)
+
+
+def test_bf16_autocast_trains(tmp_path, one_thread):
+    module = MultiTaskModule(model(), method="mgda", optim=OPTIM)
+    lightning_trainer(tmp_path, precision="bf16-mixed").fit(module, loader())
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert module.engine.index == 8
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(InvalidParameterError, match="MultiTaskModel"):
+        MultiTaskModule(torch.nn.Linear(2, 2))
+    with pytest.raises(InvalidParameterError, match="pcgard"):
+        MultiTaskModule(model(), method="pcgard")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["upgrad"])
+def test_two_process_ddp_equals_one_process(tmp_path, method):
+    for devices in (1, 2):
+        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / str(devices)), str(devices), method],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / d / "params.pt") for d in ("1", "2"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
