@@ -49,8 +49,8 @@ from polytask.engine.options import EngineOptions
 from polytask.methods.base import METHODS, Method
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
-from polytask.train.options import OptimOptions
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
+from polytask.train.options import OptimOptions
 
 try:
     import lightning.pytorch as pl
