@@ -17,11 +17,8 @@ from __future__ import annotations
 
 from polytask.vision import losses  # noqa: F401  (registers the losses)
 from polytask.vision.boxes import batched_nms, cxcywh_to_xyxy, giou, iou, nms, pairwise_iou, xywh_to_xyxy, xyxy_to_cxcywh, xyxy_to_xywh
+from polytask.vision.dense import IGNORE_INDEX  # −1: an unlabelled pixel; a detection target row of class −1 is padding
 from polytask.vision.feature_map import FeatureMap
-
-IGNORE_INDEX = -1
-"""Segmentation pixels labelled −1 are ignored by the loss and the metrics; a detection target row
-whose class is −1 is padding (no box)."""
 
 __all__ = ["IGNORE_INDEX", "FeatureMap", "batched_nms", "cxcywh_to_xyxy", "giou", "iou", "nms", "pairwise_iou",
            "xywh_to_xyxy", "xyxy_to_cxcywh", "xyxy_to_xywh"]

@@ -111,7 +111,9 @@ class MeanAveragePrecision(torchmetrics.Metric):
         self.add_state("images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
-        start = int(self.images)
+        # image ids unique across ranks, so that the rows torchmetrics gathers never mix two images
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        start = int(self.images) + rank * 10**12
         rows = []
         for i, (boxes, scores, labels) in enumerate(self.decoder(prediction)):
             image = torch.full((len(scores), 1), float(start + i), dtype=torch.float64, device=boxes.device)
@@ -125,7 +127,11 @@ class MeanAveragePrecision(torchmetrics.Metric):
     def compute(self) -> Tensor:
         found = _cat(self.found, 7)
         truth = _cat(self.truth, 6)
-        n = int(self.images)
+        # images with neither a box nor a detection take no part in COCO's AP: number the others 0..n-1
+        ids, index = torch.unique(torch.cat([truth[:, 0], found[:, 0]]), return_inverse=True)
+        truth, found = truth.clone(), found.clone()
+        truth[:, 0], found[:, 0] = index[:len(truth)].double(), index[len(truth):].double()
+        n = len(ids)
         targets = [rows[:, 1:] for rows in _per_image(truth, n)]
         detections = [(rows[:, 1:5], rows[:, 5], rows[:, 6].long()) for rows in _per_image(found, n)]
         return torch.tensor(coco_map(detections, targets, self.num_classes, self.backend)[self.key], dtype=torch.float64)
