@@ -112,7 +112,7 @@ def _activation_mb(module: torch.nn.Module, forward: Callable[[], Any]) -> float
     return total[0] / 2**20
 
 
-def cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str], repeats: int = 50,
+def cost(dataset: str, base: Path, epochs: int | None, overrides: Sequence[str], repeats: int = 100,
          tag: str | None = None) -> dict[str, float]:
     """Student vs teachers (parameters, forward latency per batch, peak memory) and the step ratio, on one thread."""
     threads = torch.get_num_threads()
