@@ -47,6 +47,7 @@ class DataSpec:
     reference_leaves: tuple[int, ...] = (31, 127)
     methods: tuple[str, ...] | None = None  # this data set's methods when --methods is not given (None: the suite's)
     alt_metric: str | None = None  # a second Δm column from another metric of the same cells
+    task_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # Δm columns over subsets of the tasks
     note: str = ""
 
     def describe(self) -> str:
@@ -66,13 +67,15 @@ class Suite:
 FULL = Suite("full", {
     "qm9": DataSpec("qm9.yaml", ("train.epochs=10", "data.options.rows=12000"), 150,
                     (("mmoe", "qm9.yaml"), ("wide_trunk", "qm9.yaml")),
-                    reference=True, reference_leaves=(63,), methods=FULL_METHODS),
+                    reference=True, reference_leaves=(63,), methods=FULL_METHODS,
+                    task_groups=(("energies", ("u0", "u", "h", "g")),
+                                 ("other 8", ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "cv")))),
     "yeast": DataSpec("yeast.yaml", ("train.epochs=15",), 150, methods=FULL_METHODS, alt_metric="auroc"),
     "diamonds": DataSpec("diamonds.yaml", ("train.epochs=5", "data.options.rows=20000"), 60, (("mmoe", "diamonds.yaml"),),
                          reference=True, reference_leaves=(31,)),
     "adult": DataSpec("adult.yaml", ("train.epochs=4",), 60, (("mmoe", "adult_mmoe.yaml"),), reference=True),
     "multimnist": DataSpec("multimnist.yaml", ("train.epochs=3", "data.options.train_size=4000",
-                                               "data.options.val_size=1000", "data.options.test_size=2000"), 90,
+                                               "data.options.val_size=1000", "data.options.test_size=2000"), 240,
                            (("mtan", "multimnist_mtan.yaml"),)),
     "reviews": DataSpec("reviews.yaml", ("train.epochs=3", "data.options.max_rows=12000"), 60),
     "movielens": DataSpec("movielens_esmm.yaml", ("train.epochs=2", "data.options.max_rows=60000"), 60),
@@ -417,17 +420,20 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
         spec = FULL.datasets[dataset] if dataset not in suite.datasets else suite.datasets[dataset]
         shown = list(main)
         header = " | ".join(f"{t} {main[t]} {'↑' if METRICS.higher_is_better(main[t]) else '↓'}" for t in shown)
-        alt = {}
+        extra_columns: dict[str, dict[str, list[float]]] = {}
         if spec.alt_metric:  # the same cells scored on another metric every task records
-            alt = {r.label: r.delta_m for r in summarise(cells, dataset, {t: spec.alt_metric for t in main})[0]}
-        alt_head = f" Δm% ({spec.alt_metric}) |" if alt else ""
+            extra_columns[spec.alt_metric] = {
+                r.label: r.delta_m for r in summarise(cells, dataset, {t: spec.alt_metric for t in main})[0]}
+        for group, members in spec.task_groups:
+            extra_columns[group] = {r.label: r.delta_m for r in summarise(cells, dataset, {t: main[t] for t in members})[0]}
+        alt_head = "".join(f" Δm% ({name}) |" for name in extra_columns)
         sections += ["", f"## {dataset}", "", f"Budget: {spec.describe()}; seeds {sorted(complete)}.", "",
                      f"| row | needs | Δm% |{alt_head} {header} | s/cell | epochs / trees |",
-                     "| --- | --- | --- | " + ("--- | " if alt else "") + " | ".join("---" for _ in shown) + " | --- | --- |"]
+                     "| --- | --- | --- | " + "--- | " * len(extra_columns) + " | ".join("---" for _ in shown) + " | --- | --- |"]
         for r in rows:
             delta = "0 (reference point)" if r.kind == "single_task" else _pm(r.delta_m, 3)
-            if alt:
-                delta += " | " + ("0" if r.kind == "single_task" else _pm(alt.get(r.label, []), 3))
+            for column in extra_columns.values():
+                delta += " | " + ("0" if r.kind == "single_task" else _pm(column.get(r.label, []), 3))
             epochs = f"{min(r.epochs)}–{max(r.epochs)}" if r.epochs and min(r.epochs) != max(r.epochs) else (
                 str(r.epochs[0]) if r.epochs else "–")
             sections.append(f"| {r.label} | {_needs(r)} | {delta} | " + " | ".join(_pm(r.metrics[t]) for t in shown)
