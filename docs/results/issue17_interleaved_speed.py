@@ -33,8 +33,8 @@ def parts_step(name: str):  # the real configuration: each task's loss on both h
     return step
 
 
-def lookahead_step():  # auto_lambda's virtual look-ahead: inner half for the step, outer half in a closure
-    method = METHODS.create("auto_lambda", mode="lookahead")
+def lookahead_step(name: str, **params):  # bilevel: inner half for the step, outer half in a closure
+    method = METHODS.create(name, **params)
     method.setup(problem.tasks)
     engine = Engine(method, problem.model.shared_parameters())
     names = {id(p): n for n, p in problem.model.named_parameters()}
@@ -53,7 +53,10 @@ def lookahead_step():  # auto_lambda's virtual look-ahead: inner half for the st
 
 
 if "auto_lambda" in names:
-    steps["auto_lambda (lookahead)"] = lookahead_step()
+    steps["auto_lambda (lookahead)"] = lookahead_step("auto_lambda", mode="lookahead")
+if "moml" in names:
+    steps["moml (lookahead)"] = lookahead_step("moml")
+    del steps["moml"]  # its lookahead=False form is the contract suites
 for extra in ("modo", "sdmgrad"):
     if extra in names:
         steps[f"{extra} (parts=2)"] = parts_step(extra)

@@ -233,6 +233,7 @@ CLAIMS: dict[str, dict[str, Claim]] = {
                 "scale_free": Claim("as MGDA")},
     "moco": {},
     "modo": {},
+    "moml": {},
     "nash_mtl": {"non_conflicting": Claim("Navon et al. 2022, Claim 3.1: gᵢᵀd = 1/wᵢ > 0", independent=True),
                  "loss_scale_invariant": Claim("Navon et al. 2022, Sec. 3: the bargaining solution is invariant "
                                                "to the scale of each task's utility", independent=True)},

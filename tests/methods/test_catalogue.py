@@ -411,3 +411,50 @@ def test_auto_lambda_lookahead_trains_from_the_trainer():
     first, last = ([r["value"] for r in report.history if r["task"] == "a" and r["split"] == "val" and r["metric"] == "loss"][i]
                    for i in (0, -1))
     assert last < 0.7 * first
+
+
+def test_moml_hypergradients_are_autograd_through_the_virtual_step_and_mgda_combines_them():
+    eta = 0.2
+    gen = torch.Generator().manual_seed(8)
+    theta = torch.randn(6, dtype=torch.float64, generator=gen).requires_grad_(True)
+    inner_batch, outer_batch = ((torch.randn(3, 5, 6, dtype=torch.float64, generator=gen),
+                                 torch.randn(3, 5, dtype=torch.float64, generator=gen)) for _ in range(2))
+
+    def losses(th, batch):
+        a, b = batch
+        return {f"t{i}": 0.5 * ((a[i] @ th - b[i]) ** 2).sum() for i in range(3)}
+
+    j = torch.stack([torch.autograd.grad(v, theta)[0] for v in losses(theta, inner_batch).values()])
+    logits = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    outer = losses(theta.detach() - eta * j.T @ torch.softmax(logits, 0), outer_batch)
+    h = torch.stack([torch.autograd.grad(outer[f"t{k}"], logits, retain_graph=True)[0] for k in range(3)])
+    unit = h / h.norm(dim=1, keepdim=True)
+    engine = Engine(METHODS.create("moml", inner_lr=eta, lr=1e-2), [theta])
+    report = engine.backward(losses(theta, inner_batch), lookahead=lambda moved: losses(moved[id(theta)], outer_batch))
+    d = engine.method.hypergradient
+    # d = Σ solₖ uₖ with Σ solₖ = 1 (the rows span 2 dimensions: S has 1 in its null space) …
+    system = torch.cat([unit.T, torch.ones(1, 3, dtype=torch.float64)])
+    sol = torch.linalg.lstsq(system, torch.cat([d, torch.ones(1, dtype=torch.float64)])).solution
+    torch.testing.assert_close(system @ sol, torch.cat([d, torch.ones(1, dtype=torch.float64)]), rtol=0, atol=1e-9)
+    assert bool((sol >= -1e-9).all()), sol
+    assert bool((unit @ d >= d @ d - 1e-9).all())  # … and its min-norm point (KKT)
+    w = torch.tensor(list(report.weights.values()), dtype=torch.float64)
+    torch.testing.assert_close(w, torch.softmax(-1e-2 * torch.sign(d), 0), rtol=1e-4, atol=1e-8)  # one Adam step
+    with pytest.raises(InvalidParameterError, match="`lookahead` of `moml` must be a bool"):
+        METHODS.create("moml", lookahead="yes")
+
+
+def test_moml_trains_from_the_trainer():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 6, generator=gen)
+    data = pt.data.MultiOutputDataset(x, {"a": x @ torch.linspace(-1, 1, 6), "b": (x[:, 0] > 0).float()})
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
+    torch.manual_seed(0)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16]), tasks)
+    trainer = pt.Trainer(model, tasks, method={"name": "moml", "inner_lr": 1e-2, "lr": 1e-2},
+                         loop={"epochs": 3, "batch_size": 32}, optim={"lr": 1e-2}, run={"progress": False})
+    report = trainer.fit(data, data)
+    assert bool((trainer.engine.method.logits != 0).any())
+    first, last = ([r["value"] for r in report.history if r["task"] == "a" and r["split"] == "val" and r["metric"] == "loss"][i]
+                   for i in (0, -1))
+    assert last < 0.8 * first

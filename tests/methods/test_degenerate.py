@@ -389,6 +389,7 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "mgda_ub": mgda,
     "moco": moco,
     "modo": simplex,  # λ projected onto the simplex
+    "moml": simplex,  # softmax weights
     "nash_mtl": nash_mtl,
     "pbi": one_task_ones,
     "pcd": pcd,

@@ -330,7 +330,8 @@ def _list(what: str | None, name: str | None = None) -> int:
 def _needs(method: Any) -> str:
     """What a method class needs, with the batch parts of methods that ask for more than one."""
     parts = getattr(method, "batch_parts", 1)
-    return method.needs + (f" on {parts} parts of each batch" if parts > 1 else "")
+    outer = " and an outer half-batch (look-ahead)" if getattr(method, "lookahead", False) else ""
+    return method.needs + (f" on {parts} parts of each batch" if parts > 1 else "") + outer
 
 
 def _describe(what: str | None, name: str, registries: Mapping[str, Any]) -> int:

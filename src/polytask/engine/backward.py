@@ -299,8 +299,14 @@ class Engine:
             if missing:
                 raise InvalidParameterError(f"the outer batch of '{self.name}' has no loss for task(s) {missing}")
             values = torch.stack([out[t] for t in active])  # type: ignore[misc]
-            grads = torch.autograd.grad((weights.to(values) * values).sum(), list(moved.values()), allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(self.theta, grads, strict=True)])
+            rows = weights.reshape(-1, len(active)).to(values)  # (K, T): one gradient per row, one forward
+            flats = []
+            for k, row in enumerate(rows):
+                grads = torch.autograd.grad((row * values).sum(), list(moved.values()), allow_unused=True,
+                                            retain_graph=k < len(rows) - 1)
+                flats.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                        for p, g in zip(self.theta, grads, strict=True)]))
+            flat = torch.stack(flats) if weights.dim() == 2 else flats[0]
             if self.comm is not None:
                 self.comm.mean_(flat)
                 values = self.comm.mean_(values.detach().clone())

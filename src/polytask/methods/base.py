@@ -59,8 +59,9 @@ class Step:
             then those of the mean loss over the parts (the whole batch). None otherwise.
         lookahead: for methods with ``lookahead = True`` (bilevel methods), ``lookahead(delta, weights)``
             gives the step's tasks' losses on an outer batch at the compared parameters displaced by
-            ``delta`` (P,), and ∇ Σᵢ weightsᵢ Lᵢ^outer there (P,); the step's own losses are those of
-            the inner batch. None otherwise.
+            ``delta`` (P,), and ∇ Σᵢ weightsᵢ Lᵢ^outer there (P,), or one gradient per row (K×P) for
+            weights of shape (K, T), from one forward; the step's own losses are those of the inner
+            batch. None otherwise.
     """
 
     tasks: tuple[str, ...]

@@ -14,7 +14,7 @@ from polytask.methods.base import Step, Update, get_method, register
 
 @register("cr_mogm")
 class CRMOGM(PerTaskMethod):
-    """CR-MOGM — Zhou, Zhang, Wei, Chen, Zhao & Lin, "On the Convergence of Stochastic
+    """CR-MOGM — Zhou et al., "On the Convergence of Stochastic
     Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022 (Algorithm 1, Corollary 1).
 
     Stochastic gradient manipulation (MGDA, PCGrad, CAGrad, …) is biased because its weights λ̂ₖ

@@ -16,7 +16,7 @@ _ADAGRAD_EPS = 1e-7
 
 @register("excess_mtl")
 class ExcessMTL(LazyStateMixin, PerTaskMethod):
-    """ExcessMTL — He, Zhou, Ye, Li & Cheng, "Robust Multi-Task Learning with Excess Risks",
+    """ExcessMTL — He et al., "Robust Multi-Task Learning with Excess Risks",
     ICML 2024 (Algorithm 1, Eq. 6-9).
 
     Each task's excess risk Lᵢ(θ) − Lᵢ(θᵢ*) is estimated by a second-order expansion with a diagonal

@@ -17,7 +17,7 @@ GROUPS = ("matrix", "whole")
 
 @register("metabalance")
 class MetaBalance(LazyStateMixin, PerTaskMethod):
-    """MetaBalance — He, Feng, Lin, Zhao, Li, Zhou, Zhao & Peng, "MetaBalance: Improving Multi-Task
+    """MetaBalance — He et al., "MetaBalance: Improving Multi-Task
     Recommendations via Adapting Gradient Magnitudes of Auxiliary Tasks", WWW 2022 (Algorithm 1),
     as torch-rechub's ``MetaBalance`` optimiser computes it.
 
