@@ -111,3 +111,12 @@ def test_bad_teachers_are_one_clear_error_and_change_nothing(tmp_path) -> None:
     bad = config(tmp_path, "bad.yaml", distill={"teachers": {"bin": str(corrupt)}})
     clean_error(run_cli("train", bad, "--overwrite", "--quiet"), "best.pt")
     assert snapshot(tmp_path / "run") == before
+
+
+def test_polytask_list_shows_distillation_objectives_and_schedules() -> None:
+    code, out, _ = run_cli("list", "distillation")
+    assert code == 0 and "output" in out and "feature" in out and "Hinton" not in out.split("output")[0]
+    code, out, _ = run_cli("list", "annealing", "exponential")
+    assert code == 0 and "rate" in out and "5.0" in out
+    code, out, _ = run_cli("list")
+    assert "annealing:" in out and "linear" in out
