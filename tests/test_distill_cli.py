@@ -115,7 +115,7 @@ def test_bad_teachers_are_one_clear_error_and_change_nothing(tmp_path) -> None:
 
 def test_polytask_list_shows_distillation_objectives_and_schedules() -> None:
     code, out, _ = run_cli("list", "distillation")
-    assert code == 0 and "output" in out and "feature" in out and "Hinton" not in out.split("output")[0]
+    assert code == 0 and "output" in out and "feature" in out
     code, out, _ = run_cli("list", "annealing", "exponential")
     assert code == 0 and "rate" in out and "5.0" in out
     code, out, _ = run_cli("list")
