@@ -1,6 +1,7 @@
 """Architectures, encoders and heads."""
 
 from polytask.models import encoders
+from polytask.models.aitm import AITM
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.cross_stitch import CrossStitch
 from polytask.models.dselect_k import DSelectK
@@ -14,5 +15,5 @@ from polytask.models.ple import CGC, PLE
 from polytask.models.soft_sharing import SoftSharing
 from polytask.models.task_branches import TaskBranches
 
-__all__ = ["ARCHITECTURES", "CGC", "ESMM", "LTB", "MMoE", "MTAN", "PLE", "CrossStitch", "DSelectK", "DenseHead", "HardSharing",
+__all__ = ["AITM", "ARCHITECTURES", "CGC", "ESMM", "LTB", "MMoE", "MTAN", "PLE", "CrossStitch", "DSelectK", "DenseHead", "HardSharing",
            "MultiTaskModel", "SoftSharing", "TaskBranches", "encoders", "make_head"]
