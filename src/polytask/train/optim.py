@@ -20,9 +20,16 @@ def parameter_groups(model: MultiTaskModel, tasks: Sequence[Task], extra: Iterab
     """Shared parameters, and the private parameters of tasks without settings of their own, at
     the global settings; each task that sets its own ``lr`` / ``weight_decay`` gets a group of its
     private parameters (``task:NAME``); method parameters (e.g. uncertainty log-variances) at the
-    global learning rate without decay. (One group per task would cost an optimiser call per task
+    global learning rate without decay; a submodule with an ``own_lr`` attribute gets a group
+    (``module:NAME``) at that rate. (One group per task would cost an optimiser call per task
     per step: on small models more than the update itself.)"""
     groups, seen = [], set()
+    for name, module in model.named_modules():  # a module with its own rate (e.g. a fine-tuned pretrained encoder)
+        own = getattr(module, "own_lr", None)
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen] if own is not None else []
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "name": f"module:{name}", "lr": float(own), "weight_decay": weight_decay})
     for task in tasks:
         if task.lr is None and task.weight_decay is None:
             continue
