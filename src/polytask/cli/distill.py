@@ -165,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
     rows = report.run(datasets, seeds, root=args.root, epochs=args.epochs, overrides=args.overrides, tag=args.tag,
                       echo=lambda line: print(line, flush=True))
     text = report.markdown(rows, datasets, seeds, epochs=args.epochs, overrides=args.overrides, tag=args.tag,
-                           output=args.output)
+                           output=args.output, root=args.root)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     report.write_csv(rows, args.output.with_suffix(".csv"))
