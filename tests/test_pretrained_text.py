@@ -84,6 +84,9 @@ def test_bad_input_named(frozen):
     ids[1, 3] = 10 ** 6
     with pytest.raises(pt.DataError, match=r"row 1, position 3 has token id 1000000; expected ids in \[0, 30522\)"):
         frozen(ids)
+    words = torch.tensor([[5, 17, 3, 0], [101, 7592, 102, 0]])  # row 0: ids of a word vocabulary, in range
+    with pytest.raises(pt.DataError, match=r"row 0 starts with token id 5, not \[CLS\] \(101\)"):
+        frozen(words)
     with pytest.raises(pt.DataError, match="row 0 is all padding"):
         frozen(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(pt.ShapeError, match="integer word-piece ids"):

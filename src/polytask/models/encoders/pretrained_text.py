@@ -157,7 +157,7 @@ class PretrainedText(nn.Module):
         tokenizer, backbone = load_backbone(model)
         self.model_name, self.mode, self.max_length, self.flush_every = model, mode, max_length, flush_every
         self.tokenizer = tokenizer
-        self.pad_id = int(tokenizer.pad_token_id)
+        self.pad_id, self.cls_id = int(tokenizer.pad_token_id), int(tokenizer.cls_token_id)
         self.vocab_size = int(backbone.config.vocab_size)
         self.positions = int(backbone.config.max_position_embeddings)
         if max_length > self.positions:
@@ -206,6 +206,13 @@ class PretrainedText(nn.Module):
         if empty.any():
             raise DataError(f"`pretrained_text`: row {int(empty.nonzero()[0])} is all padding; a tokenised text, even an empty "
                             "one, has [CLS] and [SEP]")
+        # word ids of another vocabulary (the `text` data sets') are in range too: they do not start with [CLS]
+        foreign = ids[:, 0] != self.cls_id
+        if foreign.any():
+            row = int(foreign.nonzero()[0])
+            raise DataError(f"`pretrained_text`: row {row} starts with token id {int(ids[row, 0])}, not [CLS] ({self.cls_id}): "
+                            "not word pieces of this model (from PretrainedText.tokenize); the word-vocabulary ids of the "
+                            "bundled text data sets (e.g. reviews) are for the `text` encoder")
         return ids, mask
 
     def _sentence(self, backbone: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
