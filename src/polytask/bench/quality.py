@@ -412,7 +412,7 @@ def markdown(cells: dict[CellKey, Cell], datasets: Sequence[str], *, csv_name: s
         best = max(multi, key=lambda r: _mean(r.delta_m))
         equal = next((r for r in multi if r.label == "equal"), None)
         wins = "–"
-        if equal is not None and len(equal.delta_m) == len(best.delta_m):
+        if equal is not None and equal is not best and len(equal.delta_m) == len(best.delta_m):
             wins = f"{sum(b > e for b, e in zip(best.delta_m, equal.delta_m))} / {len(best.delta_m)}"
         above = f"{sum(d > 0 for d in best.delta_m)} / {len(best.delta_m)}"
         lines.append(f"| {dataset} | {len(main)} | {best.label} | {_pm(best.delta_m, 3)} | "
