@@ -27,7 +27,7 @@ METRIC_FIELDS = ("epoch", "split", "task", "metric", "value")
 STEP_FIELDS = ("step", "epoch", "task", "loss", "weight")
 GRADIENT_FIELDS = ("step", "kind", "name", "value")
 RUN_FILES = ("config.yaml", "metrics.csv", "steps.csv", "summary.json", "training.png", "preprocess.json",
-             "gradients.csv", "gradients.png", "environment.json", "tensorboard", "mlflow",
+             "gradients.csv", "gradients.png", "environment.json", "tensorboard", "mlflow", "diagnostics", "model.json",
              "checkpoints", "single_task")
 #: hidden folders inside a run directory holding the run an ``--overwrite`` replaces (see RunDir)
 MOVING, ASIDE, RESTORING = ".replaced-run.moving", ".replaced-run", ".replaced-run.restoring"
