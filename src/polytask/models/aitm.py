@@ -45,7 +45,7 @@ def calibration_penalty(probabilities: Sequence[Tensor]) -> Tensor:
 
 @ARCHITECTURES.register("aitm")
 class AITM(MultiTaskModel):
-    """Sequential conversion steps, each step's tower reading what the previous step transfers.
+    """Funnel steps in sequence, each mixing what the previous step transfers (Xi et al., KDD 2021).
 
     Adaptive Information Transfer Multi-task framework (Xi, Chen, Zhang, Zhou, Xu, Zheng, Fang,
     Lu & Hu, "Modeling the Sequential Dependence among Audience Multi-step Conversions with

