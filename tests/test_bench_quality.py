@@ -114,3 +114,30 @@ def test_quick_suite_trains_then_resumes(tmp_path):
     assert len(trained) == 1 and "uncertainty" in trained[0]
     table = quality.markdown(store.read(path), ["diamonds"], csv_name="quick.csv", suite=quality.QUICK)
     assert "| lightgbm |" in table and "price rmse ↓" in table
+
+
+def test_normalized_mutual_information_by_hand():
+    import numpy as np
+
+    a = np.array([0, 0, 1, 1])
+    assert quality.normalized_mutual_information(a, np.array([7, 7, 3, 3])) == pytest.approx(1.0)  # a relabelling
+    assert quality.normalized_mutual_information(a, np.array([0, 1, 0, 1])) == pytest.approx(0.0)  # independent
+    assert quality.normalized_mutual_information(a, np.zeros(4)) == 0.0  # a constant label carries nothing
+    # a = [0,0,1,1], b = [0,1,1,1]: I = H(b) - H(b|a) = 0.5623 - 0.3466 nats, H(a) = ln 2
+    b = np.array([0, 1, 1, 1])
+    ha, hb = np.log(2), -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    mutual = hb - 0.5 * np.log(2)
+    assert quality.normalized_mutual_information(a, b) == pytest.approx(mutual / np.sqrt(ha * hb))
+
+
+def test_group_columns_score_subsets_of_the_tasks(tmp_path):
+    path = tmp_path / "cells.csv"
+    names = list(quality.main_metrics("qm9"))
+    base = {t: {"mae": 1.0} for t in names}
+    for t in names:
+        store.append(path, _cell("qm9", "single_task", "equal", 0, {t: base[t]}, t))
+    worse_energies = {t: {"mae": 2.0 if t in ("u0", "u", "h", "g") else 1.0} for t in names}
+    store.append(path, _cell("qm9", "multi_task", "equal", 0, worse_energies))
+    table = quality.markdown(store.read(path), ["qm9"], csv_name="cells.csv", suite=quality.FULL)
+    # energies 100 % worse, the other eight unchanged: overall (4 × -100) / 12
+    assert "| equal | losses | -33.3 ± 0 | -100 ± 0 | 0 ± 0 |" in table
