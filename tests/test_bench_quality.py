@@ -141,3 +141,19 @@ def test_group_columns_score_subsets_of_the_tasks(tmp_path):
     table = quality.markdown(store.read(path), ["qm9"], csv_name="cells.csv", suite=quality.FULL)
     # energies 100 % worse, the other eight unchanged: overall (4 × -100) / 12
     assert "| equal | losses | -33.3 ± 0 | -100 ± 0 | 0 ± 0 |" in table
+
+
+def test_cli_writes_the_table_from_the_csv(tmp_path, capsys):
+    from polytask.cli.main import main
+
+    path, md = tmp_path / "cells.csv", tmp_path / "bench.md"
+    for seed in (0, 1):
+        for task in ("income", "marital"):
+            store.append(path, _cell("adult", "single_task", "equal", seed, {task: {"accuracy": 0.8}}, task))
+        store.append(path, _cell("adult", "multi_task", "equal", seed,
+                                 {"income": {"accuracy": 0.84}, "marital": {"accuracy": 0.8}}))
+    assert main(["bench", "quality", "--suite", "full", "--table-only", "--csv", str(path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "[`cells.csv`](cells.csv)" in text and "| adult | 2 | equal | 2.5 ± 0 |" in text
+    assert main(["bench", "quality", "--datasets", "qm8", "--csv", str(path)]) == 2
+    assert "no data set 'qm8'" in capsys.readouterr().err
