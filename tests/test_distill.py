@@ -247,6 +247,11 @@ def test_cache_is_reused_and_stale_caches_are_refused(tmp_path) -> None:
         cached_outputs(teachers, data, cache)
     with pytest.raises(DataError, match="no teacher representation"):
         first.check(teachers, data, features=True)
+    # a valid cache without representations is rebuilt with them when they are asked for
+    cache.unlink()
+    cached_outputs(teachers, data, cache)
+    assert set(cached_outputs(teachers, data, cache, features=True).features) == {"income", "kind", "price"}
+    assert set(TeacherOutputs.load(cache).features) == {"income", "kind", "price"}
 
 
 def test_predictions_and_plain_modules_as_teachers() -> None:

@@ -274,12 +274,15 @@ def cached_outputs(teachers: Mapping[str, Teacher], data: Data, cache: str | Pat
     """The teachers' outputs from ``cache`` when it matches the data and teachers, else computed.
 
     No cache file yet (or ``refresh``): computed and written there. A cache that does not match
-    is refused (DataError naming the task), never used: ``refresh=True`` rebuilds it.
+    is refused (DataError naming the task), never used: ``refresh=True`` rebuilds it. A matching
+    cache without the representations that ``features`` asks for is rebuilt with them.
     """
     if cache is not None and Path(cache).exists() and not refresh:
         found = TeacherOutputs.load(cache)
-        found.check(teachers, data, features=features, where=f"teacher cache {cache}")
-        return found
+        found.check(teachers, data, where=f"teacher cache {cache}")
+        if not features or all(name in found.features for name in teachers):
+            return found
+        # these rows and teachers, without the representations now asked for: rebuilt with them
     computed = compute_outputs(teachers, data, features=features, batch_size=batch_size)
     if cache is not None:
         computed.save(cache)
