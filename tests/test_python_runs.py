@@ -151,3 +151,17 @@ def test_an_encoder_factory_has_no_recipe():
     tasks = [pt.Task("a", "regression"), pt.Task("b", "binary")]
     model = pt.models.CrossStitch(encoder_factory=lambda: pt.encoders.MLP(in_features=4, hidden=[8]), tasks=tasks)
     assert model_spec(model) is None and "function" in why_no_spec(model)
+
+
+def test_a_zero_baseline_makes_delta_m_undefined_not_a_failed_run(tmp_path):
+    """Before: the run trained to the end, then failed computing Δm (a division by a zero baseline)."""
+    tasks = [pt.Task("price", "regression"), pt.Task("good", "binary")]
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=3, hidden=[8]), tasks)
+    baselines = {"price": {"rmse": 0.0}, "good": {"accuracy": 0.9}}
+    trainer = pt.Trainer(model, tasks, loop={"epochs": 1}, run={"progress": False}, baselines=baselines,
+                         output_dir=tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"Δm is undefined.*'rmse'.*\['price'\] is 0"):
+        report = trainer.fit(dataset(frame(60, 0)))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["delta_m"] is None and "undefined" in summary["delta_m_undefined"]
+    assert report.summary["baselines"] == baselines

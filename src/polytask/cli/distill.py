@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from polytask.core.errors import ConfigError, closest
-
 
 def register(sub: Any, bench_sub: Any) -> None:
     teachers = sub.add_parser("teachers", help="train one single-task teacher per task of a config and cache their "
@@ -41,6 +39,8 @@ def register(sub: Any, bench_sub: Any) -> None:
 # ------------------------------------------------------------------------ the distill: section
 def _run_dirs(cfg: Any, run_path: Path, tasks: list[Any]) -> tuple[dict[str, Path], Path | None]:
     """The teacher run directory of every distilled task, and the teachers' folder (if one)."""
+    from polytask.core.errors import ConfigError, closest  # here: the CLI imports no torch at start
+
     d = cfg.distill
     names = [t.name for t in tasks]
     for name in d.tasks or []:
@@ -67,6 +67,7 @@ def resolve_teachers(cfg: Any, run_path: Path, loaded: Any, encoder: dict[str, A
     import math
 
     from polytask.config.build import build_model
+    from polytask.core.errors import ConfigError  # here: the CLI imports no torch at start
     from polytask.distill import as_teacher
     from polytask.runs import load
 

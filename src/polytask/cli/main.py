@@ -198,7 +198,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\n{summary['method']} on {summary['split']} split (best epoch {summary['best_epoch']}, "
           f"{summary['train_seconds']} s of training); run directory: {cfg.output_dir}")
     print(format_table(summary["tasks"], summary.get("baselines")))
-    if "delta_m" in summary:
+    if summary.get("delta_m_undefined"):
+        print(summary["delta_m_undefined"])
+    elif "delta_m" in summary:
         print(f"Δm = {summary['delta_m']:+.2f}% against single-task baselines (positive: multi-task is better)")
     return 0
 

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,7 +495,14 @@ class Trainer:
         }
         if self.baselines:
             summary["baselines"] = self.baselines
-            summary["delta_m"] = delta_m(final, self.baselines, self.main_metrics)
+            zero = [t for t, m in self.main_metrics.items() if self.baselines.get(t, {}).get(m) == 0]
+            if zero:  # a stated result, not a failed run: the relative change to a zero baseline is undefined
+                why = (f"Δm is undefined: the single-task {', '.join(repr(self.main_metrics[t]) for t in zero)} of "
+                       f"task(s) {zero} is 0, and Δm divides by it")
+                warnings.warn(why, stacklevel=2)
+                summary["delta_m"], summary["delta_m_undefined"] = math.nan, why
+            else:
+                summary["delta_m"] = delta_m(final, self.baselines, self.main_metrics)
         if self.writer is not None:
             self.writer.write_json("summary.json", summary)
         for callback in self.callbacks:
