@@ -155,13 +155,14 @@ def test_an_encoder_factory_has_no_recipe():
 
 def test_a_zero_baseline_makes_delta_m_undefined_not_a_failed_run(tmp_path):
     """Before: the run trained to the end, then failed computing Δm (a division by a zero baseline)."""
-    tasks = [pt.Task("price", "regression"), pt.Task("good", "binary")]
+    train = dataset(frame(60, 0))
+    tasks = standardize_targets([pt.Task("price", "regression"), pt.Task("good", "binary")], train)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=3, hidden=[8]), tasks)
     baselines = {"price": {"rmse": 0.0}, "good": {"accuracy": 0.9}}
     trainer = pt.Trainer(model, tasks, loop={"epochs": 1}, run={"progress": False}, baselines=baselines,
                          output_dir=tmp_path / "run")
     with pytest.warns(UserWarning, match=r"Δm is undefined.*'rmse'.*\['price'\] is 0"):
-        report = trainer.fit(dataset(frame(60, 0)))
+        report = trainer.fit(train)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["delta_m"] is None and "undefined" in summary["delta_m_undefined"]
     assert report.summary["baselines"] == baselines
