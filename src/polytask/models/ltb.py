@@ -75,8 +75,10 @@ class LTB(MultiTaskModel):
 
     def phase(self) -> str:
         """``warmup``, ``search`` or ``fixed`` (the argmax tree), for the current step in training mode."""
+        if not self.training:  # before reading the step buffer: tracing for export must not branch on its value
+            return "fixed"
         k = int(self.steps)
-        if not self.training or k >= self.search_steps:
+        if k >= self.search_steps:
             return "fixed"
         return "warmup" if k < self.warmup_steps else "search"
 
