@@ -25,6 +25,7 @@ from typing import Any
 
 from polytask.bench.cells import Cell, CellKey, append, finished, read
 from polytask.core.errors import InvalidParameterError, closest
+from polytask.train.callbacks import Callback
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 #: equal weighting, then the loss-balancing (uncertainty, FAMO) and gradient methods (DB-MTL,
@@ -139,7 +140,7 @@ def _config(spec: DataSpec, seed: int, file: str | None = None, extra: Sequence[
                                                           *extra])
 
 
-class TimeBudget:
+class TimeBudget(Callback):
     """Stops a fit after the epoch in which its wall time passes ``seconds``."""
 
     state_key = "bench_time_budget"
@@ -151,30 +152,9 @@ class TimeBudget:
     def on_fit_start(self, trainer: Any) -> None:
         self.started = time.perf_counter()
 
-    def on_step_end(self, trainer: Any, step: Any) -> None:
-        pass
-
     def on_epoch_end(self, trainer: Any, rows: list[dict[str, Any]]) -> None:
         if time.perf_counter() - self.started > self.seconds:
             trainer.stop = True
-
-    def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def _budget_callback(seconds: float):
-    from polytask.train.callbacks import Callback
-
-    class _Budget(TimeBudget, Callback):
-        pass
-
-    return _Budget(seconds)
 
 
 def _fit(cfg, tasks, loaded, encoder, stems, budget_s: float) -> tuple[dict[str, dict[str, float]], int]:
@@ -187,7 +167,7 @@ def _fit(cfg, tasks, loaded, encoder, stems, budget_s: float) -> tuple[dict[str,
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tasks, encoder, {n: stems[n] for n in names} if stems else None)
     kwargs = trainer_kwargs(cfg)
-    kwargs["callbacks"] = [*kwargs["callbacks"], _budget_callback(budget_s)]
+    kwargs["callbacks"] = [*kwargs["callbacks"], TimeBudget(budget_s)]
     trainer = Trainer(model, tasks, **kwargs)
     data = [loaded.train, loaded.val, loaded.test]
     if len(tasks) < len(loaded.tasks):
