@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from polytask.methods._gramian_qp import as_float64
-from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, Update, register
 from polytask.methods.imtl_g import imtl_g_weights
+from polytask.methods.imtl_l import IMTLL
 
 
 @register("imtl")
-class IMTL(PerTaskMethod):
+class IMTL(IMTLL):
     """Impartial multi-task learning — Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards
     Impartial Multi-task Learning", ICLR 2021 (Algorithm 1: IMTL-L and IMTL-G together), as LibMTL's
     ``IMTL`` combines them.
@@ -34,16 +33,7 @@ class IMTL(PerTaskMethod):
     weighted: wᵢ∇Lᵢ); LibMTL back-propagates e^(sᵢ)∇Lᵢ into them.
     """
 
-    needs = "gramian"
-    stateful = True  # learnable scales
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.log_scales = nn.Parameter(torch.empty(0))
-        self._remember()
-
-    def reset_state(self, num_tasks: int) -> None:
-        self.log_scales.data = torch.zeros(num_tasks)
+    needs = "gramian"  # IMTL-L's learnable scales (``__init__``, ``reset_state``), IMTL-G's direction on top
 
     def update(self, step: Step) -> Update:
         s = self.log_scales[self.index(step)]
