@@ -46,3 +46,6 @@ if __name__ == "__main__":
     comm = Communicator.from_env(torch.device("cpu"))
     if comm is None or comm.is_main:
         torch.save(results, sys.argv[1])
+    if torch.distributed.is_initialized():  # gloo's threads must stop before exit, or a rank can abort at shutdown
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -441,6 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = shown  # type: ignore[assignment]
         log.removeHandler(handler)
         log.setLevel(level)
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, close the process group the Trainer joined: gloo's threads still running at
+    interpreter exit can abort a rank ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
