@@ -26,3 +26,16 @@ def sectioned(**flat: Any) -> dict[str, Any]:
         if f"{key}_params" in flat:
             out[key] = {"name": flat.get(key, "static" if key == "method" else None), **flat[f"{key}_params"]}
     return out
+
+
+def interrupting(at: int) -> Any:
+    """Equal weighting that raises KeyboardInterrupt at step ``at``, as a killed job would."""
+    from polytask.methods.equal import Equal
+
+    class Interrupt(Equal):
+        def weights(self, step: Any) -> Any:
+            if step.index == at:
+                raise KeyboardInterrupt
+            return super().weights(step)
+
+    return Interrupt()

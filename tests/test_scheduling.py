@@ -16,7 +16,7 @@ from polytask.data.loader import LOADER_MODES, epoch_batches, steps_in_epoch
 from polytask.methods.equal import Equal
 from polytask.scheduling import TASK_SCHEDULERS
 from polytask.train.callbacks import CSVLogger
-from sections import sectioned
+from sections import interrupting, sectioned
 
 TASKS = ("a", "b", "c", "d")
 PARAMS = {"all": {}, "random_subset": {"k": 2}, "round_robin": {"k": 1}, "bandit": {"k": 2}, "loss_priority": {"k": 2}, "affinity": {}}
@@ -332,19 +332,6 @@ def test_resume_continues_sampler_and_scheduler_exactly(tmp_path):
     assert [s["task"] for s in resumed.callback(CSVLogger).steps[:6]] == ["a", "b", "c"] * 2  # round robin over the steps
 
 
-class Interrupt(Equal):
-    """Equal weighting that fails at one step, as a killed job would."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def weights(self, step):
-        if step.index == self.at:
-            raise KeyboardInterrupt
-        return super().weights(step)
-
-
 def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
     data = task_data({"a": 64, "b": 32, "c": 16})
     tasks = regression_tasks("abc")
@@ -352,7 +339,7 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
     straight = trainer(tasks, 4, **kwargs)
     straight.fit(data)
     with pytest.raises(KeyboardInterrupt):
-        trainer(tasks, 4, method=Interrupt(at=6), output_dir=tmp_path / "r", checkpoint_every=2, **kwargs).fit(data)
+        trainer(tasks, 4, method=interrupting(6), output_dir=tmp_path / "r", checkpoint_every=2, **kwargs).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "r", resume=True, **kwargs)
     resumed.fit(data)
     assert [(s["step"], s["task"]) for s in steps(resumed)] == [(s["step"], s["task"]) for s in steps(straight)]
@@ -361,7 +348,7 @@ def test_mid_epoch_resume_keeps_sampler_and_scheduler_choices(tmp_path):
     straight = trainer(tasks, 4, **sample)
     straight.fit(data)
     with pytest.raises(KeyboardInterrupt):
-        trainer(tasks, 4, method=Interrupt(at=13), output_dir=tmp_path / "s", checkpoint_every=4, **sample).fit(data)
+        trainer(tasks, 4, method=interrupting(13), output_dir=tmp_path / "s", checkpoint_every=4, **sample).fit(data)
     resumed = trainer(tasks, 4, output_dir=tmp_path / "s", resume=True, **sample)
     resumed.fit(data)
     assert [(s["step"], s["task"]) for s in steps(resumed)] == [(s["step"], s["task"]) for s in steps(straight)]

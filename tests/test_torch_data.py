@@ -12,6 +12,7 @@ from polytask.core.errors import DataError, InvalidParameterError
 from polytask.data.dataset import MultiOutputDataset
 from polytask.data.torch_data import TorchData
 from polytask.train.callbacks import CSVLogger
+from sections import interrupting
 
 N, D = 96, 6
 
@@ -138,20 +139,10 @@ def test_per_task_torch_data_sets():
 
 
 def test_mid_epoch_resume_with_a_dataset_is_exact(tmp_path):
-    class Interrupt(pt.methods.base.METHODS.get("equal")):  # type: ignore[misc]
-        def __init__(self, at: int) -> None:
-            super().__init__()
-            self.at = at
-
-        def weights(self, step):
-            if step.index == self.at:
-                raise KeyboardInterrupt
-            return super().weights(step)
-
     straight = trainer()
     straight.fit(TorchData(Pairs(augment=True), num_workers=1))
     with pytest.raises(KeyboardInterrupt):
-        trainer(method=Interrupt(at=8), output_dir=tmp_path / "r", loop={"checkpoint_every": 3}).fit(
+        trainer(method=interrupting(8), output_dir=tmp_path / "r", loop={"checkpoint_every": 3}).fit(
             TorchData(Pairs(augment=True), num_workers=1))
     resumed = trainer(output_dir=tmp_path / "r", resume=True)
     resumed.fit(TorchData(Pairs(augment=True), num_workers=1))

@@ -16,6 +16,7 @@ usual alternatives, offered as options, not from the paper.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ def _fraction(owner: str, name: str, value: Any) -> float:
     return float(value)
 
 
-class Schedule:
+class Schedule(ABC):
     """λ(p) for training progress p ∈ [0, 1]; subclasses define ``shape(p)`` rising from 0 to 1."""
 
     name = "schedule"
@@ -37,8 +38,9 @@ class Schedule:
     def __init__(self, *, start: float = 0.0, end: float = 1.0) -> None:
         self.start, self.end = _fraction(self.name, "start", start), _fraction(self.name, "end", end)
 
+    @abstractmethod
     def shape(self, progress: float) -> float:
-        raise NotImplementedError
+        """The schedule's rise from 0 (progress 0) to 1 (progress 1)."""
 
     def __call__(self, progress: float) -> float:
         p = min(1.0, max(0.0, float(progress)))

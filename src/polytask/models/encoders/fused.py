@@ -28,7 +28,7 @@ class Fused(nn.Module):
     zeros: the data layer refuses NaN); hₘ of a missing modality is left out:
 
     - ``fusion="concat"`` (early fusion by concatenation): z = ReLU(W [h₁·δ₁ + (1 − δ₁)·μ₁, …, δ₁, …])
-      with δₘ ∈ {0, 1} present or not and μₘ a learned placeholder of a missing modality, the
+      with δₘ ∈ {0, 1} present or not and μₘ a learned stand-in for a missing modality, the
       presence bits part of the input (the "missing indicator" approach).
     - ``fusion="gated"`` (attention-gated sum, as in gated multimodal units — Arevalo, Solorio,
       Montes-y-Gómez & González, "Gated Multimodal Units for Information Fusion", ICLR 2017
@@ -140,6 +140,6 @@ class Fused(nn.Module):
         if self.fusion == "gated":
             return torch.einsum("bm,bmd->bd", self._gates(h, presence), h)
         keep = presence.unsqueeze(-1).to(h.dtype)
-        placeholder = torch.stack([self.missing[m] for m in self.names])[None]
-        filled = keep * h + (1 - keep) * placeholder
+        stand_in = torch.stack([self.missing[m] for m in self.names])[None]
+        filled = keep * h + (1 - keep) * stand_in
         return self.mix(torch.cat([filled.flatten(1), presence.to(h.dtype)], 1))
