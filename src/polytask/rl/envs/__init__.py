@@ -1,0 +1,5 @@
+"""Multi-task environment families (one environment per task, stepped in lockstep)."""
+
+from polytask.rl.envs.base import MultiTaskEnv, StepResult
+
+__all__ = ["MultiTaskEnv", "StepResult"]
