@@ -18,10 +18,16 @@ from polytask.core.losses import LOSSES, LossSpec, TaskLoss
 
 logger = logging.getLogger("polytask")
 
-TaskKind = Literal["regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection"]
-KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection")
+TaskKind = Literal["regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection",
+                   "generation"]
+KINDS: tuple[str, ...] = ("regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection",
+                          "generation")
 #: kinds whose targets are maps or box lists and whose heads read a feature map (``polytask.vision``)
 VISION_KINDS: tuple[str, ...] = ("segmentation", "dense_regression", "detection")
+#: kinds whose targets are token-id sequences, decoded by a generator head (``polytask.text``)
+TEXT_KINDS: tuple[str, ...] = ("generation",)
+#: token ids every generation vocabulary reserves: padding, unknown, begin and end of sequence
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("rmse", "mae", "r2"),
@@ -31,6 +37,7 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "segmentation": ("miou", "pixel_accuracy"),
     "dense_regression": ("abs_error", "rel_error"),
     "detection": ("map50", "map"),
+    "generation": ("bleu", "rouge_1", "rouge_2", "rouge_l"),
 }
 
 
@@ -52,11 +59,15 @@ class Task:
             value per pixel: targets (n, H, W) float, NaN = no value at that pixel) and ``detection``
             (boxes with classes: targets (n, K, 5) rows ``[class, x1, y1, x2, y2]`` in pixels, x2 > x1,
             y2 > y1, padded with class −1 rows; an image with no object has only padding rows).
+            Text kind (``polytask.text``): ``generation`` (a token sequence per sample: targets (n, T) int
+            ids in [0, num_classes), each text's tokens then EOS (3), padded with 0; ids 1 and 2 are
+            unknown and BOS; the head outputs (n, T, num_classes) logits).
         num_classes: classes (multiclass) or labels (multilabel); required for those kinds. From
             training labels: ``num_classes=infer_num_classes(name, y_train)`` (a YAML config may
             leave it out, the builder infers it and logs the value).
             Also the classes of ``segmentation`` (>= 2, background included) and ``detection`` (>= 1,
-            object classes; no background class) tasks.
+            object classes; no background class) tasks, and the vocabulary size of ``generation``
+            tasks (>= 5: the four reserved ids and one word).
         weight: static loss weight λ used by the ``static`` method (Total = Σ λᵢ Lᵢ).
         metrics: metric names (checked against ``polytask.metrics.METRICS`` when metrics are
             built); the first is the main one. Default per kind: regression rmse, mae, r2;
@@ -129,8 +140,8 @@ class Task:
                 f"`kind` of task '{self.name}' must be one of {', '.join(KINDS)}; found {self.kind!r}."
                 f"{closest(str(self.kind), KINDS)}"
             )
-        if self.kind in ("multiclass", "multilabel", "segmentation", "detection"):
-            fewest = 1 if self.kind == "detection" else 2
+        if self.kind in ("multiclass", "multilabel", "segmentation", "detection", "generation"):
+            fewest = {"detection": 1, "generation": EOS_ID + 2}.get(self.kind, 2)
             if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < fewest:
                 hint = (f"; to take it from the training labels: num_classes=infer_num_classes({self.name!r}, y_train)"
                         if self.num_classes is None and self.kind == "multiclass" else "")
@@ -139,7 +150,8 @@ class Task:
                 )
         elif self.num_classes is not None:
             raise InvalidParameterError(
-                f"`num_classes` is only for multiclass/multilabel/segmentation/detection tasks; task '{self.name}' is {self.kind}"
+                f"`num_classes` is only for multiclass/multilabel/segmentation/detection/generation tasks; task '{self.name}' is "
+                f"{self.kind}"
             )
         if self.size is not None:
             size = tuple(self.size) if isinstance(self.size, (list, tuple)) else ()
@@ -175,7 +187,7 @@ class Task:
         detection: 6 box columns, then one logit per class)."""
         if self.kind == "detection":
             return self.num_classes + 6  # type: ignore[operator]
-        return self.num_classes if self.kind in ("multiclass", "multilabel", "segmentation") else 1  # type: ignore[return-value]
+        return self.num_classes if self.kind in ("multiclass", "multilabel", "segmentation", "generation") else 1  # type: ignore[return-value]
 
     # ----------------------------------------------------------------------------------- targets
     def prepare_prediction(self, output: Tensor) -> Tensor:
@@ -184,6 +196,11 @@ class Task:
         expected = self.out_features
         if self.kind in VISION_KINDS:
             return self._prepare_vision(output, expected)
+        if self.kind == "generation":
+            if output.dim() == 3 and output.shape[2] == expected:
+                return output
+            raise ShapeError(f"head of generation task '{self.name}' returned shape {tuple(output.shape)}; expected "
+                             f"(batch, length, {expected}): one logit per vocabulary id at every position")
         if output.dim() == 2 and output.shape[1] == expected:
             return output.squeeze(1) if self.kind in ("regression", "binary") else output
         if output.dim() == 1 and expected == 1:
@@ -255,6 +272,29 @@ class Task:
             raise DataError(f"{of}: sample {row} has pixel label {y[row][bad[row]][0].item():g}; expected a class in "
                             f"[0, {self.num_classes - 1}] or -1 (unlabelled pixel)")  # type: ignore[operator]
 
+    def _check_token_targets(self, y: Tensor, where: str) -> None:
+        """Token-id sequences (n, T): integer ids in [0, V), at least one token per row."""
+        of = f"{where} of generation task '{self.name}'"
+        if y.dim() != 2 or y.shape[1] < 1:
+            raise DataError(f"{of} must have shape (n, T): one row of token ids per text, padded with {PAD_ID}; found "
+                            f"{tuple(y.shape)}")
+        high = self.num_classes - 1  # type: ignore[operator]
+        if y.is_floating_point():
+            wrong = ~torch.isfinite(y) | (y != y.round())
+            if wrong.any():
+                row, position = (int(v) for v in wrong.nonzero()[0])
+                raise DataError(f"{of}: row {row}, position {position} holds {y[row, position].item():g}; expected an "
+                                f"integer token id in [0, {high}]")
+        wrong = (y < 0) | (y > high)
+        if wrong.any():
+            row, position = (int(v) for v in wrong.nonzero()[0])
+            raise DataError(f"{of}: row {row}, position {position} holds token id {y[row, position].item():g}; expected an "
+                            f"id in [0, {high}] (the vocabulary has {self.num_classes} ids)")
+        empty = (y == PAD_ID).all(1)
+        if empty.any():
+            raise DataError(f"{of}: row {int(empty.nonzero()[0])} is empty (only padding); expected at least one token (the "
+                            f"text's words, then EOS = {EOS_ID}); drop empty texts or mask the row")
+
     def check_targets(self, y: Tensor, where: str = "targets") -> None:
         """Raise a DataError if labels are NaN, of the wrong shape or out of range."""
         if not isinstance(y, Tensor) or y.is_complex():
@@ -262,6 +302,9 @@ class Task:
             raise DataError(f"{where} of task '{self.name}' must be a tensor of real numbers; found {found}")
         if self.kind in VISION_KINDS:
             self._check_vision_targets(y, where)
+            return
+        if self.kind == "generation":
+            self._check_token_targets(y, where)
             return
         if self.kind == "multilabel":
             if y.dim() != 2 or y.shape[1] != self.num_classes:
@@ -290,7 +333,7 @@ class Task:
             raise DataError(f"{where} of task '{self.name}' must lie in [0, {high}]; found label {bad:g}")
 
     def cast_targets(self, y: Tensor) -> Tensor:
-        return y.long() if self.kind in ("multiclass", "segmentation") else y.float()
+        return y.long() if self.kind in ("multiclass", "segmentation", "generation") else y.float()
 
     def unscale(self, values: Tensor) -> Tensor:
         """Regression values from the model's (standardised) space back to the target's units."""
@@ -305,7 +348,7 @@ class Task:
         detections (B, M, 6) ``[x1, y1, x2, y2, score, class]`` padded with class −1 (detection)."""
         if self.kind == "regression":
             return self.unscale(output)
-        if self.kind == "multiclass":
+        if self.kind in ("multiclass", "generation"):  # generation: the token ids the head's decoding chose
             return output.argmax(-1)
         if self.kind == "segmentation":
             return output.argmax(1)
