@@ -62,10 +62,13 @@ _HALF = (torch.float16, torch.bfloat16)
 #: the package that registers the losses of the vision kinds (segmentation, dense_regression,
 #: detection); it imports core, so core loads it by name when those losses are first needed
 VISION_LOSSES = "polytask.vision"
+#: the same for the text kind (generation)
+TEXT_LOSSES = "polytask.text"
 
 
 def _load_vision_losses() -> None:
     importlib.import_module(VISION_LOSSES)
+    importlib.import_module(TEXT_LOSSES)
 
 
 @dataclass(frozen=True)
