@@ -87,7 +87,8 @@ class DataConfig(Strict):
 
 
 class TaskConfig(Strict):
-    kind: Literal["regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection"] | None = None
+    kind: Literal["regression", "binary", "multiclass", "multilabel", "segmentation", "dense_regression", "detection",
+                  "generation"] | None = None
     target: str | list[str] | None = None  # a column; for multilabel, one 0/1 column per label
     num_classes: int | None = None
     weight: float = Field(1.0, ge=0)
