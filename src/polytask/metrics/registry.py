@@ -6,7 +6,8 @@ up to 64 batches): regression values (N,) and float targets (N,); binary probabi
 multilabel probabilities (N, C) and int64 0/1 targets (N, C). Vision kinds (``polytask.vision``):
 segmentation logits (N, C, H, W) and int64 maps (N, H, W) (−1 = unlabelled pixel); dense_regression
 values (N, H, W) and float maps (N, H, W) (NaN = no value); detection raw head outputs (N, A, 6 + C)
-and padded box rows (N, K, 5).
+and padded box rows (N, K, 5). Text kind (``polytask.text``): generation logits (N, T, V) and int64
+token ids (N, T).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torchmetrics import regression as R
 from polytask.core.errors import InvalidParameterError, closest
 from polytask.core.task import KINDS, Task
 from polytask.vision.coco_eval import MeanAveragePrecision
+from polytask.text.metrics import BLEU, ROUGE
 from polytask.vision.dense import IGNORE_INDEX, PixelError
 
 
@@ -75,6 +77,11 @@ _SPECS = [
     # COCO mAP by pycocotools (polytask[vision]): @[.5:.95] and @0.5
     MetricSpec("map", True, lambda t: MeanAveragePrecision(t.num_classes, iou="coco"), ("detection",)),
     MetricSpec("map50", True, lambda t: MeanAveragePrecision(t.num_classes, iou=0.5), ("detection",)),
+    # generated token sequences (polytask[text]): sacrebleu corpus BLEU (0-100), rouge-score F (0-1)
+    MetricSpec("bleu", True, lambda t: BLEU(), ("generation",)),
+    MetricSpec("rouge_1", True, lambda t: ROUGE("rouge1"), ("generation",)),
+    MetricSpec("rouge_2", True, lambda t: ROUGE("rouge2"), ("generation",)),
+    MetricSpec("rouge_l", True, lambda t: ROUGE("rougeL"), ("generation",)),
 ]
 
 
