@@ -225,7 +225,7 @@ class Engine:
             # one Jacobian per part; the update's J (of the mean loss) is their mean
             part_j = [self._jacobian(self.jacobian, [p[a] for p in part_losses], self.theta, scale)
                       for a in range(self.batch_parts)]
-            part_gramians = torch.stack([torch.stack([cross_gramian(a, b) for b in part_j]) for a in part_j])
+            part_gramians = self._part_gramians(part_j)
             theta_gramian = part_gramians.sum(dim=(0, 1)) / self.batch_parts**2  # G of the mean: bilinear
             jacobian = part_j[0]
             for other in part_j[1:]:  # in place: J is the largest tensor of the step
@@ -234,7 +234,7 @@ class Engine:
             del part_j
         elif on_theta or diagnose or self.task_clip is not None:
             jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
-            theta_gramian = gramian(jacobian)
+            theta_gramian = self._theta_gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
         feature_jacobian: list[Tensor] | None = None
         fallback = None
@@ -330,6 +330,14 @@ class Engine:
         if self.comm is not None and computer is self.jacobian:
             self.comm.mean_(j)
         return j
+
+    def _theta_gramian(self, jacobian: Tensor) -> Tensor:
+        """G on θ from the step's J (a sharded engine sums the ranks' column blocks here)."""
+        return gramian(jacobian)
+
+    def _part_gramians(self, part_jacobians: list[Tensor]) -> Tensor:
+        """The cross Gramians Gₐᵦ = Jₐ Jᵦᵀ of the batch parts' Jacobians (k×k×T×T)."""
+        return torch.stack([torch.stack([cross_gramian(a, b) for b in part_jacobians]) for a in part_jacobians])
 
     def _apply(self, vec: Tensor, applied: Tensor, update: Update, jacobian: Tensor | None,
                feature_jacobian: list[Tensor] | None, extra_loss: Tensor | None, scale: float,
