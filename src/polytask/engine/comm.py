@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Communicator:
@@ -62,3 +64,46 @@ class Communicator:
         holder = [obj]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the bytes each rank puts on the wire for every collective issued inside it.
+
+    Use as ``with CollectiveCounter(world) as counter: ...`` around a training step; it sees the
+    engine's all-reduces and FSDP's all-gathers and reduce-scatters alike (they all pass through
+    the ``c10d`` operators), in forward and backward. Bytes follow the ring algorithms' per-rank
+    traffic, the usual measure of a collective's cost: an all-reduce of N bytes sends 2(W−1)/W·N,
+    a reduce-scatter of an N-byte input and an all-gather of an N-byte output (W−1)/W·N, a
+    broadcast N (counted on every rank). ``by_op`` splits the total by operator.
+    """
+
+    #: c10d operator → (index of the argument holding the tensors that set the volume, ring factor)
+    OPS = {"allreduce_": (0, 2.0), "allreduce_coalesced_": (0, 2.0), "_allgather_base_": (0, 1.0),
+           "allgather_": (0, 1.0), "_reduce_scatter_base_": (1, 1.0), "reduce_scatter_": (1, 1.0),
+           "broadcast_": (0, None)}
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        self.world_size = world_size
+        self.bytes = 0.0
+        self.by_op: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - the dispatcher's protocol
+        if func.namespace == "c10d":
+            name = func._schema.name.split("::")[-1]
+            if name in self.OPS:
+                index, factor = self.OPS[name]
+                size = sum(t.numel() * t.element_size() for t in _tensors(args[index]))
+                w = self.world_size
+                sent = size if factor is None else factor * (w - 1) / w * size
+                self.bytes += sent
+                self.by_op[name] = self.by_op.get(name, 0.0) + sent
+        return func(*args, **(kwargs or {}))
