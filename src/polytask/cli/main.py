@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench_quality",
     "diagnose",
     "distill",
+    "rl",
 )
 
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
