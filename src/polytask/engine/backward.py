@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,9 @@ from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
 
-#: a closure over a bilevel method's outer batch: {id(parameter): replacement} → the tasks' losses there
-Outer = Callable[[Mapping[int, Tensor]], Mapping[str, Tensor | None]]
+#: a closure over a bilevel method's outer batch: {id(parameter): replacement} → the tasks' losses there;
+#: methods that also take steps on the inner batch (FORUM) call it with ``batch="inner"``
+Outer = Callable[..., Mapping[str, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -280,33 +282,41 @@ class Engine:
         return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
                           None if feature_jacobian is None else step.gramian, clip, reuse, fallback)
 
-    def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[..., tuple[Tensor, Tensor]]:
         """``Step.lookahead`` from a closure over the outer batch: θ is replaced by θ + δ (new
-        leaves, not an in-place change, so the inner graph stays valid) and the gradient taken there."""
+        leaves, not an in-place change, so the inner graph stays valid) and the gradient taken there.
+        ``batch="inner"`` evaluates the step's own (inner) batch instead, for methods that take
+        several virtual steps on it (FORUM); the closure must then accept that keyword."""
         if outer is None:
             raise InvalidParameterError(
                 f"'{self.name}' evaluates an outer batch at displaced parameters: pass lookahead=, a function that maps "
                 "{id(parameter): replacement} to the tasks' losses on the outer batch (the Trainer builds it from half "
                 "of each batch)")
 
-        def evaluate(delta: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        def evaluate(delta: Tensor, weights: Tensor, batch: str = "outer") -> tuple[Tensor, Tensor]:
+            if batch not in ("outer", "inner"):
+                raise InvalidParameterError(f"Step.lookahead evaluates batch 'outer' or 'inner'; found {batch!r}")
+            if batch == "inner" and "batch" not in inspect.signature(outer).parameters:
+                raise InvalidParameterError(
+                    f"'{self.name}' also takes virtual steps on the inner batch: the lookahead= closure must accept "
+                    "batch='inner' (and evaluate the step's own batch then), as the Trainer's does")
             moved, offset = {}, 0
             for p in self.theta:
                 moved[id(p)] = (p.detach() + delta[offset:offset + p.numel()].view_as(p).to(p.dtype)).requires_grad_(True)
                 offset += p.numel()
-            out = outer(moved)
+            out = outer(moved) if batch == "outer" else outer(moved, batch="inner")
             missing = [t for t in active if out.get(t) is None]
             if missing:
-                raise InvalidParameterError(f"the outer batch of '{self.name}' has no loss for task(s) {missing}")
+                raise InvalidParameterError(f"the {batch} batch of '{self.name}' has no loss for task(s) {missing}")
             values = torch.stack([out[t] for t in active])  # type: ignore[misc]
             rows = weights.reshape(-1, len(active)).to(values)  # (K, T): one gradient per row, one forward
-            flats = []
+            flats = []  # no rows (weights of shape (0, T)): the losses only, no backward
             for k, row in enumerate(rows):
                 grads = torch.autograd.grad((row * values).sum(), list(moved.values()), allow_unused=True,
                                             retain_graph=k < len(rows) - 1)
                 flats.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                         for p, g in zip(self.theta, grads, strict=True)]))
-            flat = torch.stack(flats) if weights.dim() == 2 else flats[0]
+            flat = (torch.stack(flats) if flats else values.new_zeros(0, offset)) if weights.dim() == 2 else flats[0]
             if self.comm is not None:
                 self.comm.mean_(flat)
                 values = self.comm.mean_(values.detach().clone())
