@@ -389,20 +389,21 @@ class Trainer:
 
     def _outer_losses(self, groups: list[Batch], active: Sequence[str]):
         """The closure over the outer half of each batch that a bilevel method evaluates at displaced
-        shared parameters ({id(parameter): replacement}, through ``torch.func.functional_call``)."""
-        outer = [b.shard(1, 2) for b in groups]
+        shared parameters ({id(parameter): replacement}, through ``torch.func.functional_call``);
+        ``batch="inner"`` evaluates the first half, the step's own, instead (FORUM's inner steps)."""
+        halves = {"inner": [b.shard(0, 2) for b in groups], "outer": [b.shard(1, 2) for b in groups]}
         names = {id(p): n for n, p in self.model.named_parameters()}
 
-        def losses(replace: Mapping[int, Tensor]) -> dict[str, Tensor | None]:
+        def losses(replace: Mapping[int, Tensor], batch: str = "outer") -> dict[str, Tensor | None]:
             params = {names[i]: value for i, value in replace.items()}
             out: dict[str, Tensor | None] = {}
-            for batch in outer:
+            for half in halves[batch]:
                 if self.comm is not None:
-                    batch = batch.shard(self.comm.rank, self.comm.world_size)
-                tasks = [t for t in active if t in batch.targets and t not in out]
+                    half = half.shard(self.comm.rank, self.comm.world_size)
+                tasks = [t for t in active if t in half.targets and t not in out]
                 if tasks:
-                    preds = torch.func.functional_call(self.model, params, (batch.x,), {"tasks": tasks, "task": batch.source})
-                    out.update({t: self._task(t).loss(preds[t], batch.targets[t], batch.masks.get(t)) for t in tasks})
+                    preds = torch.func.functional_call(self.model, params, (half.x,), {"tasks": tasks, "task": half.source})
+                    out.update({t: self._task(t).loss(preds[t], half.targets[t], half.masks.get(t)) for t in tasks})
             return out
         return losses
 
