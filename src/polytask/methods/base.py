@@ -60,8 +60,10 @@ class Step:
         lookahead: for methods with ``lookahead = True`` (bilevel methods), ``lookahead(delta, weights)``
             gives the step's tasks' losses on an outer batch at the compared parameters displaced by
             ``delta`` (P,), and ∇ Σᵢ weightsᵢ Lᵢ^outer there (P,), or one gradient per row (K×P) for
-            weights of shape (K, T), from one forward; the step's own losses are those of the inner
-            batch. None otherwise.
+            weights of shape (K, T), from one forward (K = 0: the losses only, no backward); the
+            step's own losses are those of the inner batch. ``lookahead(delta, weights, batch="inner")``
+            evaluates that inner batch instead, for methods that take several virtual steps on it
+            (FORUM). It may be called any number of times. None otherwise.
     """
 
     tasks: tuple[str, ...]
@@ -74,7 +76,7 @@ class Step:
     generator: torch.Generator = None  # type: ignore[assignment]
     param_shapes: tuple[torch.Size, ...] | None = None
     part_gramians: Tensor | None = None
-    lookahead: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    lookahead: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if self.generator is None:
