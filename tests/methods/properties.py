@@ -207,6 +207,7 @@ CLAIMS: dict[str, dict[str, Claim]] = {
                                                "fairness, invariant to loss scales", independent=True)},
     "excess_mtl": {},
     "famo": {"loss_scale_invariant": Claim("Liu et al. 2023: balances log-loss decreases, w ∝ zᵢ / Lᵢ")},
+    "forum": {},
     "gls": {"loss_scale_invariant": Claim("Chennupati et al. 2019: the geometric mean's gradient direction")},
     "graddrop": {},
     "gradnorm": {},

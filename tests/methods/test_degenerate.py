@@ -375,6 +375,7 @@ BEHAVIOUR: dict[str, Callable[[Ctx], None]] = {
     "excess_mtl": ones,  # a task's first step sets its baseline: weights 1
     "fairgrad": fairgrad,
     "famo": famo,
+    "forum": simplex,  # softmax weights
     "gls": gls,
     "graddrop": unit_weights_direction,
     "gradnorm": gradnorm,
