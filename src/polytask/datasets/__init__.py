@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import polytask.datasets.multimnist_boxes  # noqa: F401  (registers the loader)
-from polytask.datasets import adult, diamonds, movielens, multimnist, qm9, reviews, yeast  # noqa: F401  (register the loaders)
+from polytask.datasets import adult, clothing_explain, diamonds, movielens, multimnist, qm9, reviews, yeast  # noqa: F401  (register the loaders)
 from polytask.datasets.base import DATASETS, LoadedData, PackagedFile, split_by_task
 from polytask.datasets.download import fetch, sha256
 
