@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,16 @@ def test_bad_options_and_a_closure_without_the_inner_batch_are_refused():
     with pytest.raises(InvalidParameterError, match="needs the step's inner and outer batches"):
         METHODS.create("forum")(pt.methods.Step(tasks=("a",), losses=torch.ones(1), gramian=torch.eye(1),
                                                 jacobian=torch.ones(1, 2)))
+
+
+def test_forum_options_are_reachable_from_yaml_and_validated(tmp_path, capsys):
+    from polytask.cli.main import main
+
+    sets = ["train.epochs=1", "train.batch_size=256", "data.options={rows: 1000}", f"output_dir={tmp_path / 'run'}",
+            "method={name: forum, inner_steps: 2, inner_lr: 0.05, phi: 0.5}"]
+    assert main(["train", "examples/adult.yaml", "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "forum"
+    bad = sets[:-1] + ["method={name: forum, inner_steps: 0}"]
+    assert main(["train", "examples/adult.yaml", "--quiet"] + [a for s in bad for a in ("--set", s)]) != 0
+    assert "`inner_steps` of `forum` must be an int >= 1; found 0" in capsys.readouterr().err
