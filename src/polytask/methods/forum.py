@@ -114,8 +114,8 @@ class FORUM(PerTaskMethod):
             after = losses - self.inner_steps * self.inner_lr * (step.gramian.detach().double().cpu() @ w.cpu())  # type: ignore[union-attr]
             outer = j
         outer = outer.to(j.dtype)
-        norms = outer.norm(dim=1, keepdim=True)
-        unit = torch.where(norms > 0, outer / norms.clamp_min(torch.finfo(outer.dtype).tiny), torch.zeros_like(outer))
+        # ĝₖ = ∇Fₖ/‖∇Fₖ‖, in place on a T×P tensor of our own (a zero row stays zero)
+        unit = (outer.clone() if outer is j else outer).div_(outer.norm(dim=1, keepdim=True).clamp_min(torch.finfo(outer.dtype).tiny))
         s = torch.diag(w) - torch.outer(w, w)
         q_alpha = s.cpu() @ (losses - after)  # ∇α q, first order
         unit_q = (unit @ inner).double().cpu()  # ⟨ĝₖ, ∇q⟩ (ĝₖ is zero in α)
