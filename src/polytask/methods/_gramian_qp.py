@@ -4,9 +4,16 @@ Everything here works on T×T matrices only: a direction d = Jᵀw is represente
 its norm is √(wᵀGw) and its inner products with the task gradients are Gw. Problems are solved
 in float64 with `quadprog` (Goldfarb–Idnani dual active set, exact up to round-off) after
 scaling G to unit mean diagonal, which leaves every solution here unchanged.
+
+The arithmetic on these T×T matrices is numpy's: the tensors passed in and out are float64 CPU
+tensors, shared with numpy arrays without a copy. A torch operation costs a few microseconds of
+dispatch whatever its size, a numpy one about a tenth of that, and a method's step here is tens of
+them, which on a small model (a few hundred microseconds per step) was most of the step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import quadprog
@@ -24,41 +31,83 @@ def as_float64(gramian: Tensor | None, owner: str) -> Tensor:
     """The step's Gramian, symmetrised, as a float64 CPU tensor (``Method.forward`` has checked
     that it is there; ``owner`` names the method in errors)."""
     assert gramian is not None, owner
-    g = gramian.detach().to(device="cpu", dtype=torch.float64)
-    return (g + g.T) / 2
+    g = gramian.detach()
+    if g.device.type != "cpu" or g.dtype != torch.float64:
+        g = g.to(device="cpu", dtype=torch.float64)
+    a = g.numpy()
+    return torch.from_numpy((a + a.T) / 2)
 
 
-def _scale(g: Tensor) -> float:
-    s = float(g.diagonal().mean()) if g.numel() else 0.0
+def _scale_np(g: np.ndarray) -> float:
+    s = float(np.diagonal(g).mean()) if g.size else 0.0
     return s if s > 0 else 1.0
 
 
-def _quadprog(g: Tensor, a: np.ndarray, c: np.ndarray, b: np.ndarray, meq: int) -> np.ndarray:
-    """argmin ½xᵀGx − aᵀx s.t. Cᵀx ≥ b (the first ``meq`` as equalities), with a minimal ridge."""
-    gn = g.numpy()
-    eye = np.eye(len(gn))
+def _scale(g: Tensor) -> float:
+    return _scale_np(g.numpy())
+
+
+@functools.cache
+def _eye(n: int) -> np.ndarray:
+    """The n×n identity, made once per size (quadprog copies its inputs, so it is never written;
+    it cannot be marked read-only: quadprog's signature takes writable buffers)."""
+    return np.eye(n)
+
+
+@functools.cache
+def _simplex_constraints(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quadprog's (C, b, a) of the simplex {Σw = 1, w ≥ 0} for n tasks (Cᵀw ≥ b, the first an equality)."""
+    return np.concatenate([np.ones((n, 1)), np.eye(n)], axis=1), np.concatenate([[1.0], np.zeros(n)]), np.zeros(n)
+
+
+def _quadprog_np(g: np.ndarray, a: np.ndarray, c: np.ndarray, b: np.ndarray, meq: int) -> np.ndarray:
+    eye = _eye(len(g))
     for ridge in _RIDGES:
         try:
-            return quadprog.solve_qp(gn + ridge * eye, a, c, b, meq)[0]
+            return quadprog.solve_qp(g + ridge * eye, a, c, b, meq)[0]
         except ValueError:  # "matrix G is not positive definite" (round-off): retry with more ridge
             continue
     raise InvalidParameterError("the Gramian QP could not be solved; the Gramian has non-finite or huge entries")
 
 
+def _quadprog(g: Tensor, a: np.ndarray, c: np.ndarray, b: np.ndarray, meq: int) -> np.ndarray:
+    """argmin ½xᵀGx − aᵀx s.t. Cᵀx ≥ b (the first ``meq`` as equalities), with a minimal ridge."""
+    return _quadprog_np(g.numpy(), a, c, b, meq)
+
+
+def simplex_qp_np(g: np.ndarray) -> np.ndarray:
+    """:func:`simplex_qp` on a float64 array."""
+    c, b, a = _simplex_constraints(len(g))
+    w = np.clip(_quadprog_np(g / _scale_np(g), a, c, b, 1), 0.0, None)
+    return w / w.sum()
+
+
 def simplex_qp(g: Tensor) -> Tensor:
     """Min-norm point of the convex hull of the gradients: argmin_{w ≥ 0, Σw = 1} wᵀGw."""
-    n = len(g)
-    c = np.concatenate([np.ones((n, 1)), np.eye(n)], axis=1)
-    b = np.concatenate([[1.0], np.zeros(n)])
-    w = np.clip(_quadprog(g / _scale(g), np.zeros(n), c, b, 1), 0.0, None)
-    return torch.from_numpy(w / w.sum())
+    return torch.from_numpy(simplex_qp_np(g.numpy()))
+
+
+def factor_np(g: np.ndarray) -> np.ndarray:
+    """:func:`factor` on a float64 array."""
+    vals, vecs = np.linalg.eigh(g)
+    keep = vals > 1e-12 * max(float(np.abs(vals).max()) if vals.size else 0.0, np.finfo(g.dtype).tiny)
+    return vecs[:, keep] * np.sqrt(vals[keep])
 
 
 def factor(g: Tensor) -> Tensor:
     """L (T×k), k = rank G, with L Lᵀ = G: the task gradients expressed isometrically in ℝᵏ."""
-    vals, vecs = torch.linalg.eigh(g)
-    keep = vals > 1e-12 * float(vals.abs().max().clamp_min(torch.finfo(g.dtype).tiny))
-    return vecs[:, keep] * vals[keep].sqrt()
+    return torch.from_numpy(factor_np(g.numpy()))
+
+
+def project_polyhedron_np(f: np.ndarray, a: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`project_polyhedron` on float64 arrays."""
+    if f.shape[1] == 0:
+        return (a, np.zeros(len(f))) if bool((lower <= 0).all()) else None
+    try:
+        x, _, _, _, lam, _ = quadprog.solve_qp(_eye(f.shape[1]), a, f.T, lower, 0)
+    except ValueError:  # "constraints are inconsistent, no solution"
+        return None
+    return x, np.clip(lam, 0.0, None)
 
 
 def project_polyhedron(f: Tensor, a: Tensor, lower: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -67,13 +116,8 @@ def project_polyhedron(f: Tensor, a: Tensor, lower: Tensor) -> tuple[Tensor, Ten
     ``f`` is a factor of G (:func:`factor`); the Hessian is the identity, so quadprog needs no
     ridge even when G is singular.
     """
-    if f.shape[1] == 0:
-        return (a, torch.zeros(len(f), dtype=f.dtype)) if bool((lower <= 0).all()) else None
-    try:
-        x, _, _, _, lam, _ = quadprog.solve_qp(np.eye(f.shape[1]), a.numpy(), f.T.numpy(), lower.numpy(), 0)
-    except ValueError:  # "constraints are inconsistent, no solution"
-        return None
-    return torch.from_numpy(x), torch.from_numpy(np.clip(lam, 0.0, None))
+    sol = project_polyhedron_np(f.numpy(), a.numpy(), lower.numpy())
+    return None if sol is None else (torch.from_numpy(sol[0]), torch.from_numpy(sol[1]))
 
 
 def project_dual_cone(g: Tensor, u: Tensor) -> Tensor:
@@ -84,19 +128,18 @@ def project_dual_cone(g: Tensor, u: Tensor) -> Tensor:
     ``u`` is (T,) or (K, T); the result has the same shape.
     """
     n = len(g)
-    gs = g / _scale(g)
-    f = factor(gs)
-    rows = u.reshape(-1, n).to(torch.float64)
-    zero = torch.zeros(n, dtype=torch.float64)
-    out = []
-    for row in rows:
-        sol = project_polyhedron(f, f.T @ row, zero)
+    gs = g.numpy() / _scale(g)
+    f = factor_np(gs)
+    rows = u.reshape(-1, n).to(torch.float64).numpy()
+    zero = np.zeros(n)
+    out = np.empty_like(rows)
+    for k, row in enumerate(rows):
+        sol = project_polyhedron_np(f, f.T @ row, zero)
         if sol is None:  # quadprog gives up on degenerate cones (e.g. {0}): solve the ridged dual
-            v = torch.from_numpy(_quadprog(gs, np.zeros(n), np.eye(n), row.numpy(), 0))
-            out.append(torch.maximum(v, row))
+            out[k] = np.maximum(_quadprog_np(gs, np.zeros(n), _eye(n), row, 0), row)
         else:
-            out.append(row + sol[1])
-    return torch.stack(out).reshape(u.shape)
+            out[k] = row + sol[1]
+    return torch.from_numpy(out).reshape(u.shape)
 
 
 def normalisers(g: Tensor, losses: Tensor, mode: str) -> Tensor:
@@ -105,11 +148,13 @@ def normalisers(g: Tensor, losses: Tensor, mode: str) -> Tensor:
     ``none``: 1; ``l2``: ‖gᵢ‖; ``loss``: Lᵢ; ``loss+``: Lᵢ‖gᵢ‖. The normalised Gramian is
     G / (n nᵀ); weights found on it apply to gᵢ / nᵢ, i.e. wᵢ / nᵢ on the raw gradients.
     """
-    norms = g.diagonal().clamp_min(0).sqrt()
-    loss = losses.detach().to(device="cpu", dtype=torch.float64).abs()
-    n = {"none": torch.ones_like(norms), "l2": norms, "loss": loss, "loss+": loss * norms}[mode]
-    tiny = torch.finfo(torch.float64).tiny ** 0.5
-    return torch.where(n > tiny, n, torch.ones_like(n))
+    if mode == "none":
+        return torch.ones(len(g), dtype=torch.float64)
+    norms = np.sqrt(np.clip(np.diagonal(g.numpy()), 0.0, None))
+    loss = np.abs(losses.detach().to(device="cpu", dtype=torch.float64).numpy()) if mode != "l2" else norms
+    n = {"l2": norms, "loss": loss, "loss+": loss * norms}[mode]
+    tiny = np.finfo(np.float64).tiny ** 0.5
+    return torch.from_numpy(np.where(n > tiny, n, 1.0))
 
 
 def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:

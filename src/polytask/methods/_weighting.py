@@ -55,17 +55,30 @@ class PerTaskMethod(Method):
         """(Re)create the per-task buffers / parameters for ``num_tasks`` tasks."""
 
     def index(self, step: Step) -> Tensor:
-        """Positions of ``step.tasks`` in ``all_tasks`` (sets up lazily with the step's tasks)."""
+        """Positions of ``step.tasks`` in ``all_tasks`` (sets up lazily with the step's tasks).
+
+        The tensor is made once per set of active tasks and reused while they stay the same (a
+        step of a small model costs a few hundred microseconds, and building it was a tenth of a
+        loss-weighting method's cost); callers only read it."""
         tasks: tuple[str, ...] | None = getattr(self, "all_tasks", None)
         if tasks is None:
             self.setup(step.tasks)
             tasks = self.all_tasks
+        cached = self.__dict__.get("_index_cache")
+        if cached is not None and cached[0] is tasks and cached[1] == step.tasks:
+            return cached[2]
         position = {t: i for i, t in enumerate(tasks)}
         missing = [t for t in step.tasks if t not in position]
         if missing:
             raise InvalidParameterError(
                 f"`{owner(self)}` was set up for tasks {list(tasks)}; the step has unknown task(s) {missing}")
-        return torch.tensor([position[t] for t in step.tasks], dtype=torch.long, device=self._device())
+        index = torch.tensor([position[t] for t in step.tasks], dtype=torch.long, device=self._device())
+        self.__dict__["_index_cache"] = (tasks, tuple(step.tasks), index)
+        return index
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
+        self.__dict__.pop("_index_cache", None)  # .to(device): the next index is made on the new device
+        return super()._apply(fn, recurse)
 
     def _device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, normalisers, simplex_qp, to_step
+from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, normalisers, simplex_qp_np, to_step
 from polytask.methods.base import Method, Step, register
 
 
@@ -36,18 +37,38 @@ class MGDA(Method):
 
     def weights(self, step: Step) -> Tensor:
         g = as_float64(step.gramian, type(self).__name__)
+        if self.normalization == "none":  # nᵢ = 1: skip dividing by ones
+            return to_step(min_norm(g)[0], step.gramian)
         n = normalisers(g, step.losses, self.normalization)
         w = min_norm(g / (n[:, None] * n[None, :]))[0] / n
         return to_step(w, step.gramian)
 
 
+def nearest_psd_np(g: np.ndarray) -> np.ndarray:
+    """:func:`nearest_psd` on a float64 array."""
+    vals, vecs = np.linalg.eigh(g)
+    if bool((vals >= 0).all()):
+        return g
+    return (vecs * np.clip(vals, 0.0, None)) @ vecs.T
+
+
 def nearest_psd(g: Tensor) -> Tensor:
     """The positive semi-definite matrix nearest to the symmetric ``g`` (Frobenius norm): its
     negative eigenvalues, round-off of a Gramian computed in low precision, set to 0."""
-    vals, vecs = torch.linalg.eigh(g)
-    if bool((vals >= 0).all()):
-        return g
-    return (vecs * vals.clamp_min(0)) @ vecs.T
+    a = g.numpy()
+    psd = nearest_psd_np(a)
+    return g if psd is a else torch.from_numpy(psd)
+
+
+def min_norm_np(g: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`min_norm` on a float64 array."""
+    n = len(g)
+    scale = float(np.diagonal(g).mean()) if n else 0.0
+    if not scale > 0:
+        return np.full(n, 1.0 / max(n, 1)), 0.0
+    gs = nearest_psd_np(g / scale)
+    w = simplex_qp_np(gs)
+    return w, max(float(w @ gs @ w), 0.0)
 
 
 def min_norm(g: Tensor) -> tuple[Tensor, float]:
@@ -56,9 +77,5 @@ def min_norm(g: Tensor) -> tuple[Tensor, float]:
     The value is relative to the mean squared gradient norm (0 when every gradient is 0): 0 at a
     Pareto-stationary point, whatever the scale of the gradients.
     """
-    scale = float(g.diagonal().mean()) if len(g) else 0.0
-    if not scale > 0:
-        return torch.full((len(g),), 1.0 / max(len(g), 1), dtype=g.dtype), 0.0
-    gs = nearest_psd(g / scale)
-    w = simplex_qp(gs)
-    return w, max(float(w @ gs @ w), 0.0)
+    w, value = min_norm_np(g.numpy())
+    return torch.from_numpy(w), value

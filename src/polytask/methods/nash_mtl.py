@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -11,7 +12,7 @@ from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import as_float64, to_step
 from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, check_positive, register
-from polytask.methods.mgda import min_norm, nearest_psd
+from polytask.methods.mgda import min_norm_np, nearest_psd_np
 
 #: Smallest ‖d_min‖² / mean ‖gᵢ‖² (d_min: the min-norm point of the convex hull of the gradients)
 #: at which the bargaining problem is solved; below it (or below T·eps of the Gramian's dtype, its
@@ -99,17 +100,24 @@ class NashMTL(PerTaskMethod):
 def solve_nash(g: Tensor, *, stationary: float = STATIONARY, iters: int = 500) -> Tensor | None:
     """w > 0 with Gw = 1/w (float64), or None where there is none: at a Pareto-stationary point
     (‖d_min‖² ≤ ``stationary`` · mean Gᵢᵢ) or if damped Newton on f(w) = ½wᵀGw − Σ log wᵢ fails."""
+    w = solve_nash_np(g.numpy(), stationary=stationary, iters=iters)
+    return None if w is None else torch.from_numpy(w)
+
+
+def solve_nash_np(g: np.ndarray, *, stationary: float = STATIONARY, iters: int = 500) -> np.ndarray | None:
+    """:func:`solve_nash` on a float64 array (numpy: each Newton step is a handful of T×T
+    operations, where torch's per-call cost would dominate a small model's step)."""
     n = len(g)
-    s = float(g.diagonal().mean())
-    if not (math.isfinite(s) and s > 0) or min_norm(g)[1] <= stationary:
+    s = float(np.diagonal(g).mean())
+    if not (math.isfinite(s) and s > 0) or min_norm_np(g)[1] <= stationary:
         return None
-    a = nearest_psd(g / s)  # solve A u = 1/u, then w = u / √s
-    u = a.diagonal().clamp_min(stationary).rsqrt()
+    a = nearest_psd_np(g / s)  # solve A u = 1/u, then w = u / √s
+    u = 1.0 / np.sqrt(np.clip(np.diagonal(a), stationary, None))
     u = u * (n / float(u @ a @ u)) ** 0.5  # best multiple of the diagonal solution
     decrement_sq = math.inf
     for _ in range(iters):
         grad = a @ u - 1 / u
-        delta = -torch.linalg.solve(a + torch.diag(u.pow(-2)), grad)
+        delta = -np.linalg.solve(a + np.diag(1.0 / (u * u)), grad)
         previous, decrement_sq = decrement_sq, float(-(grad @ delta))  # ≥ 0: the Hessian is positive definite
         if not math.isfinite(decrement_sq) or decrement_sq < 1e-20:
             break
