@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torchmetrics
 from torch import Tensor
 from torchmetrics.regression import R2Score
 
@@ -19,7 +20,7 @@ class TaskMetrics:
 
     def __init__(self, tasks: Sequence[Task], device: torch.device | str = "cpu") -> None:
         self.tasks = {t.name: t for t in tasks}
-        self.metrics = {t.name: {k: m.to(device) for k, m in METRICS.build(t).items()} for t in tasks}
+        self.metrics = {t.name: {k: _unchecked(m).to(device) for k, m in METRICS.build(t).items()} for t in tasks}
         self.reset()
 
     #: buffered prediction values before they are handed to torchmetrics in one call per metric
@@ -32,6 +33,7 @@ class TaskMetrics:
                 m.reset()
         self._loss_n: dict[str, int] = {t: 0 for t in self.tasks}
         self._losses: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
+        self._loss_rows: dict[str, list[int]] = {t: [] for t in self.tasks}  # the labelled rows of each loss
         self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {t: [] for t in self.tasks}
         self._pending_elements = 0
 
@@ -55,12 +57,16 @@ class TaskMetrics:
             if task.kind == "regression":  # metrics in the target's units (standardised targets are unscaled)
                 pred, y = task.unscale(pred), task.unscale(y)
             elif task.kind in ("binary", "multilabel"):
-                pred, y = torch.sigmoid(pred), y.long()
+                # the sigmoid per batch (on a concatenation, its vectorised and scalar code paths would
+                # round some values differently); the targets' cast is exact, so it waits for the flush
+                pred = torch.sigmoid(pred)
             self._pending[name].append((pred, y))
             self._pending_elements += pred.numel()
             if losses is not None and losses.get(name) is not None:
-                # keep tensors and sum at compute(): avoids a device sync every step
-                self._losses[name].append(losses[name].detach() * len(y))  # type: ignore[union-attr]
+                # keep tensors and sum at compute(): avoids a device sync every step; the products
+                # Lᵢ·nᵢ are formed there, the same float operations in one call
+                self._losses[name].append(losses[name].detach())  # type: ignore[union-attr]
+                self._loss_rows[name].append(len(y))
                 self._loss_n[name] += len(y)
         if self._pending_elements >= self.FLUSH_ELEMENTS:
             self._flush()
@@ -69,6 +75,8 @@ class TaskMetrics:
         for name, pending in self._pending.items():
             if pending:
                 pred, y = torch.cat([p for p, _ in pending]), torch.cat([t for _, t in pending])
+                if self.tasks[name].kind in ("binary", "multilabel"):
+                    y = y.long()
                 for metric in self.metrics[name].values():
                     metric.update(pred, y)
                 pending.clear()
@@ -80,7 +88,7 @@ class TaskMetrics:
         metrics = {name: {metric_name: {"state": dict(metric.metric_state), "count": metric.update_count}
                           for metric_name, metric in group.items()} for name, group in self.metrics.items()}
         return {"metrics": metrics, "loss_n": dict(self._loss_n),
-                "losses": {t: [v.cpu() for v in vs] for t, vs in self._losses.items()}}
+                "losses": {t: [v.cpu() for v in self._loss_sums(t)] for t in self._losses}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, group in state["metrics"].items():
@@ -92,15 +100,26 @@ class TaskMetrics:
                 metric._update_count = saved["count"]
                 metric._computed = None
         self._loss_n = dict(state["loss_n"])
-        self._losses = {t: list(vs) for t, vs in state["losses"].items()}
+        self._losses = {t: list(vs) for t, vs in state["losses"].items()}  # saved as products Lᵢ·nᵢ
+        self._loss_rows = {t: [1] * len(vs) for t, vs in self._losses.items()}
         self._pending = {t: [] for t in self.tasks}
         self._pending_elements = 0
+
+    def _loss_sums(self, name: str) -> list[Tensor]:
+        """Each recorded batch's loss times its labelled rows, Lᵢ·nᵢ (one multiplication per
+        batch, the same float32 products as multiplying every step)."""
+        losses = self._losses[name]
+        if not losses:
+            return []
+        values = torch.stack(losses)
+        rows = torch.tensor(self._loss_rows[name], dtype=values.dtype, device=values.device)
+        return list((values * rows).unbind())
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Epoch values; under torch.distributed, summed over ranks (torchmetrics syncs itself)."""
         self._flush()
         names = list(self.metrics)
-        sums = torch.tensor([[float(torch.stack(self._losses[t]).sum()) if self._losses[t] else 0.0,
+        sums = torch.tensor([[float(torch.stack(self._loss_sums(t)).sum()) if self._losses[t] else 0.0,
                               float(self._loss_n[t])] for t in names], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
@@ -117,3 +136,13 @@ class TaskMetrics:
                     values[metric_name] = float(metric.compute())
             out[name] = values
         return out
+
+
+def _unchecked(metric: torchmetrics.Metric) -> torchmetrics.Metric:
+    """A torchmetrics classification metric without its per-call input validation: the targets
+    were validated once with the data (``Task.check_targets``) and the predictions are the
+    tracker's own (probabilities, logits), so the checks (a ``torch.unique`` of the targets at every
+    update and compute) would only repeat that at every flush. Values are unchanged."""
+    if type(metric).__module__.startswith("torchmetrics.") and hasattr(metric, "validate_args"):
+        metric.validate_args = False
+    return metric

@@ -83,8 +83,8 @@ class GradientMonitor:
         """Inspect ``.grad`` after the backward; True when the step must not be applied."""
         # every step needs only the total norm (one fused kernel, one sync); per-layer norms are
         # computed on logging steps and when something is wrong
-        grads = [p.grad.detach() for _, p in self.named if p.grad is not None]
-        total = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+        grads = [p.grad for _, p in self.named if p.grad is not None]
+        total = float(self._total_norm(grads)) if grads else 0.0
         task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
         logging = self.wants_gramian(step)
         layer_norms = self._layer_norms() if logging or not math.isfinite(total) else None
@@ -108,6 +108,15 @@ class GradientMonitor:
             return self._react(step, "exploding_gradient", f"gradient norm {total:.3g} exceeds {limit}; largest in "
                                f"layer '{top}'", tasks=culprit, layers=[top])
         return False
+
+    def _total_norm(self, grads: list[Tensor]) -> Tensor:
+        """‖(g₁, …, gₙ)‖₂ as ``torch.nn.utils.get_total_norm`` computes it (the norm of the per-tensor
+        norms, ``torch._foreach_norm``), without its grouping by device and dtype when there is one
+        group: that bookkeeping cost half as much as the norms themselves on a small model."""
+        first = grads[0]
+        if first.is_sparse or any(g.device != first.device or g.dtype != first.dtype for g in grads):
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _layer_norms(self) -> Tensor:
         """Gradient norm of every parameter tensor (0 where it has no gradient)."""

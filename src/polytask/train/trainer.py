@@ -28,12 +28,14 @@ from polytask.data.torch_data import TorchData, as_data
 from polytask.engine.backward import Engine
 from polytask.engine.comm import Communicator
 from polytask.engine.options import EngineOptions
+from polytask.engine.sharded import ShardedEngine
 from polytask.methods.base import METHODS, Method
 from polytask.metrics.delta_m import delta_m
 from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
+from polytask.train import fsdp
 from polytask.train.callbacks import Callback, Checkpointing, ConsoleLogger, CSVLogger, EarlyStopping, Plots
 from polytask.train.callbacks.base import TrainStep, build_callback
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest
@@ -137,14 +139,20 @@ class Trainer:
         if self.comm is not None:  # every rank starts from rank 0's parameters
             for tensor in self.model.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
+        # run.distributed: fsdp shards every parameter-owning module (in one process there is nothing to shard)
+        self.sharded = self.comm is not None and self.run_options.distributed == "fsdp"
+        if self.sharded:
+            fsdp.shard_model(self.model)
+        self._gathered: tuple[dict[str, Tensor], dict[str, Any] | None] | None = None  # full state under FSDP
         self.method: Method = _build(METHODS, method, Method, "method")
         self.method.to(self.device)
         self.method_name = getattr(type(self.method), "registry_name", type(self.method).__name__)
         self.sampler: Sampler = _build(SAMPLERS, sampler, Sampler, "sampler")
         self.task_scheduler: TaskScheduler = _build(TASK_SCHEDULERS, task_scheduler, TaskScheduler, "task_scheduler")
-        self.engine = Engine(self.method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
-                             **engine_options.model_dump(), seed=seed, task_clip=self.optim.clip.per_task,
-                             comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters()])
+        engine_class, sharded = (ShardedEngine, {"sharded_params": model.parameters()}) if self.sharded else (Engine, {})
+        self.engine = engine_class(self.method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                                   **engine_options.model_dump(), seed=seed, task_clip=self.optim.clip.per_task,
+                                   comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters()], **sharded)
         if self.engine.compare == "features" and not model.shares_representation:
             raise InvalidParameterError(
                 f"'{self.method_name}' would compare gradients on the features, but architecture "
@@ -322,8 +330,12 @@ class Trainer:
                     self.weight_counts[t] += 1
             self.step_index += 1
             self.epoch_step += 1
+            every = self.loop.checkpoint_every
+            if self.sharded and every and self.epoch_step % every == 0:
+                self._gathered = fsdp.full_state(self.model, self.optimizer)  # collective: rank 0 may checkpoint now
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
+            self._gathered = None
         bar.close()
         self.epoch_step = 0
         computed = self.metrics.compute()
@@ -341,21 +353,22 @@ class Trainer:
             losses = self._rank_weighted(losses, counts)
         present = [t for t, v in losses.items() if v is not None]
         # .mean(): a method with batch_parts > 1 gets each task's part losses; the step's loss is their mean
-        values = torch.stack([losses[t].mean() for t in present]).detach() if present else torch.zeros(0)  # type: ignore[union-attr]
+        parts = self.engine.batch_parts > 1
+        values = (torch.stack([losses[t].mean() if parts else losses[t] for t in present]).detach()  # type: ignore[union-attr]
+                  if present else torch.zeros(0))
         if self.comm is not None and present:
             values = self.comm.mean_(values.clone())
         loss_values = {t: None for t in losses} | dict(zip(present, values.tolist(), strict=True))
-        dropped = TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, None, False)
         bad = [t for t, v in loss_values.items() if v is not None and not math.isfinite(v)]
         if bad and self.health.non_finite_losses(self.step_index, bad):
-            return dropped
+            return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, None, False)
         # with policy "skip", a dropped step must leave the method exactly as it was
         snapshot = copy.deepcopy(self.engine.state_dict()) if self.health_options.policy == "skip" else None
         self.optimizer.zero_grad(set_to_none=True)
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self.scaler.get_scale() if self.scaler is not None else 1.0,
                                       diagnose=self.health.wants_gramian(self.step_index),
-                                      lookahead=self._outer_losses(groups, active) if self.engine.lookahead else None)
+                                      lookahead=self._rank_weighted_outer(groups, active) if self.engine.lookahead else None)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # before clipping, so thresholds are in true units
         # overflowing fp16 steps are the scaler's to skip; look only at finite ones
@@ -365,7 +378,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if snapshot is not None:
                 self.engine.load_state_dict(snapshot)
-            return TrainStep(self.step_index, self.epoch, loss_values, dropped.weights, report, False)
+            return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, report, False)
         self._optimizer_step()
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
@@ -384,8 +397,38 @@ class Trainer:
         for t in runs[0][0]:
             values = [run[0].get(t) for run in runs]
             losses[t] = None if any(v is None for v in values) else torch.stack(values)  # type: ignore[arg-type]
-        counts = {t: sum(run[1].get(t, 0) for run in runs) for t in runs[0][1]}
+        # per part: each rank's part loss is rescaled by its share of that part's labels
+        counts = {t: tuple(run[1].get(t, 0) for run in runs) for t in runs[0][1]}
         return losses, counts, [z for run in runs for z in run[2]]
+
+    def _rank_weighted_outer(self, groups: list[Batch], active: Sequence[str]):
+        """``_outer_losses``, with each rank's outer (or inner) half-batch losses rescaled as
+        ``_rank_weighted`` does the step's, so that their mean over ranks is the global half's."""
+        closure = self._outer_losses(groups, active)
+        if self.comm is None:
+            return closure
+        factors = {half: self._rank_factors(self._label_counts([b.shard(i, 2) for b in groups], active))
+                   for i, half in enumerate(("inner", "outer"))}
+
+        def losses(replace: Mapping[int, Tensor], batch: str = "outer") -> dict[str, Tensor | None]:
+            out = closure(replace) if batch == "outer" else closure(replace, batch=batch)
+            # a rank without labels for a task others have gives a zero that still reaches θ
+            zero = sum(value.sum() * 0.0 for value in replace.values())
+            return {t: None if f is None else (zero if out.get(t) is None else out[t] * f)  # type: ignore[operator]
+                    for t, f in factors.get(batch, factors["outer"]).items()}
+        return losses
+
+    def _label_counts(self, groups: list[Batch], active: Sequence[str]) -> dict[str, int]:
+        """This rank's labelled rows per task, where ``_forward`` would take each task's loss."""
+        assert self.comm is not None
+        counts: dict[str, int] = {}
+        for batch in groups:
+            batch = batch.shard(self.comm.rank, self.comm.world_size)
+            for t in active:
+                if t in batch.targets and t not in counts:
+                    mask = batch.masks.get(t)
+                    counts[t] = len(batch) if mask is None else int(mask.sum())
+        return counts
 
     def _outer_losses(self, groups: list[Batch], active: Sequence[str]):
         """The closure over the outer half of each batch that a bilevel method evaluates at displaced
@@ -449,17 +492,32 @@ class Trainer:
         else:
             self.optimizer.step()
 
-    def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int]) -> dict[str, Tensor | None]:
+    def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int | tuple[int, ...]]
+                       ) -> dict[str, Tensor | None]:
         """Scale each rank's per-task mean loss so that the mean over ranks is the global batch
-        mean (shards and labelled counts may differ); tasks no rank has labels for drop out."""
+        mean (shards and labelled counts may differ); tasks no rank has labels for drop out. With
+        batch parts (a loss of shape (k,), counts per part) each part is scaled by its own counts."""
+        factors = self._rank_factors(counts)
+        out: dict[str, Tensor | None] = {}
+        for t, loss in losses.items():
+            f = factors.get(t)
+            out[t] = None if loss is None or f is None else loss * f.to(loss)
+        return out
+
+    def _rank_factors(self, counts: Mapping[str, int | tuple[int, ...]]) -> dict[str, Tensor | None]:
+        """Per task: this rank's labelled count × W / the global count (one factor per batch part),
+        or None where some part has no labels on any rank (the task drops out, as in one process)."""
         assert self.comm is not None
-        names = list(losses)
-        local = torch.tensor([float(counts.get(t, 0)) for t in names], dtype=torch.float64)
+        names = list(counts)
+        parts = [torch.tensor(counts[t], dtype=torch.float64).reshape(-1) for t in names]
+        local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         total = self.comm.sum_(local.clone())
         out: dict[str, Tensor | None] = {}
-        for i, t in enumerate(names):
-            loss = losses[t]
-            out[t] = None if loss is None or total[i] == 0 else loss * float(local[i] * self.comm.world_size / total[i])
+        offset = 0
+        for t, part in zip(names, parts, strict=True):
+            n, k = total[offset:offset + len(part)], len(part)
+            out[t] = None if bool((n == 0).any()) else (local[offset:offset + k] * self.comm.world_size / n).squeeze(0)
+            offset += k
         return out
 
     def _end_epoch(self, rows: list[dict[str, Any]], seconds: float) -> None:
@@ -481,12 +539,15 @@ class Trainer:
             self._best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
             self.bad_epochs += 1
+        if self.sharded:  # collective: rank 0's checkpoint saves the gathered state
+            self._gathered = fsdp.full_state(self.model, self.optimizer)
         for callback in self.callbacks:
             callback.on_epoch_end(self, rows)
+        self._gathered = None
 
     def _finish(self, train: Data, val: Data | None, test: Data | None, seconds: float) -> dict[str, Any]:
         if self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
+            self._load_model(self._best_state)
         split, data = ("test", test) if test is not None else ("val", val) if val is not None else ("train", train)
         final = self.evaluate(data)
         summary: dict[str, Any] = {
@@ -520,7 +581,7 @@ class Trainer:
             run = RunDir(self.run_dir)
             self.load_state_dict(load_latest(run.last, run.previous))
             if run.best.exists():
-                self._best_state = load_checkpoint(run.best)["model"]
+                self._best_state = load_checkpoint(run.best)["model"]  # full tensors: _load_model shards them under FSDP
         if self.writer is not None and self.config_text is not None:
             self.writer.write_text("config.yaml", self.config_text)
         elif self.writer is not None:  # a run from Python: its model's recipe, so `polytask.load`/`eval`/`predict` rebuild it
@@ -590,10 +651,34 @@ class Trainer:
         return [{"epoch": self.epoch + 1, "split": split, "task": t, "metric": m, "value": v}
                 for t in self.names for m, v in computed.get(t, {}).items()]
 
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """The model's parameters and buffers, whole (under FSDP: gathered, a collective every rank
+        calls, unless the trainer gathered them for this moment's checkpoint)."""
+        return self._full_state()[0]
+
+    def _full_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if not self.sharded:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        gathered = self._gathered or fsdp.full_state(self.model, self.optimizer)
+        return gathered[0], gathered[1]  # type: ignore[return-value]
+
+    def _load_model(self, state: Mapping[str, Tensor], optimizer: Mapping[str, Any] | None = None) -> None:
+        """Load a model state (and optimiser state); under FSDP a full one is sliced to this rank's shards."""
+        try:
+            if self.sharded and not any(hasattr(v, "to_local") for v in state.values()):
+                fsdp.load_full_state(self.model, state, self.optimizer, optimizer)
+                return
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(_mismatch(exc)) from None
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit (the engine holds the method's)."""
+        model_state, optimizer_state = self._full_state()
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "engine": self.engine.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -614,11 +699,7 @@ class Trainer:
         return 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(_mismatch(exc)) from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_model(state["model"], state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.engine.load_state_dict(state["engine"])
