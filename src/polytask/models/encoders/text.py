@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from polytask.core.errors import InvalidParameterError, ShapeError
+from polytask.core.errors import DataError, InvalidParameterError, ShapeError
 from polytask.models.encoders.base import ENCODERS
 
 KINDS = ("bag", "gru", "lstm", "transformer")
@@ -63,6 +63,12 @@ class Text(nn.Module):
         if tokens.dim() != 2 or tokens.is_floating_point():
             raise ShapeError(f"`text` expects integer token ids (batch, length); found {tokens.dtype} {tuple(tokens.shape)}")
         tokens = tokens.long()
+        vocab_size = self.embedding.num_embeddings
+        wrong = (tokens < 0) | (tokens >= vocab_size)
+        if wrong.any():  # the embedding's own IndexError names neither the row nor the range
+            row, col = (int(v) for v in wrong.nonzero()[0])
+            raise DataError(f"`text`: row {row}, position {col} has token id {int(tokens[row, col])}; expected ids in "
+                            f"[0, {vocab_size}) (`vocab_size` {vocab_size}: the data's vocabulary must not be larger)")
         keep = tokens != self.padding_idx
         if self.kind == "bag":
             pooled = self.embedding(tokens)
