@@ -82,11 +82,17 @@ class RunOptions(Options):
         precision: ``32``, ``bf16`` (autocast; CPU or GPU) or ``16`` (fp16 autocast with a
             gradient scaler; GPU).
         progress: progress bars and one console line per epoch.
+        distributed: how the ranks share the work under torchrun (ignored in one process):
+            ``ddp`` (every rank holds the whole model; the engine all-reduces losses, J or the
+            gradients) or ``fsdp`` (torch FSDP2: every rank holds 1/W of each parameter, its
+            gradient and optimiser state; Gramian methods sum the ranks' T×T Gramian blocks).
+            See docs/distributed.md.
     """
 
     device: str = "cpu"
     precision: Literal["32", "bf16", "16"] = "32"
     progress: StrictBool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 __all__ = ["ClipOptions", "EngineOptions", "HealthOptions", "LoopOptions", "OptimOptions", "RunOptions"]

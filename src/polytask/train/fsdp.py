@@ -1,0 +1,82 @@
+"""Fully sharded data parallelism for the Trainer (``run.distributed: fsdp`` under torchrun).
+
+The model is sharded with torch's FSDP2 (``torch.distributed.fsdp.fully_shard``; Zhao et al.,
+"PyTorch FSDP", VLDB 2023): every module that owns parameters becomes one FSDP unit, so a
+module's full parameters exist only during its own forward and backward, and each rank keeps
+1/W of every parameter, its gradient and its optimiser state. The engine's sharded variant
+(:class:`polytask.engine.sharded.ShardedEngine`) computes the exact task Gramian from the ranks'
+column blocks. FSDP2 runs on CPU with gloo as on GPUs with nccl (torch ≥ 2.6); FSDP1
+(``FullyShardedDataParallel``) wraps the model in a module whose forward is the only entry
+point, whereas polytask calls ``encode`` and ``decode`` separately, so FSDP1 is not used.
+
+Checkpoints hold the full (gathered) model and optimiser state, so a run directory written under
+FSDP is read by ``polytask eval`` / ``predict`` / ``polytask.load`` like any other, and resumes
+under FSDP with any number of ranks (each cuts its slice from the full tensors). Gathering is
+collective: every rank calls :func:`full_state` at the same point.
+
+Departures: units are the modules that own parameters directly (a size-based wrapping policy
+would group small layers; the gain is fewer collectives, the cost a coarser memory peak). So a
+parameter must be read inside its own module's ``forward``, as every torch layer's is: one read
+elsewhere (a parent's ``forward``, ``extra_loss``) meets a sharded DTensor, and torch refuses to
+mix it with ordinary tensors ("got mixed torch.Tensor and DTensor"); use ``distributed: ddp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def owners(model: nn.Module) -> list[nn.Module]:
+    """The modules that own trainable parameters directly, in registration order."""
+    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard every parameter-owning module of ``model`` in place with FSDP2 and return ``model``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in owners(model):
+        fully_shard(module)
+    return model
+
+
+def _whole(value: Any) -> Any:
+    """A sharded tensor gathered whole on CPU (collective); anything else unchanged."""
+    return value.full_tensor().cpu() if hasattr(value, "full_tensor") else value
+
+
+def _slice_like(value: Any, like: Any) -> Any:
+    """A full tensor cut to this rank's slice, sharded as ``like``; anything else unchanged."""
+    if not (isinstance(value, Tensor) and hasattr(like, "device_mesh")) or value.shape != like.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    # every rank holds the full tensor (it loaded the same checkpoint): each keeps its chunk, no scatter
+    return distribute_tensor(value.to(device=like.device, dtype=like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The model's and the optimiser's state with every sharded tensor gathered whole on CPU.
+
+    Collective: every rank calls it, at the same point (the tensors are gathered in the same order)."""
+    model_state = {k: _whole(v) for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    state = {i: {k: _whole(v) for k, v in s.items()} for i, s in optim["state"].items()}
+    return model_state, {**optim, "state": state}
+
+
+def load_full_state(model: nn.Module, model_state: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+                    optim_state: Mapping[str, Any] | None = None) -> None:
+    """Load a full state (``full_state``'s) into the sharded model and optimiser: each rank keeps its slice."""
+    current = model.state_dict()
+    model.load_state_dict({k: _slice_like(v, current.get(k)) for k, v in model_state.items()})
+    if optim_state is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {k: _slice_like(v, params[int(i)]) for k, v in s.items()} for i, s in optim_state["state"].items()}
+    optimizer.load_state_dict({**optim_state, "state": state})

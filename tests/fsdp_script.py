@@ -1,0 +1,56 @@
+"""Run by `torchrun --nproc_per_node=2 tests/fsdp_script.py OUT`: trains a few steps with each method
+under run.distributed: fsdp (gloo), and the Gramian method under ddp as well, counting every
+collective's bytes; rank 0 saves the gathered parameters for tests/test_fsdp.py to compare with
+one process on the same global batches."""
+
+import sys
+
+import torch
+
+from polytask.engine.comm import CollectiveCounter
+from polytask.engine.sharded import local_shard
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from ddp_script import problem  # noqa: E402
+
+#: method → engine options: a loss method with learnable weights, the Gramian method (upgrad), a
+#: features-mode method (mgda_ub), one on the last shared layer with learnable weights (gradnorm),
+#: one with two batch parts (modo) and per-task clipping on a loss method (its J is taken)
+METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
+           "equal:clip": {}}
+STEPS = 3
+
+
+def train(name: str, distributed: str = "ddp", steps: int = STEPS):
+    import polytask as pt
+
+    method = name.split(":")[0]
+    tasks, data = problem()
+    torch.manual_seed(1)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
+    clip = {"per_task": 0.5} if name.endswith(":clip") else {}
+    trainer = pt.Trainer(model, tasks, method=method, loop={"epochs": 1, "batch_size": 20, "steps_per_epoch": steps},
+                         optim={"lr": 0.05, "clip": clip}, engine=METHODS[name],
+                         run={"progress": False, "distributed": distributed})
+    world = trainer.comm.world_size if trainer.comm is not None else 1
+    with CollectiveCounter(world) as counter:
+        trainer.fit(data)
+    state = {k: v.clone() for k, v in trainer.model_state_dict().items()}
+    local = sum(local_shard(p).numel() for p in trainer.model.parameters())
+    return state, counter, local, trainer
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    results: dict = {}
+    for name in METHODS:
+        state, counter, local, _ = train(name, "fsdp")
+        results[name] = state
+        results[f"{name}:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
+        results[f"{name}:local"] = torch.tensor(local)
+    _, counter, _, _ = train("upgrad", "ddp")
+    results["upgrad:ddp:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, sys.argv[1])
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads must stop before exit, or a rank can abort

@@ -1,0 +1,69 @@
+"""Two CPU processes (gloo) under run.distributed: fsdp train exactly like one process on the same
+global batches, with the model sharded (FSDP2) and the Gramian summed from the ranks' blocks."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_script  # noqa: E402
+from test_distributed import torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow  # one torchrun launch of two processes
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp.pt"
+    done = torchrun(str(HERE / "fsdp_script.py"), str(out), cwd=HERE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(fsdp_script.METHODS))
+def test_two_sharded_ranks_match_one_process(fsdp_results, name):
+    torch.set_num_threads(1)
+    single, *_ = fsdp_script.train(name)
+    for key, value in single.items():
+        torch.testing.assert_close(fsdp_results[name][key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
+
+
+def test_each_rank_holds_a_shard(fsdp_results):
+    whole = sum(v.numel() for v in fsdp_results["equal"].values())
+    assert int(fsdp_results["equal:local"]) < 0.6 * whole  # rank 0's slice of every parameter, not the model
+
+
+def test_gramian_is_reduced_not_the_jacobian(fsdp_results):
+    """DDP all-reduces J (T×|θ| per step); FSDP reduce-scatters each task's gradient (FSDP's own
+    reduction) and all-reduces only the T×T Gramian and the losses."""
+    ddp, fsdp = fsdp_results["upgrad:ddp:by_op"], fsdp_results["upgrad:by_op"]
+    theta = sum(v.numel() for k, v in fsdp_results["upgrad"].items() if k.startswith("encoder"))
+    tasks, steps = 3, fsdp_script.STEPS
+    assert float(ddp["allreduce_"]) >= 2 * 0.5 * tasks * theta * 4 * steps  # ring: 2(W-1)/W of J's fp32 bytes
+    assert float(fsdp["allreduce_"]) < 0.05 * float(ddp["allreduce_"])
+    assert float(fsdp["_reduce_scatter_base_"]) >= 0.5 * tasks * theta * 4 * steps  # one per task and step
+    assert float(fsdp["_allgather_base_"]) > 0 and "_allgather_base_" not in ddp
+
+
+@pytest.mark.skipif(os.environ.get("WORLD_SIZE") not in (None, "1"), reason="one process")
+def test_refusals_name_the_method():
+    import polytask as pt
+    from polytask.core.errors import InvalidParameterError
+    from polytask.engine.comm import Communicator
+    from polytask.engine.sharded import ShardedEngine
+
+    tasks, _ = fsdp_script.problem()
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[8]), tasks)
+    comm = Communicator(0, 1)
+    for method, why in (("graddrop", "whole task Jacobian"), ("moml", "outer batch")):
+        with pytest.raises(InvalidParameterError, match=f"'{method}'.*{why}"):
+            ShardedEngine(method, model.shared_parameters(), sharded_params=model.parameters(), comm=comm)
+    with pytest.raises(InvalidParameterError, match="every=2 with heads='unweighted'"):
+        ShardedEngine("upgrad", model.shared_parameters(), sharded_params=model.parameters(), comm=comm, every=2)
+    with pytest.raises(InvalidParameterError, match="Communicator"):
+        ShardedEngine("upgrad", model.shared_parameters(), sharded_params=model.parameters(), comm=None)
