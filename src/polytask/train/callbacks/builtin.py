@@ -70,7 +70,7 @@ class Checkpointing(Callback):
         if run is None:
             return
         if trainer.improved:
-            save_checkpoint(run.best, {"model": trainer.model.state_dict(), "epoch": trainer.epoch})
+            save_checkpoint(run.best, {"model": trainer.model_state_dict(), "epoch": trainer.epoch})
         save_checkpoint(run.last, trainer.state_dict(), previous=run.previous)
         run.settle()  # the first checkpoint of a run that replaces another: the old one's files go
 
