@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.core.options import options
+from polytask.engine.autogram import AutogramGramian, AutogramUnavailable
 from polytask.engine.comm import Communicator
 from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
@@ -75,7 +78,7 @@ class Engine:
         method: a Method or a registry name.
         shared_params: θ, every shared parameter (the encoder).
         last_shared_params: the last shared layer, for ``compare="last_shared"``.
-        compare, heads, every, jacobian, chunk_size: :class:`EngineOptions`.
+        compare, heads, every, jacobian, chunk_size, gramian: :class:`EngineOptions`.
         seed: seed of the random stream handed to random methods (``Step.generator``).
         task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on the
             compared parameters is scaled to norm ≤ ``task_clip`` (the method sees the clipped
@@ -89,11 +92,11 @@ class Engine:
 
     def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *,
                  last_shared_params: Iterable[Tensor] | None = None, compare: str = "auto", heads: str = "auto",
-                 every: int = 1, jacobian: str = "auto", chunk_size: int | None = None, seed: int = 0,
-                 task_clip: float | None = None, comm: Communicator | None = None,
+                 every: int = 1, jacobian: str = "auto", chunk_size: int | None = None, gramian: str = "auto",
+                 seed: int = 0, task_clip: float | None = None, comm: Communicator | None = None,
                  reduce_params: Iterable[Tensor] | None = None, **removed: Any) -> None:
         opts = options(EngineOptions, {**removed, "compare": compare, "heads": heads, "every": every,
-                                       "jacobian": jacobian, "chunk_size": chunk_size}, "engine")
+                                       "jacobian": jacobian, "chunk_size": chunk_size, "gramian": gramian}, "engine")
         self.options = opts
         self.method = get_method(method)
         self.shared = [p for p in shared_params if p.requires_grad]
@@ -137,6 +140,11 @@ class Engine:
         self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
+        self.autogram = AutogramGramian(opts.jacobian, opts.chunk_size)
+        #: how G on θ is computed: "jacobian", "autogram", or "auto" until the first steps decide
+        self.gramian_route = self._resolve_gramian(opts.gramian)
+        self.route_timings: dict[str, list[float]] = {"jacobian": [], "autogram": []}
+        self._trial: str | None = None
 
     @property
     def name(self) -> str:
@@ -156,6 +164,55 @@ class Engine:
                 f"'{self.name}' returns an update direction on parameters, so it cannot compare gradients on the "
                 "features; use compare='shared' or 'last_shared'")
         return resolved
+
+    def _resolve_gramian(self, requested: str) -> str:
+        if requested == "jacobian":
+            return "jacobian"
+        why = ("it needs the task Jacobian itself, not only its Gramian" if self.method.needs == "jacobian" else
+               "it weights the losses and compares no gradients" if self.method.needs == "losses" else
+               "it compares gradients on the features (J_z is already small)" if self.compare == "features" else
+               f"it compares the task gradients of {self.batch_parts} batch parts" if self.batch_parts > 1 else
+               "it evaluates an outer batch at displaced parameters" if self.lookahead else None)
+        if requested == "autogram":
+            if why is not None:
+                raise InvalidParameterError(f"gramian='autogram' forms the Gramian of the task gradients without J; "
+                                            f"'{self.name}' cannot use it: {why} (use gramian='jacobian' or 'auto')")
+            if self.comm is not None:
+                warnings.warn("gramian='autogram' under data parallelism: the Gramian of the averaged J has cross-rank "
+                              "terms that per-rank Gramians lack; computing the task Jacobian instead", stacklevel=3)
+                return "jacobian"
+            return "autogram"
+        if why is not None or self.comm is not None or self.compare == "last_shared":
+            return "jacobian"  # last_shared: J on one layer is small
+        return "auto"
+
+    def _route(self, n_tasks: int) -> str:
+        """This step's way to G on θ; under ``auto`` J too large for memory means autogram, otherwise
+        the first steps alternate the two (each a real step) and the faster is kept."""
+        if self.gramian_route != "auto":
+            return self.gramian_route
+        j_bytes = n_tasks * sum(p.numel() * p.element_size() for p in self.theta)
+        if j_bytes > _free_memory(self.theta[0].device) / 2:
+            self.gramian_route = "autogram"
+            return "autogram"
+        pending = [r for r in ("jacobian", "autogram") if len(self.route_timings[r]) < ROUTE_TRIALS]
+        if not pending:
+            self.gramian_route = min(self.route_timings, key=lambda r: min(self.route_timings[r]))
+            return self.gramian_route
+        self._trial = min(pending, key=lambda r: len(self.route_timings[r]))
+        return self._trial
+
+    def _no_j_gramian(self, parts: list[Tensor], scale: float) -> Tensor | None:
+        """G on θ without J, or None (after a one-line warning) when the model defeats it."""
+        try:
+            g = self.autogram([p * scale for p in parts] if scale != 1.0 else parts, self.theta)
+        except (AutogramUnavailable, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(f"the no-J Gramian (engine.gramian) cannot be used for this model: {reason}; computing the "
+                          "task Jacobian instead", stacklevel=4)
+            self.gramian_route, self._trial = "jacobian", None
+            return None
+        return g / scale**2 if scale != 1.0 else g
 
     def _resolve_heads(self, heads: str) -> str:
         if self.method.needs == "losses":
@@ -199,6 +256,17 @@ class Engine:
         ``diagnose`` forces the task Jacobian on θ this step (its Gramian is in the report, and
         reused for the update, so the step costs what a Gramian method's step costs).
         """
+        self._trial = None
+        start = time.perf_counter()
+        report = self._step(losses, features, epoch, extra_loss, scale, diagnose, lookahead)
+        if self._trial is not None:  # engine.gramian: auto times its two ways on the first steps
+            if self.theta[0].is_cuda:
+                torch.cuda.synchronize()
+            self.route_timings[self._trial].append(time.perf_counter() - start)
+        return report
+
+    def _step(self, losses: Mapping[str, Tensor | None], features: Iterable[Tensor] | None, epoch: int,
+              extra_loss: Tensor | None, scale: float, diagnose: bool, lookahead: Outer | None) -> StepReport:
         if not self.method.is_set_up:
             self.method.setup(list(losses))
         index = self.index
@@ -235,8 +303,11 @@ class Engine:
             jacobian.div_(self.batch_parts)
             del part_j
         elif on_theta or diagnose or self.task_clip is not None:
-            jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
-            theta_gramian = self._theta_gramian(jacobian)
+            if self.gramian_route != "jacobian" and self.method.needs == "gramian" and self._route(len(parts)) == "autogram":
+                theta_gramian = self._no_j_gramian(parts, scale)
+            if theta_gramian is None:
+                jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
+                theta_gramian = self._theta_gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
         feature_jacobian: list[Tensor] | None = None
         fallback = None
@@ -450,6 +521,24 @@ class Engine:
                 continue
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
         return leaves
+
+
+#: steps each way to G is timed under ``gramian: auto`` (each covers the inner loop/batched trials)
+ROUTE_TRIALS = 4
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes free for a new tensor on ``device`` (CUDA: the allocator's view; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 def backward(losses: Mapping[str, Tensor | None], shared_params: Iterable[Tensor], method: str | Method = "equal",

@@ -35,6 +35,12 @@ class EngineOptions(Options):
             direction is new every step).
         jacobian: how J is computed: ``loop`` (one backward per task), ``batched`` (vmapped,
             ``chunk_size`` tasks at a time) or ``auto`` (time both on the first steps, keep the faster).
+            The no-J Gramian's per-task passes follow the same strategy.
+        gramian: how a Gramian method's G = J Jᵀ on θ is computed: ``jacobian`` (materialise J,
+            then G and d = Jᵀw), ``autogram`` (G from each layer's input and per-task output
+            gradients, J never formed, then one backward of Σ wᵢLᵢ: ``engine/autogram.py``) or
+            ``auto`` (autogram when J would not fit in memory, else the faster of the two, timed on
+            the first steps; J under data parallelism and for ``last_shared``).
     """
 
     moved: ClassVar = {"mode": "`compare` (shared, last_shared or features)",
@@ -45,3 +51,4 @@ class EngineOptions(Options):
     every: StrictInt = Field(1, ge=1)
     jacobian: Literal["auto", "loop", "batched"] = "auto"
     chunk_size: StrictInt | None = Field(None, ge=1)
+    gramian: Literal["auto", "autogram", "jacobian"] = "auto"
