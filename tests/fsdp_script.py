@@ -4,6 +4,7 @@ collective's bytes; rank 0 saves the gathered parameters for tests/test_fsdp.py 
 one process on the same global batches."""
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnor
 STEPS = 3
 
 
-def train(name: str, distributed: str = "ddp", steps: int = STEPS):
+def build(name: str, distributed: str = "ddp", steps: int = STEPS, epochs: int = 1, **kwargs):
     import polytask as pt
 
     method = name.split(":")[0]
@@ -29,15 +30,28 @@ def train(name: str, distributed: str = "ddp", steps: int = STEPS):
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
     clip = {"per_task": 0.5} if name.endswith(":clip") else {}
-    trainer = pt.Trainer(model, tasks, method=method, loop={"epochs": 1, "batch_size": 20, "steps_per_epoch": steps},
-                         optim={"lr": 0.05, "clip": clip}, engine=METHODS[name],
-                         run={"progress": False, "distributed": distributed})
+    return pt.Trainer(model, tasks, method=method, loop={"epochs": epochs, "batch_size": 20, "steps_per_epoch": steps},
+                      optim={"lr": 0.05, "clip": clip}, engine=METHODS.get(name, {}),
+                      run={"progress": False, "distributed": distributed}, **kwargs), data
+
+
+def train(name: str, distributed: str = "ddp", steps: int = STEPS):
+    trainer, data = build(name, distributed, steps)
     world = trainer.comm.world_size if trainer.comm is not None else 1
     with CollectiveCounter(world) as counter:
         trainer.fit(data)
     state = {k: v.clone() for k, v in trainer.model_state_dict().items()}
     local = sum(local_shard(p).numel() for p in trainer.model.parameters())
     return state, counter, local, trainer
+
+
+def resumed(folder: Path, distributed: str = "ddp") -> dict:
+    """upgrad for 2 epochs with checkpoints, then resumed from last.pt for a third: the final state."""
+    first, data = build("upgrad", distributed, steps=2, epochs=2, output_dir=folder)
+    first.fit(data)
+    second, data = build("upgrad", distributed, steps=2, epochs=3, output_dir=folder, resume=True)
+    second.fit(data)
+    return {k: v.clone() for k, v in second.model_state_dict().items()}
 
 
 if __name__ == "__main__":
@@ -50,6 +64,7 @@ if __name__ == "__main__":
         results[f"{name}:local"] = torch.tensor(local)
     _, counter, _, _ = train("upgrad", "ddp")
     results["upgrad:ddp:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
+    results["resumed"] = resumed(Path(sys.argv[1]).parent / "run", "fsdp")
     if torch.distributed.get_rank() == 0:
         torch.save(results, sys.argv[1])
     torch.distributed.barrier()

@@ -67,3 +67,10 @@ def test_refusals_name_the_method():
         ShardedEngine("upgrad", model.shared_parameters(), sharded_params=model.parameters(), comm=comm, every=2)
     with pytest.raises(InvalidParameterError, match="Communicator"):
         ShardedEngine("upgrad", model.shared_parameters(), sharded_params=model.parameters(), comm=None)
+
+
+def test_checkpoints_hold_the_whole_model_and_resume(fsdp_results, tmp_path):
+    """last.pt/best.pt of an FSDP run hold full tensors, and resuming from them continues exactly."""
+    single = fsdp_script.resumed(tmp_path / "run")
+    for key, value in single.items():
+        torch.testing.assert_close(fsdp_results["resumed"][key], value, rtol=2e-5, atol=2e-6, msg=key)
