@@ -29,6 +29,13 @@ from polytask.engine.options import EngineOptions
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
+#: engine options whose ``auto`` picks a computation by timing the first steps: a run and its
+#: resumed copy (or two runs of one seed) could then take different routes and differ in the last
+#: bits, which a gradient method such as PCGrad's sign tests turns into different runs. RL runs
+#: fix them unless the config names them.
+REPRODUCIBLE_ENGINE: dict[str, str] = {k: v for k, v in {"jacobian": "loop", "gramian": "jacobian"}.items()
+                                       if k in EngineOptions.model_fields}
+
 
 class SACOptions(Options):
     """Soft actor-critic hyper-parameters (YAML ``sac:``); defaults from mtrl's Meta-World agent.
@@ -103,7 +110,8 @@ class RLConfig(Strict):
     # (polytask.rl.context), or a file holding a (T, d) array
     context: str = "learned"
     method: Named = Field(default_factory=lambda: Named(name="equal"))
-    engine: EngineOptions = Field(default_factory=EngineOptions)
+    # the engines' options; the timed `auto` choices default to fixed ones here (see REPRODUCIBLE_ENGINE)
+    engine: EngineOptions = Field(default_factory=lambda: EngineOptions(**REPRODUCIBLE_ENGINE))
     sac: SACOptions = Field(default_factory=SACOptions)
     train: RLLoopOptions = Field(default_factory=RLLoopOptions)
     device: str = "cpu"
@@ -112,6 +120,11 @@ class RLConfig(Strict):
     @classmethod
     def _named(cls, value: Any) -> Any:
         return named(value)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _loop_jacobian(cls, value: Any) -> Any:
+        return {**REPRODUCIBLE_ENGINE, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _cadence(self) -> RLConfig:

@@ -53,7 +53,7 @@ from polytask.engine import Engine
 from polytask.engine.options import EngineOptions
 from polytask.methods import METHODS
 from polytask.rl.buffer import FIELDS, Batch
-from polytask.rl.config import SACOptions
+from polytask.rl.config import REPRODUCIBLE_ENGINE, SACOptions
 from polytask.rl.encoders import TaskEncoder, TaskLinear, build_encoder, mlp
 
 
@@ -222,7 +222,8 @@ class MultiTaskSAC:
         sac: :class:`SACOptions` (or a mapping of its fields).
         method: a registered method name or ``{"name": NAME, **params}``; the critic's and the
             actor's engines each get their own instance.
-        engine: :class:`EngineOptions` of both engines.
+        engine: :class:`EngineOptions` of both engines; the options whose ``auto`` chooses by
+            timing default to fixed values (``REPRODUCIBLE_ENGINE``), so runs are reproducible.
         seed: initialises the networks and seeds the engines' random streams.
         device: where the networks live.
     """
@@ -251,6 +252,8 @@ class MultiTaskSAC:
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.full((T,), math.log(opts.init_alpha)))
         self.target_entropy = -float(act_dim)
+        if engine is None or isinstance(engine, Mapping):  # `auto` routes are chosen by timing: not reproducible
+            engine = {**REPRODUCIBLE_ENGINE, **(engine or {})}
         engine_opts = options(EngineOptions, engine, "engine").model_dump()
         self.critic_engine = self._engine(method, self.critic, engine_opts, seed)
         self.actor_engine = self._engine(method, self.actor, engine_opts, seed + 1)
@@ -268,7 +271,8 @@ class MultiTaskSAC:
         name, params = _spec(method, "method")
         METHODS.check_params(name, params)
         built = METHODS.create(name, **params)
-        built.setup(list(self.tasks))
+        # a task's data is its replay buffer, of the same capacity for every task (lockstep)
+        built.setup(list(self.tasks), sizes={t: self.options.buffer_size for t in self.tasks})
         engine = Engine(built, shared_parameters(network), last_shared_params=last_shared_layers(network),
                         **engine_opts, seed=seed)
         if engine.compare == "features":
