@@ -1,0 +1,32 @@
+"""Batch parts and look-ahead methods under DDP: two CPU processes (gloo) equal one process."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_parts_script  # noqa: E402
+from test_distributed import torchrun  # noqa: E402
+
+pytestmark = pytest.mark.slow  # one torchrun launch of two processes
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def parts_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parts") / "parts.pt"
+    done = torchrun(str(HERE / "distributed_parts_script.py"), str(out), cwd=HERE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(distributed_parts_script.METHODS))
+def test_two_ranks_match_one_process(parts_results, name):
+    torch.set_num_threads(1)
+    single = distributed_parts_script.train(name)
+    assert any(k.startswith("method.") for k in single) or name == "sdmgrad"
+    for key, value in single.items():
+        torch.testing.assert_close(parts_results[name][key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
