@@ -23,6 +23,7 @@ from typing import Any
 #: features add their commands without touching each other's code.
 COMMAND_MODULES: tuple[str, ...] = (
     "bench_quality",
+    "bench_rl",
     "diagnose",
     "distill",
     "rl",
