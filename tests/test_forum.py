@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import cvxpy as cp  # LibMTL's solver; a test dependency (torchjd[nash-mtl])
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,6 @@ import polytask as pt
 from polytask.core.errors import InvalidParameterError
 from polytask.engine import Engine
 from polytask.methods import METHODS
-
-cp = pytest.importorskip("cvxpy")  # LibMTL's solver, a test dependency (torchjd[nash-mtl])
 
 T, P = 3, 6
 
