@@ -28,10 +28,15 @@ def exact_gramian(losses, params):
 
 
 def assert_same_gramian(losses, params, **autogram):
-    want = exact_gramian(losses, params)
+    """G, and the update d = Jᵀw from what the autogram keeps, equal the task Jacobian's."""
+    jacobian = task_jacobian(losses, params)
+    want = gramian(jacobian)
     computer = AutogramGramian(**autogram)
     got = computer(losses, params)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    w = torch.linspace(0.5, 2.0, len(losses), dtype=jacobian.dtype)
+    torch.testing.assert_close(computer.direction(w), w @ jacobian, rtol=1e-10,
+                               atol=1e-12 * float(jacobian.abs().max()))
     return computer.last_plan
 
 

@@ -75,6 +75,7 @@ class _Product:
     inputs: Tensor  # A, n × in
     params: tuple[Tensor, ...]
     bias: bool
+    transposed: bool  # W is (out, in) read through a transpose (F.linear), else (in, out)
 
     def gramian(self, deltas: Tensor) -> Tensor:
         a = self.inputs
@@ -84,6 +85,15 @@ class _Product:
             k += 1.0  # the bias is a column of ones in A
         m = torch.matmul(k, d)  # (T, n, out): K Δᵢ for every task
         return cross_gramian(d.reshape(d.shape[0], -1), m.reshape(d.shape[0], -1))
+
+    def combine(self, deltas: Tensor, weights: Tensor) -> list[Tensor]:
+        """Σᵢ wᵢ gᵢ on (W, b): one product with the weighted output gradient, as a backward would."""
+        a = self.inputs
+        d = torch.tensordot(weights.to(a.dtype), deltas.reshape(deltas.shape[0], a.shape[0], -1).to(a.dtype), 1)
+        grads = [d.T @ a if self.transposed else a.T @ d]
+        if self.bias:
+            grads.append(d.sum(0))
+        return grads
 
 
 @dataclass
@@ -105,6 +115,15 @@ class _Lookup:
         rows, where = torch.unique(idx, return_inverse=True)
         per_task = d.new_zeros(d.shape[0], rows.numel(), d.shape[2]).index_add_(1, where, d)
         return gramian(per_task.reshape(d.shape[0], -1))
+
+    def combine(self, deltas: Tensor, weights: Tensor) -> list[Tensor]:
+        weight = self.params[0]
+        idx = self.indices.reshape(-1)
+        d = torch.tensordot(weights.to(weight.dtype), deltas.reshape(deltas.shape[0], idx.numel(), -1).to(weight.dtype), 1)
+        if self.padding_idx is not None:
+            keep = idx != self.padding_idx
+            idx, d = idx[keep], d[keep]
+        return [torch.zeros_like(weight).index_add_(0, idx, d)]
 
 
 @dataclass
@@ -134,6 +153,18 @@ class _Bag:
             spread = spread * scales.to(spread.dtype)[None, :, None]
         per_task = d.new_zeros(d.shape[0], rows.numel(), d.shape[2]).index_add_(1, where, spread)
         return gramian(per_task.reshape(d.shape[0], -1))
+
+    def combine(self, deltas: Tensor, weights: Tensor) -> list[Tensor]:
+        weight = self.params[0]
+        idx, bags = self.indices.reshape(-1), self.bags.reshape(-1)
+        d = torch.tensordot(weights.to(weight.dtype), deltas.reshape(deltas.shape[0], -1, weight.shape[1]).to(weight.dtype), 1)
+        scales = self.scales
+        if self.padding_idx is not None:
+            keep = idx != self.padding_idx
+            idx, bags = idx[keep], bags[keep]
+            scales = None if scales is None else scales[keep]
+        spread = d[bags] if scales is None else d[bags] * scales.to(d.dtype)[:, None]
+        return [torch.zeros_like(weight).index_add_(0, idx, spread)]
 
 
 Layer = _Product | _Lookup | _Bag
@@ -214,13 +245,14 @@ class AutogramPlanner:
             return None, f"is read by {len(users)} operations"
         node, slot = users[0]
         kind = _name(node)
-        if kind == "TBackward0":  # F.linear: out = A Wᵀ
+        transposed = kind == "TBackward0"
+        if transposed:  # F.linear: out = A Wᵀ
             if len(readers[node]) != 1:
                 return None, f"is read transposed by {len(readers[node])} operations"
             node, slot = readers[node][0]
             kind = _name(node)
         if (kind, slot) in (("AddmmBackward0", 2), ("MmBackward0", 1)) and p.dim() == 2:
-            return self._product(node, p, accumulators, readers, wanted, n_tasks)
+            return self._product(node, p, transposed, accumulators, readers, wanted, n_tasks)
         if kind == "AddmmBackward0" and slot == 0 and p.dim() == 1:
             return None, ""  # a bias: with its weight on the Gram route, or small on the weight route
         if kind == "EmbeddingBackward0" and slot == 0:
@@ -232,13 +264,13 @@ class AutogramPlanner:
             return None, ""  # known layers whose per-task weight gradient is the cheap route
         return None, f"is read by {kind}, not by a layer the no-J Gramian knows (Linear, Embedding)"
 
-    def _product(self, node: Node, p: Tensor, accumulators: dict[int, Node], readers: dict[Node, list[tuple[Node, int]]],
+    def _product(self, node: Node, p: Tensor, transposed: bool, accumulators: dict[int, Node], readers: dict[Node, list[tuple[Node, int]]],
                  wanted: set[int], n_tasks: int) -> tuple[Layer | None, str]:
         addmm = _name(node) == "AddmmBackward0"
         if addmm and (node._saved_alpha != 1 or node._saved_beta != 1):
             return None, "is read by a scaled addmm"
         a = node._saved_mat1 if addmm else node._saved_self
-        if a is None or a.dim() != 2 or a.shape[1] not in p.shape:
+        if a is None or a.dim() != 2 or a.shape[1] != p.shape[1 if transposed else 0]:
             return None, "is read by a matrix product whose input autograd did not save"
         params: tuple[Tensor, ...] = (p,)
         bias = False
@@ -255,7 +287,7 @@ class AutogramPlanner:
         weight_cost = n_tasks * n * fin * out + n_tasks ** 2 * fin * out
         if gram_cost >= weight_cost and self.routes == "cost":
             return None, ""
-        return _Product(node, a.detach(), params, bias), ""
+        return _Product(node, a.detach(), params, bias, transposed), ""
 
     @staticmethod
     def _lookup(node: Node, p: Tensor) -> tuple[Layer | None, str]:
@@ -263,7 +295,6 @@ class AutogramPlanner:
             return None, "is an embedding with scale_grad_by_freq"
         pad = int(node._saved_padding_idx)
         return _Lookup(node, node._saved_indices, (p,), pad if 0 <= pad < p.shape[0] else None), ""
-
 
     @staticmethod
     def _bag(node: Node, p: Tensor) -> tuple[Layer | None, str]:
@@ -288,6 +319,9 @@ class AutogramGramian:
     ``strategy``: how the per-task output gradients are obtained, as for the Jacobian: ``loop``
     (one backward per task, each running only what its task reaches), ``batched`` (vectorised,
     ``chunk_size`` tasks at a time) or ``auto`` (both timed on the first calls, the faster kept).
+
+    After a call, :meth:`direction` gives d = Jᵀw on the same parameters from what the call kept
+    (each layer's output gradients and input): the update needs no second backward through θ.
     """
 
     def __init__(self, strategy: str = "auto", chunk_size: int | None = None, trials: int = 2,
@@ -299,8 +333,12 @@ class AutogramGramian:
         self.chosen: str | None = None if strategy == "auto" else strategy
         self.timings: dict[str, list[float]] = {"loop": [], "batched": []}
         self.last_plan: Plan | None = None
+        self._held: _Held | None = None
 
-    def __call__(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    def __call__(self, losses: Sequence[Tensor], params: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+        """G of the losses on ``params``; the per-task passes use the losses times ``scale`` (a
+        gradient scaler's), which G and :meth:`direction` divide out."""
+        self._held = None
         plan = self.planner.plan(losses, params)
         self.last_plan = plan
         total = sum(p.numel() for p in params)
@@ -308,6 +346,7 @@ class AutogramGramian:
         if odd > UNRECOGNISED_SHARE * total:
             raise AutogramUnavailable(f"{plan.unrecognised[0][0]} ({odd:,} of {total:,} shared values are read "
                                       "outside a layer it recognises)")
+        scaled = [loss * scale for loss in losses] if scale != 1.0 else list(losses)
         strategy = self.chosen
         if strategy is None:
             pending = [s for s in ("loop", "batched") if len(self.timings[s]) < self.trials]
@@ -318,58 +357,98 @@ class AutogramGramian:
                 strategy = min(pending, key=lambda s: len(self.timings[s]))
         start = time.perf_counter()
         try:
-            g = self._gramian(plan, losses, params, strategy)
+            held = self._passes(plan, scaled, params, strategy)
         except RuntimeError:
             if strategy != "batched" or self.chosen == "batched":
                 raise
             self.chosen = "loop"  # a layer without a batched backward rule: the loop always works
-            return self._gramian(plan, losses, params, "loop")
-        if self.chosen is None:
-            if losses[0].is_cuda:
-                torch.cuda.synchronize()
-            self.timings[strategy].append(time.perf_counter() - start)
-        return g
+            held = self._passes(plan, scaled, params, "loop")
+        else:
+            if self.chosen is None:
+                if scaled[0].is_cuda:
+                    torch.cuda.synchronize()
+                self.timings[strategy].append(time.perf_counter() - start)
+        held.scale = scale
+        self._held = held
+        return held.gramian(len(losses), params[0]) / scale**2
 
-    def _gramian(self, plan: Plan, losses: Sequence[Tensor], params: Sequence[Tensor], strategy: str) -> Tensor:
+    def direction(self, weights: Tensor) -> Tensor:
+        """d = Σᵢ wᵢ gᵢ, flattened over the last call's parameters; frees what the call kept."""
+        held, self._held = self._held, None
+        if held is None:
+            raise InvalidParameterError("AutogramGramian.direction needs a Gramian computed first (call it on the losses)")
+        return held.direction(weights)
+
+    def _passes(self, plan: Plan, losses: Sequence[Tensor], params: Sequence[Tensor], strategy: str) -> _Held:
+        """The per-task gradients at the Gram-route layers' outputs and of the weight-route parameters."""
         t = len(losses)
         ref = params[0]
-        g = torch.zeros(t, t, dtype=ref.dtype, device=ref.device)
         edges, rest = plan.edges, plan.rest
-        if not edges and not rest:
-            return g
-        inputs: list[GradientEdge | Tensor] = [*edges, *rest]
-        deltas: list[Tensor | None] = [None] * len(edges)
         sizes = [p.numel() for p in rest]
-        rest_j = torch.empty(t, sum(sizes), dtype=ref.dtype, device=ref.device) if rest else None
+        held = _Held(plan, list(params), [None] * len(edges),
+                     torch.empty(t, sum(sizes), dtype=ref.dtype, device=ref.device) if rest else None)
+        if not edges and not rest:
+            return held
+        inputs: list[GradientEdge | Tensor] = [*edges, *rest]
         if strategy == "loop":
             for i, loss in enumerate(losses):
                 grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-                for k, d in enumerate(grads[:len(edges)]):
-                    if d is not None:
-                        if deltas[k] is None:
-                            deltas[k] = d.new_zeros(t, *d.shape)
-                        deltas[k][i] = d  # type: ignore[index]
-                if rest_j is not None:
-                    _write_row(rest_j[i], grads[len(edges):], sizes)
-        else:
-            stacked = torch.stack(list(losses))
-            chunk = t if self.chunk_size is None else max(1, min(self.chunk_size, t))
-            for start in range(0, t, chunk):
-                rows = min(chunk, t - start)
-                selector = torch.zeros(rows, t, dtype=stacked.dtype, device=stacked.device)
-                selector[torch.arange(rows), torch.arange(start, start + rows)] = 1.0
-                grads = torch.autograd.grad(stacked, inputs, grad_outputs=selector, retain_graph=True,
-                                            allow_unused=True, is_grads_batched=True)
-                for k, d in enumerate(grads[:len(edges)]):
-                    if d is not None:
-                        if deltas[k] is None:
-                            deltas[k] = d.new_zeros(t, *d.shape[1:])
-                        deltas[k][start:start + rows] = d  # type: ignore[index]
-                if rest_j is not None:
-                    _write_row(rest_j[start:start + rows], grads[len(edges):], sizes)
-        for layer, d in zip(plan.layers, deltas, strict=True):
+                held.store(slice(i, i + 1), [None if g is None else g[None] for g in grads[:len(edges)]], t)
+                if held.rest_jacobian is not None:
+                    _write_row(held.rest_jacobian[i], grads[len(edges):], sizes)
+            return held
+        stacked = torch.stack(list(losses))
+        chunk = t if self.chunk_size is None else max(1, min(self.chunk_size, t))
+        for start in range(0, t, chunk):
+            rows = min(chunk, t - start)
+            selector = torch.zeros(rows, t, dtype=stacked.dtype, device=stacked.device)
+            selector[torch.arange(rows), torch.arange(start, start + rows)] = 1.0
+            grads = torch.autograd.grad(stacked, inputs, grad_outputs=selector, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+            held.store(slice(start, start + rows), list(grads[:len(edges)]), t)
+            if held.rest_jacobian is not None:
+                _write_row(held.rest_jacobian[start:start + rows], grads[len(edges):], sizes)
+        return held
+
+
+@dataclass
+class _Held:
+    """What one call keeps for the update: the Gram-route layers' per-task output gradients and
+    the weight-route parameters' per-task gradients (T × their size)."""
+
+    plan: Plan
+    params: list[Tensor]
+    deltas: list[Tensor | None]
+    rest_jacobian: Tensor | None
+    scale: float = 1.0
+
+    def store(self, rows: slice, grads: Sequence[Tensor | None], n_tasks: int) -> None:
+        for k, d in enumerate(grads):
+            if d is not None:
+                if self.deltas[k] is None:
+                    self.deltas[k] = d.new_zeros(n_tasks, *d.shape[1:])
+                self.deltas[k][rows] = d  # type: ignore[index]
+
+    def gramian(self, n_tasks: int, ref: Tensor) -> Tensor:
+        g = torch.zeros(n_tasks, n_tasks, dtype=ref.dtype, device=ref.device)
+        for layer, d in zip(self.plan.layers, self.deltas, strict=True):
             if d is not None:
                 g += layer.gramian(d).to(g.dtype)
-        if rest_j is not None:
-            g += gramian(rest_j)
+        if self.rest_jacobian is not None:
+            g += gramian(self.rest_jacobian)
         return (g + g.T) / 2
+
+    def direction(self, weights: Tensor) -> Tensor:
+        ref = self.params[0]
+        w = weights.to(ref.dtype) / self.scale
+        grads: dict[int, Tensor] = {}
+        for layer, d in zip(self.plan.layers, self.deltas, strict=True):
+            if d is not None:
+                grads.update((id(p), g) for p, g in zip(layer.params, layer.combine(d, w), strict=True))
+        if self.rest_jacobian is not None:
+            flat, offset = w @ self.rest_jacobian, 0
+            for p in self.plan.rest:
+                grads[id(p)] = flat[offset:offset + p.numel()]
+                offset += p.numel()
+        return torch.cat([grads[id(p)].reshape(-1).to(ref.dtype) if id(p) in grads else
+                          torch.zeros(p.numel(), dtype=ref.dtype, device=ref.device) for p in self.params])

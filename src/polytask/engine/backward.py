@@ -145,6 +145,7 @@ class Engine:
         self.gramian_route = self._resolve_gramian(opts.gramian)
         self.route_timings: dict[str, list[float]] = {"jacobian": [], "autogram": []}
         self._trial: str | None = None
+        self._no_j = False  # this step's G came from the autogram, which holds what d = Jᵀw needs
 
     @property
     def name(self) -> str:
@@ -205,14 +206,15 @@ class Engine:
     def _no_j_gramian(self, parts: list[Tensor], scale: float) -> Tensor | None:
         """G on θ without J, or None (after a one-line warning) when the model defeats it."""
         try:
-            g = self.autogram([p * scale for p in parts] if scale != 1.0 else parts, self.theta)
+            g = self.autogram(parts, self.theta, scale)
         except (AutogramUnavailable, RuntimeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(f"the no-J Gramian (engine.gramian) cannot be used for this model: {reason}; computing the "
                           "task Jacobian instead", stacklevel=4)
             self.gramian_route, self._trial = "jacobian", None
             return None
-        return g / scale**2 if scale != 1.0 else g
+        self._no_j = True
+        return g
 
     def _resolve_heads(self, heads: str) -> str:
         if self.method.needs == "losses":
@@ -256,7 +258,7 @@ class Engine:
         ``diagnose`` forces the task Jacobian on θ this step (its Gramian is in the report, and
         reused for the update, so the step costs what a Gramian method's step costs).
         """
-        self._trial = None
+        self._trial, self._no_j = None, False
         start = time.perf_counter()
         report = self._step(losses, features, epoch, extra_loss, scale, diagnose, lookahead)
         if self._trial is not None:  # engine.gramian: auto times its two ways on the first steps
@@ -435,10 +437,13 @@ class Engine:
         head_total = shared_total if not split else (head.detach() * vec).sum()
         if update.penalty is not None:
             head_total = head_total + update.penalty
-        if jacobian is not None and self.theta:
-            # J is already materialised: put d = Jᵀ w (or the method's direction) on θ directly and
-            # back-propagate only into the other parameters, skipping a second pass through θ.
-            direction = update.direction if use_direction else applied.detach() @ jacobian
+        no_j, self._no_j = self._no_j, False
+        if (jacobian is not None or no_j) and self.theta:
+            # J is already materialised (or, without J, each layer's per-task output gradients are
+            # held): put d = Jᵀ w (or the method's direction) on θ directly and back-propagate only
+            # into the other parameters, skipping a second pass through θ.
+            direction = (update.direction if use_direction else applied.detach() @ jacobian if jacobian is not None
+                         else self.autogram.direction(applied.detach()))
             self._add_flat_grad(direction * scale)
             reached = self._leaves(head_total, self.theta)
             if split:
