@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from polytask.core.errors import DataError, InvalidParameterError
-from polytask.core.task import Task
+from polytask.core.task import EOS_ID, Task
 from polytask.data.dataset import MultiOutputDataset
 from polytask.data.text import Vocabulary, tokenize
 from polytask.datasets.base import DATASETS, LoadedData, select_tasks, split_indices
@@ -84,7 +84,7 @@ def load_clothing_explain(*, tasks: list[str] | None = None, seed: int = 0, val_
     Rows: reviews with a title, a text, a department and a class (19,662 of 23,486), split
     70/15/15 by ``seed``; the history of every row (any split) is drawn from the *training* reviews
     of its item, excluding the row itself: up to ``reviews`` of them at random (seeded), each its
-    title and text, first ``review_length`` tokens. Rows whose item has no other training review
+    title ids, EOS (3), its text ids, first ``review_length`` ids in all. Rows whose item has no other training review
     are dropped. ``max_rows`` keeps a seeded subset of the rows (split in the same proportions;
     histories still come from the whole training split). The vocabulary (``min_frequency``,
     ``max_vocabulary``; ids 0–3 pad, unk, BOS, EOS) is built on the training reviews.
@@ -125,6 +125,15 @@ def load_clothing_explain(*, tasks: list[str] | None = None, seed: int = 0, val_
     profile_ids.update({f"class:{c}": len(profile_ids) + 1 + i for i, c in enumerate(classes)})
     layout = ExplainLayout(reviews, review_length, concepts, 3, title_length)
 
+    cache: dict[int, list[int]] = {}
+
+    def encoded(row: int) -> list[int]:
+        """A history review's ids: its title, EOS (the boundary, so a title can be read back), its text."""
+        if row not in cache:
+            title, text = frame["Title"].iat[row], frame["Review Text"].iat[row]
+            cache[row] = [*vocab.encode(title), EOS_ID, *vocab.encode(text)][:review_length]
+        return cache[row]
+
     def build(idx: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         kept, rows = [], []
         for row in idx:
@@ -134,7 +143,9 @@ def load_clothing_explain(*, tasks: list[str] | None = None, seed: int = 0, val_
                 continue
             picked = sorted(rng.choice(others, size=min(reviews, len(others)), replace=False).tolist())
             block = torch.zeros(reviews, review_length, dtype=torch.long)
-            block[:len(picked)] = vocab.encode_batch([texts[r] for r in picked], review_length)
+            for k, r in enumerate(picked):
+                ids = encoded(r)
+                block[k, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             concept_ids = torch.zeros(concepts, dtype=torch.long)
             found = concepts_of([texts[r] for r in picked], concepts, vocab)
             concept_ids[:len(found)] = torch.tensor(found, dtype=torch.long)

@@ -14,7 +14,7 @@ class GRUGenerator(nn.Module):
     """Generates a token sequence from z, as the explanation decoder of CAML (Chen et al., IJCAI 2019).
 
     h₀ = tanh(W z + b); at step t, hₜ = GRU([E(yₜ₋₁); c], hₜ₋₁) with c = tanh(W_c z + b_c) the
-    same context at every step, and p(yₜ | y<ₜ, z) = softmax(V hₜ + d). y₀ = BOS.
+    same context at every step, and p(yₜ | y<ₜ, z) = softmax(V [hₜ; c] + d). y₀ = BOS.
 
     - Training (``self.training``, targets given): teacher forcing, the logits of every position
       from the gold tokens before it, (B, T, V).
@@ -29,6 +29,9 @@ class GRUGenerator(nn.Module):
     - CAML's decoder also reads the rating prediction's embedding (its ``feed_rating`` option)
       and attends over the selected concepts; here the selected concepts reach it only through
       z (initial state and the per-step context c).
+    - The output layer reads c beside hₜ (a "deep output" as in Bahdanau et al., ICLR 2015): a
+      direct path from z to the words, without which the decoder sat for many steps on the
+      words' marginal distribution, ignoring z.
     """
 
     def __init__(self, in_features: int, vocab_size: int, *, max_length: int, embedding_dim: int = 64,
@@ -46,7 +49,7 @@ class GRUGenerator(nn.Module):
         self.context = nn.Linear(in_features, embedding_dim)
         self.cell = nn.GRUCell(2 * embedding_dim, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.Linear(hidden_size, vocab_size)
+        self.output = nn.Linear(hidden_size + embedding_dim, vocab_size)
 
     def start(self, z: Tensor) -> Tensor:
         """The decoding state [h₀; c] (B, hidden_size + embedding_dim)."""
@@ -55,7 +58,7 @@ class GRUGenerator(nn.Module):
     def _advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         h, c = state[:, :self.hidden_size], state[:, self.hidden_size:]
         h = self.cell(torch.cat([self.embedding(tokens), c], dim=1), h)
-        return self.output(self.dropout(h)), torch.cat([h, c], dim=1)
+        return self.output(self.dropout(torch.cat([h, c], dim=1))), torch.cat([h, c], dim=1)
 
     def step(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """The decoding step: log-probabilities of the next token (N, V) and the new state."""

@@ -106,7 +106,7 @@ class BLEU(_SequenceMetric):
 
     def compute(self) -> Tensor:
         hypotheses, references = self.texts()
-        return torch.tensor(corpus_bleu(hypotheses, references))
+        return torch.tensor(corpus_bleu(hypotheses, references), dtype=torch.float64)
 
 
 class ROUGE(_SequenceMetric):
@@ -122,4 +122,4 @@ class ROUGE(_SequenceMetric):
 
     def compute(self) -> Tensor:
         hypotheses, references = self.texts()
-        return torch.tensor(mean_rouge(hypotheses, references, self.kind))
+        return torch.tensor(mean_rouge(hypotheses, references, self.kind), dtype=torch.float64)

@@ -12,12 +12,14 @@ from polytask.text.layout import ExplainLayout
 
 def co_attention(left: Tensor, right: Tensor, left_mask: Tensor, right_mask: Tensor, bilinear: Tensor
                  ) -> tuple[Tensor, Tensor]:
-    """Co-attentive selection weights: S = L M Rᵀ, a_L = softmax(maxⱼ Sᵢⱼ), a_R = softmax(maxᵢ Sᵢⱼ).
+    """Co-attentive selection weights: S = L M Rᵀ/√d, a_L = softmax(maxⱼ Sᵢⱼ), a_R = softmax(maxᵢ Sᵢⱼ).
 
     ``left`` (B, m, d), ``right`` (B, n, d), masks True on real entries; padding gets weight 0 and
     is left out of the max-pooling. Each row's weights sum to 1 on each side (Tay et al., KDD
-    2018, eq. 3–5, the selector CAML builds on; softmax in place of their Gumbel-softmax)."""
-    scores = torch.einsum("bid,de,bje->bij", left, bilinear, right)
+    2018, eq. 3–5, the selector CAML builds on; softmax in place of their Gumbel-softmax). The
+    1/√d scaling (of scaled dot-product attention) is ours: without it the scores grow in
+    training until the softmax saturates and the selector stops learning."""
+    scores = torch.einsum("bid,de,bje->bij", left, bilinear, right) / left.shape[-1] ** 0.5
     neg = torch.finfo(scores.dtype).min
     both = left_mask[:, :, None] & right_mask[:, None, :]
     scores = scores.masked_fill(~both, neg)
@@ -79,6 +81,10 @@ class CoAttention(nn.Module):
         self.review_affinity = nn.Parameter(torch.eye(d) + 0.01 * torch.randn(d, d))
         self.concept_affinity = nn.Parameter(torch.eye(d) + 0.01 * torch.randn(d, d))
         self.output = nn.Sequential(nn.Linear(5 * d, out_features), nn.ReLU(), nn.Dropout(dropout))
+        for table in (self.words, self.profile_embedding):  # small initial vectors: unsaturated attention at the start
+            nn.init.normal_(table.weight, std=0.3)
+            with torch.no_grad():
+                table.weight[0].zero_()
 
     # ----------------------------------------------------------------------------- the input row
     def split(self, x: Tensor) -> dict[str, Tensor]:
