@@ -112,7 +112,8 @@ def test_bad_options_are_refused():
             ({"inputs": "image"}, "`inputs` of dataset 'reviews' must be one of text, tabular, both"),
             ({"task_rows": {"rating": 5}}, "names task 'rating', which is not one of the tasks"),
             ({"task_rows": {"topic": 0}}, "task 'topic' must keep an int >= 1"),
-            ({"task_rows": {"topic": 500}}, "asks for 500 training rows; the training split has 42")):
+            ({"task_rows": {"topic": 500}}, "asks for 500 training rows; the training split has 42"),
+            ({"frame": "reviews.csv"}, "`frame` of dataset 'reviews' is a pandas DataFrame given from Python")):
         with pytest.raises((DataError, InvalidParameterError), match=match):
             load(**options)
 

@@ -94,6 +94,9 @@ def load_reviews(*, tasks: list[str] | None = None, seed: int = 0, val_fraction:
     rows_of = _check_task_rows(task_rows, names)
     if frame is None:
         frame = pd.read_parquet(REVIEWS_FILE.path(download))
+    elif not isinstance(frame, pd.DataFrame):
+        raise InvalidParameterError(f"`frame` of dataset 'reviews' is a pandas DataFrame given from Python (YAML reads the "
+                                    f"packaged file); found {type(frame).__name__}")
     _check_columns(frame, names, inputs)
     title, review = (frame[c].fillna("").astype(str) for c in TEXT_COLUMNS)
     has_text = (title.str.strip() != "") | (review.str.strip() != "")
