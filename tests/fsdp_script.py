@@ -16,9 +16,10 @@ from ddp_script import problem  # noqa: E402
 
 #: method → engine options: a loss method with learnable weights, the Gramian method (upgrad), a
 #: features-mode method (mgda_ub), one on the last shared layer with learnable weights (gradnorm),
-#: one with two batch parts (modo) and per-task clipping on a loss method (its J is taken)
+#: one with two batch parts (modo), per-task clipping on a loss method (its J is taken) and upgrad with
+#: the FSDP units kept gathered through the per-task backward passes (ShardedEngine.keep_gathered)
 METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
-           "equal:clip": {}}
+           "equal:clip": {}, "upgrad:kept": {}}
 STEPS = 3
 
 
@@ -37,6 +38,10 @@ def build(name: str, distributed: str = "ddp", steps: int = STEPS, epochs: int =
 
 def train(name: str, distributed: str = "ddp", steps: int = STEPS):
     trainer, data = build(name, distributed, steps)
+    if name.endswith(":kept") and trainer.sharded:
+        from torch.distributed.fsdp import FSDPModule
+
+        trainer.engine.keep_gathered = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
     world = trainer.comm.world_size if trainer.comm is not None else 1
     with CollectiveCounter(world) as counter:
         trainer.fit(data)

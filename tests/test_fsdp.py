@@ -48,6 +48,10 @@ def test_gramian_is_reduced_not_the_jacobian(fsdp_results):
     assert float(fsdp["allreduce_"]) < 0.05 * float(ddp["allreduce_"])
     assert float(fsdp["_reduce_scatter_base_"]) >= 0.5 * tasks * theta * 4 * steps  # one per task and step
     assert float(fsdp["_allgather_base_"]) > 0 and "_allgather_base_" not in ddp
+    # kept gathered through a step's T backward passes: one all-gather per unit and step, not T
+    kept = fsdp_results["upgrad:kept:by_op"]
+    assert float(kept["_allgather_base_"]) < 0.5 * float(fsdp["_allgather_base_"])
+    assert float(kept["_reduce_scatter_base_"]) == float(fsdp["_reduce_scatter_base_"])
 
 
 @pytest.mark.skipif(os.environ.get("WORLD_SIZE") not in (None, "1"), reason="one process")

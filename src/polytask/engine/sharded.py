@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
 from polytask.engine.backward import Engine
@@ -50,6 +50,11 @@ class ShardedEngine(Engine):
             are reduced by FSDP's own reduce-scatters, so the engine reduces only the others in
             ``reduce_params`` (a method's learnable weights).
         comm: required (the process group's ranks hold the shards).
+        keep_gathered: FSDP units (``fully_shard`` ed modules) whose parameters stay gathered
+            through the T per-task backward passes of a step instead of being gathered again for
+            each: T − 1 fewer all-gathers of the model (about half the step's traffic), at the cost
+            of holding those units' full parameters for the whole Jacobian. Default: none (every
+            unit is re-gathered, the memory FSDP promises).
 
     Task gradients on θ are taken by one ``backward`` per task (FSDP's hooks run only in a real
     backward), each leaving the rank's slice of every parameter's gradient; the rows of all
@@ -58,7 +63,8 @@ class ShardedEngine(Engine):
     """
 
     def __init__(self, method: str | Method, shared_params: Iterable[Tensor], *, sharded_params: Iterable[Tensor],
-                 comm: Communicator | None, reduce_params: Iterable[Tensor] = (), **engine: Any) -> None:
+                 comm: Communicator | None, reduce_params: Iterable[Tensor] = (),
+                 keep_gathered: Iterable[nn.Module] = (), **engine: Any) -> None:
         if comm is None:
             raise InvalidParameterError("the sharded (FSDP) engine needs the process group's Communicator (comm=)")
         sharded = [p for p in sharded_params if p.requires_grad]
@@ -94,6 +100,7 @@ class ShardedEngine(Engine):
         self.n_theta = sum(n for p, n in zip(self.order, self.sizes, strict=True) if id(p) in theta)
         self.n_shared = sum(n for p, n in zip(self.order, self.sizes, strict=True) if id(p) in shared)
         self._rest: list[Tensor] = []  # the non-θ columns of each Jacobian taken this step
+        self.keep_gathered = list(keep_gathered)
 
     # ---------------------------------------------------------------- the hooks of Engine.backward
     def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
@@ -103,6 +110,9 @@ class ShardedEngine(Engine):
         for i, loss in enumerate(parts):
             for p in self.order:
                 p.grad = None
+            last = i == len(parts) - 1
+            for unit in self.keep_gathered:  # gathered once for the step's backward passes, freed after the last
+                unit.set_reshard_after_backward(last)  # type: ignore[operator]
             (loss * scale if scale != 1.0 else loss).backward(retain_graph=True)
             offset = 0
             for p, n in zip(self.order, self.sizes, strict=True):
@@ -114,6 +124,8 @@ class ShardedEngine(Engine):
                 offset += n
         for p in self.order:
             p.grad = None
+        for unit in self.keep_gathered:  # a unit the last task's backward did not reach is still gathered
+            unit.reshard()  # type: ignore[operator]
         if scale != 1.0:
             rows.div_(scale)
         self._rest.append(rows[:, self.n_theta:])
