@@ -64,17 +64,33 @@ class PerTaskMethod(Method):
         if tasks is None:
             self.setup(step.tasks)
             tasks = self.all_tasks
+        return self._indexed(step, tasks)[0]
+
+    def _indexed(self, step: Step, tasks: tuple[str, ...]) -> tuple[Tensor, bool]:
         cached = self.__dict__.get("_index_cache")
         if cached is not None and cached[0] is tasks and cached[1] == step.tasks:
-            return cached[2]
+            return cached[2], cached[3]
         position = {t: i for i, t in enumerate(tasks)}
         missing = [t for t in step.tasks if t not in position]
         if missing:
             raise InvalidParameterError(
                 f"`{owner(self)}` was set up for tasks {list(tasks)}; the step has unknown task(s) {missing}")
         index = torch.tensor([position[t] for t in step.tasks], dtype=torch.long, device=self._device())
-        self.__dict__["_index_cache"] = (tasks, tuple(step.tasks), index)
-        return index
+        full = tuple(step.tasks) == tuple(tasks)
+        self.__dict__["_index_cache"] = (tasks, tuple(step.tasks), index, full)
+        return index, full
+
+    def all_active(self, step: Step) -> bool:
+        """True when the step's tasks are ``all_tasks`` in their order: then the rows of the
+        active tasks are the whole state, and a method may skip gathering and scattering them."""
+        self.index(step)
+        return self.__dict__["_index_cache"][3]
+
+    def rows(self, tensor: Tensor, step: Step) -> Tensor:
+        """``tensor[self.index(step)]``, or ``tensor`` itself when every task is active in order
+        (the same values, and for a parameter the same gradient, without an indexing operation)."""
+        index = self.index(step)
+        return tensor if self.all_active(step) else tensor[index]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
         self.__dict__.pop("_index_cache", None)  # .to(device): the next index is made on the new device

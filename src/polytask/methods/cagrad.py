@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._gramian_qp import as_float64, factor, project_polyhedron, to_step
+from polytask.methods._gramian_qp import as_float64, factor_np, project_polyhedron_np, to_step
 from polytask.methods.base import Method, Step, check_positive, register
 
 
@@ -39,62 +40,78 @@ class CAGrad(Method):
         self._remember(c=c, rescale=rescale)
 
     def weights(self, step: Step) -> Tensor:
-        g = as_float64(step.gramian, type(self).__name__)
+        g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
-        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        scale = float(g.diagonal().mean())
+        w = np.full(n, 1.0 / n)
+        scale = float(np.diagonal(g).mean())
         if self.c > 0 and scale > 0:
             g = g / scale  # the weights do not depend on the scale of G
-            b = g.sum(dim=1) / n  # gᵢᵀg₀
-            radius = self.c * float((b.sum() / n).clamp_min(0).sqrt())  # c‖g₀‖
+            b = g.sum(axis=1) / n  # gᵢᵀg₀
+            radius = self.c * max(float(b.sum() / n), 0.0) ** 0.5  # c‖g₀‖
             if radius > 0:
                 w = w + _ball_multipliers(g, b, radius)
         if self.rescale == 1:  # True too
             w = w / (1 + self.c**2)
         elif self.rescale == 2:
             w = w / (1 + self.c)
-        return to_step(w, step.gramian)
+        return to_step(torch.from_numpy(w), step.gramian)
 
 
-def _ball_multipliers(g: Tensor, b: Tensor, radius: float, iters: int = 100) -> Tensor:
-    """y ≥ 0 with ‖Jᵀy‖ = radius, Jᵀy = argmin ‖x‖² s.t. b + Jx ≥ t for the matching level t."""
-    f, target = factor(g), radius**2
-    zero = torch.zeros(f.shape[1], dtype=g.dtype)
+def _ball_multipliers(g: np.ndarray, b: np.ndarray, radius: float, iters: int = 100) -> np.ndarray:
+    """y ≥ 0 with ‖Jᵀy‖ = radius, Jᵀy = argmin ‖x‖² s.t. b + Jx ≥ t for the matching level t
+    (float64 numpy arrays: a step is a handful of T×T operations and quadprog calls)."""
+    f, target = factor_np(g), radius**2
+    zero = np.zeros(f.shape[1])
 
-    def solve(t: float) -> tuple[Tensor, float]:
-        sol = project_polyhedron(f, zero, t - b)
-        return (torch.zeros_like(b), float("inf")) if sol is None else (sol[1], float(sol[0] @ sol[0]))
+    def solve(t: float) -> tuple[np.ndarray, float]:
+        sol = project_polyhedron_np(f, zero, t - b)
+        return (np.zeros_like(b), float("inf")) if sol is None else (sol[1], float(sol[0] @ sol[0]))
 
     lo = float(b.min())  # x = 0 is feasible: ‖x‖ = 0
-    hi = float((b + radius * g.diagonal().clamp_min(0).sqrt()).min())  # no d in the ball does better
-    y_lo = torch.zeros_like(b)
+    hi = float((b + radius * np.sqrt(np.clip(np.diagonal(g), 0.0, None))).min())  # no d in the ball does better
+    y_lo = np.zeros_like(b)
     y, val = solve(hi)
     while val < target:  # round-off only: widen
         lo, y_lo, hi = hi, y, hi + (hi - lo) + 1e-12
         y, val = solve(hi)
-    t, best = hi, y
+    t, best = hi, (y if val < float("inf") else None)
     for _ in range(iters):
         if abs(val - target) <= 1e-10 * target or hi - lo <= 1e-14 * (abs(lo) + abs(hi)):
             break
         if val < target:
             lo, y_lo = t, y
         else:
-            hi, best = t, y
+            hi, best = t, (y if val < float("inf") else best)
         t = _piece_root(g, b, y if val < float("inf") else y_lo, target, lo, hi)
         y, val = solve(t)
-    return y if val < float("inf") else best
+    if val < float("inf"):
+        return y
+    # the last level had no feasible x (exactly opposed gradients make the top of the range
+    # infeasible up to round-off): the feasible multipliers found closest to the ball's boundary,
+    # not the zeros of an infeasible solve (which gave the mean gradient)
+    return best if best is not None else y_lo
 
 
-def _piece_root(g: Tensor, b: Tensor, y: Tensor, target: float, lo: float, hi: float) -> float:
+def _pinv_symmetric(a: np.ndarray) -> np.ndarray:
+    """Moore–Penrose inverse of a symmetric matrix by its eigendecomposition, with
+    ``torch.linalg.pinv(hermitian=True)``'s cut-off (eigenvalues |λ| ≤ k·eps·max |λ| dropped).
+    Not least squares: MKL's lstsq differs in the last bits from call to call (memory
+    alignment), which made the weights of identical steps differ."""
+    vals, vecs = np.linalg.eigh(a)
+    magnitude = np.abs(vals)
+    cutoff = len(a) * np.finfo(a.dtype).eps * (float(magnitude.max()) if magnitude.size else 0.0)
+    inverse = np.divide(1.0, vals, out=np.zeros_like(vals), where=magnitude > cutoff)
+    return (vecs * inverse) @ vecs.T
+
+
+def _piece_root(g: np.ndarray, b: np.ndarray, y: np.ndarray, target: float, lo: float, hi: float) -> float:
     """t with yᵀGy = target if the active set of y is kept (y_F = G_FF⁺(t − b_F)); else bisect."""
-    free = y > 1e-12 * float(y.max().clamp_min(1e-300))
+    free = y > 1e-12 * max(float(y.max()), 1e-300)
     mid = (lo + hi) / 2
     if not bool(free.any()):
         return mid
-    gff = g[free][:, free]
-    # G_FF⁺ by eigendecomposition, not lstsq: MKL's lstsq differs in the last bits from call to call
-    # (memory alignment), which made the weights of identical steps differ
-    sol = torch.linalg.pinv(gff, hermitian=True) @ torch.stack([torch.ones_like(b[free]), b[free]], dim=1)
+    gff = g[np.ix_(free, free)]
+    sol = _pinv_symmetric(gff) @ np.stack([np.ones(int(free.sum())), b[free]], axis=1)
     p, q = sol[:, 0], sol[:, 1]  # y_F(t) = t·p − q
     qa, qb, qc = float(p @ gff @ p), float(-2 * (p @ gff @ q)), float(q @ gff @ q) - target
     disc = qb * qb - 4 * qa * qc

@@ -50,6 +50,9 @@ class DWA(PerTaskMethod):
 
     def weights(self, step: Step) -> Tensor:
         idx = self.index(step)
+        if self.all_active(step) and bool((self.epochs_seen >= 2).all()):  # every task has a rate
+            rates = self.history[1] / self.history[0].clamp_min(EPS)
+            return (len(idx) * torch.softmax(rates / self.temperature, dim=0)).to(step.losses)
         w = torch.ones(len(idx), dtype=torch.float64, device=idx.device)
         ready = self.epochs_seen[idx] >= 2
         if ready.any():

@@ -47,19 +47,32 @@ class FAMO(PerTaskMethod):
 
     def weights(self, step: Step) -> Tensor:
         idx = self.index(step)
+        full = self.all_active(step)  # every task, in order: whole buffers instead of gathered rows
         losses = step.losses.double().clamp_min(EPS)
-        previous = self.previous_losses[idx]
+        previous = self.previous_losses if full else self.previous_losses[idx]
         pending = ~torch.isnan(previous)
-        if bool(pending.any()):
+        state = (self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps)
+        if full and bool(pending.all()):  # the same operations as below on rows = all tasks
+            delta = previous.log() - losses.log()
+            z = torch.softmax(self.logits, dim=0)
+            grad = z * (delta - (z * delta).sum())
+            new = adam_step(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.adam_steps, lr=self.lr,
+                            weight_decay=self.weight_decay)
+            for buffer, value in zip(state, new, strict=True):
+                buffer.copy_(value)
+        elif bool(pending.any()):
             rows = idx[pending]
             delta = previous[pending].log() - losses[pending].log()
             z = torch.softmax(self.logits[rows], dim=0)
             grad = z * (delta - (z * delta).sum())
             new = adam_step(self.logits[rows], grad, self.exp_avg[rows], self.exp_avg_sq[rows],
                             self.adam_steps[rows], lr=self.lr, weight_decay=self.weight_decay)
-            for buffer, value in zip((self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps), new):
+            for buffer, value in zip(state, new, strict=True):
                 buffer[rows] = value
-        self.previous_losses.fill_(float("nan"))
-        self.previous_losses[idx] = losses
-        scaled = torch.softmax(self.logits[idx], dim=0) / losses
+        if full:
+            self.previous_losses.copy_(losses)
+        else:
+            self.previous_losses.fill_(float("nan"))
+            self.previous_losses[idx] = losses
+        scaled = torch.softmax(self.rows(self.logits, step), dim=0) / losses
         return (scaled / scaled.sum()).to(step.losses)

@@ -31,5 +31,5 @@ class RLW(PerTaskMethod):
 
     def weights(self, step: Step) -> Tensor:
         idx = self.index(step)
-        z = torch.randn(len(self.all_tasks), generator=step.generator, dtype=torch.float64)
-        return (len(idx) * torch.softmax(z.to(idx.device)[idx], dim=0)).to(step.losses)
+        z = torch.randn(len(self.all_tasks), generator=step.generator, dtype=torch.float64).to(idx.device)
+        return (len(idx) * torch.softmax(self.rows(z, step), dim=0)).to(step.losses)

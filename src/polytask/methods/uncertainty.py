@@ -56,6 +56,6 @@ class Uncertainty(PerTaskMethod):
         self.scale = torch.tensor([1.0 if self.forms.get(t) == "classification" else 0.5 for t in self.all_tasks])
 
     def update(self, step: Step) -> Update:
-        idx = self.index(step)
-        weights = (self.scale[idx] * torch.exp(-self.log_vars[idx])).to(step.losses.dtype)
-        return Update(weights, penalty=0.5 * self.log_vars[idx].sum().to(step.losses.dtype))
+        log_vars, scale = self.rows(self.log_vars, step), self.rows(self.scale, step)
+        weights = (scale * torch.exp(-log_vars)).to(step.losses.dtype)
+        return Update(weights, penalty=0.5 * log_vars.sum().to(step.losses.dtype))

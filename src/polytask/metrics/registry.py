@@ -24,8 +24,9 @@ from torchmetrics import regression as R
 
 from polytask.core.errors import InvalidParameterError, closest
 from polytask.core.task import KINDS, Task
-from polytask.vision.coco_eval import MeanAveragePrecision
+from polytask.metrics.auroc import BinaryAUROC
 from polytask.text.metrics import BLEU, ROUGE
+from polytask.vision.coco_eval import MeanAveragePrecision
 from polytask.vision.dense import IGNORE_INDEX, PixelError
 
 
@@ -64,7 +65,7 @@ _SPECS = [
         C.BinaryF1Score, lambda num_classes: C.MulticlassF1Score(num_classes=num_classes, average="macro"),
         lambda num_labels: C.MultilabelF1Score(num_labels=num_labels, average="macro")), _CLS),
     MetricSpec("auroc", True, _classification(
-        C.BinaryAUROC, lambda num_classes: C.MulticlassAUROC(num_classes=num_classes),
+        BinaryAUROC, lambda num_classes: C.MulticlassAUROC(num_classes=num_classes),
         lambda num_labels: C.MultilabelAUROC(num_labels=num_labels)), _CLS),
     # per-pixel metrics over labelled pixels; mIoU averages the classes' IoU (a class absent from both
     # prediction and target counts 0, torchmetrics' zero_division)

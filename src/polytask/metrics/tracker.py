@@ -51,23 +51,27 @@ class TaskMetrics:
             mask = masks.get(name)
             if mask is not None and not bool(mask.all()):
                 out, y = out[mask], y[mask]
-            if len(y) == 0:
+            rows = y.shape[0]  # not len(): Tensor.__len__ is a Python function, called per task and step
+            if rows == 0:
                 continue
-            pred = out.detach().float()
-            if task.kind == "regression":  # metrics in the target's units (standardised targets are unscaled)
-                pred, y = task.unscale(pred), task.unscale(y)
-            elif task.kind in ("binary", "multilabel"):
-                # the sigmoid per batch (on a concatenation, its vectorised and scalar code paths would
-                # round some values differently); the targets' cast is exact, so it waits for the flush
-                pred = torch.sigmoid(pred)
+            if task.kind in ("binary", "multilabel"):
+                # a new tensor without a graph (no_grad); the sigmoid per batch (on a concatenation its
+                # vectorised and scalar code paths would round some values differently); the targets'
+                # cast is exact, so it waits for the flush
+                pred = torch.sigmoid(out.float())
+            else:
+                pred = out.detach().float()
+                if task.kind == "regression":  # metrics in the target's units (standardised targets are unscaled)
+                    pred, y = task.unscale(pred), task.unscale(y)
             self._pending[name].append((pred, y))
             self._pending_elements += pred.numel()
-            if losses is not None and losses.get(name) is not None:
+            loss = None if losses is None else losses.get(name)
+            if loss is not None:
                 # keep tensors and sum at compute(): avoids a device sync every step; the products
                 # Lᵢ·nᵢ are formed there, the same float operations in one call
-                self._losses[name].append(losses[name].detach())  # type: ignore[union-attr]
-                self._loss_rows[name].append(len(y))
-                self._loss_n[name] += len(y)
+                self._losses[name].append(loss.detach())
+                self._loss_rows[name].append(rows)
+                self._loss_n[name] += rows
         if self._pending_elements >= self.FLUSH_ELEMENTS:
             self._flush()
 
@@ -143,6 +147,6 @@ def _unchecked(metric: torchmetrics.Metric) -> torchmetrics.Metric:
     were validated once with the data (``Task.check_targets``) and the predictions are the
     tracker's own (probabilities, logits), so the checks (a ``torch.unique`` of the targets at every
     update and compute) would only repeat that at every flush. Values are unchanged."""
-    if type(metric).__module__.startswith("torchmetrics.") and hasattr(metric, "validate_args"):
+    if type(metric).__module__.startswith(("torchmetrics.", "polytask.metrics.")) and hasattr(metric, "validate_args"):
         metric.validate_args = False
     return metric

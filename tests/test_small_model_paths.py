@@ -1,0 +1,188 @@
+"""The fast paths that keep a small model's step cheap give what the general paths give.
+
+Loss-weighting methods skip gathering their per-task state when every task is active in order;
+the training metrics defer the targets' cast and the loss products to the flush; AUROC sorts its
+predictions with numpy first; the health check takes the total gradient norm without
+``get_total_norm``'s bookkeeping. Each is compared with the general computation, bit for bit.
+CAGrad's solver, moved onto numpy arrays, must reach the optimum also where two gradients are
+exactly opposed (the former code gave the mean gradient in some of those cases).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics import classification
+
+from polytask.core.task import Task
+from polytask.methods.base import Step, get_method
+from polytask.metrics.auroc import BinaryAUROC
+from polytask.metrics.tracker import TaskMetrics
+from polytask.train.health import GradientMonitor, HealthOptions
+
+TASKS = ("a", "b", "c", "d")
+
+
+def _general(method):
+    """The same method forced onto the general path (gathered rows) on every step."""
+    method.all_active = lambda step: False
+    return method
+
+
+@pytest.mark.parametrize("name", ["rlw", "uncertainty", "famo", "dwa"])
+def test_loss_methods_fast_path_equals_general_path(name):
+    fast, general = get_method(name), _general(get_method(name))
+    for method in (fast, general):
+        method.setup(TASKS)
+    g = torch.Generator().manual_seed(0)
+    for index in range(12):
+        losses = torch.rand(len(TASKS), generator=g, dtype=torch.float64) + 0.05
+        updates = [m(Step(tasks=TASKS, losses=losses, index=index, seed=3)) for m in (fast, general)]
+        assert torch.equal(updates[0].weights, updates[1].weights), (name, index)
+        if updates[0].penalty is not None:  # uncertainty: the same values and the same gradients
+            assert torch.equal(updates[0].penalty, updates[1].penalty)
+            grads = [torch.autograd.grad(u.weights.sum() + u.penalty, m.log_vars)[0]
+                     for u, m in zip(updates, (fast, general), strict=True)]
+            assert torch.equal(grads[0], grads[1])
+        if index % 4 == 3:  # DWA's rates come from epoch means
+            means = dict(zip(TASKS, (torch.rand(len(TASKS), generator=g) + 0.1).tolist(), strict=True))
+            for m in (fast, general):
+                m.on_epoch_end(index // 4, means)
+    for key, value in fast.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, general.state_dict()[key]), key
+
+
+def test_index_cache_follows_the_active_tasks():
+    method = get_method("famo")
+    method.setup(TASKS)
+    losses = torch.ones(2, dtype=torch.float64)
+    assert method.index(Step(tasks=("b", "d"), losses=losses)).tolist() == [1, 3]
+    assert method.index(Step(tasks=("d", "a"), losses=losses)).tolist() == [3, 0]
+    assert not method.all_active(Step(tasks=("d", "a"), losses=losses))
+    assert method.all_active(Step(tasks=TASKS, losses=torch.ones(4, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "saturated"])
+def test_auroc_equals_torchmetrics_bit_for_bit(kind):
+    g = torch.Generator().manual_seed({"random": 0, "ties": 1, "saturated": 2}[kind])
+    for n in (2, 17, 1000, 40_000):
+        scores = torch.rand(n, generator=g)
+        if kind == "ties":
+            scores = (scores * 10).round() / 10
+        elif kind == "saturated":  # float32 sigmoids of large logits: long runs of exact 0 and 1
+            scores = torch.sigmoid(torch.randn(n, generator=g) * 40)
+        labels = (torch.rand(n, generator=g) < 0.3).long()
+        labels[0], labels[-1] = 0, 1
+        ours, theirs = BinaryAUROC(), classification.BinaryAUROC()
+        for metric in (ours, theirs):
+            metric.update(scores[: n // 2], labels[: n // 2])
+            metric.update(scores[n // 2:], labels[n // 2:])
+        assert torch.equal(ours.compute(), theirs.compute()), (kind, n)
+
+
+def _batches(n_batches: int = 9):
+    g = torch.Generator().manual_seed(5)
+    for i in range(n_batches):
+        rows = 7 + 5 * i
+        outputs = {"bin": torch.randn(rows, generator=g) * 3, "reg": torch.randn(rows, generator=g)}
+        targets = {"bin": (torch.rand(rows, generator=g) < 0.4).float(), "reg": torch.randn(rows, generator=g)}
+        mask = torch.rand(rows, generator=g) < 0.8
+        mask[0] = True
+        losses = {t: (outputs[t] - targets[t]).pow(2)[mask if t == "bin" else slice(None)].mean() for t in outputs}
+        yield outputs, targets, {"bin": mask}, losses
+
+
+def test_tracker_loss_mean_is_the_per_batch_product_sum():
+    tasks = [Task("bin", kind="binary"), Task("reg", kind="regression")]
+    tracker = TaskMetrics(tasks)
+    products = {"bin": [], "reg": []}
+    rows = {"bin": 0, "reg": 0}
+    for outputs, targets, masks, losses in _batches():
+        tracker.update(outputs, targets, masks, losses)
+        for t in products:  # what the tracker computed before: Lᵢ·nᵢ at every step
+            n = int(masks[t].sum()) if t in masks else len(targets[t])
+            products[t].append(losses[t] * n)
+            rows[t] += n
+    computed = tracker.compute()
+    for t in products:
+        assert computed[t]["loss"] == float(torch.tensor([float(torch.stack(products[t]).sum()), rows[t]],
+                                                         dtype=torch.float64)[0] / rows[t])
+
+
+def test_tracker_resumes_mid_epoch_with_the_same_values():
+    tasks = [Task("bin", kind="binary"), Task("reg", kind="regression")]
+    whole, first = TaskMetrics(tasks), TaskMetrics(tasks)
+    batches = list(_batches())
+    for i, (outputs, targets, masks, losses) in enumerate(batches):
+        if i == 4:  # the uninterrupted run checkpoints there too (a checkpoint flushes the buffers)
+            whole.state_dict()
+        whole.update(outputs, targets, masks, losses)
+        if i < 4:
+            first.update(outputs, targets, masks, losses)
+    resumed = TaskMetrics(tasks)
+    resumed.load_state_dict(first.state_dict())
+    for outputs, targets, masks, losses in batches[4:]:
+        resumed.update(outputs, targets, masks, losses)
+    assert resumed.compute() == whole.compute()
+
+
+def test_health_total_norm_is_get_total_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 50), nn.ReLU(), nn.Linear(50, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 7
+    monitor = GradientMonitor(model, HealthOptions())
+    grads = [p.grad for p in model.parameters()]
+    assert torch.equal(monitor._total_norm(grads), torch.nn.utils.get_total_norm(grads, foreach=True))
+    mixed = [grads[0].double(), *grads[1:]]  # two dtypes: the grouped computation
+    assert torch.equal(monitor._total_norm(mixed), torch.nn.utils.get_total_norm(mixed, foreach=True))
+
+
+def _cagrad_dual(j: torch.Tensor, radius: float) -> float:
+    """min over the simplex of wᵀJg₀ + r‖Jᵀw‖ (Liu et al.'s dual; by strong duality the optimum of
+    max_d minᵢ gᵢᵀd s.t. ‖d − g₀‖ ≤ r), by SLSQP from every vertex, the centre and the midpoint of
+    the opposed pair; any w gives an upper bound, so the least is the tightest."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    a = j.numpy()
+    b = a @ a.mean(0)
+    n = len(a)
+
+    def f(w: np.ndarray) -> float:
+        return float(w @ b + radius * np.linalg.norm(a.T @ w))
+
+    def gradient(w: np.ndarray) -> np.ndarray:
+        d = a.T @ w
+        norm = np.linalg.norm(d)
+        return b + (radius * (a @ d) / norm if norm > 0 else 0.0)
+
+    starts = [*np.eye(n), np.full(n, 1 / n), np.r_[0.5, 0.5, np.zeros(n - 2)]]
+    best = min(f(w) for w in starts)
+    for w0 in starts:
+        res = minimize(f, w0, jac=gradient, method="SLSQP", bounds=[(0, 1)] * n, tol=1e-13,
+                       constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}])
+        if res.success:
+            best = min(best, f(np.clip(res.x, 0, None) / np.clip(res.x, 0, None).sum()))
+    return best
+
+
+def test_cagrad_reaches_the_optimum_at_exactly_opposed_gradients():
+    """With g₂ = −g₁ the problem is degenerate; the solver must still reach the optimum of
+    max_d minᵢ gᵢᵀd s.t. ‖d − g₀‖ ≤ c‖g₀‖ (checked against the dual), not fall back to g₀."""
+    method = get_method("cagrad", rescale=0)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(24):
+        n_tasks, dim = (3, 4, 6)[trial % 3], (9, 4, 18, 30)[trial % 4]
+        j = torch.randn(n_tasks, dim, generator=g, dtype=torch.float64) * torch.rand(n_tasks, 1, generator=g,
+                                                                                      dtype=torch.float64) * 10
+        j[1] = -j[0]
+        tasks = tuple(f"t{i}" for i in range(n_tasks))
+        w = method(Step(tasks=tasks, losses=torch.ones(n_tasks, dtype=torch.float64), gramian=j @ j.T)).weights
+        d, mean = w @ j, j.mean(0)
+        radius = 0.4 * float(mean.norm())
+        scale = float((j @ j.T).diagonal().mean())
+        assert float((d - mean).norm()) <= radius * (1 + 1e-6), trial
+        assert float((j @ d).min()) >= _cagrad_dual(j, radius) - 1e-6 * scale, trial
