@@ -24,6 +24,7 @@ from typing import Any
 COMMAND_MODULES: tuple[str, ...] = (
     "bench_quality",
     "bench_rl",
+    "bench_small",
     "diagnose",
     "distill",
     "rl",
