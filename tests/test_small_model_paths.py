@@ -186,3 +186,20 @@ def test_cagrad_reaches_the_optimum_at_exactly_opposed_gradients():
         scale = float((j @ j.T).diagonal().mean())
         assert float((d - mean).norm()) <= radius * (1 + 1e-6), trial
         assert float((j @ d).min()) >= _cagrad_dual(j, radius) - 1e-6 * scale, trial
+
+
+def test_bench_small_rows_and_command(capsys):
+    from polytask.bench import small
+    from polytask.cli.main import main
+    from polytask.core.errors import InvalidParameterError
+
+    rows = {r.method: r for r in small.measure_tiny(["mgda", "rlw"], rounds=1, block=1)}
+    ew, jac = rows["(equal: 1 backward)"].ms, rows["(task Jacobian alone)"].ms
+    assert rows["mgda"].vs_reference == pytest.approx(rows["mgda"].ms / jac)
+    assert rows["rlw"].vs_reference == pytest.approx(rows["rlw"].ms / ew)
+    with pytest.raises(InvalidParameterError, match="unknown"):
+        small.measure_tiny(["no_such_method"], rounds=1, block=1)
+    assert main(["bench", "small", "--methods", "pcgrad", "--rounds", "1", "--block", "1", "--repeats", "0",
+                 "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu clock" in out and any(line.startswith("pcgrad ") for line in out.splitlines())

@@ -1,0 +1,168 @@
+"""`polytask bench small`: what a method costs per step beyond the gradients on a tiny model, and
+the Trainer's own cost over a hand-written loop.
+
+The tiny model is the one of issue 18 (an RL or tabular user's network): an MLP 16 → 64 → 64
+with T = 4 linear regression heads, batch 32. There a step's gradients cost a fraction of a
+millisecond, so a method's fixed costs (its solver, dtype conversions, Python, allocations) are
+what it adds. Each method is timed through :class:`~polytask.engine.backward.Engine` against its
+own floor: a loss-weighting method against one plain backward of Σ Lᵢ (``×EW``), a Gramian or
+Jacobian method against computing the task Jacobian alone (``×Jac``: T backward passes writing J)
+and against T backward passes with the gradients discarded (``×floor``). Every variant is timed
+in blocks of steps, the variants interleaved round after round (machine noise hits all alike),
+and the median block is reported per step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from polytask.bench.overhead import CLOCKS
+from polytask.bench.speed import Problem, equal_step, floor_step, jacobian_step, method_step
+from polytask.core.errors import InvalidParameterError
+from polytask.core.task import Task
+from polytask.methods.base import METHODS
+from polytask.models.encoders import MLP
+from polytask.models.hard_sharing import HardSharing
+
+#: the methods issue 18 measures on the tiny model: Gramian methods, then loss-weighting methods
+DEFAULT_METHODS: tuple[str, ...] = ("mgda", "upgrad", "pcgrad", "cagrad", "nash_mtl",
+                                    "equal", "rlw", "uncertainty", "famo", "dwa")
+#: goals of issue 18 on the tiny model: ratio to the method's reference (×EW or ×Jac)
+GOALS = {"losses": 1.05, "gramian": 1.25, "jacobian": 1.25}
+
+
+@dataclass(frozen=True)
+class SmallRow:
+    """One method on the tiny model: ms per step and its ratios to the references."""
+
+    method: str
+    needs: str
+    ms: float
+    vs_equal: float
+    vs_jacobian: float
+    vs_floor: float
+
+    @property
+    def vs_reference(self) -> float:
+        """×EW for a loss-weighting method, ×Jac for a gradient method (the issue's goals)."""
+        return self.vs_equal if self.needs == "losses" else self.vs_jacobian
+
+    @property
+    def goal(self) -> float:
+        return GOALS[self.needs]
+
+
+def tiny_problem(n_tasks: int = 4, batch_size: int = 32, seed: int = 0) -> Problem:
+    """The tiny model: MLP 16 → 64 → 64, ``n_tasks`` linear regression heads, a fixed batch."""
+    torch.manual_seed(seed)
+    tasks = [Task(f"task{i}", kind="regression") for i in range(n_tasks)]
+    model = HardSharing(MLP(in_features=16, hidden=[64, 64]), tasks)
+    return Problem("tiny", model, torch.randn(batch_size, 16), torch.randn(batch_size, n_tasks))
+
+
+def interleaved(steps: dict[str, Callable[[int], None]], *, rounds: int, block: int,
+                now: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median ms per step of each callable, timed by ``now`` in blocks of ``block`` steps, round-robin."""
+    for step in steps.values():  # first calls: thread pools, allocator growth, `jacobian: auto` trials
+        for i in range(max(block, 6)):
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    counter = 1000
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = now()
+            for _ in range(block):
+                step(counter)
+                counter += 1
+            times[name].append((now() - start) * 1000 / block)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20,
+                 n_tasks: int = 4, batch_size: int = 32, clock: str = "wall") -> list[SmallRow]:
+    """Rows for every method on the tiny model (each method on its own copy of the same model)."""
+    for name in methods:
+        METHODS.get(name)  # unknown names fail before anything is timed
+    reference = tiny_problem(n_tasks, batch_size)
+    steps: dict[str, Callable[[int], None]] = {"(equal: 1 backward)": equal_step(reference),
+                                               "(task Jacobian alone)": jacobian_step(reference),
+                                               "(floor: T backwards)": floor_step(reference)}
+    for name in methods:
+        cls = METHODS.get(name)
+        if cls.needs != "losses" and cls.compare == "features":
+            continue  # the tiny model's goal is about the parameters' Jacobian
+        steps[name] = method_step(tiny_problem(n_tasks, batch_size), name, cls.compare if cls.needs != "losses"
+                                  else "auto", 1)
+    ms = interleaved(steps, rounds=rounds, block=block, now=CLOCKS[clock])
+    ew, jac, floor = ms["(equal: 1 backward)"], ms["(task Jacobian alone)"], ms["(floor: T backwards)"]
+    rows = [SmallRow("(equal: 1 backward)", "losses", ew, 1.0, ew / jac, ew / floor),
+            SmallRow("(task Jacobian alone)", "gramian", jac, jac / ew, 1.0, jac / floor),
+            SmallRow("(floor: T backwards)", "gramian", floor, floor / ew, floor / jac, 1.0)]
+    for name in steps:
+        if name in METHODS:
+            value = ms[name]
+            rows.append(SmallRow(name, METHODS.get(name).needs, value, value / ew, value / jac, value / floor))
+    return rows
+
+
+HEADER = f"{'method':<22} {'needs':<9} {'ms/step':>8} {'×EW':>6} {'×Jac':>6} {'×floor':>7} {'goal':>10}"
+
+
+def format_row(row: SmallRow) -> str:
+    if row.method.startswith("("):
+        goal = ""
+    else:
+        met = "ok" if row.vs_reference <= row.goal else "MISSED"
+        goal = f"≤{row.goal:.2f}{'×EW' if row.needs == 'losses' else '×Jac'} {met}"
+    return (f"{row.method:<22} {row.needs:<9} {row.ms:>8.3f} {row.vs_equal:>6.2f} {row.vs_jacobian:>6.2f} "
+            f"{row.vs_floor:>7.2f} {goal:>10}")
+
+
+@dataclass(frozen=True)
+class SmallResult:
+    """The tiny-model rows and the Trainer-vs-loop figure (None when not measured)."""
+
+    rows: list[SmallRow]
+    trainer_ms: float | None = None
+    loop_ms: float | None = None
+
+    @property
+    def trainer_ratio(self) -> float | None:
+        return None if self.trainer_ms is None or self.loop_ms is None else self.trainer_ms / self.loop_ms
+
+
+def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20, overhead_repeats: int = 7,
+        threads: int = 1, clock: str = "wall", echo: Callable[[str], None] = print) -> SmallResult:
+    """The tiny-model table, then the Trainer against a hand-written loop on the demo model
+    (``overhead_repeats`` = 0 skips it); what the speed bench calls. ``threads`` intra-op threads
+    while timing (1: a small model gains nothing from a second thread, and the ratios are far less
+    sensitive to other processes); ``clock`` ``wall`` (elapsed) or ``cpu`` (this process's CPU
+    time: on a machine shared with other processes the steadier of the two)."""
+    if not isinstance(threads, int) or threads < 1:
+        raise InvalidParameterError(f"`threads` of bench small must be an int >= 1; found {threads!r}")
+    if clock not in CLOCKS:
+        raise InvalidParameterError(f"`clock` of bench small must be one of {', '.join(CLOCKS)}; found {clock!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        echo(f"tiny model (MLP 16→64→64, T=4, batch 32), {threads} thread(s), {clock} clock, median of {rounds} "
+             f"interleaved blocks of {block} steps")
+        echo(HEADER)
+        rows = measure_tiny(methods, rounds=rounds, block=block, clock=clock)
+        for row in rows:
+            echo(format_row(row))
+        if overhead_repeats <= 0:
+            return SmallResult(rows)
+        from polytask.bench import overhead
+
+        echo("")
+        over = overhead.run(repeats=overhead_repeats, threads=threads, echo=echo, clock=clock)
+        echo(f"  goal ≤ 1.10×: {'ok' if over.ratio <= 1.10 else 'MISSED'}")
+        return SmallResult(rows, over.trainer_ms, over.hand_ms)
+    finally:
+        torch.set_num_threads(before)
