@@ -148,3 +148,14 @@ def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     corrected_avg = exp_avg / (1 - b1 ** count)
     corrected_sq = exp_avg_sq / (1 - b2 ** count)
     return param - lr * corrected_avg / (corrected_sq.sqrt() + eps), exp_avg, exp_avg_sq, count
+
+
+def adam_rows(method: Method, rows: Tensor, grad: Tensor, *, lr: float,
+              names: tuple[str, str, str, str] = ("logits", "exp_avg", "exp_avg_sq", "adam_steps")) -> None:
+    """One Adam step on the ``rows`` of ``method``'s buffer ``names[0]``, its moments and step counts
+    held in the buffers ``names[1:]`` (the bilevel methods' learned weights, MOML's and FORUM's logits)."""
+    buffers = [getattr(method, n) for n in names]
+    param, exp_avg, exp_avg_sq, count = (b[rows] for b in buffers)
+    new = adam_step(param, grad, exp_avg, exp_avg_sq, count, lr=lr, weight_decay=0.0)
+    for buffer, value in zip(buffers, new, strict=True):
+        buffer[rows] = value

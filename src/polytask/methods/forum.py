@@ -10,7 +10,7 @@ from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import _quadprog
-from polytask.methods._weighting import PerTaskMethod, adam_step
+from polytask.methods._weighting import PerTaskMethod, adam_rows
 from polytask.methods.base import Step, Update, check_positive, register
 
 #: LibMTL's guard against a vanishing constraint gradient in π and in the QP's linear term
@@ -135,10 +135,7 @@ class FORUM(PerTaskMethod):
         hyper = (nu * q_alpha).to(self.logits.device)
         self.hypergradient = torch.zeros_like(self.logits)
         self.hypergradient[idx] = hyper
-        new = adam_step(self.logits[idx], hyper, self.exp_avg[idx], self.exp_avg_sq[idx], self.adam_steps[idx],
-                        lr=self.lr, weight_decay=0.0)
-        for buffer, value in zip((self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps), new, strict=True):
-            buffer[idx] = value
+        adam_rows(self, idx, hyper, lr=self.lr)
         return Update(w.to(dtype=step.losses.dtype, device=step.losses.device), direction=direction)
 
     def _value_function(self, step: Step, first: Tensor, w: Tensor, losses: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._gramian_qp import simplex_qp
-from polytask.methods._weighting import PerTaskMethod, adam_step
+from polytask.methods._weighting import PerTaskMethod, adam_rows
 from polytask.methods.base import Step, check_positive, register
 
 
@@ -82,8 +82,5 @@ class MOML(PerTaskMethod):
         hyper = (sol @ unit).to(self.logits.device)
         self.hypergradient = torch.zeros_like(self.logits)
         self.hypergradient[idx] = hyper
-        new = adam_step(self.logits[idx], hyper, self.exp_avg[idx], self.exp_avg_sq[idx], self.adam_steps[idx],
-                        lr=self.lr, weight_decay=0.0)
-        for buffer, value in zip((self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps), new, strict=True):
-            buffer[idx] = value
+        adam_rows(self, idx, hyper, lr=self.lr)
         return torch.softmax(self.logits[idx], dim=0).to(dtype=step.losses.dtype, device=step.losses.device)
