@@ -1,9 +1,22 @@
-"""`polytask bench speed`: ms per training step of every method against equal weighting and
-against computing the task Jacobian alone, plus peak memory, on an MLP and a small CNN."""
+"""`polytask bench speed`: ms per training step of every method against the pure floor of an
+exact gradient method (T per-task backward passes, gradients discarded), against computing the
+task Jacobian alone (the same passes writing J) and against equal weighting, with the peak
+memory each adds to equal weighting's, on an MLP and a small CNN.
+
+Every variant of one (encoder, T) is timed in the same process, interleaved: each round runs one
+step of every variant, and the median over the rounds is reported, so a change in the machine's
+load touches all variants alike. Gramian methods get one row per way of computing G: the task
+Jacobian (``gramian: jacobian``) and the no-J Gramian (``autogram``), and with ``--peers``
+TorchJD's aggregator (``mtl_backward`` + ``jac_to_grad``) and TorchJD's autogram engine.
+"""
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import inspect
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,13 +115,17 @@ def jacobian_step(problem: Problem) -> Callable[[int], None]:
     return step
 
 
-def method_step(problem: Problem, name: str, compare: str, every: int) -> Callable[[int], None]:
+def method_step(problem: Problem, name: str, compare: str, every: int, gramian: str = "jacobian"
+                ) -> Callable[[int], None]:
+    """One engine step of method ``name``; ``gramian`` is the engine's (``jacobian``: J, then G;
+    ``autogram``: G without J; ``auto`` times both on its first 8 steps)."""
     method = example_method(name)
     method.setup(problem.tasks, sizes={t: 1000 * (i + 1) for i, t in enumerate(problem.tasks)})
     method.to(problem.x.device)
     model = problem.model
     engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
-                    compare=compare, every=every if method.needs == "gramian" else 1)  # reuse: Gramian methods only
+                    compare=compare, every=every if method.needs == "gramian" else 1,  # reuse: Gramian methods only
+                    gramian=gramian)
 
     def step(i: int) -> None:
         model.zero_grad(set_to_none=True)
@@ -125,15 +142,10 @@ def torchjd_step(problem: Problem, aggregator_name: str) -> Callable[[int], None
     except ImportError:
         return None
     cls = getattr(aggregation, aggregator_name, None)
-    if cls is None:
+    arguments = None if cls is None else _torchjd_arguments(cls, len(problem.tasks))
+    if arguments is None:
         return None
-    import inspect
-
-    known = {"n_tasks": len(problem.tasks), "c": 0.4}  # CAGrad's c as polytask's default
-    required = [p for p in inspect.signature(cls).parameters.values() if p.default is inspect.Parameter.empty]
-    if any(p.name not in known for p in required):
-        return None
-    aggregator = cls(**{p.name: known[p.name] for p in required})
+    aggregator = cls(**arguments)
     shared = list(problem.model.shared_parameters())
 
     def step(i: int) -> None:
@@ -141,6 +153,40 @@ def torchjd_step(problem: Problem, aggregator_name: str) -> Callable[[int], None
         z, losses = problem.losses()
         mtl_backward(list(losses.values()), features=z)
         jac_to_grad(shared, aggregator)
+    return step
+
+
+def _torchjd_arguments(cls: type, n_tasks: int) -> dict[str, object] | None:
+    """The required constructor arguments TorchJD's class needs, or None when one is unknown."""
+    known = {"n_tasks": n_tasks, "c": 0.4, "alpha": 1.0}  # CAGrad's c as polytask's default; FairGrad's α = 1
+    required = [p for p in inspect.signature(cls).parameters.values() if p.default is inspect.Parameter.empty]
+    if any(p.name not in known for p in required):
+        return None
+    return {p.name: known[p.name] for p in required}
+
+
+def torchjd_autogram_step(problem: Problem, aggregator_name: str) -> Callable[[int], None] | None:
+    """TorchJD's own no-J path: ``autogram.Engine`` on the encoder, the matching ``Weighting`` on
+    its Gramian, one backward of Σ wᵢLᵢ. On a copy of the model: TorchJD's forward hooks stay on
+    the modules they hook and would slow every other variant's forward."""
+    try:
+        from torchjd import aggregation
+        from torchjd.autogram import Engine as TorchJDEngine
+    except ImportError:
+        return None
+    cls = getattr(aggregation, f"{aggregator_name}Weighting", None)
+    arguments = None if cls is None else _torchjd_arguments(cls, len(problem.tasks))
+    if arguments is None:
+        return None
+    weighting = cls(**arguments)
+    model = copy.deepcopy(problem.model)
+    engine = TorchJDEngine(model.encoder, batch_dim=None)
+
+    def step(i: int) -> None:
+        model.zero_grad(set_to_none=True)
+        out = model.decode(model.encode(problem.x))
+        losses = torch.stack([(out[t] - problem.y[:, k]).pow(2).mean() for k, t in enumerate(problem.tasks)])
+        losses.backward(weighting(engine.compute_gramian(losses)))
     return step
 
 
@@ -157,64 +203,116 @@ class Row:
     needs: str
     mode: str
     ms: float
+    vs_floor: float  # the pure floor: T backward passes, gradients discarded
+    vs_jacobian: float  # the same passes writing J (the J-writing floor)
     vs_equal: float
-    vs_jacobian: float
-    vs_floor: float
     peak_mb: float | None
+    extra_mb: float | None  # peak memory above equal weighting's
     params: int
 
 
-HEADER = (f"{'encoder':<6} {'T':>3} {'method':<22} {'needs':<9} {'mode':<10} {'ms/step':>9} {'×EW':>7} {'×Jac':>7} {'×floor':>7} "
-          f"{'peak MB':>8}")
+HEADER = (f"{'encoder':<6} {'T':>3} {'method':<24} {'needs':<9} {'mode':<10} {'ms/step':>9} {'×floor':>7} {'×Jac':>7} "
+          f"{'×EW':>7} {'peak MB':>8} {'+MB/EW':>8}")
 
 
 def format_row(row: Row) -> str:
-    shown = "-" if row.peak_mb is None else f"{row.peak_mb:.0f}"
-    return (f"{row.encoder:<6} {row.tasks:>3} {row.method:<22} {row.needs:<9} {row.mode:<10} {row.ms:>9.1f} "
-            f"{row.vs_equal:>7.2f} {row.vs_jacobian:>7.2f} {row.vs_floor:>7.2f} {shown:>8}")
+    peak = "-" if row.peak_mb is None else f"{row.peak_mb:.0f}"
+    extra = "-" if row.extra_mb is None else f"{row.extra_mb:+.0f}"
+    return (f"{row.encoder:<6} {row.tasks:>3} {row.method:<24} {row.needs:<9} {row.mode:<10} {row.ms:>9.1f} "
+            f"{row.vs_floor:>7.2f} {row.vs_jacobian:>7.2f} {row.vs_equal:>7.2f} {peak:>8} {extra:>8}")
+
+
+@dataclass
+class Variant:
+    label: str
+    needs: str
+    mode: str
+    step: Callable[[int], None]
+    amortised: bool = False
+
+
+def variants(problem: Problem, methods: Sequence[str], *, features: bool, every: int, peers: bool) -> list[Variant]:
+    """The references, then every method and way of computing its update, for one (encoder, T)."""
+    out = [Variant("(equal: 1 backward)", "losses", "-", equal_step(problem)),
+           Variant("(floor: T backwards)", "gramian", "-", floor_step(problem)),
+           Variant("(task Jacobian alone)", "gramian", "-", jacobian_step(problem))]
+    for name in methods:
+        cls = METHODS.get(name)
+        label = name if every == 1 or cls.needs != "gramian" else f"{name} (every {every})"
+        reuse = every > 1 and cls.needs == "gramian"
+        if cls.needs == "losses":
+            out.append(Variant(label, "losses", "-", method_step(problem, name, "auto", every)))
+            continue
+        out.append(Variant(label, cls.needs, cls.compare, method_step(problem, name, cls.compare, every), reuse))
+        if cls.needs == "gramian" and cls.compare == "shared":
+            out.append(Variant(label, "gramian", "autogram", method_step(problem, name, "shared", every, "autogram"),
+                               reuse))
+        if cls.needs == "gramian" and features and cls.compare != "features":
+            out.append(Variant(label, "features", "features", method_step(problem, name, "features", every), reuse))
+        if peers and name in TORCHJD_NAMES:
+            step = torchjd_step(problem, TORCHJD_NAMES[name])
+            if step is not None:
+                out.append(Variant(f"torchjd:{TORCHJD_NAMES[name]}", "jacobian", "peer", step))
+            step = torchjd_autogram_step(problem, TORCHJD_NAMES[name])
+            if step is not None:
+                out.append(Variant(f"torchjd:{TORCHJD_NAMES[name]}", "gramian", "peer:ag", step))
+    return out
 
 
 def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int, features: bool, every: int,
             peers: bool, echo: Callable[[str], None]) -> list[Row]:
-    """All rows for one (encoder, T): the two references, then every method and mode."""
+    """All rows for one (encoder, T): every variant timed in interleaved rounds (medians; the
+    mean with ``every`` > 1, where every k-th step costs more), then each one's peak memory."""
     dev = problem.x.device
     params = sum(p.numel() for p in problem.model.parameters())
-    # the first steps of a process pay for thread-pool start-up and allocator growth
-    time_step(jacobian_step(problem), dev, 2, warmup)
-    ew_ms, ew_mem = time_step(equal_step(problem), dev, steps, warmup)
-    jac_ms, jac_mem = time_step(jacobian_step(problem), dev, steps, warmup)
-    floor_ms, floor_mem = time_step(floor_step(problem), dev, steps, warmup)
+    todo = variants(problem, methods, features=features, every=every, peers=peers)
+    times: list[list[float]] = [[] for _ in todo]
+    # past the engines' first steps, where `jacobian: auto` times loop against batched
+    for r in range(max(warmup, 5) + steps):
+        for k, variant in enumerate(todo):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            variant.step(r)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= max(warmup, 5):
+                times[k].append((time.perf_counter() - start) * 1000)
+    peaks: list[float | None] = []
+    for variant in todo:
+        with PeakMemory(dev) as memory:
+            for r in range(2):
+                variant.step(r)
+        peaks.append(memory.peak_mb)
+    ms = [statistics.fmean(t) if v.amortised else statistics.median(t) for v, t in zip(todo, times, strict=True)]
+    ew_ms, floor_ms, jac_ms = ms[0], ms[1], ms[2]
     rows: list[Row] = []
-
-    def add(method: str, needs: str, mode: str, ms: float, mem: float | None) -> None:
-        rows.append(Row(problem.name, len(problem.tasks), method, needs, mode, ms, ms / ew_ms, ms / jac_ms, ms / floor_ms,
-                        mem, params))
+    for variant, value, peak in zip(todo, ms, peaks, strict=True):
+        extra = None if peak is None or peaks[0] is None else peak - peaks[0]
+        rows.append(Row(problem.name, len(problem.tasks), variant.label, variant.needs, variant.mode, value,
+                        value / floor_ms, value / jac_ms, value / ew_ms, peak, extra, params))
         echo(format_row(rows[-1]))
-
-    add("(equal: 1 backward)", "losses", "-", ew_ms, ew_mem)
-    add("(task Jacobian alone)", "gramian", "-", jac_ms, jac_mem)
-    add("(floor: T backwards)", "gramian", "-", floor_ms, floor_mem)
-    for name in methods:
-        cls = METHODS.get(name)
-        modes = ["auto"] if cls.needs == "losses" else [cls.compare]
-        if cls.needs == "gramian" and features and cls.compare != "features":
-            modes.append("features")
-        for mode in modes:
-            label = name if every == 1 or cls.needs != "gramian" else f"{name} (every {every})"
-            # past the engine's first steps, where `jacobian: auto` times loop against batched
-            ms, mem = time_step(method_step(problem, name, mode, every), dev, steps, max(warmup, 5), amortised=every > 1)
-            add(label, "features" if mode == "features" else cls.needs, mode if mode != "auto" else "-", ms, mem)
-        if peers and name in TORCHJD_NAMES:
-            step = torchjd_step(problem, TORCHJD_NAMES[name])
-            if step is not None:
-                ms, mem = time_step(step, dev, steps, warmup)
-                add(f"torchjd:{TORCHJD_NAMES[name]}", "jacobian", "peer", ms, mem)
     return rows
+
+
+def _fixed_mmap_threshold() -> None:
+    """Make glibc serve every allocation over 64 KiB by mmap and give it back on free.
+
+    By default glibc raises its mmap threshold after each large free, up to 32 MiB, and then
+    keeps such blocks on its heap: the resident set stops following what is live, and a later
+    variant's peak (read from the resident high-water mark) looks like zero. A fixed threshold
+    turns that adjustment off."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+        except OSError:
+            pass
 
 
 def run(encoders: Sequence[str], task_counts: Sequence[int], methods: Sequence[str], *, steps: int = 5,
         warmup: int = 2, features: bool = True, every: int = 1, peers: bool = False, device: str = "cpu",
         echo: Callable[[str], None] = print) -> list[Row]:
+    _fixed_mmap_threshold()
     echo(HEADER)
     rows: list[Row] = []
     for encoder in encoders:
