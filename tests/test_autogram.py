@@ -106,8 +106,9 @@ def test_gramian_equals_j_jt_on_every_encoder(case, routes):
         assert kinds & {"_Lookup", "_Bag"}
 
 
-def small_problem(n_tasks=4, batch=4, seed=0):
-    """An MLP whose batch is smaller than its widths, so the Gram route is the cheaper one."""
+def small_problem(n_tasks=10, batch=4, seed=0):
+    """An MLP whose batch is smaller than its widths, so the Gram route is the cheaper one; more
+    tasks than autogram.TASK_CHUNK, so its task chunks are exercised."""
     torch.manual_seed(seed)
     tasks = [pt.Task(f"t{i}", kind="regression") for i in range(n_tasks)]
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=16, hidden=[32, 16]), tasks).double()

@@ -57,6 +57,8 @@ from polytask.engine.jacobian import STRATEGIES, _write_row, cross_gramian, gram
 #: the weight-gradient route may cover at most this share of θ's values for reasons other than
 #: cost (parameters read outside a layer the engine knows); beyond it, J is the better tool
 UNRECOGNISED_SHARE = 0.5
+#: tasks whose K Δⱼ are formed together (the Gram route's transient memory is this many tasks' Δ)
+TASK_CHUNK = 8
 
 
 class AutogramUnavailable(RuntimeError):
@@ -83,8 +85,11 @@ class _Product:
         k = a @ a.T
         if self.bias:
             k += 1.0  # the bias is a column of ones in A
-        m = torch.matmul(k, d)  # (T, n, out): K Δᵢ for every task
-        return cross_gramian(d.reshape(d.shape[0], -1), m.reshape(d.shape[0], -1))
+        flat = d.reshape(d.shape[0], -1)
+        columns = []
+        for chunk in d.split(TASK_CHUNK):  # K Δⱼ a few tasks at a time: never a second copy of Δ
+            columns.append(cross_gramian(flat, torch.matmul(k, chunk).reshape(chunk.shape[0], -1)))
+        return torch.cat(columns, dim=1)
 
     def combine(self, deltas: Tensor, weights: Tensor) -> list[Tensor]:
         """Σᵢ wᵢ gᵢ on (W, b): one product with the weighted output gradient, as a backward would."""
