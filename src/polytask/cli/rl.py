@@ -30,6 +30,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     speed.add_argument("--steps", type=int, default=200, help="loop steps timed per encoder")
     speed.add_argument("--repeats", type=int, default=30, help="interleaved update timings per encoder")
     speed.add_argument("--threads", type=int, default=1, help="torch threads")
+    speed.add_argument("--hidden", default="400,400,400", help="trunk widths of the actor and critics (mtrl's default)")
+    speed.add_argument("--batch-size", type=int, default=128, help="transitions per task per update")
     speed.set_defaults(handler=_speed)
 
 
@@ -48,9 +50,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from polytask.rl.speed import format_table, measure
+    from polytask.rl.speed import format_table, measure, sac_options
 
     rows = measure(env=args.env, encoders=[e.strip() for e in args.encoders.split(",") if e.strip()],
-                   method=args.method, steps=args.steps, repeats=args.repeats, threads=args.threads)
+                   method=args.method, steps=args.steps, repeats=args.repeats, threads=args.threads,
+                   sac=sac_options(args.hidden, args.batch_size))
     print(format_table(rows))
     return 0

@@ -113,9 +113,9 @@ class RLTrainer:
         obs = self._reset(env, reset_seeds(self.seed, T, self.episode))
         episode_return = np.zeros(T)
         bar = tqdm(total=loop.steps, initial=self.step, desc="rl", disable=not loop.progress, dynamic_ncols=True)
-        started, start_step = time.perf_counter(), self.step
         try:
             while self.step < loop.steps:
+                started = time.perf_counter()  # the loop's own time: collection and updates, not evaluation
                 if self.step < opts.random_steps:
                     action = torch.rand(T, env.act_dim, generator=self.generator) * 2 - 1
                 else:
@@ -129,6 +129,8 @@ class RLTrainer:
                 if self.step >= opts.update_after:
                     for _ in range(opts.updates_per_step):
                         self._record(agent.update(self.buffer.sample(opts.batch_size, self.generator)))
+                self.timing["seconds"] += time.perf_counter() - started
+                self.timing["steps"] += 1
                 if self.step % length == 0:
                     self._end_episode(episode_return, result.truncated)
                     episode_return = np.zeros(T)
@@ -136,17 +138,13 @@ class RLTrainer:
                     if self.step % loop.eval_every == 0:
                         self._evaluate(bar)
                     if self.run_dir is not None and (self.step % loop.checkpoint_every == 0 or self.step == loop.steps):
-                        self.timing = {"seconds": self.timing["seconds"] + time.perf_counter() - started,
-                                       "steps": self.timing["steps"] + self.step - start_step}
-                        started, start_step = time.perf_counter(), self.step
                         self.save()
                     if callback is not None:
                         callback(self)
                 bar.update(1)
         finally:
             bar.close()
-        seconds = self.timing["seconds"] + time.perf_counter() - started
-        steps = self.timing["steps"] + self.step - start_step
+        seconds, steps = self.timing["seconds"], self.timing["steps"]
         return self.summary(steps / seconds if seconds > 0 else math.nan)
 
     def _reset(self, env: MultiTaskEnv, seeds: list[int]) -> np.ndarray:
