@@ -70,6 +70,8 @@ class GradientMonitor:
         self.reported_vanishing: set[str] = set()
         self.rows: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self._norm_key: tuple[Any, ...] | None = None
+        self._one_group = False
 
     def wants_gramian(self, step: int) -> bool:
         return self.settings.every > 0 and step % self.settings.every == 0
@@ -114,7 +116,11 @@ class GradientMonitor:
         norms, ``torch._foreach_norm``), without its grouping by device and dtype when there is one
         group: that bookkeeping cost half as much as the norms themselves on a small model."""
         first = grads[0]
-        if first.is_sparse or any(g.device != first.device or g.dtype != first.dtype for g in grads):
+        key = (first.device, first.dtype, len(grads))  # whether the list is one group, checked when this changes
+        if self._norm_key != key:
+            self._norm_key = key
+            self._one_group = not any(g.is_sparse or g.device != first.device or g.dtype != first.dtype for g in grads)
+        if not self._one_group:
             return torch.nn.utils.get_total_norm(grads, foreach=True)
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
