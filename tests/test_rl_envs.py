@@ -221,6 +221,10 @@ def test_bench_rl_rejects_unknown_arms_and_budgets(tmp_path):
         rl.plan("full", ["care+pcgard"], None, tmp_path / "x.csv")
     with pytest.raises(InvalidParameterError, match="multiple of the episode length"):
         rl.plan("full", None, None, tmp_path / "x.csv", steps=250)
+    with pytest.raises(InvalidParameterError, match="a count >= 1 or a comma list"):
+        rl.plan("full", None, 0, tmp_path / "x.csv")
+    assert rl.plan("full", None, [1, 2], tmp_path / "x.csv").seeds == (1, 2)  # two processes, one CSV
+    assert rl.plan("full", None, None, tmp_path / "x.csv").seeds == (0, 1, 2)
 
 
 def test_reference_controller_solves_every_pendulum_task():

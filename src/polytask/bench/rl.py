@@ -68,7 +68,7 @@ class Suite:
 
 
 SUITES = {
-    "full": Suite("full", 6_000, 3, None,
+    "full": Suite("full", 4_000, 3, None,
                   {"hidden": [128, 128], "batch_size": 64, "random_steps": 1000, "update_after": 1000}, 10),
     "quick": Suite("quick", 400, 1, ("pendulum_g10", "pendulum_heavy"),
                    {"hidden": [32], "batch_size": 16, "random_steps": 200, "update_after": 200, "buffer_size": 1000}, 1,
@@ -91,7 +91,9 @@ def cell_key(arm: str, seed: int) -> CellKey:
     return CellKey(DATASET, "multi_task", ARMS[arm].method, ARMS[arm].encoder["name"], seed, scope=arm)
 
 
-def plan(suite: str, arms: Sequence[str] | None, seeds: int | None, csv_path: Path, steps: int | None = None) -> Plan:
+def plan(suite: str, arms: Sequence[str] | None, seeds: int | Sequence[int] | None, csv_path: Path,
+         steps: int | None = None) -> Plan:
+    """The cells to run: ``seeds`` is a count (seeds 0..N-1) or the seeds themselves (None: the suite's count)."""
     if suite not in SUITES:
         raise InvalidParameterError(f"unknown bench rl suite {suite!r}.{closest(suite, SUITES)} Suites: {', '.join(SUITES)}")
     chosen = SUITES[suite]
@@ -105,9 +107,11 @@ def plan(suite: str, arms: Sequence[str] | None, seeds: int | None, csv_path: Pa
     for arm in arms:
         if arm not in ARMS:
             raise InvalidParameterError(f"unknown bench rl arm {arm!r}.{closest(arm, ARMS)} Arms: {', '.join(ARMS)}")
-    if seeds is not None and seeds < 1:
-        raise InvalidParameterError(f"--seeds of bench rl must be >= 1; found {seeds}")
-    return Plan(chosen, arms, tuple(range(seeds or chosen.seeds)), csv_path, read(csv_path))
+    chosen_seeds = tuple(range(chosen.seeds if seeds is None else seeds)) if seeds is None or isinstance(seeds, int) else (
+        tuple(seeds))
+    if not chosen_seeds or any(s < 0 for s in chosen_seeds):
+        raise InvalidParameterError(f"--seeds of bench rl must be a count >= 1 or a comma list of seeds >= 0; found {seeds}")
+    return Plan(chosen, arms, chosen_seeds, csv_path, read(csv_path))
 
 
 def config(suite: Suite, arm: Arm, seed: int) -> dict[str, Any]:

@@ -13,8 +13,9 @@ def register(sub: Any, bench_sub: Any) -> None:
         "per-task return after a fixed budget, mean ± std over seeds; resumable CSV + markdown table")
     rl.add_argument("--quick", action="store_true", help="a smoke run of every arm in seconds (2 tasks, 400 steps, 1 seed)")
     rl.add_argument("--arms", help="comma list of shared_mlp, onehot_mlp, care, care+pcgrad (default: all)")
-    rl.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default: 3; --quick: 1)")
-    rl.add_argument("--steps", type=int, help="environment steps per run, a multiple of 200 (default: 6000)")
+    rl.add_argument("--seeds", help="number of seeds 0..N-1 (default: 3; --quick: 1), or a comma list of seeds (e.g. 1,2: "
+                    "two processes can share one CSV)")
+    rl.add_argument("--steps", type=int, help="environment steps per run, a multiple of 200 (default: 4000)")
     rl.add_argument("--csv", type=Path, help="results, appended cell by cell; finished cells are not rerun (default: "
                     "docs/results/bench_rl.csv, --quick: runs/bench_rl_quick.csv)")
     rl.add_argument("--markdown", type=Path, help="table to write (default: docs/results/bench_rl.md, --quick: "
@@ -35,7 +36,9 @@ def handle(args: argparse.Namespace) -> int:
     csv_path = args.csv or Path("runs/bench_rl_quick.csv" if quick else "docs/results/bench_rl.csv")
     md_path = args.markdown or Path("runs/bench_rl_quick.md" if quick else "docs/results/bench_rl.md")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
-    plan = rl.plan("quick" if quick else "full", arms, args.seeds, csv_path, args.steps)
+    seeds = None if args.seeds is None else int(args.seeds) if "," not in args.seeds else [
+        int(s) for s in args.seeds.split(",") if s.strip()]
+    plan = rl.plan("quick" if quick else "full", arms, seeds, csv_path, args.steps)
     cells = plan.cells if args.table_only else rl.run(plan, echo=lambda line: print(line, flush=True))
     md_path.parent.mkdir(parents=True, exist_ok=True)
     load = ""
