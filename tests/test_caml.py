@@ -96,9 +96,8 @@ def test_bad_ids_and_rows_name_the_part_row_and_range():
         encoder(torch.tensor([good, empty]))
     with pytest.raises(pt.core.errors.ShapeError, match="rows of 24 ids"):
         encoder(torch.zeros(2, 20, dtype=torch.long))
-    with pytest.raises(InvalidParameterError, match="co_attention"):
-        CAML(pt.encoders.MLP(in_features=4) if hasattr(pt, "encoders") else torch.nn.Linear(4, 4),
-             [pt.Task("rating", kind="regression")])
+    with pytest.raises(InvalidParameterError, match="generation task 'explanation' needs the `co_attention` encoder"):
+        CAML(pt.encoders.MLP(in_features=4), [pt.Task("explanation", kind="generation", num_classes=50)])
     with pytest.raises(InvalidParameterError, match="vocabulary of 40 ids"):
         CAML(encoder, [pt.Task("explanation", kind="generation", num_classes=40)])
 

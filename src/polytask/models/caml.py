@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from polytask.core.errors import InvalidParameterError
 from polytask.core.task import PAD_ID, TEXT_KINDS, VISION_KINDS, Task
 from polytask.data.text import Vocabulary
-from polytask.models._common import positive_int, trainable
+from polytask.models._common import check_rows, encoder_width, positive_int, trainable
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders.co_attention import CoAttention
 from polytask.models.heads import layer_sizes, mlp_layers
@@ -49,6 +49,9 @@ class CAML(MultiTaskModel):
     which pushes the generator to say the concepts the selector chose; it comes through
     :meth:`extra_loss`, from the latest training forward pass.
 
+    Without a generation task (and with λ_c = 0) any encoder serves, and ``caml`` is hard sharing
+    with MLP heads; a generation task needs ``co_attention``.
+
     Teacher forcing reads the explanation ids from the encoder's input row (its layout's last
     ``target_length`` columns; the selector never reads them). In eval mode the generator runs
     free (greedy), so validation metrics and ``predict`` never see those columns; :meth:`explain`
@@ -69,9 +72,6 @@ class CAML(MultiTaskModel):
                  head_hidden: Sequence[int] = (64,), head_dropout: float = 0.0, decoder_hidden: int = 128,
                  decoder_embedding: int = 64) -> None:
         super().__init__(tasks)
-        if not isinstance(encoder, CoAttention):
-            raise InvalidParameterError(f"`caml` needs the `co_attention` encoder (encoder: {{name: co_attention, ...}}); found "
-                                        f"{type(encoder).__name__}")
         if isinstance(concept_weight, bool) or not isinstance(concept_weight, (int, float)) \
                 or not math.isfinite(concept_weight) or concept_weight < 0:
             raise InvalidParameterError(f"`concept_weight` of `caml` must be a finite number >= 0; found {concept_weight!r}")
@@ -83,29 +83,36 @@ class CAML(MultiTaskModel):
         generation = [t for t in tasks if t.kind in TEXT_KINDS]
         if len(generation) > 1:
             raise InvalidParameterError(f"`caml` generates one explanation; found generation tasks {[t.name for t in generation]}")
-        layout = encoder.layout
-        if generation and layout.target_length < 2:
+        if (generation or concept_weight > 0) and not isinstance(encoder, CoAttention):
+            why = f"generation task '{generation[0].name}'" if generation else "`concept_weight` > 0"
+            raise InvalidParameterError(f"`caml` with a {why} needs the `co_attention` encoder (encoder: {{name: "
+                                        f"co_attention, ...}}: the explanation ids and the concepts are in its rows); found "
+                                        f"{type(encoder).__name__}")
+        target_length = encoder.layout.target_length if isinstance(encoder, CoAttention) else 0
+        if generation and target_length < 2:
             raise InvalidParameterError(f"generation task '{generation[0].name}' needs the encoder's `target_length` (the "
-                                        f"explanation columns of the input) >= 2; found {layout.target_length}")
-        if generation and generation[0].num_classes != encoder.vocab_size:
+                                        f"explanation columns of the input) >= 2; found {target_length}")
+        if generation and generation[0].num_classes != encoder.vocab_size:  # type: ignore[union-attr]
             raise InvalidParameterError(f"generation task '{generation[0].name}' has a vocabulary of {generation[0].num_classes}"
                                         f" ids; the encoder's concepts are ids of a vocabulary of {encoder.vocab_size}: the "
                                         "concept-relevance term needs them to be one vocabulary")
         hidden = layer_sizes(head_hidden, "head_hidden", "caml")
-        dim = encoder.out_features
-        self.encoder = encoder
+        dim = encoder_width(encoder, "caml")
+        self.encoder, self.representation_dim = encoder, dim
         self.concept_weight = float(concept_weight)
         self.generation_task = generation[0].name if generation else None
         self.heads = nn.ModuleDict({
-            t.name: GRUGenerator(dim, t.num_classes, max_length=layout.target_length, embedding_dim=decoder_embedding,
+            t.name: GRUGenerator(dim, t.num_classes, max_length=target_length, embedding_dim=decoder_embedding,
                                  hidden_size=decoder_hidden, dropout=head_dropout)  # type: ignore[arg-type]
             if t.kind in TEXT_KINDS else mlp_layers(dim, hidden, t.out_features, dropout=head_dropout) for t in tasks})
         self._selection: dict[str, Tensor] = {}
         self._penalty: Tensor | None = None
 
     def encode(self, x: Tensor, task: str | None = None) -> Tensor:
-        z, self._selection = self.encoder.encode_with_selection(x)
-        return z
+        if isinstance(self.encoder, CoAttention):
+            z, self._selection = self.encoder.encode_with_selection(x)
+            return z
+        return check_rows(self.encoder(x), self.representation_dim, f"encoder {type(self.encoder).__name__}")
 
     def decode(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
         names = self.task_names if tasks is None else tasks
@@ -129,6 +136,9 @@ class CAML(MultiTaskModel):
     def attention_weights(self, x: Tensor) -> dict[str, Tensor]:
         """The selector's weights per row: 'user_reviews', 'item_reviews', 'user_concepts',
         'item_concepts' (each row sums to 1), with the 'concept_ids' they weigh."""
+        if not isinstance(self.encoder, CoAttention):
+            raise InvalidParameterError(f"attention weights come from the `co_attention` encoder; this model's is "
+                                        f"{type(self.encoder).__name__}")
         selection = self.encoder.selection(x)
         return {k: v for k, v in selection.items() if k != "explanation"}
 

@@ -19,7 +19,10 @@ class GRUGenerator(nn.Module):
     - Training (``self.training``, targets given): teacher forcing, the logits of every position
       from the gold tokens before it, (B, T, V).
     - Otherwise: the logits along the greedy path (each step fed its own argmax), (B, T, V), so
-      the argmax of the output is the greedy sequence: what metrics and ``predict`` read.
+      the argmax of the output is the greedy sequence: what metrics and ``predict`` read. The
+      task's loss on them (a validation loss) is therefore the free-running cross-entropy, not a
+      teacher-forced perplexity: it grows as the decoder grows confident even while the greedy
+      texts improve, so pick the best epoch by a text metric (``monitor: NAME/rouge_l``).
     - :meth:`generate`: ids by greedy decoding or by length-normalised beam search.
 
     The decoding state is [hₜ; c] in one tensor, so beam search can reorder hypotheses by row.
