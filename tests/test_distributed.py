@@ -31,12 +31,17 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "ddp.pt"
-    done = torchrun(str(HERE / "ddp_script.py"), str(out), cwd=HERE.parent)
+def launch(script: str, tmp_path_factory) -> dict:
+    """Run tests/SCRIPT OUT on two torchrun ranks and load what rank 0 saved in OUT."""
+    out = tmp_path_factory.mktemp(Path(script).stem) / "results.pt"
+    done = torchrun(str(HERE / script), str(out), cwd=HERE.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return launch("ddp_script.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("method", ddp_script.METHODS)

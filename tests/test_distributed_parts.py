@@ -8,19 +8,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_parts_script  # noqa: E402
-from test_distributed import torchrun  # noqa: E402
+from test_distributed import launch  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes
-
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def parts_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parts") / "parts.pt"
-    done = torchrun(str(HERE / "distributed_parts_script.py"), str(out), cwd=HERE.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return launch("distributed_parts_script.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(distributed_parts_script.METHODS))

@@ -10,19 +10,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_script  # noqa: E402
-from test_distributed import torchrun  # noqa: E402
+from test_distributed import launch  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes
-
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "fsdp.pt"
-    done = torchrun(str(HERE / "fsdp_script.py"), str(out), cwd=HERE.parent)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return launch("fsdp_script.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(fsdp_script.METHODS))

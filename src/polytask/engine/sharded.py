@@ -10,8 +10,10 @@ Jacobian on θ is then split by columns: rank r holds J_r = J[:, slice r] of the
     G = J Jᵀ = Σ_r J_r J_rᵀ
 
 is exact from one all-reduce of T² values, and each rank applies the update d_r = J_rᵀ w to its
-own slice. No rank ever holds J (T × |θ|) or θ whole; the per-task reduce-scatters move T × |θ|
-values, as FSDP's own gradient reduction would for T backward passes.
+own slice. No rank holds J (T × |θ|), and a module's parameters are whole only during its own
+forward and backward (or through the step's backward passes, for the ``keep_gathered`` units).
+The per-task reduce-scatters still move T × |θ| values, as FSDP's own gradient reduction would for
+T backward passes: the data-parallel part of the reduction that no Gramian can avoid.
 
 Departures: methods that need J itself (``needs = "jacobian"``: MoCo, GradDrop, GREAT) are
 refused: their direction is a function of whole columns and norms of J that no rank holds.
