@@ -170,12 +170,10 @@ class ParallelMLP(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(copies, 1, b).uniform_(-bound, bound)))
 
     def forward(self, x: Tensor) -> Tensor:
-        first, *rest = zip(self.weights, self.biases, strict=True)
-        k, a, b = first[0].shape
-        # the first layer reads the same input in every copy: one (N, a) × (a, k·b) product
-        h = (x @ first[0].permute(1, 0, 2).reshape(a, k * b)).reshape(-1, k, b).transpose(0, 1) + first[1]
-        for w, bias in rest:
-            h = torch.baddbmm(bias, torch.relu(h), w)
+        # every copy reads the same input: a stride-0 expand, no copy; the layout stays (k, N, ·)
+        h = x.unsqueeze(0).expand(len(self.weights[0]), -1, -1)
+        for k, (w, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(bias, torch.relu(h) if k else h, w)
         return torch.relu(h)
 
 
@@ -267,7 +265,8 @@ class CARE(TaskEncoder):
         projected = self._projected()
         weights = self._weights(projected)  # (T, k)
         reps = self.encoders(obs.reshape(t * b, -1)).reshape(self.experts, t, b, self.encoder_dim)
-        mixture = torch.einsum("tk,ktbd->tbd", weights, reps)
+        # Σⱼ α_τⱼ eⱼ(s) as a broadcast product summed over j: no permuted copies of the k representations
+        mixture = (reps * weights.t()[:, :, None, None]).sum(dim=0)
         return torch.cat([mixture, projected[:, None, :].expand(-1, b, -1)], dim=-1)
 
 
