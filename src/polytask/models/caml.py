@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
 from polytask.core.task import PAD_ID, TEXT_KINDS, VISION_KINDS, Task
-from polytask.data.text import Vocabulary
 from polytask.models._common import check_rows, encoder_width, positive_int, trainable
 from polytask.models.base import ARCHITECTURES, MultiTaskModel
 from polytask.models.encoders.co_attention import CoAttention
 from polytask.models.heads import layer_sizes, mlp_layers
 from polytask.text.generator import GRUGenerator
 from polytask.text.vocabulary import decode_ids
+
+if TYPE_CHECKING:
+    from polytask.text.vocabulary import Vocabulary
 
 
 def concept_relevance(logits: Tensor, target: Tensor, concept_ids: Tensor, concept_weights: Tensor) -> Tensor:
