@@ -1,6 +1,7 @@
 """Run by `torchrun --nproc_per_node=2 tests/distributed_parts_script.py OUT`: under DDP (gloo), methods
 that ask for parts of each batch (``Method.batch_parts``: MoDo, SDMGrad) or evaluate an outer
-half-batch at displaced parameters (``Method.lookahead``: Auto-Lambda, MOML) train a few steps;
+half-batch at displaced parameters (``Method.lookahead``: Auto-Lambda, MOML, FORUM, which also
+evaluates the inner half) train a few steps;
 rank 0 saves the parameters and the method's state for tests/test_distributed_parts.py to compare
 with one process on the same global batches. Labels of task b are missing unevenly across ranks,
 parts and halves, so each rank's share must be weighted by its own labelled counts."""
@@ -13,7 +14,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ddp_script import problem  # noqa: E402
 
 METHODS = {"modo": {"gamma": 0.5}, "sdmgrad": {"n_iter": 5}, "auto_lambda": {"mode": "lookahead", "lr": 0.1},
-           "moml": {"inner_lr": 0.05, "lr": 0.1}}
+           "moml": {"inner_lr": 0.05, "lr": 0.1}, "forum": {"inner_steps": 2, "lr": 0.1}}
 
 
 def train(name: str, steps: int = 3) -> dict:
