@@ -10,7 +10,7 @@ import numpy as np
 
 from polytask.core.errors import InvalidParameterError, require
 from polytask.rl.envs.base import MultiTaskEnv, StepResult
-from polytask.rl.envs.selection import select_tasks
+from polytask.rl.envs.checks import check_actions, check_seeds, select_tasks
 
 EXTRA = "rl-metaworld"
 
@@ -80,37 +80,28 @@ class MetaWorldMT10(MultiTaskEnv):
         benchmark = _benchmark(goal_seed)
         self._envs = [benchmark.train_classes[name]() for name in self.task_names]
         self._variations = [[t for t in benchmark.train_tasks if t.env_name == name] for name in self.task_names]
-        self._steps = 0
-        self._started = False
+        self._steps: int | None = None  # steps into the episode; None before the first reset
 
     def reset(self, seeds: list[int]) -> np.ndarray:
-        if len(seeds) != self.num_tasks:
-            raise InvalidParameterError(f"`reset` of mt10 takes one seed per task ({self.num_tasks}); found {len(seeds)}")
         obs = []
-        for env, variations, seed in zip(self._envs, self._variations, seeds, strict=True):
-            index = int(np.random.default_rng(int(seed)).integers(len(variations))) if self.goals == "sampled" else 0
+        for env, variations, seed in zip(self._envs, self._variations, check_seeds("mt10", self.num_tasks, seeds), strict=True):
+            index = int(np.random.default_rng(seed).integers(len(variations))) if self.goals == "sampled" else 0
             env.set_task(variations[index])
-            env.seed(int(seed))  # the environment's own generator, should a task draw from it at reset
+            env.seed(seed)  # the environment's own generator, should a task draw from it at reset
             obs.append(env.reset()[0])
-        self._steps, self._started = 0, True
+        self._steps = 0
         return np.stack(obs).astype(np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (self.num_tasks, self.act_dim):
-            raise InvalidParameterError(f"`step` of mt10 takes actions of shape ({self.num_tasks}, {self.act_dim}); "
-                                        f"found {actions.shape}")
-        if not self._started or self._steps >= self.max_episode_steps:
-            raise InvalidParameterError(f"mt10's episode has {'not started' if not self._started else 'ended'}: call reset "
-                                        f"before step (episodes are {self.max_episode_steps} steps)")
-        actions = np.clip(actions, -1.0, 1.0)
+        actions = check_actions("mt10", actions, (self.num_tasks, self.act_dim), self._steps,
+                                self.max_episode_steps).astype(np.float32)
         obs, reward, success = [], [], []
         for env, action in zip(self._envs, actions, strict=True):
             o, r, _, _, info = env.step(action)
             obs.append(o)
             reward.append(r)
             success.append(float(info["success"]))
-        self._steps += 1
+        self._steps = (self._steps or 0) + 1
         truncated = self._steps == self.max_episode_steps
         return StepResult(obs=np.stack(obs).astype(np.float32), reward=np.asarray(reward, dtype=np.float32),
                           terminated=np.zeros(self.num_tasks, dtype=bool),

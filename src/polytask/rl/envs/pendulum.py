@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polytask.core.errors import InvalidParameterError, require
+from polytask.core.errors import require
 from polytask.rl.envs.base import MultiTaskEnv, StepResult
-from polytask.rl.envs.selection import select_tasks
+from polytask.rl.envs.checks import check_actions, check_seeds, select_tasks
 
 EXTRA = "rl"
 
@@ -89,34 +89,25 @@ class PendulumFamily(MultiTaskEnv):
             env.m, env.l = physics.mass, physics.length  # read by step(); the constructor takes only g
             self._envs.append(env)
         self.max_torque = float(self._envs[0].max_torque)
-        self._steps = 0
+        self._steps: int | None = None  # steps into the episode; None before the first reset
         self._upright = np.zeros(len(self.task_names), dtype=np.int64)
-        self._started = False
 
     def reset(self, seeds: list[int]) -> np.ndarray:
-        if len(seeds) != self.num_tasks:
-            raise InvalidParameterError(f"`reset` of the pendulum family takes one seed per task ({self.num_tasks}); "
-                                        f"found {len(seeds)}")
-        obs = [env.reset(seed=int(seed))[0] for env, seed in zip(self._envs, seeds, strict=True)]
-        self._steps, self._started = 0, True
+        seeds = check_seeds("the pendulum family", self.num_tasks, seeds)
+        obs = [env.reset(seed=seed)[0] for env, seed in zip(self._envs, seeds, strict=True)]
+        self._steps = 0
         self._upright[:] = 0
         return np.stack(obs).astype(np.float32)
 
     def step(self, actions: np.ndarray) -> StepResult:
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.shape != (self.num_tasks, self.act_dim):
-            raise InvalidParameterError(f"`step` of the pendulum family takes actions of shape ({self.num_tasks}, "
-                                        f"{self.act_dim}); found {actions.shape}")
-        if not self._started or self._steps >= self.max_episode_steps:
-            raise InvalidParameterError(f"the pendulum family's episode has {'not started' if not self._started else 'ended'}"
-                                        f": call reset before step (episodes are {self.max_episode_steps} steps)")
-        torque = np.clip(actions, -1.0, 1.0) * self.max_torque
+        torque = check_actions("the pendulum family", actions, (self.num_tasks, self.act_dim), self._steps,
+                               self.max_episode_steps) * self.max_torque
         obs, reward = [], []
         for env, u in zip(self._envs, torque, strict=True):
             o, r, *_ = env.step(u)
             obs.append(o)
             reward.append(r)
-        self._steps += 1
+        self._steps = (self._steps or 0) + 1
         angle = np.array([_normalise(env.state[0]) for env in self._envs])
         self._upright = np.where(np.abs(angle) <= UPRIGHT_ANGLE, self._upright + 1, 0)
         truncated = self._steps == self.max_episode_steps
