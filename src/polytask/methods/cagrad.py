@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._gramian_qp import as_float64, factor_np, project_polyhedron_np, to_step
+from polytask.methods._gramian_qp import as_float64, eigh_np, factor_np, project_polyhedron_np, to_step
 from polytask.methods.base import Method, Step, check_positive, register
 
 
@@ -97,7 +97,7 @@ def _pinv_symmetric(a: np.ndarray) -> np.ndarray:
     ``torch.linalg.pinv(hermitian=True)``'s cut-off (eigenvalues |λ| ≤ k·eps·max |λ| dropped).
     Not least squares: MKL's lstsq differs in the last bits from call to call (memory
     alignment), which made the weights of identical steps differ."""
-    vals, vecs = np.linalg.eigh(a)
+    vals, vecs = eigh_np(a)
     magnitude = np.abs(vals)
     cutoff = len(a) * np.finfo(a.dtype).eps * (float(magnitude.max()) if magnitude.size else 0.0)
     inverse = np.divide(1.0, vals, out=np.zeros_like(vals), where=magnitude > cutoff)

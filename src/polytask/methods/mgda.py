@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, normalisers, simplex_qp_np, to_step
+from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, eigh_np, normalisers, simplex_qp_np, to_step
 from polytask.methods.base import Method, Step, register
 
 
@@ -46,7 +46,7 @@ class MGDA(Method):
 
 def nearest_psd_np(g: np.ndarray) -> np.ndarray:
     """:func:`nearest_psd` on a float64 array."""
-    vals, vecs = np.linalg.eigh(g)
+    vals, vecs = eigh_np(g)
     if bool((vals >= 0).all()):
         return g
     return (vecs * np.clip(vals, 0.0, None)) @ vecs.T
