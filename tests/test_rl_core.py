@@ -370,3 +370,55 @@ def test_run_directory_contract(tmp_path):
     assert summary["steps"] == 120 and set(summary["final"]) == {"left", "right", "up"}
     with pytest.raises(ConfigError, match="already exists; pass --resume"):
         train(load_rl_config(raw=small_config(tmp_path)), env=PointMass(), eval_env=PointMass())
+
+
+# ------------------------------------------------------------------------------ real families
+EXAMPLES = Path(__file__).parents[1] / "examples"
+SMOKE = ["--set", "context=learned", "--set", "sac.hidden=[32,32]", "--set", "sac.batch_size=16",
+         "--set", "sac.random_steps=100", "--set", "sac.update_after=100", "--set", "encoder.experts=2",
+         "--quiet"]
+
+
+def test_cli_pendulum_smoke_run_and_resume(tmp_path, capsys):
+    pytest.importorskip("gymnasium")
+    from polytask.cli.main import main
+
+    out = tmp_path / "pendulum"
+    args = ["rl", "train", str(EXAMPLES / "rl_pendulum.yaml"), "--set", f"output_dir={out}", *SMOKE,
+            "--set", "train={steps: 200, eval_every: 200, eval_episodes: 1, checkpoint_every: 200}"]
+    assert main(args) == 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert sorted(metrics.step.unique()) == [200]
+    assert set(metrics.task) == {"pendulum_g10", "pendulum_low_gravity", "pendulum_high_gravity", "pendulum_heavy",
+                                 "pendulum_long", "pendulum_short"}
+    assert metrics[metrics.metric == "success"].value.between(0, 1).all()
+    # updates start at step 300 (fewer updates, the same code): the resumed segment has 100 of them
+    longer = [a.replace("steps: 200", "steps: 400").replace("_steps=100", "_steps=300").replace("_after=100", "_after=300")
+              for a in args]
+    assert main([*longer, "--resume"]) == 0  # a finished run continues to a larger budget
+    assert sorted(pd.read_csv(out / "metrics.csv").step.unique()) == [200, 400]
+    assert main(args) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+
+
+def test_cli_unknown_environment_is_a_clear_error(tmp_path, capsys):
+    from polytask.cli.main import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("env: pendulm\n")
+    assert main(["rl", "train", str(config), "--set", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "unknown environment 'pendulm'. Did you mean 'pendulum'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # Meta-World builds MT10 in seconds and its episodes are 500 steps
+def test_mt10_smoke_run(tmp_path):
+    pytest.importorskip("metaworld")
+    from polytask.cli.main import main
+
+    out = tmp_path / "mt10"
+    assert main(["rl", "train", str(EXAMPLES / "rl_mt10.yaml"), "--set", f"output_dir={out}", *SMOKE,
+                 "--set", "train={steps: 500, eval_every: 500, eval_episodes: 1, checkpoint_every: 500}"]) == 0
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(set(metrics.task)) == 10
+    assert metrics[metrics.metric == "success"].value.between(0, 1).all()
+    assert (out / "checkpoints" / "last.pt").exists()

@@ -333,8 +333,7 @@ def train(cfg: RLConfig, *, resume: bool = False, overwrite: bool = False, env: 
     try:
         if resume:
             trainer.load_state_dict(load_latest(run_dir.last, run_dir.previous))
-        else:
-            run_dir.write_text("config.yaml", cfg.to_yaml())
+        run_dir.write_text("config.yaml", cfg.to_yaml())  # a resumed segment's config (a larger budget)
         run_dir.record_environment(trainer.step)
         summary = trainer.fit()
     except BaseException:
