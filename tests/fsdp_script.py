@@ -17,9 +17,10 @@ from ddp_script import problem  # noqa: E402
 #: method → engine options: a loss method with learnable weights, the Gramian method (upgrad), a
 #: features-mode method (mgda_ub), one on the last shared layer with learnable weights (gradnorm),
 #: one with two batch parts (modo), per-task clipping on a loss method (its J is taken) and upgrad with
-#: the FSDP units kept gathered through the per-task backward passes (ShardedEngine.keep_gathered)
+#: the FSDP units kept gathered through the per-task backward passes (ShardedEngine.keep_gathered), and
+#: upgrad on the last shared layer with unweighted heads (the layers below get Σ wᵢ∇Lᵢ, the heads Σ ∇Lᵢ)
 METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
-           "equal:clip": {}, "upgrad:kept": {}}
+           "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}}
 STEPS = 3
 
 
