@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", default="cpu")
     speed.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     speed.add_argument("--ddp", type=int, default=0, metavar="N",
-                       help="time N CPU processes (gloo) instead: step time and communication volume per method")
+                       help="time N CPU processes (gloo) instead: step time, bytes sent and parameters held per "
+                       "rank, per method, under ddp, fsdp and fsdp-kept (docs/distributed.md)")
     arch = bench_sub.add_parser("architectures", help="parameters, shared parameters and ms/step (equal weighting) "
                                 "of every architecture on a fixed synthetic problem")
     arch.add_argument("--tasks", default="3", help="comma list of task counts")
