@@ -73,3 +73,14 @@ def test_checkpoints_hold_the_whole_model_and_resume(fsdp_results, tmp_path):
     single = fsdp_script.resumed(tmp_path / "run")
     for key, value in single.items():
         torch.testing.assert_close(fsdp_results["resumed"][key], value, rtol=2e-5, atol=2e-6, msg=key)
+
+
+def test_yaml_selects_the_strategy():
+    from polytask.config import load_config
+    from polytask.core.errors import PolytaskError
+
+    example = Path(__file__).parents[1] / "examples" / "adult.yaml"
+    assert load_config(example, ["run.distributed=fsdp"]).run.distributed == "fsdp"
+    assert load_config(example).run.distributed == "ddp"
+    with pytest.raises(PolytaskError, match=r"run\.distributed.*'ddp' or 'fsdp'.*zero3"):
+        load_config(example, ["run.distributed=zero3"])
