@@ -185,9 +185,9 @@ class Config(Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid keys of the model reached by following ``loc`` from ``Config``."""
-    model: Any = Config
+def _fields_at(loc: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    """Valid keys of the model reached by following ``loc`` from ``root`` (default ``Config``)."""
+    model: Any = root or Config
     for part in loc:
         if isinstance(part, int) or model is None:
             return []
@@ -214,14 +214,16 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
-def format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """One line per problem; unknown keys with the closest valid key of their section of ``root``
+    (default ``Config``)."""
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(p) for p in loc) or "config"
         if item["type"] == "extra_forbidden":
             parent = loc[:-1]
-            valid = _fields_at(parent) if not (parent[:1] == ("tasks",) and len(parent) == 2) else list(TaskConfig.model_fields)
+            valid = _fields_at(parent, root) if not (parent[:1] == ("tasks",) and len(parent) == 2) else list(TaskConfig.model_fields)
             lines.append(f"unknown key '{where}'.{closest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
         else:
             found = item.get("input")
@@ -256,6 +258,16 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 raw: dict[str, Any] | None = None) -> Config:
     """Read YAML (or take ``raw``), apply ``--set`` overrides, validate."""
+    raw = read_raw(path, overrides, raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc)) from None
+
+
+def read_raw(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config mapping of a YAML file (or ``raw``) with the ``--set`` overrides applied, not yet validated."""
     if raw is None:
         if path is None:
             raise ConfigError("no config given")
@@ -272,7 +284,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw = dict(raw)
     for assignment in overrides:
         set_override(raw, assignment)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_errors(exc)) from None
+    return raw
