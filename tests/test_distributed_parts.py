@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_parts_script  # noqa: E402
-from test_distributed import launch  # noqa: E402
+from test_distributed import assert_same_state, launch  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes
 
@@ -23,5 +23,4 @@ def test_two_ranks_match_one_process(parts_results, name):
     torch.set_num_threads(1)
     single = distributed_parts_script.train(name)
     assert any(k.startswith("method.") for k in single) or name == "sdmgrad"
-    for key, value in single.items():
-        torch.testing.assert_close(parts_results[name][key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
+    assert_same_state(parts_results[name], single, name)

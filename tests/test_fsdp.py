@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_script  # noqa: E402
-from test_distributed import launch  # noqa: E402
+from test_distributed import assert_same_state, launch  # noqa: E402
 
 pytestmark = pytest.mark.slow  # one torchrun launch of two processes
 
@@ -24,8 +24,7 @@ def fsdp_results(tmp_path_factory):
 def test_two_sharded_ranks_match_one_process(fsdp_results, name):
     torch.set_num_threads(1)
     single, *_ = fsdp_script.train(name)
-    for key, value in single.items():
-        torch.testing.assert_close(fsdp_results[name][key], value, rtol=2e-5, atol=2e-6, msg=f"{name}: {key}")
+    assert_same_state(fsdp_results[name], single, name)
 
 
 def test_each_rank_holds_a_shard(fsdp_results):
@@ -70,9 +69,7 @@ def test_refusals_name_the_method():
 
 def test_checkpoints_hold_the_whole_model_and_resume(fsdp_results, tmp_path):
     """last.pt/best.pt of an FSDP run hold full tensors, and resuming from them continues exactly."""
-    single = fsdp_script.resumed(tmp_path / "run")
-    for key, value in single.items():
-        torch.testing.assert_close(fsdp_results["resumed"][key], value, rtol=2e-5, atol=2e-6, msg=key)
+    assert_same_state(fsdp_results["resumed"], fsdp_script.resumed(tmp_path / "run"), "resumed")
 
 
 def test_yaml_selects_the_strategy():
