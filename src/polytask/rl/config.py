@@ -21,8 +21,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
-from polytask.config.schema import Named, Strict, named, set_override
-from polytask.config.yaml_io import safe_load_unique
+from polytask.config.schema import Named, Strict, format_errors, named, read_raw
 from polytask.core.errors import ConfigError
 from polytask.core.options import Options
 from polytask.engine.options import EngineOptions
@@ -142,49 +141,11 @@ class RLConfig(Strict):
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                    raw: dict[str, Any] | None = None) -> RLConfig:
     """Read YAML (or take ``raw``), apply ``--set key=value`` overrides, validate."""
-    if raw is None:
-        if path is None:
-            raise ConfigError("no config given")
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = safe_load_unique(p.read_bytes(), f"config file {p}") or {}
-        except OSError as exc:
-            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config must be a mapping of keys; found {type(raw).__name__}")
-    raw = dict(raw)
-    for assignment in overrides:
-        set_override(raw, assignment)
+    raw = read_raw(path, overrides, raw)
     if "env" not in raw:
         raise ConfigError("invalid config:\n  env: a multi-task environment family is required, e.g. `env: pendulum` "
                           "(see polytask.rl.envs)")
     try:
         return RLConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_rl_errors(exc)) from None
-
-
-def _rl_errors(error: ValidationError) -> str:
-    """The project's error lines, with the valid keys of this schema for unknown ones."""
-    from polytask.core.errors import closest
-
-    lines = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        if item["type"] == "extra_forbidden":
-            model: Any = RLConfig
-            for part in loc[:-1]:
-                field = getattr(model, "model_fields", {}).get(part)
-                model = field.annotation if field is not None else None
-            valid = list(getattr(model, "model_fields", {}))
-            where = ".".join(str(p) for p in loc)
-            lines.append(f"unknown key '{where}'.{closest(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}")
-        else:
-            where = ".".join(str(p) for p in loc)
-            found = item.get("input")
-            shown = "" if isinstance(found, dict) or item["type"] == "value_error" else f"; found {found!r}"
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message}{shown}" if loc else f"{message}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+        raise ConfigError(format_errors(exc, RLConfig)) from None

@@ -255,8 +255,10 @@ class MultiTaskSAC:
         if engine is None or isinstance(engine, Mapping):  # `auto` routes are chosen by timing: not reproducible
             engine = {**REPRODUCIBLE_ENGINE, **(engine or {})}
         engine_opts = options(EngineOptions, engine, "engine").model_dump()
-        self.critic_engine = self._engine(method, self.critic, engine_opts, seed)
-        self.actor_engine = self._engine(method, self.actor, engine_opts, seed + 1)
+        with torch.random.fork_rng(devices=[]):  # a method that draws its initial state draws it from the seed
+            torch.manual_seed(seed + 3)
+            self.critic_engine = self._engine(method, self.critic, engine_opts, seed)
+            self.actor_engine = self._engine(method, self.actor, engine_opts, seed + 1)
         for module in (self.actor, self.critic, self.critic_target):
             module.to(self.device)
         self.log_alpha.data = self.log_alpha.data.to(self.device)
@@ -300,7 +302,7 @@ class MultiTaskSAC:
         """One SAC update from a task-first batch; the per-task losses, α and engine weights (T,) each."""
         batch = Batch(*(getattr(batch, f).to(self.device) for f in FIELDS))
         opts = self.options
-        stats = {"critic_loss": self._update_critic(batch)}
+        stats = self._update_critic(batch)
         if self.updates % opts.actor_update_every == 0:
             stats.update(self._update_actor(batch))
         if self.updates % opts.target_update_every == 0:
@@ -308,7 +310,7 @@ class MultiTaskSAC:
         self.updates += 1
         return stats
 
-    def _update_critic(self, batch: Batch) -> Tensor:
+    def _update_critic(self, batch: Batch) -> dict[str, Tensor]:
         engine, opts = self.critic_engine, self.options
         inner, outer = (batch.split(2) if engine.lookahead else (batch, None))
         with torch.no_grad():
@@ -327,8 +329,8 @@ class MultiTaskSAC:
         self.critic_opt.zero_grad(set_to_none=True)
         report = engine.backward(named_losses(self.tasks, losses), lookahead=lookahead)
         self._step(self.critic_opt, self.critic)
-        self.last_critic_weights = torch.tensor([report.weights[t] for t in self.tasks])
-        return per_task_values(losses)
+        return {"critic_loss": per_task_values(losses),
+                "critic_weight": torch.tensor([report.weights[t] for t in self.tasks])}
 
     def _update_actor(self, batch: Batch) -> dict[str, Tensor]:
         engine, alpha = self.actor_engine, self.alpha
@@ -351,8 +353,7 @@ class MultiTaskSAC:
         alpha_losses(self.log_alpha, log_prob, self.target_entropy).sum().backward()
         self.alpha_opt.step()
         weights = torch.tensor([report.weights[t] for t in self.tasks])
-        return {"actor_loss": per_task_values(losses), "alpha": self.alpha.cpu(), "actor_weight": weights,
-                "critic_weight": self.last_critic_weights}
+        return {"actor_loss": per_task_values(losses), "alpha": self.alpha.cpu(), "actor_weight": weights}
 
     def _closure(self, module: nn.Module, losses: Callable[[Callable[..., Any]], Tensor]):
         """The outer-batch losses at displaced parameters, for bilevel methods (``Step.lookahead``)."""

@@ -4,7 +4,8 @@ Two figures per encoder, both measured in one process so that they compare under
 
 * loop: environment steps per second of the whole training loop (a lockstep step of every task,
   its storage and one SAC update of actor, critic and α), timed by :class:`RLTrainer` itself
-  over ``steps`` steps after a warm-up episode, evaluation excluded;
+  over ``steps`` steps after a warm-up episode, the encoders' loops taking turns episode by
+  episode, evaluation skipped;
 * update: the median time of one SAC update (both engines' backward passes included) on the same
   replay buffer, the encoders interleaved repeat by repeat so that a load change hits them all,
   and its ratio to the ``shared_mlp`` update (the issue's goal: CARE ≤ 1.5×).
@@ -47,20 +48,22 @@ def measure(*, env: str = "pendulum", encoders: Sequence[str] = ("shared_mlp", "
     length = family.max_episode_steps
     steps = max(length, steps // length * length)
     options = SACOptions(**{**(sac or {}), "random_steps": 0, "update_after": 1, "buffer_size": 10 * length + steps})
+    # the loops run one episode each in turn (a load change hits every encoder alike); the first
+    # episode of each warms the allocator and kernels up and is not timed
+    never = 10**9 * length  # a cadence past the budget: no evaluation, no checkpoint (no run directory anyway)
+    loop = RLLoopOptions(steps=length, eval_every=never, eval_episodes=1, checkpoint_every=never, progress=False)
+    trainers = {encoder: RLTrainer(family, family, _agent(family, encoder, method, options, seed), loop, seed=seed)
+                for encoder in encoders}
+    for episode in range(steps // length + 1):
+        for trainer in trainers.values():
+            trainer.loop = loop.model_copy(update={"steps": (episode + 1) * length})
+            trainer.fit()
+            if episode == 0:
+                trainer.timing = {"seconds": 0.0, "steps": 0}
     rows: list[dict[str, Any]] = []
-    for encoder in encoders:
-        agent = _agent(family, encoder, method, options, seed)
-        loop = RLLoopOptions(steps=steps + length, eval_every=steps + length, eval_episodes=1,
-                             checkpoint_every=steps + length, progress=False)
-        trainer = RLTrainer(family, family, agent, loop, seed=seed)
-        warm = {"steps": 0}
-
-        def skip_first(t: RLTrainer, warm: dict = warm) -> None:
-            if warm["steps"] == 0:  # the first episode warms the allocator and the kernels up: not timed
-                warm["steps"], t.timing = t.step, {"seconds": 0.0, "steps": 0}
-        summary = trainer.fit(callback=skip_first)
-        rows.append({"encoder": encoder, "tasks": family.num_tasks, "loop_steps_per_s": summary["steps_per_second"],
-                     "buffer": trainer.buffer})
+    for encoder, trainer in trainers.items():
+        rows.append({"encoder": encoder, "tasks": family.num_tasks,
+                     "loop_steps_per_s": trainer.timing["steps"] / trainer.timing["seconds"], "buffer": trainer.buffer})
     # interleaved update timings on one filled buffer
     buffer: TaskReplayBuffer = rows[0]["buffer"]
     methods = [method] if method == "equal" else [method, "equal"]

@@ -41,6 +41,7 @@ from polytask.train.rundir import RunDir
 
 METRIC_FIELDS = ("step", "task", "metric", "value")
 WINDOW_METRICS = ("critic_loss", "actor_loss", "alpha", "critic_weight", "actor_weight")
+CRITIC_METRICS = ("critic_loss", "critic_weight")  # every update; the others on actor updates
 _MASK = 0xFFFFFFFFFFFFFFFF
 
 
@@ -201,6 +202,12 @@ class RLTrainer:
         n = self.loop.eval_episodes
         return returns / n, successes / n
 
+    def _window_mean(self, key: str) -> list[float] | None:
+        """The mean per task of a logged update value over the evaluation window (None: no update)."""
+        w = self.window
+        count = w["updates"] if key in CRITIC_METRICS else w["actor_updates"]
+        return [v / count for v in w[key]] if count else None
+
     def _evaluate(self, bar: Any) -> None:
         index = self.step // self.loop.eval_every - 1
         returns, successes = self.evaluate(index)
@@ -213,15 +220,13 @@ class RLTrainer:
                 rows.append({"step": self.step, "task": task, "metric": "train_return",
                              "value": w["train_return"][i] / w["episodes"]})
             for key in WINDOW_METRICS:
-                count = w["updates"] if key == "critic_loss" else w["actor_updates"]
-                if count:
-                    rows.append({"step": self.step, "task": task, "metric": key, "value": w[key][i] / count})
+                values = self._window_mean(key)
+                if values is not None:
+                    rows.append({"step": self.step, "task": task, "metric": key, "value": values[i]})
         self.rows.extend(rows)
-        if w["actor_updates"]:
-            def mean(key: str) -> dict[str, float]:
-                count = w["updates"] if key == "critic_loss" else w["actor_updates"]
-                return {t: w[key][i] / count for i, t in enumerate(tasks)}
-            self.agent.on_epoch_end(index, mean("critic_loss"), mean("actor_loss"))
+        critic, actor = self._window_mean("critic_loss"), self._window_mean("actor_loss")
+        if critic is not None and actor is not None:
+            self.agent.on_epoch_end(index, dict(zip(tasks, critic, strict=True)), dict(zip(tasks, actor, strict=True)))
         self.window = self._empty_window()
         if self.run_dir is not None:
             self.run_dir.write_csv("metrics.csv", METRIC_FIELDS, self.rows)
