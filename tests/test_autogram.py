@@ -222,16 +222,20 @@ def test_data_parallel_keeps_the_jacobian():
     assert engine.gramian_route == "jacobian"
 
 
-def test_auto_times_both_ways_then_keeps_one():
+def test_auto_decides_from_shapes_on_the_first_step():
+    """Deterministic (a resumed run takes the same route): autogram where Linear layers on the
+    Gram route hold most of θ, J where every parameter would take the weight route anyway."""
     model, losses = small_problem()
     engine = Engine("upgrad", model.shared_parameters())
     assert engine.gramian_route == "auto"
-    for _ in range(2 * engine_backward.ROUTE_TRIALS):
-        model.zero_grad(set_to_none=True)
-        engine.backward(losses())
-    assert [len(v) for v in engine.route_timings.values()] == [engine_backward.ROUTE_TRIALS] * 2
-    engine.backward(losses())
-    assert engine.gramian_route in ("jacobian", "autogram")
+    report = engine.backward(losses())
+    assert engine.gramian_route == "autogram" and report.gramian is not None
+    tasks = [pt.Task(f"t{i}", kind="regression") for i in range(3)]
+    cnn = pt.models.HardSharing(pt.encoders.CNN(in_channels=1, channels=[3, 4], out_features=8), tasks)
+    engine = Engine("upgrad", cnn.shared_parameters())
+    out = cnn(torch.randn(16, 1, 8, 8))
+    engine.backward({t.name: out[t.name].pow(2).mean() for t in tasks})
+    assert engine.gramian_route == "jacobian"
 
 
 def test_auto_takes_autogram_when_j_would_not_fit(monkeypatch):

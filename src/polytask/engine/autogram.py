@@ -69,6 +69,11 @@ def _name(node: Node) -> str:
     return type(node).__name__
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Gram products of fp16/bf16 activations (autocast) in float32: K = A Aᵀ sums n products."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 @dataclass
 class _Product:
     """out = A Wᵀ (+ b) read from one ``addmm``/``mm`` node; W (and b) read nowhere else."""
@@ -80,7 +85,7 @@ class _Product:
     transposed: bool  # W is (out, in) read through a transpose (F.linear), else (in, out)
 
     def gramian(self, deltas: Tensor) -> Tensor:
-        a = self.inputs
+        a = _at_least_float32(self.inputs)
         d = deltas.reshape(deltas.shape[0], a.shape[0], -1).to(a.dtype)
         k = a @ a.T
         if self.bias:
@@ -93,7 +98,7 @@ class _Product:
 
     def combine(self, deltas: Tensor, weights: Tensor) -> list[Tensor]:
         """Σᵢ wᵢ gᵢ on (W, b): one product with the weighted output gradient, as a backward would."""
-        a = self.inputs
+        a = _at_least_float32(self.inputs)
         d = torch.tensordot(weights.to(a.dtype), deltas.reshape(deltas.shape[0], a.shape[0], -1).to(a.dtype), 1)
         grads = [d.T @ a if self.transposed else a.T @ d]
         if self.bias:
@@ -205,6 +210,14 @@ def _consumers(roots: Sequence[Node]) -> dict[Node, list[tuple[Node, int]]]:
     return readers
 
 
+def _past_casts(node: Node, slot: int, readers: dict[Node, list[tuple[Node, int]]]) -> tuple[Node, int]:
+    """The first reader that is not a dtype copy (autocast's), when each copy has one reader: a
+    cast changes no value, so the layer's block of G is the same on the original parameter."""
+    while _name(node) == "ToCopyBackward0" and len(readers[node]) == 1:
+        node, slot = readers[node][0]
+    return node, slot
+
+
 def _describe(p: Tensor, why: str) -> str:
     return f"a shared parameter of shape {tuple(p.shape)} {why}"
 
@@ -249,12 +262,13 @@ class AutogramPlanner:
         if len(users) != 1:
             return None, f"is read by {len(users)} operations"
         node, slot = users[0]
+        node, slot = _past_casts(node, slot, readers)
         kind = _name(node)
         transposed = kind == "TBackward0"
         if transposed:  # F.linear: out = A Wᵀ
             if len(readers[node]) != 1:
                 return None, f"is read transposed by {len(readers[node])} operations"
-            node, slot = readers[node][0]
+            node, slot = _past_casts(*readers[node][0], readers)
             kind = _name(node)
         if (kind, slot) in (("AddmmBackward0", 2), ("MmBackward0", 1)) and p.dim() == 2:
             return self._product(node, p, transposed, accumulators, readers, wanted, n_tasks)
@@ -281,10 +295,12 @@ class AutogramPlanner:
         bias = False
         if addmm:
             first = node.next_functions[0][0]
+            while first is not None and _name(first) == "ToCopyBackward0" and len(readers[first]) == 1:
+                first = first.next_functions[0][0]  # autocast's copy of the bias
             var = getattr(first, "variable", None) if first is not None else None
             out = p.numel() // a.shape[1]
             if (var is not None and id(var) in wanted and var.shape == (out,)
-                    and readers[accumulators[id(var)]] == [(node, 0)]):
+                    and len(readers[accumulators[id(var)]]) == 1):
                 params, bias = (p, var), True
         n, fin = a.shape
         out = p.numel() // fin

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -140,11 +139,10 @@ class Engine:
         self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
-        self.autogram = AutogramGramian(opts.jacobian, opts.chunk_size)
-        #: how G on θ is computed: "jacobian", "autogram", or "auto" until the first steps decide
+        # loop unless batched is asked for: a timed choice would make the route (and its rounding) vary by run
+        self.autogram = AutogramGramian("loop" if opts.jacobian == "auto" else opts.jacobian, opts.chunk_size)
+        #: how G on θ is computed: "jacobian", "autogram", or "auto" until the first step decides
         self.gramian_route = self._resolve_gramian(opts.gramian)
-        self.route_timings: dict[str, list[float]] = {"jacobian": [], "autogram": []}
-        self._trial: str | None = None
         self._no_j = False  # this step's G came from the autogram, which holds what d = Jᵀw needs
 
     @property
@@ -187,21 +185,22 @@ class Engine:
             return "jacobian"  # last_shared: J on one layer is small
         return "auto"
 
-    def _route(self, n_tasks: int) -> str:
-        """This step's way to G on θ; under ``auto`` J too large for memory means autogram, otherwise
-        the first steps alternate the two (each a real step) and the faster is kept."""
+    def _route(self, parts: list[Tensor]) -> str:
+        """This step's way to G on θ. ``auto`` decides on its first step, from shapes alone (so that
+        a run, and a run resumed from a checkpoint, take the same route every time): autogram when
+        J would take more than half the free memory, or when layers it forms in closed form (Gram
+        and rows routes) hold at least ``AUTOGRAM_SHARE`` of θ; otherwise the J route, which the
+        no-J Gramian would only repeat by other means."""
         if self.gramian_route != "auto":
             return self.gramian_route
-        j_bytes = n_tasks * sum(p.numel() * p.element_size() for p in self.theta)
-        if j_bytes > _free_memory(self.theta[0].device) / 2:
+        total = sum(p.numel() for p in self.theta)
+        if len(parts) * total * self.theta[0].element_size() > _free_memory(self.theta[0].device) / 2:
             self.gramian_route = "autogram"
-            return "autogram"
-        pending = [r for r in ("jacobian", "autogram") if len(self.route_timings[r]) < ROUTE_TRIALS]
-        if not pending:
-            self.gramian_route = min(self.route_timings, key=lambda r: min(self.route_timings[r]))
-            return self.gramian_route
-        self._trial = min(pending, key=lambda r: len(self.route_timings[r]))
-        return self._trial
+        else:
+            plan = self.autogram.planner.plan(parts, self.theta)
+            closed = sum(p.numel() for layer in plan.layers for p in layer.params)
+            self.gramian_route = "autogram" if closed >= AUTOGRAM_SHARE * total else "jacobian"
+        return self.gramian_route
 
     def _no_j_gramian(self, parts: list[Tensor], scale: float) -> Tensor | None:
         """G on θ without J, or None (after a one-line warning) when the model defeats it."""
@@ -211,7 +210,7 @@ class Engine:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(f"the no-J Gramian (engine.gramian) cannot be used for this model: {reason}; computing the "
                           "task Jacobian instead", stacklevel=4)
-            self.gramian_route, self._trial = "jacobian", None
+            self.gramian_route = "jacobian"
             return None
         self._no_j = True
         return g
@@ -258,17 +257,7 @@ class Engine:
         ``diagnose`` forces the task Jacobian on θ this step (its Gramian is in the report, and
         reused for the update, so the step costs what a Gramian method's step costs).
         """
-        self._trial, self._no_j = None, False
-        start = time.perf_counter()
-        report = self._step(losses, features, epoch, extra_loss, scale, diagnose, lookahead)
-        if self._trial is not None:  # engine.gramian: auto times its two ways on the first steps
-            if self.theta[0].is_cuda:
-                torch.cuda.synchronize()
-            self.route_timings[self._trial].append(time.perf_counter() - start)
-        return report
-
-    def _step(self, losses: Mapping[str, Tensor | None], features: Iterable[Tensor] | None, epoch: int,
-              extra_loss: Tensor | None, scale: float, diagnose: bool, lookahead: Outer | None) -> StepReport:
+        self._no_j = False
         if not self.method.is_set_up:
             self.method.setup(list(losses))
         index = self.index
@@ -305,7 +294,7 @@ class Engine:
             jacobian.div_(self.batch_parts)
             del part_j
         elif on_theta or diagnose or self.task_clip is not None:
-            if self.gramian_route != "jacobian" and self.method.needs == "gramian" and self._route(len(parts)) == "autogram":
+            if self.gramian_route != "jacobian" and self.method.needs == "gramian" and self._route(parts) == "autogram":
                 theta_gramian = self._no_j_gramian(parts, scale)
             if theta_gramian is None:
                 jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
@@ -528,8 +517,8 @@ class Engine:
         return leaves
 
 
-#: steps each way to G is timed under ``gramian: auto`` (each covers the inner loop/batched trials)
-ROUTE_TRIALS = 4
+#: under ``gramian: auto``, the share of θ the no-J Gramian must form in closed form to be taken
+AUTOGRAM_SHARE = 0.5
 
 
 def _free_memory(device: torch.device) -> float:
