@@ -38,9 +38,10 @@ class EngineOptions(Options):
             The no-J Gramian's per-task passes follow the same strategy.
         gramian: how a Gramian method's G = J Jᵀ on θ is computed: ``jacobian`` (materialise J,
             then G and d = Jᵀw), ``autogram`` (G from each layer's input and per-task output
-            gradients, J never formed, then one backward of Σ wᵢLᵢ: ``engine/autogram.py``) or
-            ``auto`` (autogram when J would not fit in memory, else the faster of the two, timed on
-            the first steps; J under data parallelism and for ``last_shared``).
+            gradients, J never formed, d = Jᵀw from the same tensors: ``engine/autogram.py``) or
+            ``auto`` (decided on the first step from shapes: autogram when J would not fit in half
+            the free memory or when Linear/embedding layers hold half of θ; J under data
+            parallelism and for ``last_shared``).
     """
 
     moved: ClassVar = {"mode": "`compare` (shared, last_shared or features)",
