@@ -252,7 +252,8 @@ class CARE(TaskEncoder):
 
     def _weights(self, projected: Tensor) -> Tensor:
         source = projected.detach() if self.detach_attention_context else projected
-        return torch.softmax(self.attention(source) / self.temperature, dim=-1)  # (T, k)
+        logits = self.attention(source)
+        return torch.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=-1)  # (T, k)
 
     def attention_weights(self, task_ids: Tensor | Sequence[int] | None = None) -> Tensor:
         """The mixture weights α_τ over the k encoders, (len(task_ids), k); every task by default."""
