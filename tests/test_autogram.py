@@ -139,6 +139,20 @@ def test_the_update_equals_the_jacobian_paths(method, heads):
     assert report.weights == pytest.approx(reference.weights, rel=1e-8)
 
 
+@pytest.mark.parametrize("heads", ["weighted", "unweighted"])
+def test_last_shared_on_autogram_equals_the_jacobian_path(heads):
+    out = []
+    for route in ("autogram", "jacobian"):
+        model, losses = small_problem()
+        engine = Engine("upgrad", model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                        compare="last_shared", gramian=route, heads=heads)
+        report = engine.backward(losses())
+        out.append((report, torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
+    (a, grads_a), (b, grads_b) = out
+    torch.testing.assert_close(a.gramian, b.gramian, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grads_a, grads_b, rtol=1e-8, atol=1e-12)
+
+
 def test_a_loss_scale_is_taken_out_of_the_gramian():
     got, report, _ = step("upgrad", "autogram", scale=1024.0)
     want, reference, _ = step("upgrad", "jacobian")
