@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from polytask.metrics.registry import METRICS
 from polytask.text import GRUGenerator, beam_search, decode_ids, encode_targets, generation_vocabulary, greedy_decode
 from polytask.text.decoding import score_sequence
 from polytask.text.losses import token_cross_entropy
-from polytask.text.metrics import BLEU, ROUGE
+from polytask.text.metrics import BLEU, ROUGE, corpus_bleu
 
 sacrebleu = pytest.importorskip("sacrebleu")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
@@ -156,3 +157,9 @@ def test_empty_texts_are_refused_with_the_task_and_row():
     assert ids.tolist() == [[vocab.index["love"], vocab.index["it"], vocab.index["love"], EOS_ID],
                             [vocab.index["it"], 1, 1, EOS_ID]]  # unknown words are id 1, not nothing
     assert BOS_ID == vocab.index["<bos>"]
+
+
+def test_a_missing_metrics_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # what an uninstalled package looks like to import
+    with pytest.raises(ImportError, match=r"pip install 'polytask\[text\]'"):
+        corpus_bleu(["1 2"], ["1 2"])
