@@ -259,10 +259,17 @@ def variants(problem: Problem, methods: Sequence[str], *, features: bool, every:
     return out
 
 
+#: what a step's time is read from: the wall clock, or the process's CPU time (all threads), which a
+#: loaded machine disturbs far less (with one thread it is the work done; with several it also
+#: counts their spin-waiting)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int, features: bool, every: int,
-            peers: bool, echo: Callable[[str], None]) -> list[Row]:
+            peers: bool, echo: Callable[[str], None], clock: str = "wall") -> list[Row]:
     """All rows for one (encoder, T): every variant timed in interleaved rounds (medians; the
     mean with ``every`` > 1, where every k-th step costs more), then each one's peak memory."""
+    now = CLOCKS[clock]
     dev = problem.x.device
     params = sum(p.numel() for p in problem.model.parameters())
     todo = variants(problem, methods, features=features, every=every, peers=peers)
@@ -272,12 +279,12 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
         for k, variant in enumerate(todo):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = now()
             variant.step(r)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             if r >= max(warmup, 5):
-                times[k].append((time.perf_counter() - start) * 1000)
+                times[k].append((now() - start) * 1000)
     peaks: list[float | None] = []
     for variant in todo:
         with PeakMemory(dev) as memory:
@@ -311,7 +318,9 @@ def _fixed_mmap_threshold() -> None:
 
 def run(encoders: Sequence[str], task_counts: Sequence[int], methods: Sequence[str], *, steps: int = 5,
         warmup: int = 2, features: bool = True, every: int = 1, peers: bool = False, device: str = "cpu",
-        echo: Callable[[str], None] = print) -> list[Row]:
+        clock: str = "wall", echo: Callable[[str], None] = print) -> list[Row]:
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; expected {' or '.join(CLOCKS)}")
     _fixed_mmap_threshold()
     echo(HEADER)
     rows: list[Row] = []
@@ -319,5 +328,5 @@ def run(encoders: Sequence[str], task_counts: Sequence[int], methods: Sequence[s
         for n_tasks in task_counts:
             problem = make_problem(encoder, n_tasks, torch.device(device))
             rows += measure(problem, methods, steps=steps, warmup=warmup, features=features, every=every,
-                            peers=peers, echo=echo)
+                            peers=peers, echo=echo, clock=clock)
     return rows

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--no-features", action="store_true", help="skip the features mode of Gramian methods")
     speed.add_argument("--peers", action="store_true", help="also time TorchJD's aggregators when installed")
     speed.add_argument("--device", default="cpu")
+    speed.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                       help="time steps by the wall clock or by the process's CPU time (steadier on a loaded machine)")
     speed.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     speed.add_argument("--ddp", type=int, default=0, metavar="N",
                        help="time N CPU processes (gloo) instead: step time, bytes sent and parameters held per "
@@ -257,7 +259,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     rows = speed.run(encoders, counts, methods, steps=args.steps, warmup=args.warmup, features=not args.no_features,
-                     every=args.every, peers=args.peers, device=args.device)
+                     every=args.every, peers=args.peers, device=args.device, clock=args.clock)
     if args.csv is not None:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(speed.Row)])
