@@ -12,7 +12,7 @@ GOALS = {"left": (-0.6, 0.0), "right": (0.6, 0.0), "up": (0.0, 0.6), "down": (0.
 
 
 class PointMass(MultiTaskEnv):
-    """x' = x + 0.1 v, v' = 0.8 v + 0.2 a; reward −‖x − goal‖; success ‖x − goal‖ < 0.15."""
+    """v' = 0.8 v + 0.2 a, x' = x + 0.5 v'; reward −‖x' − goal‖; success ‖x' − goal‖ < 0.15."""
 
     obs_dim = 4
     act_dim = 2
@@ -38,7 +38,7 @@ class PointMass(MultiTaskEnv):
     def step(self, actions: np.ndarray) -> StepResult:
         a = np.clip(np.asarray(actions, dtype=np.float64), -1, 1)
         self.vel = 0.8 * self.vel + 0.2 * a
-        self.pos = self.pos + 0.1 * self.vel * 5
+        self.pos = self.pos + 0.5 * self.vel
         self.t += 1
         dist = np.linalg.norm(self.pos - self.goals, axis=1)
         n = len(self.task_names)

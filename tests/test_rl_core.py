@@ -422,3 +422,18 @@ def test_mt10_smoke_run(tmp_path):
     assert len(set(metrics.task)) == 10
     assert metrics[metrics.metric == "success"].value.between(0, 1).all()
     assert (out / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow  # 3,000 lockstep steps with an update each (about 30 s on 2 loaded cores)
+def test_sac_learns_the_point_mass_family(tmp_path):
+    """The goals differ per task and are not observed: the task-conditioned agent must reach each."""
+    raw = small_config(tmp_path, encoder="onehot_mlp", method="equal",
+                       sac={"hidden": [64, 64], "random_steps": 200, "update_after": 200, "batch_size": 64,
+                            "buffer_size": 10000, "actor_lr": 1e-3, "critic_lr": 1e-3, "alpha_lr": 1e-3},
+                       train={"steps": 3000, "eval_every": 1000, "eval_episodes": 2, "checkpoint_every": 1000,
+                              "progress": False})
+    summary = train(load_rl_config(raw=raw), env=PointMass(), eval_env=PointMass())
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    first = metrics[(metrics.step == 1000) & (metrics.metric == "return")].value.mean()
+    assert all(v["success"] == 1.0 for v in summary["final"].values()), summary["final"]
+    assert np.mean([v["return"] for v in summary["final"].values()]) > first

@@ -1,14 +1,18 @@
 """A replay buffer keyed by task: one ring buffer per task, a minibatch per task per draw.
 
 Every task's transitions live in its own slice ``[task, position]`` of a (T, capacity, ...)
-tensor, so a task's data never displaces another's (mtrl's multi-task buffer interleaves all
-tasks in one ring; with lockstep collection both keep the same transitions, but per-task
-positions also hold for families whose tasks step at different rates). A draw returns B
+tensor, so a task's data never displaces another's. A draw returns B
 transitions of every task, shape (T, B, ...), indices drawn uniformly from each task's filled
 part with the caller's ``torch.Generator``, so the draws of a run are a function of its seed.
 
 ``state_dict`` holds the filled part of every array and each task's position and size, so a
 resumed run samples exactly what the uninterrupted one would.
+
+Departures:
+    mtrl's multi-task buffer interleaves all tasks in one ring and draws the minibatch of each
+    task by index arithmetic; here each task has its own ring. With lockstep collection both keep
+    the same transitions; per-task positions also hold for families whose tasks step at
+    different rates.
 """
 
 from __future__ import annotations

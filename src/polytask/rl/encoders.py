@@ -18,8 +18,8 @@ task id travels with the data. The actor and the critic each own one (see ``poly
   α_τ = softmax(h(z_τ) / temperature) ∈ Δᵏ mix them into m = Σⱼ α_τⱼ eⱼ(s), and the feature is
   [m, z_τ] (the mixture concatenated with the projected context, Section 4 of the paper).
 
-Departures (CARE):
-    The attention network reads the projected context detached (mtrl's
+Departures:
+    CARE's attention network reads the projected context detached (mtrl's
     ``should_detach_task_encoding``), so the context encoder learns through the concatenated
     z_τ only; ``detach_attention_context: false`` lets both paths train it. mtrl ties the
     actor's encoder to the critic's; here each network owns its encoder (no tying).

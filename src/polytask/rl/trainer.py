@@ -17,6 +17,11 @@ networks, optimisers, both engines (their methods' state), the replay buffer's c
 positions, the generator of buffer draws and random actions, the policy's noise generator, the
 metrics rows and the window's accumulators are. A run killed at any moment and resumed with
 ``--resume`` is bit-identical to one that was never stopped.
+
+Departures:
+    An evaluation episode succeeds when the family reports success at any of its steps
+    (Meta-World's ``info["success"]`` read over the whole episode). The reported steps per second
+    count collection and updates, not evaluation or checkpoints.
 """
 
 from __future__ import annotations
