@@ -122,7 +122,7 @@ class RLConfig(Strict):
 
     @field_validator("engine", mode="before")
     @classmethod
-    def _loop_jacobian(cls, value: Any) -> Any:
+    def _reproducible_engine(cls, value: Any) -> Any:
         return {**REPRODUCIBLE_ENGINE, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
