@@ -28,7 +28,8 @@ from polytask.engine.options import EngineOptions
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
-#: engine options whose ``auto`` picks a computation by timing the first steps: a run and its
+#: engine options whose ``auto`` depends on the moment: ``jacobian`` times loop against batched on
+#: the first steps, ``gramian`` weighs J against the free memory at the first step. A run and its
 #: resumed copy (or two runs of one seed) could then take different routes and differ in the last
 #: bits, which a gradient method such as PCGrad's sign tests turns into different runs. RL runs
 #: fix them unless the config names them.
