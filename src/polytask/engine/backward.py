@@ -232,13 +232,23 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         cached = None if self._cached is None else {"tasks": list(self._cached[0]), "w": self._cached[1]}
-        return {"index": self.index, "cached": cached, "method": self.method.state_dict()}
+        # The routes chosen on the first steps (timed loop vs batched J, J vs no-J Gramian) are part of
+        # the state: a resumed engine that chose again could pick another route, which rounds differently.
+        routes = {"jacobian": self.jacobian.state_dict(), "feature_jacobian": self.feature_jacobian.state_dict(),
+                  "gramian": self.gramian_route}
+        return {"index": self.index, "cached": cached, "method": self.method.state_dict(), "routes": routes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.index = int(state["index"])
         c = state.get("cached")
         self._cached = None if c is None else (tuple(c["tasks"]), c["w"])
         self.method.load_state_dict(state["method"])
+        routes = state.get("routes") or {}  # checkpoints written before the routes were saved have none
+        for computer, key in ((self.jacobian, "jacobian"), (self.feature_jacobian, "feature_jacobian")):
+            if key in routes:
+                computer.load_state_dict(routes[key])
+        if self.gramian_route == "auto" and routes.get("gramian") in ("jacobian", "autogram"):
+            self.gramian_route = routes["gramian"]
 
     # ------------------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,

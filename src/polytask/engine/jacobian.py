@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,9 +66,14 @@ def batched_task_jacobian(losses: Tensor, inputs: Sequence[Tensor], chunk_size: 
 
 
 class JacobianComputer:
-    """Computes J with a per-task loop or batched backward; ``auto`` times both on the first
-    real steps (each timed call is a step's actual J, so nothing is wasted) and keeps the
-    faster one. On CPU the loop usually wins; batched backward can win on GPUs."""
+    """Computes J with a per-task loop or batched backward.
+
+    ``auto`` takes the loop on CPU, where it wins (and a timed choice would make two runs of one
+    seed, or a run and its resume, round differently whenever the machine is loaded). On CUDA,
+    where batched backward can win, it times both on the first real steps (each timed call is a
+    step's actual J, so nothing is wasted) and keeps the faster; the timings and the choice are
+    in ``state_dict()``, so a run resumed after the choice takes the same route.
+    """
 
     def __init__(self, strategy: str = "auto", chunk_size: int | None = None, trials: int = 2) -> None:
         if strategy not in STRATEGIES:
@@ -81,6 +87,8 @@ class JacobianComputer:
     def __call__(self, losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
         """J of the scalar ``losses`` (pass the tasks' own loss tensors, not views of one stacked
         vector: a row of a stack back-propagates zeros into every other task's head)."""
+        if self.chosen is None and not losses[0].is_cuda:
+            self.chosen = "loop"
         if self.chosen is not None:
             return self._run(self.chosen, losses, inputs)
         pending = [s for s in ("loop", "batched") if len(self.timings[s]) < self.trials]
@@ -102,6 +110,14 @@ class JacobianComputer:
             torch.cuda.synchronize()
         self.timings[strategy].append(time.perf_counter() - start)
         return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "timings": {k: list(v) for k, v in self.timings.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.strategy == "auto":  # an explicit strategy given now wins over a saved choice
+            self.chosen = state.get("chosen")
+            self.timings = {k: list(state.get("timings", {}).get(k, [])) for k in ("loop", "batched")}
 
     def _run(self, strategy: str, losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
         if strategy == "loop":
