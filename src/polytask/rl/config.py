@@ -5,7 +5,7 @@ seed: 0
 output_dir: runs/rl_pendulum
 env: {name: pendulum}                 # a family of polytask.rl.envs.registry, with its options
 encoder: {name: care, experts: 4}     # shared_mlp | onehot_mlp | per_task_heads | care
-context: descriptions                 # CARE: learned | descriptions | a .npy/.pt file of a (T, d) array
+context: descriptions                 # CARE: learned | descriptions | a .json (task → vector) or .npy (T, d) file
 method: pcgrad                        # any `polytask list methods` name, or {name: …, **params}
 engine: {compare: auto}               # polytask.Engine options (both engines)
 sac: {batch_size: 128, discount: 0.99, …}
