@@ -136,9 +136,12 @@ class Trainer:
         self.comm = Communicator.from_env(self.device)
         self.is_main = self.comm is None or self.comm.is_main
         self.model = model.to(self.device)
+        # distillation objectives may own parameters (feature adaptors): trained like the model's
+        objective_modules = [o.to(self.device) for o in self.objectives if isinstance(o, torch.nn.Module)]
         if self.comm is not None:  # every rank starts from rank 0's parameters
-            for tensor in self.model.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+            for module in (self.model, *objective_modules):
+                for tensor in module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
         # run.distributed: fsdp shards every parameter-owning module (in one process there is nothing to shard)
         self.sharded = self.comm is not None and self.run_options.distributed == "fsdp"
         if self.sharded:
@@ -152,7 +155,9 @@ class Trainer:
         engine_class, sharded = (ShardedEngine, {"sharded_params": model.parameters()}) if self.sharded else (Engine, {})
         self.engine = engine_class(self.method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                                    **engine_options.model_dump(), seed=seed, task_clip=self.optim.clip.per_task,
-                                   comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters()], **sharded)
+                                   comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters(),
+                                                                    *(p for o in objective_modules for p in o.parameters())],
+                                   **sharded)
         if self.engine.compare == "features" and not model.shares_representation:
             raise InvalidParameterError(
                 f"'{self.method_name}' would compare gradients on the features, but architecture "
@@ -167,10 +172,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16" else None
         groups = parameter_groups(model, self.tasks, self.method.parameters(), lr=self.optim.lr,
                                   weight_decay=self.optim.weight_decay)
-        for objective in self.objectives:
-            if isinstance(objective, torch.nn.Module):
-                objective.to(self.device)
-                groups += objective.parameter_groups(self.optim.lr, self.optim.weight_decay)
+        for objective in objective_modules:
+            groups += objective.parameter_groups(self.optim.lr, self.optim.weight_decay)
         self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum)
         self.scheduler = build_scheduler(self.optim.scheduler, self.optimizer, epochs=self.loop.epochs)
         self.data_generator = torch.Generator().manual_seed(seed + 1)
