@@ -119,18 +119,43 @@ def method_step(problem: Problem, name: str, compare: str, every: int, gramian: 
                 ) -> Callable[[int], None]:
     """One engine step of method ``name``; ``gramian`` is the engine's (``jacobian``: J, then G;
     ``autogram``: G without J; ``auto`` times both on its first 8 steps)."""
-    method = example_method(name)
+    # Bilevel methods are timed as the Trainer runs them (their default parameters, the look-ahead on),
+    # not with the suites' example parameters, which switch the look-ahead off.
+    bilevel = METHODS.get(name).lookahead
+    method = METHODS.create(name) if bilevel else example_method(name)
     method.setup(problem.tasks, sizes={t: 1000 * (i + 1) for i, t in enumerate(problem.tasks)})
     method.to(problem.x.device)
     model = problem.model
     engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                     compare=compare, every=every if method.needs == "gramian" else 1,  # reuse: Gramian methods only
                     gramian=gramian)
+    if getattr(method, "lookahead", False):
+        return _bilevel_step(problem, engine)
 
     def step(i: int) -> None:
         model.zero_grad(set_to_none=True)
         z, losses = problem.losses()
         engine.backward(losses, features=[z])
+    return step
+
+
+def _bilevel_step(problem: Problem, engine: Engine) -> Callable[[int], None]:
+    """A look-ahead method's step as the Trainer builds it: the even rows are the step's (inner)
+    batch, the odd rows the outer batch, and the closure evaluates either at displaced θ."""
+    model, halves = problem.model, {"inner": slice(0, None, 2), "outer": slice(1, None, 2)}
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def half_losses(replace: dict[int, Tensor], batch: str = "outer") -> dict[str, Tensor]:
+        rows = halves[batch]
+        out = torch.func.functional_call(model, {names[i]: v for i, v in replace.items()}, (problem.x[rows],))
+        return {t: (out[t] - problem.y[rows, i]).pow(2).mean() for i, t in enumerate(problem.tasks)}
+
+    def step(i: int) -> None:
+        model.zero_grad(set_to_none=True)
+        rows = halves["inner"]
+        out = model(problem.x[rows])
+        engine.backward({t: (out[t] - problem.y[rows, k]).pow(2).mean() for k, t in enumerate(problem.tasks)},
+                        lookahead=half_losses)
     return step
 
 

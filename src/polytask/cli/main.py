@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--ddp", type=int, default=0, metavar="N",
                        help="time N CPU processes (gloo) instead: step time, bytes sent and parameters held per "
                        "rank, per method, under ddp, fsdp and fsdp-kept (docs/distributed.md)")
+    speed.add_argument("--no-small", action="store_true",
+                       help="skip the closing tables of `polytask bench small` (the tiny model's fixed per-step "
+                       "costs, the Trainer against a hand-written loop)")
     arch = bench_sub.add_parser("architectures", help="parameters, shared parameters and ms/step (equal weighting) "
                                 "of every architecture on a fixed synthetic problem")
     arch.add_argument("--tasks", default="3", help="comma list of task counts")
@@ -265,6 +268,11 @@ def _bench(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(speed.Row)])
             writer.writeheader()
             writer.writerows(dataclasses.asdict(r) for r in rows)
+    if not args.no_small:
+        from polytask.bench import small
+
+        print()
+        small.run(clock=args.clock)
     return 0
 
 
