@@ -594,3 +594,19 @@ def test_nan_baselines_survive_a_resume_as_nan(tmp_path):
 
     kept = previous_baselines(run, [Task("a", kind="regression")])
     assert math.isnan(kept["a"]["r2"]) and kept["a"]["mae"] == 1.0
+
+
+def test_a_restored_run_keeps_none_of_the_new_runs_cut_short_atomic_writes(tmp_path):
+    """A kill inside an atomic write leaves its temporary file (`.NAME.XXXX.tmp`): restoring the
+    replaced run removes it with the rest of the new run's files, and leaves other files alone."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "config.yaml").write_text("old: 1\n")
+    (run.path / "notes.txt").write_text("the user's own file")
+    run.set_aside()
+    (run.path / "config.yaml").write_text("new: 1\n")
+    (run.path / ".environment.json.k2j4.tmp").write_bytes(b"")
+    (run.path / ".notes.txt.swp.tmp").write_bytes(b"not ours")
+    run.rollback()
+    assert sorted(p.name for p in run.path.iterdir()) == [".notes.txt.swp.tmp", "config.yaml", "notes.txt"]
+    assert (run.path / "config.yaml").read_text() == "old: 1\n"

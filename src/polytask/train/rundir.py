@@ -325,6 +325,10 @@ class RunDir:
             for name in RUN_FILES:  # files only the new run had
                 if name not in moved:
                     _remove(self.path / name)
+            # the new run's atomic writes cut short by the kill (checkpoint.atomic_write's temporary files)
+            for stray in self.path.glob(".*.tmp"):
+                if any(stray.name.startswith(f".{name}.") for name in RUN_FILES):
+                    _remove(stray)
             for name in moved:  # still aside: whatever is in place belongs to the new run
                 if (folder / name).exists():
                     _remove(self.path / name)
