@@ -3,11 +3,14 @@
 Both train the demo's model (UCI Adult, hard-sharing MLP 100 → 128 → 64, two binary heads,
 Adam, batch 256, equal weights) on the same batches. The hand-written loop does what a careful
 user writes: slice the batch, forward, two BCE losses, one backward of their sum, Adam step,
-and keep the loss values. The Trainer adds the engine, the health check, per-task train
-metrics, the step log and its callbacks. Times are medians over interleaved repeats of whole
-epochs (the two loops alternate, so machine noise hits both alike), per step; ``clock="cpu"``
-times them by this process's CPU time instead of the elapsed time, which on a machine shared with
-other processes is far steadier (with one intra-op thread it is the time the loops ran).
+keep the loss values and each task's predicted probabilities, and at the epoch's end report
+what the Trainer reports for the epoch: each task's mean loss and its train metrics (accuracy,
+F1, AUROC), computed by the same metric objects the Trainer builds (``METRICS.build``, input
+validation off as in the Trainer's tracker), so the comparison measures the loop, not two metric
+implementations. The Trainer adds the engine, the health check, the step log and its callbacks.
+Times are medians over interleaved repeats of whole epochs (the two loops alternate, so machine
+noise hits both alike), per step; ``clock="cpu"`` times them by this process's CPU time instead
+of the elapsed time, which on a machine shared with other processes is far steadier (with one intra-op thread it is the time the loops ran).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from polytask.datasets import load
+from polytask.metrics.registry import METRICS
 from polytask.models.encoders import MLP
 from polytask.models.hard_sharing import HardSharing
 
@@ -73,6 +77,12 @@ def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], Non
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         generator = torch.Generator().manual_seed(1)
         losses_seen: list[torch.Tensor] = []
+        probabilities: dict[str, list[torch.Tensor]] = {t: [] for t in names}
+        labels: dict[str, list[torch.Tensor]] = {t: [] for t in names}
+        metrics = {t.name: METRICS.build(t) for t in data.tasks}  # built before the clock, as the Trainer's are
+        for group in metrics.values():
+            for metric in group.values():
+                metric.validate_args = False
         start = now()
         steps = 0
         for batch in train.batches(batch_size, shuffle=True, generator=generator):
@@ -83,8 +93,18 @@ def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], Non
             total.backward()
             optimizer.step()
             losses_seen.append(torch.stack(losses).detach())
+            with torch.no_grad():
+                for t in names:
+                    probabilities[t].append(torch.sigmoid(out[t]))
+                    labels[t].append(batch.targets[t])
             steps += 1
-        torch.stack(losses_seen).mean(0).tolist()  # what a user logs at the epoch's end
+        # what a user logs at the epoch's end: mean losses and the train metrics of every task
+        torch.stack(losses_seen).mean(0).tolist()
+        for t in names:
+            p, y = torch.cat(probabilities[t]), torch.cat(labels[t]).long()
+            for metric in metrics[t].values():
+                metric.update(p, y)
+                float(metric.compute())
         return now() - start, steps
 
     def trainer_epoch() -> tuple[float, int]:
