@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,10 @@ class Overhead:
     steps: int
     hand_ms: float
     trainer_ms: float
+    #: each loop's epoch-end values of the last repeat, {task: {metric: value}} (the Trainer's train
+    #: rows): the two loops train the same model on the same batches, so these agree to round-off
+    hand_report: dict[str, dict[str, float]] = field(default_factory=dict)
+    trainer_report: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -72,6 +76,8 @@ def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], Non
         torch.manual_seed(0)
         return HardSharing(MLP(in_features=data.input_shape[0], hidden=[128, 64]), data.tasks)
 
+    reports: dict[str, dict[str, dict[str, float]]] = {}
+
     def hand_epoch() -> tuple[float, int]:
         net = model()
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -99,21 +105,28 @@ def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], Non
                     labels[t].append(batch.targets[t])
             steps += 1
         # what a user logs at the epoch's end: mean losses and the train metrics of every task
-        torch.stack(losses_seen).mean(0).tolist()
+        report = {t: {"loss": loss} for t, loss in zip(names, torch.stack(losses_seen).mean(0).tolist(), strict=True)}
         for t in names:
             p, y = torch.cat(probabilities[t]), torch.cat(labels[t]).long()
-            for metric in metrics[t].values():
+            for metric_name, metric in metrics[t].items():
                 metric.update(p, y)
-                float(metric.compute())
-        return now() - start, steps
+                report[t][metric_name] = float(metric.compute())
+        seconds = now() - start
+        reports["hand"] = report
+        return seconds, steps
 
     def trainer_epoch() -> tuple[float, int]:
         trainer = Trainer(model(), data.tasks, method="equal", loop={"epochs": 1, "batch_size": batch_size},
                           run={"progress": False})
         trainer.check(train)
         start = now()
-        trainer._train_epoch(train)  # the loop itself: no validation, no final evaluation
-        return now() - start, trainer.step_index
+        rows = trainer._train_epoch(train)  # the loop itself: no validation, no final evaluation
+        seconds = now() - start
+        report: dict[str, dict[str, float]] = {}
+        for row in rows:
+            report.setdefault(row["task"], {})[row["metric"]] = row["value"]
+        reports["trainer"] = report
+        return seconds, trainer.step_index
 
     hand_epoch(), trainer_epoch()  # warm-up: thread pools, allocator, first-call costs
     hand, ours = [], []
@@ -122,7 +135,8 @@ def _run(Trainer: type, repeats: int, batch_size: int, echo: Callable[[str], Non
         hand.append(seconds / steps)
         seconds, steps = trainer_epoch()
         ours.append(seconds / steps)
-    result = Overhead(steps, statistics.median(hand) * 1000, statistics.median(ours) * 1000)
+    result = Overhead(steps, statistics.median(hand) * 1000, statistics.median(ours) * 1000, reports["hand"],
+                      reports["trainer"])
     echo(f"Adult demo model, batch {batch_size}, {result.steps} steps per epoch, median of {repeats} interleaved epochs "
          f"({'CPU time' if now is time.process_time else 'elapsed time'})")
     echo(f"  hand-written loop  {result.hand_ms:7.3f} ms/step")
