@@ -455,7 +455,9 @@ class Trainer:
 
     def _forward(self, groups: list[Batch], active: Sequence[str]
                  ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:
-        """Each task's loss on its batch, the labelled counts and the shared representations."""
+        """Each task's loss on its batch, the labelled counts (under torch.distributed only, where
+        ``_rank_weighted`` uses them; empty in one process) and the shared representations."""
+        distributed = self.comm is not None
         losses: dict[str, Tensor | None] = {}
         counts: dict[str, int] = {}
         features: list[Tensor] = []
@@ -470,17 +472,19 @@ class Trainer:
                 z = self.model.encode(batch.x, batch.source)
                 outputs = self.model.decode(z, tasks)
                 for t in tasks:
-                    losses[t] = self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t))
                     mask = batch.masks.get(t)
-                    counts[t] = len(batch) if mask is None else int(mask.sum())
-                    if losses[t] is None and self.comm is not None:
-                        losses[t] = outputs[t].sum() * 0.0  # keeps this rank's graph like the others'
+                    losses[t] = self._task(t).loss(outputs[t], batch.targets[t], mask)
+                    if distributed:  # the counts rescale each rank's loss; one process needs none (and no sync)
+                        counts[t] = len(batch) if mask is None else int(mask.sum())
+                        if losses[t] is None:
+                            losses[t] = outputs[t].sum() * 0.0  # keeps this rank's graph like the others'
             features.append(z)
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
             for objective in self.objectives:  # after the metrics: they report the tasks' own losses
                 terms = objective(self, batch, outputs, z, {t: losses[t] for t in tasks})
                 losses.update(terms)
-                counts.update({k: len(batch) for k in terms if k not in self.names})
+                if distributed:
+                    counts.update({k: len(batch) for k in terms if k not in self.names})
         return losses, counts, features
 
     def _optimizer_step(self) -> None:
