@@ -40,10 +40,13 @@ def assert_same_gramian(losses, params, **autogram):
     return computer.last_plan
 
 
-@pytest.mark.parametrize("strategy", ["loop", "batched"])
+PASSES = [("streamed", "loop"), ("held", "loop"), ("held", "batched")]
+
+
+@pytest.mark.parametrize(("passes", "strategy"), PASSES, ids=["streamed", "held-loop", "held-batched"])
 @pytest.mark.parametrize("routes", ["cost", "gram"])
 @pytest.mark.parametrize("name", ARCHITECTURES.names())
-def test_gramian_equals_j_jt_on_every_architecture(name, routes, strategy):
+def test_gramian_equals_j_jt_on_every_architecture(name, routes, passes, strategy):
     try:
         model, x, tasks = build(name, 3)
     except InvalidParameterError as error:  # its own suite (tests/test_architectures.py) fails then too
@@ -51,7 +54,7 @@ def test_gramian_equals_j_jt_on_every_architecture(name, routes, strategy):
     model = model.double()
     _, losses = losses_of(model, x.double(), tasks)
     shared = [p for p in model.shared_parameters() if p.requires_grad]
-    plan = assert_same_gramian(list(losses.values()), shared, strategy=strategy, routes=routes)
+    plan = assert_same_gramian(list(losses.values()), shared, strategy=strategy, routes=routes, passes=passes)
     if routes == "gram" and name != "mtan":  # MTAN runs its encoder's last layer once per task: weight route
         assert plan.layers
 
@@ -89,9 +92,10 @@ def test_the_encoder_cases_cover_the_registry():
     assert covered | not_here >= set(ENCODERS.names()), set(ENCODERS.names()) - covered - not_here
 
 
+@pytest.mark.parametrize("passes", ["streamed", "held"])
 @pytest.mark.parametrize("routes", ["cost", "gram"])
 @pytest.mark.parametrize("case", ENCODER_CASES, ids=[c[0] for c in ENCODER_CASES])
-def test_gramian_equals_j_jt_on_every_encoder(case, routes):
+def test_gramian_equals_j_jt_on_every_encoder(case, routes, passes):
     name, encoder, x = case
     tasks = [pt.Task(f"t{i}", kind="regression") for i in range(3)]
     torch.manual_seed(1)
@@ -100,7 +104,7 @@ def test_gramian_equals_j_jt_on_every_encoder(case, routes):
     out = model.decode(z)
     losses = [(out[t.name] - i).pow(2).mean() for i, t in enumerate(tasks)]
     shared = [p for p in model.shared_parameters() if p.requires_grad]
-    plan = assert_same_gramian(losses, shared, strategy="loop", routes=routes)
+    plan = assert_same_gramian(losses, shared, strategy="loop", routes=routes, passes=passes)
     kinds = {type(layer).__name__ for layer in plan.layers}
     if name.startswith("text"):  # the token embedding is formed on its looked-up rows
         assert kinds & {"_Lookup", "_Bag"}
@@ -207,8 +211,9 @@ def test_parameters_read_twice_are_exact_on_the_weight_route():
     h = lin2(torch.relu(lin1(x * scale))) * scale
     losses = [h[:, i].pow(2).mean() for i in range(3)]
     params = [scale, *lin1.parameters(), *lin2.parameters()]
-    plan = assert_same_gramian(losses, params, strategy="loop")
-    assert len(plan.layers) == 2 and plan.rest == [scale]
+    for passes in ("streamed", "held"):
+        plan = assert_same_gramian(losses, params, strategy="loop", passes=passes)
+        assert len(plan.layers) == 2 and plan.rest == [scale]
 
 
 def test_options_from_yaml_are_validated():
@@ -258,3 +263,157 @@ def test_auto_takes_autogram_when_j_would_not_fit(monkeypatch):
     monkeypatch.setattr(engine_backward, "_free_memory", lambda device: 1000.0)
     engine.backward(losses())
     assert engine.gramian_route == "autogram" and engine.autogram.last_plan is not None
+
+
+def test_losses_read_by_other_losses_start_the_batched_pass_at_the_losses():
+    """A loss read by another task's loss (a weighted sum of the others, a chained loss) has no
+    part of the graph of its own: the streamed pass starts at the losses, and G is still exact.
+    A parameter only one task reaches this step gets its block from that task's own pass."""
+    torch.manual_seed(0)
+    lin1, lin2, only = nn.Linear(6, 8).double(), nn.Linear(8, 4).double(), nn.Linear(8, 1).double()
+    x = torch.randn(5, 6, dtype=torch.double)
+    h = torch.tanh(lin1(x))
+    out = lin2(h)
+    first, second = out[:, 0].pow(2).mean(), out[:, 1:].pow(2).mean()
+    chained = [first, second, first * 0.5 + second * 2.0]
+    params = [*lin1.parameters(), *lin2.parameters(), *only.parameters()]
+    assert_same_gramian(chained, params, passes="streamed")
+    separate = [first, second, only(h).pow(2).mean()]  # `only` is reached by the third loss alone
+    assert_same_gramian(separate, params, passes="streamed")
+
+
+def test_the_streamed_pass_leaves_no_hook_behind():
+    """The pass's hooks (which hand autograd zero-stride gradients) are removed when it ends: a
+    later backward through the same graph gets the true gradients."""
+    model, losses = small_problem()
+    values = list(losses().values())
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    computer = AutogramGramian(passes="streamed")
+    computer(values, shared)
+    assert computer.last_passes == "streamed"
+    want = torch.autograd.grad(sum(values), shared, retain_graph=True)
+    computer.direction(torch.ones(len(values), dtype=torch.double))
+    got = torch.autograd.grad(sum(values), shared)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(not p._backward_hooks for p in shared)
+
+
+def test_auto_passes_hold_only_where_the_parameters_are_small_next_to_the_activations():
+    """``auto``: the streamed pass on an MLP (its layers' per-task output gradients would add up
+    to more than one layer's), the held passes on a CNN (its parameters' per-task gradients are
+    smaller than one activation's), from shapes alone."""
+    model, losses = small_problem()
+    computer = AutogramGramian()
+    values = list(losses().values())
+    computer(values, [p for p in model.shared_parameters() if p.requires_grad])
+    plan = computer.last_plan
+    assert plan.held_size() > plan.largest_gradient() and computer.last_passes == "streamed"
+    tasks = [pt.Task(f"t{i}", kind="regression") for i in range(3)]
+    torch.manual_seed(0)
+    cnn = pt.models.HardSharing(pt.encoders.CNN(in_channels=1, channels=[3, 4], out_features=8), tasks).double()
+    out = cnn(torch.randn(16, 1, 8, 8, dtype=torch.double))
+    values = [out[t.name].pow(2).mean() for t in tasks]
+    shared = [p for p in cnn.shared_parameters() if p.requires_grad]
+    computer = AutogramGramian()
+    torch.testing.assert_close(computer(values, shared), exact_gramian(values, shared), rtol=1e-10, atol=1e-14)
+    plan = computer.last_plan
+    assert plan.held_size() <= plan.largest_gradient() and computer.last_passes == "held"
+    with pytest.raises(InvalidParameterError, match="`passes` of the no-J Gramian must be one of auto, streamed, held"):
+        AutogramGramian(passes="stream")
+
+
+class NoBatchedBackward(torch.autograd.Function):
+    """Identity whose backward reads a gradient's value as a Python number, which a backward
+    batched over the tasks (vmap) refuses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1.0 if float(grad.abs().sum()) >= 0 else 0.0)
+
+
+def test_a_backward_that_cannot_run_batched_holds_instead_with_one_warning():
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(6, 8).double(), nn.Linear(8, 3).double()
+    x = torch.randn(4, 6, dtype=torch.double)
+    params = [*lin1.parameters(), *lin2.parameters()]
+    computer = AutogramGramian(passes="streamed")
+
+    def losses():
+        out = lin2(NoBatchedBackward.apply(torch.tanh(lin1(x))))
+        return [out[:, i].pow(2).mean() for i in range(3)]
+    values = losses()
+    with pytest.warns(UserWarning, match=r"^the no-J Gramian cannot run this model's backward batched over the tasks: "
+                                         r".*; holding every layer's per-task output gradients instead$"):
+        got = computer(values, params)
+    torch.testing.assert_close(got, exact_gramian(values, params), rtol=1e-10, atol=1e-14)
+    assert computer.passes == computer.last_passes == "held"
+    values = losses()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        torch.testing.assert_close(computer(values, params), exact_gramian(values, params), rtol=1e-10, atol=1e-14)
+
+
+MEMORY_SCRIPT = r"""
+import ctypes, json, sys
+import torch
+from torch import nn
+from polytask.bench.memory import PeakMemory
+from polytask.engine.autogram import AutogramGramian
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # freed blocks leave the resident set (as bench speed)
+torch.set_num_threads(1)
+torch.manual_seed(0)
+width, batch, tasks = 1024, 128, 8
+widths = [256] + [width] * 7 + [64]
+trunk = nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())))
+heads = nn.Linear(64, tasks)
+x = torch.randn(batch, 256)
+params = list(trunk.parameters())
+
+def losses():
+    out = heads(trunk(x))
+    return [out[:, i].pow(2).mean() for i in range(tasks)]
+
+def ew():
+    torch.autograd.grad(sum(losses()), params)
+
+def no_j(passes):
+    computer = AutogramGramian("loop", passes=passes)
+    computer(losses(), params)
+    computer.direction(torch.ones(tasks))
+    assert computer.last_passes == passes
+
+peaks = {}
+for name, run in (("ew", ew), ("streamed", lambda: no_j("streamed")), ("held", lambda: no_j("held"))):
+    run()
+    values = []
+    for _ in range(2):
+        with PeakMemory(torch.device("cpu")) as memory:
+            run()
+        values.append(memory.peak_mb)
+    peaks[name] = min(values)
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
+def test_the_streamed_pass_holds_about_one_layers_per_task_gradients(tmp_path):
+    """The issue's memory goal, measured: on a deep MLP whose Linear layers all take the Gram
+    route, the streamed pass adds (over one plain backward) about two layers' per-task output
+    gradients at a time (one going into a layer, one coming out), the held passes all seven."""
+    import json
+    import subprocess
+    script = tmp_path / "peak.py"
+    script.write_text(MEMORY_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    layer = 8 * 128 * 1024 * 4 / 2**20  # T × batch × width float32 values: 4 MB
+    streamed, held = peaks["streamed"] - peaks["ew"], peaks["held"] - peaks["ew"]
+    assert held > 5 * layer, peaks  # the measurement sees what the held passes keep
+    assert streamed < 3 * layer, peaks
