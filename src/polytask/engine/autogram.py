@@ -25,19 +25,26 @@ Where the layers are: the engine reads them from the step's autograd graph, not 
 hooks. A parameter qualifies for the Gram route when the graph shows it read by exactly one
 matrix product (``AddmmBackward0``/``MmBackward0``, directly or through one transpose) or one
 embedding lookup; the layer's input A (or the indices) is the tensor autograd saved for that
-node, and Δᵢ is the gradient flowing into the node, which ``torch.autograd.grad`` returns when
-asked for the node's ``GradientEdge``. The T passes that produce Δᵢ stop at those edges and
-compute no weight gradient for Gram-route layers.
+node, and Δᵢ is the gradient flowing into the node.
+
+How Δ is obtained (``AutogramGramian(passes=...)``): the ``streamed`` passes back-propagate each
+task's loss alone through its own part of the graph (its head) to where it reads the shared
+trunk, then run one backward of the trunk batched over the T tasks (autograd's own vmapped
+backward, as ``is_grads_batched``); a pre-hook on each Gram-route node forms its block from A and
+the T output gradients as they pass, a hook on each weight-route parameter reduces its T
+gradients to Jₚ Jₚᵀ as they arrive, and the update d = Jᵀw is one ordinary backward of Σ wᵢLᵢ.
+Peak extra memory: T × the largest gradient in flight plus O(T²). The ``held`` passes (one
+backward per task) keep every Gram-route layer's Δ to the end and form d from them without a
+second backward; ``auto`` takes them only where what they keep is no more than one activation's
+T gradients (convolutional nets, whose batched backward runs one task at a time on CPU).
 
 Departures:
     TorchJD's ``autogram.Engine`` (0.18) hooks modules, computes each module's per-sample
     Jacobian with ``torch.func`` under ``vmap`` and takes its Gramian, processing one module at a
-    time inside one vmapped backward. Here the layers are found in the autograd graph (no hooks,
-    no second forward, no constraint on batch-independence: BatchNorm is fine), Linear and
-    Embedding blocks are formed in closed form, and the per-task output gradients of the Gram-
-    route layers are all held until the end of the passes: peak extra memory is T times those
-    layers' outputs (plus the per-task gradients of the weight-route parameters), not one
-    layer's.
+    time inside one vmapped backward. Here the layers are found in the autograd graph (no module
+    hooks, no second forward, no constraint on batch-independence: BatchNorm is fine), Linear and
+    Embedding blocks are formed in closed form from K = A Aᵀ, and the heads are back-propagated
+    per task before the batched pass (not T-batched through every head).
 """
 
 from __future__ import annotations
