@@ -55,16 +55,24 @@ def test_static_total_is_weighted_sum():
         torch.testing.assert_close(a, b)
 
 
-def test_gramian_path_computes_j_once_and_matches_full_backward():
-    """θ gets Jᵀw from the J computed for the Gramian (no second backward through θ)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, fused):
+    """θ gets Jᵀw from the J computed for the Gramian (no second backward through θ); with the
+    fused passes (the CPU default) the heads' gradients come from the same T passes, and no
+    backward follows the method at all."""
     model, tasks = hard_sharing()
     _, losses = model_losses(model, tasks, *data())
-    engine = Engine(Half(), model.shared_parameters(), heads="weighted")
-    calls = []
-    computer = engine.jacobian
+    engine = Engine(Half(), model.shared_parameters(), heads="weighted", jacobian="auto" if fused else "batched")
+    calls, backwards = [], []
+    computer, fused_jacobian = engine.jacobian, engine._fused_jacobian
     engine.jacobian = lambda *args, **kwargs: calls.append(1) or computer(*args, **kwargs)
+    engine.jacobian.strategy, engine.jacobian.chosen = computer.strategy, computer.chosen  # type: ignore[attr-defined]
+    engine._fused_jacobian = lambda *args, **kwargs: calls.append(2) or fused_jacobian(*args, **kwargs)
+    real_backward = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or real_backward(*a, **k))
     report = engine.backward(losses)
-    assert len(calls) == 1 and report.weights == {"t0": 0.5, "t1": 0.5, "t2": 0.5}
+    assert calls == ([2] if fused else [1]) and len(backwards) == (0 if fused else 1)
+    assert report.weights == {"t0": 0.5, "t1": 0.5, "t2": 0.5}
     assert report.gramian is not None and report.gramian.shape == (3, 3) and report.compare == "shared"
     got = grads(model.parameters())
     model.zero_grad()

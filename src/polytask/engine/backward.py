@@ -15,7 +15,7 @@ from polytask.core.errors import InvalidParameterError
 from polytask.core.options import options
 from polytask.engine.autogram import AutogramGramian, AutogramUnavailable
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
+from polytask.engine.jacobian import JacobianComputer, _empty_jacobian, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
 
@@ -268,6 +268,7 @@ class Engine:
         reused for the update, so the step costs what a Gramian method's step costs).
         """
         self._no_j = False
+        self._private = None
         if not self.method.is_set_up:
             self.method.setup(list(losses))
         index = self.index
@@ -307,7 +308,10 @@ class Engine:
             if self.gramian_route != "jacobian" and self.method.needs == "gramian" and self._route(parts) == "autogram":
                 theta_gramian = self._no_j_gramian(parts, scale)
             if theta_gramian is None:
-                jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
+                if on_theta and extra_loss is None and not self.lookahead and self._can_fuse():
+                    jacobian = self._fused_jacobian(parts, scale)
+                else:
+                    jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
                 theta_gramian = self._theta_gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
         feature_jacobian: list[Tensor] | None = None
@@ -431,6 +435,16 @@ class Engine:
             # a regulariser on the parameters themselves (soft sharing), not a task: its gradient
             # is added as is, wherever it lands (shared parameters included)
             (extra_loss * scale).backward(retain_graph=True)
+        private, self._private = self._private, None
+        if private is not None:
+            direction = update.direction if use_direction else applied.detach() @ jacobian  # type: ignore[operator]
+            self._add_flat_grad(direction * scale)
+            self._add_private_grads(private, head.detach())
+            if update.penalty is not None:  # the method's own parameters (log-variances, …), never θ
+                reached = self._leaves(update.penalty, self.theta)
+                if reached:
+                    torch.autograd.backward(update.penalty * scale, inputs=reached)
+            return
         shared_total = (applied * vec).sum()
         # what the task-specific parameters back-propagate (the method's penalty lands there too)
         head_total = shared_total if not split else (head.detach() * vec).sum()
@@ -482,6 +496,55 @@ class Engine:
                 torch.autograd.backward(shared_total * scale, inputs=shared)
         if self.comm is not None:
             self.comm.mean_grads_(self.reduce_params)
+
+    def _can_fuse(self) -> bool:
+        """Whether this step's task passes can also give the heads' gradients (see ``_fused_jacobian``)."""
+        return (self.compare == "shared" and self.comm is None and self.jacobian.strategy != "batched"
+                and (self.jacobian.chosen == "loop" or self.jacobian.strategy == "auto" and not self.theta[0].is_cuda))
+
+    def _fused_jacobian(self, parts: list[Tensor], scale: float) -> Tensor:
+        """J on θ from T per-task passes that also return each task's gradients on the leaves
+        outside θ it reaches (its head, stem, task-specific gates), kept for ``_apply``.
+
+        Why: the J route otherwise needs one more backward after the method, of Σ wᵢLᵢ into the
+        heads. On a small model every backward call costs a fixed few hundred microseconds
+        (the autograd engine's own work), so that extra call was a third of a step; here the heads'
+        gradients come out of the passes that run through them anyway, and wᵢ is applied to them
+        once the method has answered. The leaves are those of this step's graph (found by walking
+        it once), so a task that reaches a new parameter gets its gradient.
+        """
+        private = self._leaves(torch.stack(parts) if len(parts) > 1 else parts[0], self.theta)
+        inputs, n = [*self.theta, *private], len(self.theta)
+        jacobian, sizes = _empty_jacobian(len(parts), self.theta)
+        grads_by_task: list[tuple[Tensor | None, ...]] = []
+        last = len(parts) - 1
+        for i, loss in enumerate(parts):
+            # the last pass frees the graph, as a plain backward would (the penalty, if any, has its own)
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, inputs,
+                                        retain_graph=i < last, allow_unused=True)
+            torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel())
+                       for g, p in zip(grads[:n], self.theta, strict=True)], out=jacobian[i])
+            grads_by_task.append(grads[n:])
+        del sizes
+        if scale != 1.0:
+            jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
+        self._private = (private, grads_by_task)
+        return jacobian
+
+    @staticmethod
+    def _add_private_grads(private: tuple[list[Tensor], list[tuple[Tensor | None, ...]]], head: Tensor) -> None:
+        """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there)."""
+        leaves, grads_by_task = private
+        coefficients = head.tolist()
+        for k, leaf in enumerate(leaves):
+            total: Tensor | None = None
+            for c, grads in zip(coefficients, grads_by_task, strict=True):
+                g = grads[k]
+                if g is not None:
+                    total = g * c if total is None else total.add_(g, alpha=c)
+            if total is not None:
+                total = total.to(leaf.dtype)
+                leaf.grad = total if leaf.grad is None else leaf.grad + total
 
     @property
     def _shared_ids(self) -> set[int]:
