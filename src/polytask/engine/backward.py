@@ -543,7 +543,8 @@ class Engine:
                 if g is not None:
                     total = g * c if total is None else total.add_(g, alpha=c)
             if total is not None:
-                total = total.to(leaf.dtype)
+                if total.dtype != leaf.dtype:
+                    total = total.to(leaf.dtype)
                 leaf.grad = total if leaf.grad is None else leaf.grad + total
 
     @property
@@ -562,10 +563,14 @@ class Engine:
 
     def _add_flat_grad(self, flat: Tensor) -> None:
         offset = 0
+        # ``flat`` is the caller's fresh tensor: a first gradient can be a view of it (its slices are
+        # disjoint), which saves a copy per parameter
         for p in self.theta:
             n = p.numel()
-            g = flat[offset:offset + n].view_as(p).to(p.dtype)
-            p.grad = g.clone() if p.grad is None else p.grad + g
+            g = flat[offset:offset + n].view_as(p)
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
             offset += n
 
     @staticmethod
