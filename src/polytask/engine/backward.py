@@ -445,7 +445,7 @@ class Engine:
                 if reached:
                     torch.autograd.backward(update.penalty * scale, inputs=reached)
             return
-        shared_total = (applied * vec).sum()
+        shared_total = torch.dot(applied.to(vec.dtype), vec)  # one node, where w·L as mul + sum takes two
         # what the task-specific parameters back-propagate (the method's penalty lands there too)
         head_total = shared_total if not split else (head.detach() * vec).sum()
         if update.penalty is not None:
@@ -473,7 +473,7 @@ class Engine:
                 self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in theta])
             return
         if not split:
-            (head_total * scale).backward()
+            (head_total * scale if scale != 1.0 else head_total).backward()
         elif feature_jacobian is not None:
             # heads: Σ ∇Lᵢ; θ: back-propagate Σ wᵢ ∂Lᵢ/∂z from z, the gradients already computed
             jz, *zs = feature_jacobian
@@ -513,7 +513,7 @@ class Engine:
         once the method has answered. The leaves are those of this step's graph (found by walking
         it once), so a task that reaches a new parameter gets its gradient.
         """
-        private = self._leaves(torch.stack(parts) if len(parts) > 1 else parts[0], self.theta)
+        private = self._leaves(parts, self.theta)
         inputs, n = [*self.theta, *private], len(self.theta)
         jacobian, sizes = _empty_jacobian(len(parts), self.theta)
         grads_by_task: list[tuple[Tensor | None, ...]] = []
@@ -535,17 +535,19 @@ class Engine:
     def _add_private_grads(private: tuple[list[Tensor], list[tuple[Tensor | None, ...]]], head: Tensor) -> None:
         """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there)."""
         leaves, grads_by_task = private
-        coefficients = head.tolist()
-        for k, leaf in enumerate(leaves):
-            total: Tensor | None = None
-            for c, grads in zip(coefficients, grads_by_task, strict=True):
-                g = grads[k]
-                if g is not None:
-                    total = g * c if total is None else total.add_(g, alpha=c)
-            if total is not None:
-                if total.dtype != leaf.dtype:
-                    total = total.to(leaf.dtype)
-                leaf.grad = total if leaf.grad is None else leaf.grad + total
+        totals: dict[int, Tensor] = {}
+        for c, grads in zip(head.tolist(), grads_by_task, strict=True):
+            present = [(k, g) for k, g in enumerate(grads) if g is not None]
+            if not present:
+                continue
+            # one fused multiply per task (a head has several tensors; a small model pays per call)
+            for (k, _), g in zip(present, torch._foreach_mul([g for _, g in present], c), strict=True):
+                totals[k] = g if k not in totals else totals[k].add_(g)
+        for k, total in totals.items():
+            leaf = leaves[k]
+            if total.dtype != leaf.dtype:
+                total = total.to(leaf.dtype)
+            leaf.grad = total if leaf.grad is None else leaf.grad + total
 
     @property
     def _shared_ids(self) -> set[int]:
@@ -574,26 +576,29 @@ class Engine:
             offset += n
 
     @staticmethod
-    def _leaves(total: Tensor, exclude: list[Tensor], stop: list[Tensor] = ()) -> list[Tensor]:  # type: ignore[assignment]
-        """Leaf tensors requiring grad that ``total`` depends on, minus ``exclude``, not looking
-        past the tensors ``stop`` (the shared representation)."""
+    def _leaves(total: Tensor | list[Tensor], exclude: list[Tensor], stop: list[Tensor] = ()) -> list[Tensor]:  # type: ignore[assignment]
+        """Leaf tensors requiring grad that ``total`` (a tensor or several) depends on, minus
+        ``exclude``, not looking past the tensors ``stop`` (the shared representation)."""
         skip = {id(p) for p in exclude}
         seen: set[int] = {id(z.grad_fn) for z in stop if z.grad_fn is not None}
         leaves: list[Tensor] = []
-        stack = [total.grad_fn]
+        stack = [t.grad_fn for t in total] if isinstance(total, list) else [total.grad_fn]
         while stack:
             fn = stack.pop()
             if fn is None or id(fn) in seen:
                 continue
             seen.add(id(fn))
-            var = getattr(fn, "variable", None)
-            if var is not None:
+            if type(fn) is _ACCUMULATE_GRAD:  # a type test: getattr on other nodes raises inside (slow)
+                var = fn.variable
                 if id(var) not in skip:
                     leaves.append(var)
                 continue
             stack.extend(next_fn for next_fn, _ in fn.next_functions)
         return leaves
 
+
+#: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 #: under ``gramian: auto``, the share of θ the no-J Gramian must form in closed form to be taken
 AUTOGRAM_SHARE = 0.5
