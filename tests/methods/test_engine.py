@@ -66,7 +66,7 @@ def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, fus
     calls, backwards = [], []
     computer, fused_jacobian = engine.jacobian, engine._fused_jacobian
     engine.jacobian = lambda *args, **kwargs: calls.append(1) or computer(*args, **kwargs)
-    engine.jacobian.strategy, engine.jacobian.chosen = computer.strategy, computer.chosen  # type: ignore[attr-defined]
+    engine.jacobian.loops = computer.loops  # type: ignore[attr-defined]
     engine._fused_jacobian = lambda *args, **kwargs: calls.append(2) or fused_jacobian(*args, **kwargs)
     real_backward = torch.autograd.backward
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or real_backward(*a, **k))

@@ -499,8 +499,7 @@ class Engine:
 
     def _can_fuse(self) -> bool:
         """Whether this step's task passes can also give the heads' gradients (see ``_fused_jacobian``)."""
-        return (self.compare == "shared" and self.comm is None and self.jacobian.strategy != "batched"
-                and (self.jacobian.chosen == "loop" or self.jacobian.strategy == "auto" and not self.theta[0].is_cuda))
+        return self.compare == "shared" and self.comm is None and self.jacobian.loops(self.theta[0])
 
     def _fused_jacobian(self, parts: list[Tensor], scale: float) -> Tensor:
         """J on θ from T per-task passes that also return each task's gradients on the leaves
@@ -515,7 +514,7 @@ class Engine:
         """
         private = self._leaves(parts, self.theta)
         inputs, n = [*self.theta, *private], len(self.theta)
-        jacobian, sizes = _empty_jacobian(len(parts), self.theta)
+        jacobian, _ = _empty_jacobian(len(parts), self.theta)
         grads_by_task: list[tuple[Tensor | None, ...]] = []
         last = len(parts) - 1
         for i, loss in enumerate(parts):
@@ -525,7 +524,6 @@ class Engine:
             torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel())
                        for g, p in zip(grads[:n], self.theta, strict=True)], out=jacobian[i])
             grads_by_task.append(grads[n:])
-        del sizes
         if scale != 1.0:
             jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
         self._private = (private, grads_by_task)

@@ -111,6 +111,10 @@ class JacobianComputer:
         self.timings[strategy].append(time.perf_counter() - start)
         return result
 
+    def loops(self, like: Tensor) -> bool:
+        """Whether J of tensors on ``like``'s device is (or will be) taken by the per-task loop."""
+        return self.chosen == "loop" or (self.chosen is None and not like.is_cuda)
+
     def state_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "timings": {k: list(v) for k, v in self.timings.items()}}
 
