@@ -230,6 +230,23 @@ def test_options_from_yaml_are_validated():
         load_config(adult, ["engine.gramian=no_j"])
 
 
+@pytest.mark.parametrize("passes", ["streamed", "held"])
+def test_the_engine_runs_the_passes_its_options_name(passes):
+    """``engine.autogram_passes`` from YAML reaches the engine; either passes give J's update."""
+    adult = Path(__file__).parents[1] / "examples" / "adult.yaml"
+    assert load_config(adult, [f"engine.autogram_passes={passes}"]).engine.autogram_passes == passes
+    with pytest.raises(ConfigError, match=r"engine.autogram_passes.*'auto', 'streamed' or 'held'.*'both'"):
+        load_config(adult, ["engine.autogram_passes=both"])
+    model, losses = small_problem()
+    engine = Engine("upgrad", model.shared_parameters(), gramian="autogram", autogram_passes=passes)
+    report = engine.backward(losses())
+    assert engine.autogram.last_passes == passes
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    want, reference, _ = step("upgrad", "jacobian")
+    torch.testing.assert_close(report.gramian, reference.gramian, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+
 def test_data_parallel_keeps_the_jacobian():
     """Per-rank Gramians miss the cross-rank terms of the averaged J's Gramian: under a
     Communicator the engine keeps the J path (and says so when autogram was asked for)."""

@@ -140,7 +140,8 @@ class Engine:
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
         # loop unless batched is asked for: a timed choice would make the route (and its rounding) vary by run
-        self.autogram = AutogramGramian("loop" if opts.jacobian == "auto" else opts.jacobian, opts.chunk_size)
+        self.autogram = AutogramGramian("loop" if opts.jacobian == "auto" else opts.jacobian, opts.chunk_size,
+                                        passes=opts.autogram_passes)
         #: how G on θ is computed: "jacobian", "autogram", or "auto" until the first step decides
         self.gramian_route = self._resolve_gramian(opts.gramian)
         self._no_j = False  # this step's G came from the autogram, which holds what d = Jᵀw needs

@@ -42,6 +42,13 @@ class EngineOptions(Options):
             ``auto`` (decided on the first step from shapes: autogram when J would not fit in half
             the free memory or when Linear/embedding layers hold half of θ; J under data
             parallelism and for ``last_shared``).
+        autogram_passes: how the no-J Gramian's per-task gradients reach its per-layer blocks
+            (``engine/autogram.py``): ``streamed`` (each task's head alone, then one backward of
+            the trunk batched over the tasks; extra memory about one layer's per-task gradients),
+            ``held`` (one backward per task keeping every layer's per-task output gradients: no
+            batched backward, T × every layer's output in memory) or ``auto`` (``held`` when
+            what it keeps is no more than the largest gradient in flight, as in a convolutional
+            net, ``streamed`` otherwise; decided from shapes, so a resumed run decides alike).
     """
 
     moved: ClassVar = {"mode": "`compare` (shared, last_shared or features)",
@@ -53,3 +60,4 @@ class EngineOptions(Options):
     jacobian: Literal["auto", "loop", "batched"] = "auto"
     chunk_size: StrictInt | None = Field(None, ge=1)
     gramian: Literal["auto", "autogram", "jacobian"] = "auto"
+    autogram_passes: Literal["auto", "streamed", "held"] = "auto"
