@@ -36,6 +36,25 @@ def stream(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((x ^ (x >> 31)) >> 1)  # manual_seed takes a signed 64-bit value
 
 
+class _StepStream:
+    """``Step.generator``: ``stream(seed, index)``, built on first use (most methods draw nothing,
+    and a generator costs a few microseconds a step, which a tiny model notices), unless given."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, step: Step | None, owner: type) -> torch.Generator | None:
+        if step is None:
+            return None  # the dataclass field's default
+        generator = step.__dict__.get(self.slot)
+        if generator is None:
+            generator = step.__dict__[self.slot] = stream(step.seed, step.index)
+        return generator
+
+    def __set__(self, step: Step, generator: torch.Generator | None) -> None:
+        step.__dict__[self.slot] = generator
+
+
 @dataclass
 class Step:
     """What a method sees at one training step (only the active tasks, in this order).
@@ -73,14 +92,10 @@ class Step:
     gramian: Tensor | None = None
     jacobian: Tensor | None = None
     epoch: int = 0
-    generator: torch.Generator = None  # type: ignore[assignment]
+    generator: torch.Generator = _StepStream()  # type: ignore[assignment]
     param_shapes: tuple[torch.Size, ...] | None = None
     part_gramians: Tensor | None = None
     lookahead: Callable[..., tuple[Tensor, Tensor]] | None = None
-
-    def __post_init__(self) -> None:
-        if self.generator is None:
-            self.generator = stream(self.seed, self.index)
 
 
 @dataclass(frozen=True)
