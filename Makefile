@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/polytask train examples/adult.yaml --baselines --overwrite --quiet
 
 test: $(STAMP)
-	$(PY) -m pytest
+	# two workers (the machine's two cores); see tests/conftest.py for grouping and order
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

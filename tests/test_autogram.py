@@ -417,6 +417,7 @@ print(json.dumps(peaks))
 """
 
 
+@pytest.mark.slow  # two subprocesses with a deep MLP
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
 def test_the_streamed_pass_holds_about_one_layers_per_task_gradients(tmp_path):
     """The issue's memory goal, measured: on a deep MLP whose Linear layers all take the Gram

@@ -360,6 +360,7 @@ def small_table(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 120 short CLI trainings
 @settings(FUZZ, max_examples=120)
 @given(changes=mutated(small=True))
 def test_cli_train_mutated(changes, workdir, no_plots):

@@ -379,6 +379,7 @@ SMOKE = ["--set", "context=learned", "--set", "sac.hidden=[32,32]", "--set", "sa
          "--quiet"]
 
 
+@pytest.mark.slow
 def test_cli_pendulum_smoke_run_and_resume(tmp_path, capsys):
     pytest.importorskip("gymnasium")
     from polytask.cli.main import main
