@@ -47,6 +47,18 @@ def test_stream_is_a_function_of_seed_and_index():
     assert not torch.equal(torch.rand(4, generator=stream(0, 1)), torch.rand(4, generator=stream(1, 0)))
 
 
+def test_a_step_builds_its_generator_on_first_use_and_keeps_a_given_one():
+    step = Step(tasks=("a", "b"), losses=torch.ones(2), index=4, seed=9)
+    assert step.__dict__["_generator"] is None  # nothing built until a method draws
+    first = torch.rand(5, generator=step.generator)
+    second = torch.rand(5, generator=step.generator)  # the same generator, advanced
+    reference = stream(9, 4)
+    assert torch.equal(first, torch.rand(5, generator=reference))
+    assert torch.equal(second, torch.rand(5, generator=reference))
+    given = torch.Generator().manual_seed(1)
+    assert Step(tasks=("a",), losses=torch.ones(1), generator=given).generator is given
+
+
 def test_rlw_weights_change_every_step_and_follow_the_stream():
     seed = 3
     reports, _ = engine_steps("rlw", 4, seed=seed)
