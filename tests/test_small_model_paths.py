@@ -1,6 +1,8 @@
 """The fast paths that keep a small model's step cheap give what the general paths give.
 
-Loss-weighting methods skip gathering their per-task state when every task is active in order;
+Loss-weighting methods skip gathering their per-task state when every task is active in order, or
+keep it on the host and compute on Python floats (RLW, FAMO, DWA); the engine's loss-weighting step
+skips the general step's branches;
 the training metrics defer the targets' cast and the loss products to the flush; AUROC sorts its
 predictions with numpy first; the health check takes the total gradient norm without
 ``get_total_norm``'s bookkeeping. Each is compared with the general computation, bit for bit.
@@ -30,7 +32,30 @@ def _general(method):
     return method
 
 
-@pytest.mark.parametrize("name", ["rlw", "uncertainty", "famo", "dwa"])
+@pytest.mark.parametrize("name", ["rlw", "famo", "dwa"])
+def test_host_arithmetic_follows_the_tasks_not_their_order(name):
+    """RLW, FAMO and DWA compute on Python floats by task position: steps that list the tasks in
+    another order get the same weights, permuted, and leave the same state."""
+    ordered, shuffled = get_method(name), get_method(name)
+    for method in (ordered, shuffled):
+        method.setup(TASKS)
+    order = (2, 0, 3, 1)
+    g = torch.Generator().manual_seed(0)
+    for index in range(12):
+        losses = torch.rand(len(TASKS), generator=g, dtype=torch.float64) + 0.05
+        a = ordered(Step(tasks=TASKS, losses=losses, index=index, seed=3)).weights
+        b = shuffled(Step(tasks=tuple(TASKS[k] for k in order), losses=losses[list(order)], index=index, seed=3)).weights
+        torch.testing.assert_close(b, a[list(order)], rtol=1e-12, atol=0)
+        if index % 4 == 3:  # DWA's rates come from epoch means
+            means = dict(zip(TASKS, (torch.rand(len(TASKS), generator=g) + 0.1).tolist(), strict=True))
+            for m in (ordered, shuffled):
+                m.on_epoch_end(index // 4, means)
+    for key, value in ordered.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(shuffled.state_dict()[key], value, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["uncertainty"])
 def test_loss_methods_fast_path_equals_general_path(name):
     fast, general = get_method(name), _general(get_method(name))
     for method in (fast, general):
@@ -203,3 +228,43 @@ def test_bench_small_rows_and_command(capsys):
                  "--clock", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "cpu clock" in out and any(line.startswith("pcgrad ") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("name", ["famo", "dwa"])
+def test_host_state_stays_on_the_host_in_float64(name):
+    method = get_method(name)
+    method.setup(TASKS)
+    method.to(torch.float32)
+    method.to("meta")  # any other device: the state stays where its arithmetic runs
+    assert {(b.device.type, b.dtype) for b in method.buffers()} <= {("cpu", torch.float64), ("cpu", torch.long)}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        weights = method(Step(tasks=TASKS, losses=torch.full((4,), 0.5, dtype=dtype))).weights
+        assert weights.dtype == dtype and weights.shape == (4,) and bool(torch.isfinite(weights).all())
+
+
+@pytest.mark.parametrize("name", ["equal", "uncertainty", "famo"])
+def test_engine_loss_step_is_the_weighted_sum_backward(name):
+    """The engine's loss-weighting step gives, bit for bit, the gradients of w·L (+ the penalty)."""
+    from polytask.engine.backward import Engine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh())
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in TASKS)
+    x = torch.randn(16, 3)
+    engine, twin = Engine(get_method(name), model.parameters()), get_method(name)
+    twin.setup(TASKS)
+    for index in range(3):
+        z = model(x)
+        losses = {t: h(z).pow(2).mean() for t, h in zip(TASKS, heads, strict=True)}
+        for p in [*model.parameters(), *heads.parameters()]:
+            p.grad = None
+        report = engine.backward(losses)
+        got = [p.grad.clone() for p in [*model.parameters(), *heads.parameters()]]
+        z = model(x)
+        vec = torch.stack([h(z).pow(2).mean() for h in heads])
+        update = twin(Step(tasks=TASKS, losses=vec.detach(), index=index))
+        total = torch.dot(update.weights.to(vec.dtype), vec)
+        total = total if update.penalty is None else total + update.penalty
+        expected = torch.autograd.grad(total, [*model.parameters(), *heads.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), (name, index)
+        assert report.weights == dict(zip(TASKS, update.weights.tolist(), strict=True))

@@ -7,9 +7,11 @@ loaded into a method that was set up with the same tasks, or into a fresh one, w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +36,28 @@ def check_tasks(method: Method, param: str, names: Sequence[str], tasks: Sequenc
                 f"Tasks: {', '.join(tasks)}")
 
 
+def softmax(values: Sequence[float]) -> list[float]:
+    """softmax of a few Python floats: exp(x − max x) / Σ exp(x − max x), as ``torch.softmax``."""
+    top = max(values)
+    e = [math.exp(x - top) for x in values]
+    total = sum(e)
+    return [x / total for x in e]
+
+
+#: NumPy's dtype for a weights tensor's (building through NumPy is ~3× faster than torch.tensor(list))
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def as_weights(values: Sequence[float], step: Step) -> Tensor:
+    """Weights computed on the host as a tensor of the step's losses' dtype and device."""
+    like = step.losses
+    dtype = _NUMPY_DTYPES.get(like.dtype)
+    if dtype is None:  # bfloat16: no NumPy dtype
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    weights = torch.from_numpy(np.array(values, dtype=dtype))
+    return weights if like.device.type == "cpu" else weights.to(like.device)
+
+
 class PerTaskMethod(Method):
     """A method whose state is one entry per task, in ``all_tasks`` order.
 
@@ -43,6 +67,13 @@ class PerTaskMethod(Method):
     ``setup`` (as the Trainer does) holds the right tensors. Used without ``setup``, the method
     sets itself up with the first step's tasks.
     """
+
+    #: Buffers that stay on the host, in their dtype, wherever the method is moved. A method whose
+    #: per-step arithmetic is on T numbers does it in Python floats on them (read with ``tolist``,
+    #: written through :meth:`host`'s NumPy views): one tensor operation costs microseconds even on
+    #: a T-element tensor (and a kernel launch on CUDA), and a small model's whole step is about a
+    #: millisecond. Only the weights then go to the losses' device, as one tensor.
+    host_buffers: ClassVar[tuple[str, ...]] = ()
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:
@@ -92,9 +123,29 @@ class PerTaskMethod(Method):
         index = self.index(step)
         return tensor if self.all_active(step) else tensor[index]
 
+    def host_values(self) -> list[list[float]]:
+        """The host buffers' values, as Python lists, in ``host_buffers`` order."""
+        return [self._buffers[name].tolist() for name in self.host_buffers]  # type: ignore[union-attr]
+
+    def store_host_values(self, values: Sequence[Sequence[float]]) -> None:
+        """Write ``values`` (as :meth:`host_values` gives them) into the host buffers, in place."""
+        for name, new in zip(self.host_buffers, values, strict=True):
+            self._buffers[name].numpy()[...] = new  # type: ignore[union-attr]
+
+    def positions(self, step: Step) -> tuple[int, ...]:
+        """Positions of ``step.tasks`` in ``all_tasks``, as ints (for host arithmetic)."""
+        self.index(step)
+        cached = self.__dict__["_index_cache"]
+        if len(cached) == 4:
+            cached = self.__dict__["_index_cache"] = (*cached, tuple(cached[2].tolist()))
+        return cached[4]
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # type: ignore[override]
         self.__dict__.pop("_index_cache", None)  # .to(device): the next index is made on the new device
-        return super()._apply(fn, recurse)
+        kept = {name: self._buffers[name] for name in self.host_buffers if name in self._buffers}
+        out = super()._apply(fn, recurse)
+        self._buffers.update(kept)
+        return out
 
     def _device(self) -> torch.device:
         for tensor in (*self.parameters(), *self.buffers()):
@@ -135,7 +186,8 @@ class PerTaskMethod(Method):
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, count: Tensor, *,
               lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One element-wise Adam step (``torch.optim.Adam`` semantics, L2 weight decay) on plain tensors.
+    """One element-wise Adam step (``torch.optim.Adam`` semantics, L2 weight decay) on plain tensors,
+    or on one task's Python floats.
 
     Takes the rows of the tasks being updated (``count`` is each row's number of past steps) and
     returns their new (param, exp_avg, exp_avg_sq, count).
@@ -147,7 +199,8 @@ def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     count = count + 1
     corrected_avg = exp_avg / (1 - b1 ** count)
     corrected_sq = exp_avg_sq / (1 - b2 ** count)
-    return param - lr * corrected_avg / (corrected_sq.sqrt() + eps), exp_avg, exp_avg_sq, count
+    # ** 0.5: a square root on tensors, arrays and Python floats alike
+    return param - lr * corrected_avg / (corrected_sq ** 0.5 + eps), exp_avg, exp_avg_sq, count
 
 
 def adam_rows(method: Method, rows: Tensor, grad: Tensor, *, lr: float,

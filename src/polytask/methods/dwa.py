@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from polytask.methods._weighting import EPS, PerTaskMethod
+from polytask.methods._weighting import EPS, PerTaskMethod, as_weights, softmax
 from polytask.methods.base import Step, check_positive, register
 
 
@@ -26,6 +26,7 @@ class DWA(PerTaskMethod):
 
     needs = "losses"
     stateful = True
+    host_buffers = ("history", "epochs_seen")
 
     def __init__(self, *, temperature: float = 2.0) -> None:
         super().__init__()
@@ -49,13 +50,13 @@ class DWA(PerTaskMethod):
                 self.epochs_seen[i] += 1
 
     def weights(self, step: Step) -> Tensor:
-        idx = self.index(step)
-        if self.all_active(step) and bool((self.epochs_seen >= 2).all()):  # every task has a rate
-            rates = self.history[1] / self.history[0].clamp_min(EPS)
-            return (len(idx) * torch.softmax(rates / self.temperature, dim=0)).to(step.losses)
-        w = torch.ones(len(idx), dtype=torch.float64, device=idx.device)
-        ready = self.epochs_seen[idx] >= 2
-        if ready.any():
-            rates = self.history[1, idx[ready]] / self.history[0, idx[ready]].clamp_min(EPS)
-            w[ready] = int(ready.sum()) * torch.softmax(rates / self.temperature, dim=0)
-        return w.to(step.losses)
+        rows = self.positions(step)  # T numbers: host arithmetic (see PerTaskMethod)
+        (older, newer), seen = self.host_values()
+        ready = [k for k, r in enumerate(rows) if seen[r] >= 2]
+        if not ready:
+            return torch.ones_like(step.losses)
+        rates = [newer[rows[k]] / max(older[rows[k]], EPS) / self.temperature for k in ready]
+        w = [1.0] * len(rows)
+        for k, value in zip(ready, softmax(rates), strict=True):
+            w[k] = len(ready) * value
+        return as_weights(w, step)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from polytask.methods._weighting import EPS, PerTaskMethod, adam_step
+from polytask.methods._weighting import EPS, PerTaskMethod, adam_step, as_weights, softmax
 from polytask.methods.base import Step, check_positive, register
 
 
@@ -26,17 +28,20 @@ class FAMO(PerTaskMethod):
     Deviation: the paper (and its code) re-evaluates the losses on the *same* batch after the
     model update. The engine has no second forward pass, so "after" is the next step's losses (a
     different batch): δ includes batch-to-batch noise, and the logit update lags one step. Only
-    tasks active in two consecutive steps update their logits. Losses are floored at 1e-8.
+    tasks active in two consecutive steps update their logits. Losses are floored at 1e-8. The
+    state is kept on the host and the arithmetic on its T numbers in Python floats (float64), whatever
+    the model's device.
     """
 
     needs = "losses"
     stateful = True
+    host_buffers = ("logits", "exp_avg", "exp_avg_sq", "adam_steps", "previous_losses")
 
     def __init__(self, *, lr: float = 0.025, weight_decay: float = 0.01) -> None:
         super().__init__()
         self.lr = check_positive("famo", "lr", lr)
         self.weight_decay = check_positive("famo", "weight_decay", weight_decay, allow_zero=True)
-        for name in ("logits", "exp_avg", "exp_avg_sq", "adam_steps", "previous_losses"):
+        for name in self.host_buffers:
             self.register_buffer(name, torch.empty(0, dtype=torch.float64))
         self._remember(lr=lr, weight_decay=weight_decay)
 
@@ -46,33 +51,24 @@ class FAMO(PerTaskMethod):
         self.previous_losses = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
 
     def weights(self, step: Step) -> Tensor:
-        idx = self.index(step)
-        full = self.all_active(step)  # every task, in order: whole buffers instead of gathered rows
-        losses = step.losses.double().clamp_min(EPS)
-        previous = self.previous_losses if full else self.previous_losses[idx]
-        pending = ~torch.isnan(previous)
-        state = (self.logits, self.exp_avg, self.exp_avg_sq, self.adam_steps)
-        if full and bool(pending.all()):  # the same operations as below on rows = all tasks
-            delta = previous.log() - losses.log()
-            z = torch.softmax(self.logits, dim=0)
-            grad = z * (delta - (z * delta).sum())
-            new = adam_step(self.logits, grad, self.exp_avg, self.exp_avg_sq, self.adam_steps, lr=self.lr,
-                            weight_decay=self.weight_decay)
-            for buffer, value in zip(state, new, strict=True):
-                buffer.copy_(value)
-        elif bool(pending.any()):
-            rows = idx[pending]
-            delta = previous[pending].log() - losses[pending].log()
-            z = torch.softmax(self.logits[rows], dim=0)
-            grad = z * (delta - (z * delta).sum())
-            new = adam_step(self.logits[rows], grad, self.exp_avg[rows], self.exp_avg_sq[rows],
-                            self.adam_steps[rows], lr=self.lr, weight_decay=self.weight_decay)
-            for buffer, value in zip(state, new, strict=True):
-                buffer[rows] = value
-        if full:
-            self.previous_losses.copy_(losses)
-        else:
-            self.previous_losses.fill_(float("nan"))
-            self.previous_losses[idx] = losses
-        scaled = torch.softmax(self.rows(self.logits, step), dim=0) / losses
-        return (scaled / scaled.sum()).to(step.losses)
+        rows = self.positions(step)
+        losses = [max(x, EPS) for x in step.losses.tolist()]
+        logits, exp_avg, exp_avg_sq, count, previous = self.host_values()
+        pending = [k for k, r in enumerate(rows) if not math.isnan(previous[r])]
+        if pending:
+            moved = [rows[k] for k in pending]
+            delta = [math.log(previous[rows[k]]) - math.log(losses[k]) for k in pending]
+            z = softmax([logits[r] for r in moved])
+            mean = sum(zi * di for zi, di in zip(z, delta, strict=True))
+            for r, zi, di in zip(moved, z, delta, strict=True):  # ∂(zᵀδ)/∂ξᵣ = zᵣ(δᵣ − zᵀδ)
+                logits[r], exp_avg[r], exp_avg_sq[r], count[r] = adam_step(
+                    logits[r], zi * (di - mean), exp_avg[r], exp_avg_sq[r], count[r], lr=self.lr,
+                    weight_decay=self.weight_decay)
+        if len(rows) != len(previous):
+            previous = [math.nan] * len(previous)  # only tasks active in consecutive steps update their logits
+        for r, value in zip(rows, losses, strict=True):
+            previous[r] = value
+        self.store_host_values((logits, exp_avg, exp_avg_sq, count, previous))
+        scaled = [zi / li for zi, li in zip(softmax([logits[r] for r in rows]), losses, strict=True)]
+        total = sum(scaled)
+        return as_weights([x / total for x in scaled], step)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
-from polytask.methods._weighting import EPS
+from polytask.methods._weighting import EPS, as_weights
 from polytask.methods.base import Method, Step, register
 
 
@@ -28,6 +29,6 @@ class GLS(Method):
         self._remember()
 
     def weights(self, step: Step) -> Tensor:
-        losses = step.losses.double().clamp_min(EPS)
-        total = torch.exp(losses.log().mean())
-        return (total / (len(losses) * losses)).to(step.losses)
+        losses = [max(x, EPS) for x in step.losses.tolist()]  # T numbers: host arithmetic (see PerTaskMethod)
+        total = math.exp(math.fsum(math.log(x) for x in losses) / len(losses))
+        return as_weights([total / (len(losses) * x) for x in losses], step)

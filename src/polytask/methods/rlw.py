@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.methods._weighting import PerTaskMethod
+from polytask.methods._weighting import PerTaskMethod, as_weights, softmax
 from polytask.methods.base import Step, register
 
 
@@ -30,6 +30,6 @@ class RLW(PerTaskMethod):
         self._remember()
 
     def weights(self, step: Step) -> Tensor:
-        idx = self.index(step)
-        z = torch.randn(len(self.all_tasks), generator=step.generator, dtype=torch.float64).to(idx.device)
-        return (len(idx) * torch.softmax(self.rows(z, step), dim=0)).to(step.losses)
+        z = torch.randn(len(self.all_tasks), generator=step.generator, dtype=torch.float64).tolist()
+        active = [z[r] for r in self.positions(step)]  # T numbers: host arithmetic (see PerTaskMethod)
+        return as_weights([len(active) * w for w in softmax(active)], step)
