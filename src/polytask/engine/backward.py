@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -344,7 +345,8 @@ class Engine:
                 step.jacobian = None if step.jacobian is None else clip[:, None] * step.jacobian
                 if step.part_gramians is not None:
                     step.part_gramians = clip[:, None] * step.part_gramians * clip[None, :]
-            if step.gramian is not None and not bool(torch.isfinite(step.gramian).all()):
+            # finite iff its float64 sum is (one reduction, where isfinite + all take two and a bool)
+            if step.gramian is not None and not math.isfinite(step.gramian.sum(dtype=torch.float64)):
                 update, fallback = Update(torch.ones_like(vec)), "non-finite task gradients: equal weights"
             else:
                 update = self.method(step)
@@ -469,7 +471,8 @@ class Engine:
         private, self._private = self._private, None
         if private is not None:
             direction = update.direction if use_direction else applied.detach() @ jacobian  # type: ignore[operator]
-            self._add_flat_grad(direction * scale)
+            # the gradients may be views of what is passed: the method's own direction is copied
+            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction)
             self._add_private_grads(private, head.detach())
             if update.penalty is not None:  # the method's own parameters (log-variances, …), never θ
                 reached = self._leaves(update.penalty, self.theta)
@@ -488,7 +491,8 @@ class Engine:
             # into the other parameters, skipping a second pass through θ.
             direction = (update.direction if use_direction else applied.detach() @ jacobian if jacobian is not None
                          else self.autogram.direction(applied.detach()))
-            self._add_flat_grad(direction * scale)
+            # the gradients may be views of what is passed: the method's own direction is copied
+            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction)
             reached = self._leaves(head_total, self.theta)
             if split:
                 theta_below = [p for p in reached if id(p) in self._shared_ids]  # last_shared: the layers below
@@ -569,8 +573,10 @@ class Engine:
             present = [(k, g) for k, g in enumerate(grads) if g is not None]
             if not present:
                 continue
-            # one fused multiply per task (a head has several tensors; a small model pays per call)
-            for (k, _), g in zip(present, torch._foreach_mul([g for _, g in present], c), strict=True):
+            # one fused multiply per task (a head has several tensors; a small model pays per call);
+            # none for c = 1 (unweighted heads): the pass's own gradients, which nothing else holds
+            scaled = [g for _, g in present] if c == 1.0 else torch._foreach_mul([g for _, g in present], c)
+            for (k, _), g in zip(present, scaled, strict=True):
                 totals[k] = g if k not in totals else totals[k].add_(g)
         for k, total in totals.items():
             leaf = leaves[k]
@@ -612,17 +618,22 @@ class Engine:
         seen: set[int] = {id(z.grad_fn) for z in stop if z.grad_fn is not None}
         leaves: list[Tensor] = []
         stack = [t.grad_fn for t in total] if isinstance(total, list) else [total.grad_fn]
+        pop, push, mark = stack.pop, stack.append, seen.add  # the walk visits every node of the graph
         while stack:
-            fn = stack.pop()
-            if fn is None or id(fn) in seen:
+            fn = pop()
+            if fn is None:
                 continue
-            seen.add(id(fn))
+            key = id(fn)
+            if key in seen:
+                continue
+            mark(key)
             if type(fn) is _ACCUMULATE_GRAD:  # a type test: getattr on other nodes raises inside (slow)
                 var = fn.variable
                 if id(var) not in skip:
                     leaves.append(var)
                 continue
-            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+            for next_fn, _ in fn.next_functions:
+                push(next_fn)
         return leaves
 
 
