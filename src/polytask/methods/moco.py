@@ -73,12 +73,12 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         j = step.jacobian.detach()  # type: ignore[union-attr]  # Method.forward checked
         if self.variant == "authors":
             losses = step.losses.detach().to(j.dtype)
-            j = j / (j.norm(dim=1, keepdim=True) + 1e-8) * losses[:, None]
-        self._advance(idx, j)
+            j = j * (losses / (j.norm(dim=1) + 1e-8))[:, None]  # one T×P temporary, not two
+        self._advance(idx, j, self.all_active(step))
         lam = self._active_lambda(idx)[1]
-        return Update(lam.to(step.losses.dtype), direction=lam.to(self.tracked.dtype) @ self.tracked[idx])
+        return Update(lam.to(step.losses.dtype), direction=lam.to(self.tracked.dtype) @ self.rows(self.tracked, step))
 
-    def _advance(self, idx: Tensor, j: Tensor) -> None:
+    def _advance(self, idx: Tensor, j: Tensor, every_task: bool = False) -> None:
         if self.tracked.shape[1] != j.shape[1]:
             if bool(self.seen.any()):
                 raise InvalidParameterError(
@@ -87,12 +87,19 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         self.count += 1
         k = float(self.count)
         beta, gamma = self.beta / k ** self.beta_sigma, self.gamma / k ** self.gamma_sigma
-        y = self.tracked[idx]
-        if self.variant == "authors":  # y starts at 0
-            y = y - beta * (y - j.to(y.dtype))
+        seen = "all" if self.variant == "authors" or bool(self.seen[idx].all()) else (
+            "none" if not bool(self.seen[idx].any()) else "some")  # authors: y starts at 0
+        if every_task and seen != "some" and j.dtype == self.tracked.dtype:
+            # every task, in order: Y is updated in place, y + β(g − y) = y − β(y − g) (no T×P temporaries:
+            # Y and J are the two largest tensors of the step)
+            y = self.tracked.lerp_(j, beta) if seen == "all" else self.tracked.copy_(j)
         else:
-            y = torch.where(self.seen[idx, None], y - beta * (y - j.to(y.dtype)), j.to(y.dtype))
-        self.tracked[idx] = y
+            y = self.tracked[idx]
+            if self.variant == "authors":
+                y = y - beta * (y - j.to(y.dtype))
+            else:
+                y = torch.where(self.seen[idx, None], y - beta * (y - j.to(y.dtype)), j.to(y.dtype))
+            self.tracked[idx] = y
         self.seen[idx] = True
         mass, lam = self._active_lambda(idx)
         gram = (y @ y.T).to(lam.dtype)
