@@ -40,7 +40,7 @@ def as_float64(gramian: Tensor | None, owner: str) -> Tensor:
 
 
 def _scale_np(g: np.ndarray) -> float:
-    s = float(np.diagonal(g).mean()) if g.size else 0.0
+    s = float(np.trace(g)) / len(g) if g.size else 0.0
     return s if s > 0 else 1.0
 
 

@@ -43,7 +43,7 @@ class CAGrad(Method):
         g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
         w = np.full(n, 1.0 / n)
-        scale = float(np.diagonal(g).mean())
+        scale = float(np.trace(g)) / len(g)
         if self.c > 0 and scale > 0:
             g = g / scale  # the weights do not depend on the scale of G
             b = g.sum(axis=1) / n  # gᵢᵀg₀

@@ -63,7 +63,7 @@ def nearest_psd(g: Tensor) -> Tensor:
 def min_norm_np(g: np.ndarray) -> tuple[np.ndarray, float]:
     """:func:`min_norm` on a float64 array."""
     n = len(g)
-    scale = float(np.diagonal(g).mean()) if n else 0.0
+    scale = float(np.trace(g)) / len(g) if n else 0.0
     if not scale > 0:
         return np.full(n, 1.0 / max(n, 1)), 0.0
     gs = nearest_psd_np(g / scale)

@@ -108,7 +108,7 @@ def solve_nash_np(g: np.ndarray, *, stationary: float = STATIONARY, iters: int =
     """:func:`solve_nash` on a float64 array (numpy: each Newton step is a handful of T×T
     operations, where torch's per-call cost would dominate a small model's step)."""
     n = len(g)
-    s = float(np.diagonal(g).mean())
+    s = float(np.trace(g)) / n if n else 0.0
     if not (math.isfinite(s) and s > 0) or min_norm_np(g)[1] <= stationary:
         return None
     a = nearest_psd_np(g / s)  # solve A u = 1/u, then w = u / √s

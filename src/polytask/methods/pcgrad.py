@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,16 +31,20 @@ class PCGrad(Method):
         self._remember()
 
     def weights(self, step: Step) -> Tensor:
-        # the T² sequential projections are scalar work: numpy float64 avoids torch's per-op overhead
-        g = as_float64(step.gramian, type(self).__name__).numpy()
+        # the T² sequential projections are scalar work: Python floats (float64) avoid the per-call
+        # overhead of torch and of numpy on T-element rows
+        g = as_float64(step.gramian, type(self).__name__).tolist()
         n = len(g)
-        w = np.zeros(n)
+        w = [0.0] * n
         for i in range(n):
-            c = np.zeros(n)
-            c[i] = 1.0
+            c = {i: 1.0}  # Cᵢ's nonzero entries, in the order they appear
             for j in torch.randperm(n, generator=step.generator).tolist():
-                dot = float(g[j] @ c)
-                if j != i and dot < 0.0 and g[j, j] > 0:
-                    c[j] -= dot / g[j, j]
-            w += c
-        return to_step(torch.from_numpy(w), step.gramian)
+                if j == i or not g[j][j] > 0:
+                    continue
+                row = g[j]
+                dot = sum(row[k] * v for k, v in c.items())
+                if dot < 0.0:
+                    c[j] = c.get(j, 0.0) - dot / row[j]
+            for k, v in c.items():
+                w[k] += v
+        return to_step(torch.tensor(w, dtype=torch.float64), step.gramian)
