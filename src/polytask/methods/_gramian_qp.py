@@ -122,7 +122,7 @@ def project_polyhedron_np(f: np.ndarray, a: np.ndarray, lower: np.ndarray) -> tu
         x, _, _, _, lam, _ = quadprog.solve_qp(_eye(f.shape[1]), a, f.T, lower, 0)
     except ValueError:  # "constraints are inconsistent, no solution"
         return None
-    return x, np.clip(lam, 0.0, None)
+    return x, np.maximum(lam, 0.0)  # the ufunc: np.clip's Python wrapper costs more than the 4-vector
 
 
 def project_polyhedron(f: Tensor, a: Tensor, lower: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -143,9 +143,15 @@ def project_dual_cone(g: Tensor, u: Tensor) -> Tensor:
     ``u`` is (T,) or (K, T); the result has the same shape.
     """
     n = len(g)
-    gs = g.numpy() / _scale(g)
+    out = project_dual_cone_np(g.numpy(), u.reshape(-1, n).to(torch.float64).numpy())
+    return torch.from_numpy(out).reshape(u.shape)
+
+
+def project_dual_cone_np(g: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`project_dual_cone` on float64 arrays, ``rows`` (K, T)."""
+    n = len(g)
+    gs = g / _scale_np(g)
     f = factor_np(gs)
-    rows = u.reshape(-1, n).to(torch.float64).numpy()
     zero = np.zeros(n)
     out = np.empty_like(rows)
     for k, row in enumerate(rows):
@@ -154,7 +160,7 @@ def project_dual_cone(g: Tensor, u: Tensor) -> Tensor:
             out[k] = np.maximum(_quadprog_np(gs, np.zeros(n), _eye(n), row, 0), row)
         else:
             out[k] = row + sol[1]
-    return torch.from_numpy(out).reshape(u.shape)
+    return out
 
 
 def normalisers(g: Tensor, losses: Tensor, mode: str) -> Tensor:

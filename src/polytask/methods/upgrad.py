@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.methods._gramian_qp import as_float64, project_dual_cone, to_step
+from polytask.methods._gramian_qp import as_float64, project_dual_cone_np, to_step
 from polytask.methods._preference import check_vector, vector
 from polytask.methods._weighting import check_tasks
 from polytask.methods.base import Method, Step, check_positive, register
@@ -43,14 +44,15 @@ class UPGrad(Method):
         super().setup(tasks, sizes=sizes, static_weights=static_weights)
 
     def weights(self, step: Step) -> Tensor:
-        g = as_float64(step.gramian, type(self).__name__)
+        # T×T arithmetic on numpy arrays (see _gramian_qp): a torch call per line cost more than the QPs
+        g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
         if self.reg_eps > 0:
-            trace = float(g.diagonal().sum())
-            g = (g / trace if trace > 0 else torch.zeros_like(g)) + self.reg_eps * torch.eye(n, dtype=torch.float64)
+            trace = float(np.trace(g))
+            g = (g / trace if trace > 0 else np.zeros_like(g)) + self.reg_eps * np.eye(n)
         if self.preference:
-            u = vector(self.preference, step.tasks, 1.0)
-            w = project_dual_cone(g, torch.diag(u)).sum(dim=0) / n
+            u = vector(self.preference, step.tasks, 1.0).numpy()
+            w = project_dual_cone_np(g, np.diag(u)).sum(axis=0) / n
         else:
-            w = project_dual_cone(g, torch.eye(n, dtype=torch.float64)).mean(dim=0)
-        return to_step(w, step.gramian)
+            w = project_dual_cone_np(g, np.eye(n)).mean(axis=0)
+        return to_step(torch.from_numpy(w), step.gramian)
