@@ -70,7 +70,7 @@ class PerTaskMethod(Method):
 
     #: Buffers that stay on the host, in their dtype, wherever the method is moved. A method whose
     #: per-step arithmetic is on T numbers does it in Python floats on them (read with ``tolist``,
-    #: written through :meth:`host`'s NumPy views): one tensor operation costs microseconds even on
+    #: written back by :meth:`store_host_values`): one tensor operation costs microseconds even on
     #: a T-element tensor (and a kernel launch on CUDA), and a small model's whole step is about a
     #: millisecond. Only the weights then go to the losses' device, as one tensor.
     host_buffers: ClassVar[tuple[str, ...]] = ()
