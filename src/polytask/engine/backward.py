@@ -381,14 +381,18 @@ class Engine:
         if applied.shape != (len(active),):
             raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
                                         f"{tuple(applied.shape)}; expected ({len(active)},)")
-        total = torch.dot(applied.to(vec.dtype), vec)
+        total = torch.dot(applied if applied.dtype == vec.dtype else applied.to(vec.dtype), vec)
         if update.penalty is not None:
             total = total + update.penalty
         (total * scale if scale != 1.0 else total).backward()
         if self.comm is not None:
             self.comm.mean_grads_(self.reduce_params)
-        weights = dict.fromkeys(losses, 0.0)
-        weights.update(zip(active, applied.detach().tolist(), strict=True))
+        values = applied.tolist()  # tolist reads through autograd: no detach needed
+        if len(active) == len(losses):  # every task active, in the losses' order (active is drawn from it)
+            weights = dict(zip(active, values))
+        else:
+            weights = dict.fromkeys(losses, 0.0)
+            weights.update(zip(active, values))
         return StepReport(index, active, detached, weights, self.compare, self.heads)
 
     def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[..., tuple[Tensor, Tensor]]:
