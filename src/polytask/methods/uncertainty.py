@@ -48,14 +48,33 @@ class Uncertainty(PerTaskMethod):
         self.forms = forms
         self.log_vars = nn.Parameter(torch.empty(0))
         self.register_buffer("scale", torch.empty(0))
+        # log(scale) and ½ per task, kept so that a step's graph is two nodes (exp of a difference and
+        # a dot): on a small model each autograd node costs as much as a layer's matmul
+        self.register_buffer("log_scale", torch.empty(0), persistent=False)
+        self.register_buffer("halves", torch.empty(0), persistent=False)
         self._remember(forms=forms, **({"init_log_var": init_log_var} if init_log_var != 0.0 else {}))
 
     def reset_state(self, num_tasks: int) -> None:
         check_tasks(self, "forms", list(self.forms), self.all_tasks)
         self.log_vars.data = torch.full((num_tasks,), self.init_log_var)
         self.scale = torch.tensor([1.0 if self.forms.get(t) == "classification" else 0.5 for t in self.all_tasks])
+        self._derive()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._derive()  # the non-persistent buffers follow the loaded scale
+
+    def _derive(self) -> None:
+        self.log_scale = self.scale.log()
+        self.halves = torch.full_like(self.scale, 0.5)
 
     def update(self, step: Step) -> Update:
-        log_vars, scale = self.rows(self.log_vars, step), self.rows(self.scale, step)
-        weights = (scale * torch.exp(-log_vars)).to(step.losses.dtype)
-        return Update(weights, penalty=0.5 * log_vars.sum().to(step.losses.dtype))
+        log_vars = self.rows(self.log_vars, step)
+        weights = torch.exp(self.rows(self.log_scale, step) - log_vars)  # scale · e^(−s)
+        penalty = torch.dot(log_vars, self.rows(self.halves, step))  # ½ Σ s
+        dtype = step.losses.dtype
+        if weights.dtype != dtype:
+            weights, penalty = weights.to(dtype), penalty.to(dtype)
+        return Update(weights, penalty=penalty)
