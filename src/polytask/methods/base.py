@@ -158,10 +158,6 @@ class Method(nn.Module):
     #: losses and a closure over the other half; a plain loop passes ``lookahead=`` to
     #: ``Engine.backward`` itself. An instance may set it from a parameter.
     lookahead: ClassVar[bool] = False
-    #: True when the weights depend on nothing but the step's task names, dtype and device (equal
-    #: weighting): the engine asks the method once per such key and reuses the answer, which on a
-    #: small model saves a twentieth of a step. Never for weights that change during training.
-    constant_weights: ClassVar[bool] = False
 
     def setup(self, tasks: Sequence[str], *, sizes: Mapping[str, int] | None = None,
               static_weights: Mapping[str, float] | None = None) -> None:

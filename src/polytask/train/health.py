@@ -86,7 +86,7 @@ class GradientMonitor:
         # every step needs only the total norm (one fused kernel, one sync); per-layer norms are
         # computed on logging steps and when something is wrong
         grads = [p.grad for _, p in self.named if p.grad is not None]
-        total = self._total_norm(grads) if grads else 0.0
+        total = float(self._total_norm(grads)) if grads else 0.0
         task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
         logging = self.wants_gramian(step)
         layer_norms = self._layer_norms() if logging or not math.isfinite(total) else None
@@ -111,28 +111,18 @@ class GradientMonitor:
                                f"layer '{top}'", tasks=culprit, layers=[top])
         return False
 
-    def _total_norm(self, grads: list[Tensor]) -> float:
-        """‖(g₁, …, gₙ)‖₂, the norm of the per-tensor norms (``torch._foreach_norm``), as
-        ``torch.nn.utils.get_total_norm`` computes it but without its grouping by device and dtype
-        when there is one group: that bookkeeping cost half as much as the norms on a small model.
-
-        Departures: on the CPU the per-tensor norms are combined in float64 by ``math.hypot``
-        (get_total_norm stacks them and takes a float32 norm, two more tensor operations, a
-        twentieth of a small model's step): the value agrees to float32 round-off and is
-        deterministic. On an accelerator they are combined on the device, so one value crosses
-        to the host, not n.
-        """
+    def _total_norm(self, grads: list[Tensor]) -> Tensor:
+        """‖(g₁, …, gₙ)‖₂ as ``torch.nn.utils.get_total_norm`` computes it (the norm of the per-tensor
+        norms, ``torch._foreach_norm``), without its grouping by device and dtype when there is one
+        group: that bookkeeping cost half as much as the norms themselves on a small model."""
         first = grads[0]
         key = (first.device, first.dtype, len(grads))  # whether the list is one group, checked when this changes
         if self._norm_key != key:
             self._norm_key = key
             self._one_group = not any(g.is_sparse or g.device != first.device or g.dtype != first.dtype for g in grads)
         if not self._one_group:
-            return float(torch.nn.utils.get_total_norm(grads, foreach=True))
-        norms = torch._foreach_norm(grads)
-        if first.device.type == "cpu":
-            return math.hypot(*[float(n) for n in norms])
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _layer_norms(self) -> Tensor:
         """Gradient norm of every parameter tensor (0 where it has no gradient)."""
