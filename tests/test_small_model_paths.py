@@ -5,12 +5,16 @@ keep it on the host and compute on Python floats (RLW, FAMO, DWA); the engine's 
 skips the general step's branches;
 the training metrics defer the targets' cast and the loss products to the flush; AUROC sorts its
 predictions with numpy first; the health check takes the total gradient norm without
-``get_total_norm``'s bookkeeping. Each is compared with the general computation, bit for bit.
+``get_total_norm``'s bookkeeping (to float32 round-off on the CPU, where it combines the per-tensor
+norms on the host); the engine reuses a constant-weights method's answer. Each other path is
+compared with the general computation, bit for bit.
 CAGrad's solver, moved onto numpy arrays, must reach the optimum also where two gradients are
 exactly opposed (the former code gave the mean gradient in some of those cases).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -160,9 +164,22 @@ def test_health_total_norm_is_get_total_norm():
         p.grad = torch.randn_like(p) * 7
     monitor = GradientMonitor(model, HealthOptions())
     grads = [p.grad for p in model.parameters()]
-    assert torch.equal(monitor._total_norm(grads), torch.nn.utils.get_total_norm(grads, foreach=True))
-    mixed = [grads[0].double(), *grads[1:]]  # two dtypes: the grouped computation
-    assert torch.equal(monitor._total_norm(mixed), torch.nn.utils.get_total_norm(mixed, foreach=True))
+    reference = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+    # one group on the CPU: the float64 hypot of the float32 per-tensor norms, to float32 round-off
+    exact = math.hypot(*(float(n) for n in torch._foreach_norm(grads)))
+    assert monitor._total_norm(grads) == exact
+    assert monitor._total_norm(grads) == pytest.approx(reference, rel=1e-6)
+    mixed = [grads[0].double(), *grads[1:]]  # two dtypes: the grouped computation, bit for bit
+    assert monitor._total_norm(mixed) == float(torch.nn.utils.get_total_norm(mixed, foreach=True))
+    for bad in (float("inf"), float("nan")):  # a non-finite gradient gives a non-finite total
+        broken = [g.clone() for g in grads]
+        broken[1][0] = bad
+        assert not math.isfinite(monitor._total_norm(broken))
+    # finite entries whose float32 sum of squares overflows: non-finite, as get_total_norm says
+    huge = [torch.full((4,), 1.5e19), torch.full((3,), 1e18)]
+    assert math.isinf(float(torch.nn.utils.get_total_norm(huge, foreach=True)))
+    assert math.isinf(monitor._total_norm(huge))
+    assert monitor._total_norm([g.double() for g in huge]) == pytest.approx(math.hypot(*[1.5e19] * 4, *[1e18] * 3))
 
 
 def _cagrad_dual(j: torch.Tensor, radius: float) -> float:
@@ -268,3 +285,46 @@ def test_engine_loss_step_is_the_weighted_sum_backward(name):
         expected = torch.autograd.grad(total, [*model.parameters(), *heads.parameters()])
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), (name, index)
         assert report.weights == dict(zip(TASKS, update.weights.tolist(), strict=True))
+
+
+def test_constant_weights_methods_answer_by_task_names_alone():
+    """A method that declares ``constant_weights`` (the engine asks it once per task set) gives the
+    same weights whatever the step's losses, index and epoch; the engine keeps one answer per task
+    set, so a step without one task gets that set's weights, not the full set's."""
+    from polytask.engine.backward import Engine
+    from polytask.methods.base import METHODS
+
+    constant = [name for name in METHODS.names() if METHODS.get(name).constant_weights]
+    assert "equal" in constant
+    for name in constant:
+        method = METHODS.create(name)
+        method.setup(TASKS)
+        first = method(Step(tasks=TASKS, losses=torch.tensor([0.1, 2.0, 3.0, 4.0]), index=0)).weights
+        later = method(Step(tasks=TASKS, losses=torch.tensor([9.0, 0.5, 1e-3, 7.0]), index=57, epoch=3)).weights
+        assert torch.equal(first, later), name
+
+    class Counting(METHODS.get("equal")):  # a subclass makes no promise about its own weights
+        calls = 0
+
+        def weights(self, step):
+            Counting.calls += 1
+            return torch.ones_like(step.losses)
+
+    assert not Counting.constant_weights
+    patched = get_method("equal")
+    patched.weights = Counting.weights.__get__(patched)  # an instance's own weights: asked every step
+    for method in (Counting(), patched):
+        counted = Engine(method, [torch.ones(1, requires_grad=True)])
+        before = Counting.calls
+        for _ in range(3):
+            counted.backward({t: counted.theta[0].sum() * (i + 1) for i, t in enumerate(TASKS)})
+        assert Counting.calls == before + 3
+    w = torch.ones(2, requires_grad=True)
+    engine = Engine(get_method("equal"), [w])
+    for losses in ({t: (w * (i + 1)).sum() for i, t in enumerate(TASKS)},
+                   {t: None if t == TASKS[1] else (w * (i + 1)).sum() for i, t in enumerate(TASKS)}):
+        w.grad = None
+        report = engine.backward(losses)
+        present = [i + 1 for i, t in enumerate(TASKS) if losses[t] is not None]
+        assert torch.equal(w.grad, torch.full((2,), float(sum(present))))
+        assert report.weights == {t: 0.0 if losses[t] is None else 1.0 for t in TASKS}

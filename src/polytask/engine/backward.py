@@ -131,6 +131,8 @@ class Engine:
         self.seed, self.every = seed, opts.every
         self.index = 0
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
+        #: a ``constant_weights`` method's answers: {(tasks, dtype, device): (weights, their floats)}
+        self._constant: dict[tuple[Any, ...], tuple[Tensor, list[float]]] = {}
         self.jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
         self.feature_jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
         if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
@@ -376,24 +378,43 @@ class Engine:
         millisecond or less, and the general step's Python was a twentieth of it."""
         vec = torch.stack([losses[t] for t in active])  # type: ignore[misc]
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
-        update = self.method(Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch))
-        applied = update.weights
-        if applied.shape != (len(active),):
-            raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
-                                        f"{tuple(applied.shape)}; expected ({len(active)},)")
-        total = torch.dot(applied if applied.dtype == vec.dtype else applied.to(vec.dtype), vec)
-        if update.penalty is not None:
-            total = total + update.penalty
+        key = (active, vec.dtype, vec.device) if self._constant_weights else None
+        known = None if key is None else self._constant.get(key)
+        if known is not None:
+            applied, values = known
+            penalty = None
+        else:
+            update = self.method(Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch))
+            applied, penalty = update.weights, update.penalty
+            if applied.shape != (len(active),):
+                raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
+                                            f"{tuple(applied.shape)}; expected ({len(active)},)")
+            if applied.dtype != vec.dtype:
+                applied = applied.to(vec.dtype)
+            values = applied.tolist()  # tolist reads through autograd: no detach needed
+            if key is not None:
+                self._constant[key] = (applied.detach(), values)
+        total = torch.dot(applied, vec)
+        if penalty is not None:
+            total = total + penalty
         (total * scale if scale != 1.0 else total).backward()
         if self.comm is not None:
             self.comm.mean_grads_(self.reduce_params)
-        values = applied.tolist()  # tolist reads through autograd: no detach needed
         if len(active) == len(losses):  # every task active, in the losses' order (active is drawn from it)
             weights = dict(zip(active, values))
         else:
             weights = dict.fromkeys(losses, 0.0)
             weights.update(zip(active, values))
         return StepReport(index, active, detached, weights, self.compare, self.heads)
+
+    @property
+    def _constant_weights(self) -> bool:
+        """Whether the method's answer may be reused per task set: its class declares
+        ``constant_weights`` and the instance has no patched ``weights``/``update``/``forward`` and no
+        forward hooks (all of which the reuse would skip)."""
+        method = self.method
+        return (method.constant_weights and not {"weights", "update", "forward"} & vars(method).keys()
+                and not method._forward_hooks and not method._forward_pre_hooks)
 
     def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[..., tuple[Tensor, Tensor]]:
         """``Step.lookahead`` from a closure over the outer batch: θ is replaced by θ + δ (new

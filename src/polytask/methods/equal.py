@@ -13,6 +13,7 @@ class Equal(Method):
     """Equal weights: Total = Σᵢ Lᵢ (wᵢ = 1), the baseline every MTL paper reports as EW."""
 
     needs = "losses"
+    constant_weights = True
 
     def weights(self, step: Step) -> Tensor:
         return torch.ones_like(step.losses)

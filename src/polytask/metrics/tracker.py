@@ -37,16 +37,19 @@ class TaskMetrics:
         self._pending: dict[str, list[tuple[Tensor, Tensor]]] = {t: [] for t in self.tasks}
         self._pending_elements = 0
 
-    @torch.no_grad()
     def update(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                losses: Mapping[str, Tensor | None] | None = None) -> None:
         """Record a batch. Predictions and targets are buffered and handed to torchmetrics once
         ``FLUSH_ELEMENTS`` values are waiting (and before ``compute`` / ``state_dict``): a
         torchmetrics update costs ~0.1 ms of Python per metric, which on a small model is a third
         of a training step. The flush points depend only on the data seen, so a resumed run
-        flushes where the uninterrupted one did."""
+        flushes where the uninterrupted one did.
+
+        The outputs are detached rather than read under ``torch.no_grad()``: the same kernels, without
+        a grad-mode context per step (a twentieth of the Trainer's own cost on a small model)."""
         for name, out in outputs.items():
             task = self.tasks[name]
+            out = out.detach()
             y = targets[name]
             mask = masks.get(name)
             if mask is not None and not bool(mask.all()):
@@ -55,12 +58,12 @@ class TaskMetrics:
             if rows == 0:
                 continue
             if task.kind in ("binary", "multilabel"):
-                # a new tensor without a graph (no_grad); the sigmoid per batch (on a concatenation its
+                # a new tensor without a graph (detached); the sigmoid per batch (on a concatenation its
                 # vectorised and scalar code paths would round some values differently); the targets'
                 # cast is exact, so it waits for the flush
                 pred = torch.sigmoid(out.float())
             else:
-                pred = out.detach().float()
+                pred = out.float()
                 if task.kind == "regression":  # metrics in the target's units (standardised targets are unscaled)
                     pred, y = task.unscale(pred), task.unscale(y)
             self._pending[name].append((pred, y))
@@ -75,6 +78,7 @@ class TaskMetrics:
         if self._pending_elements >= self.FLUSH_ELEMENTS:
             self._flush()
 
+    @torch.no_grad()
     def _flush(self) -> None:
         for name, pending in self._pending.items():
             if pending:

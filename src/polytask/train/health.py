@@ -58,6 +58,11 @@ class HealthOptions(Options):
     explode_factor: float = Field(100.0, gt=0)
 
 
+#: the dtypes whose per-tensor norms are combined on the host, and the largest total each keeps
+#: finite: √(largest float), past which the sum of squares overflows in that dtype
+_HOST_LIMITS = {dtype: math.sqrt(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
+
+
 class GradientMonitor:
     """Watches each step's gradients; the trainer asks it whether to apply the step."""
 
@@ -70,8 +75,11 @@ class GradientMonitor:
         self.reported_vanishing: set[str] = set()
         self.rows: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self._params = [p for _, p in self.named]
+        self._keys: dict[tuple[str, ...], str] = {}  # task tuple -> its key in ``recent``
         self._norm_key: tuple[Any, ...] | None = None
         self._one_group = False
+        self._host_limit: float | None = None  # set when the norms are combined on the host
 
     def wants_gramian(self, step: int) -> bool:
         return self.settings.every > 0 and step % self.settings.every == 0
@@ -85,8 +93,8 @@ class GradientMonitor:
         """Inspect ``.grad`` after the backward; True when the step must not be applied."""
         # every step needs only the total norm (one fused kernel, one sync); per-layer norms are
         # computed on logging steps and when something is wrong
-        grads = [p.grad for _, p in self.named if p.grad is not None]
-        total = float(self._total_norm(grads)) if grads else 0.0
+        grads = [p.grad for p in self._params if p.grad is not None]
+        total = self._total_norm(grads) if grads else 0.0
         task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
         logging = self.wants_gramian(step)
         layer_norms = self._layer_norms() if logging or not math.isfinite(total) else None
@@ -98,10 +106,17 @@ class GradientMonitor:
                          if task_norms is not None else [])
             return self._react(step, "non_finite_gradient", f"gradient is not finite in layer(s) {layers[:5]}",
                                tasks=bad_tasks, layers=layers, never_apply=True)
-        recent = self.recent.setdefault(",".join(tasks), deque(maxlen=20))
-        median = statistics.median(recent) if len(recent) >= 5 else None
+        key = self._keys.get(tasks) if isinstance(tasks, tuple) else None
+        if key is None:
+            key = ",".join(tasks)
+            if isinstance(tasks, tuple):
+                self._keys[tasks] = key
+        recent = self.recent.setdefault(key, deque(maxlen=20))
+        factor = self.settings.explode_factor
+        # the median only matters when the total exceeds factor × the smallest recent norm
+        median = (statistics.median(recent) if len(recent) >= 5 and total > factor * min(recent) else None)
         recent.append(total)
-        if total > self.settings.explode_threshold or (median and total > self.settings.explode_factor * median):
+        if total > self.settings.explode_threshold or (median and total > factor * median):
             layer_norms = self._layer_norms() if layer_norms is None else layer_norms
             top = max(zip(layer_norms.tolist(), (n for n, _ in self.named)))[1]
             culprit = ([tasks[int(task_norms.argmax())]] if task_norms is not None and len(tasks) else [])
@@ -111,18 +126,33 @@ class GradientMonitor:
                                f"layer '{top}'", tasks=culprit, layers=[top])
         return False
 
-    def _total_norm(self, grads: list[Tensor]) -> Tensor:
-        """‖(g₁, …, gₙ)‖₂ as ``torch.nn.utils.get_total_norm`` computes it (the norm of the per-tensor
-        norms, ``torch._foreach_norm``), without its grouping by device and dtype when there is one
-        group: that bookkeeping cost half as much as the norms themselves on a small model."""
+    def _total_norm(self, grads: list[Tensor]) -> float:
+        """‖(g₁, …, gₙ)‖₂, the norm of the per-tensor norms (``torch._foreach_norm``), as
+        ``torch.nn.utils.get_total_norm`` computes it but without its grouping by device and dtype
+        when there is one group: that bookkeeping cost half as much as the norms on a small model.
+
+        Departures: on the CPU the per-tensor norms are combined in float64 by ``math.hypot``
+        (get_total_norm stacks them and takes a float32 norm, two more tensor operations, a
+        twentieth of a small model's step): the value agrees to float32 round-off and is
+        deterministic. A total whose square overflows the gradients' dtype is reported as inf, as
+        get_total_norm's reduction gives it. On an accelerator (and for half-precision gradients)
+        they are combined on the device, so one value crosses to the host, not n.
+        """
         first = grads[0]
         key = (first.device, first.dtype, len(grads))  # whether the list is one group, checked when this changes
         if self._norm_key != key:
             self._norm_key = key
             self._one_group = not any(g.is_sparse or g.device != first.device or g.dtype != first.dtype for g in grads)
+            self._host_limit = _HOST_LIMITS.get(first.dtype) if first.device.type == "cpu" else None
         if not self._one_group:
-            return torch.nn.utils.get_total_norm(grads, foreach=True)
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            return float(torch.nn.utils.get_total_norm(grads, foreach=True))
+        norms = torch._foreach_norm(grads)
+        if self._host_limit is not None:
+            total = math.hypot(*[float(n) for n in norms])
+            # get_total_norm's reduction in the gradients' dtype overflows once the sum of squares
+            # leaves its range; such a gradient is reported as non-finite here too
+            return math.inf if total > self._host_limit else total  # nan stays nan
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def _layer_norms(self) -> Tensor:
         """Gradient norm of every parameter tensor (0 where it has no gradient)."""
