@@ -593,16 +593,18 @@ class Engine:
     def _add_private_grads(private: tuple[list[Tensor], list[tuple[Tensor | None, ...]]], head: Tensor) -> None:
         """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there)."""
         leaves, grads_by_task = private
+        coefficients = head.tolist()
+        present = [(k, g, c) for c, grads in zip(coefficients, grads_by_task, strict=True)
+                   for k, g in enumerate(grads) if g is not None]
+        # one fused multiply for every task's tensors, each by its task's weight (a small model pays
+        # per call); none when every weight is 1 (unweighted heads): the passes' own gradients,
+        # which nothing else holds
+        tensors = [g for _, g, _ in present]
+        scaled = (tensors if all(c == 1.0 for c in coefficients) else
+                  torch._foreach_mul(tensors, [c for _, _, c in present]) if tensors else [])
         totals: dict[int, Tensor] = {}
-        for c, grads in zip(head.tolist(), grads_by_task, strict=True):
-            present = [(k, g) for k, g in enumerate(grads) if g is not None]
-            if not present:
-                continue
-            # one fused multiply per task (a head has several tensors; a small model pays per call);
-            # none for c = 1 (unweighted heads): the pass's own gradients, which nothing else holds
-            scaled = [g for _, g in present] if c == 1.0 else torch._foreach_mul([g for _, g in present], c)
-            for (k, _), g in zip(present, scaled, strict=True):
-                totals[k] = g if k not in totals else totals[k].add_(g)
+        for (k, _, _), g in zip(present, scaled, strict=True):
+            totals[k] = g if k not in totals else totals[k].add_(g)
         for k, total in totals.items():
             leaf = leaves[k]
             if total.dtype != leaf.dtype:

@@ -33,9 +33,10 @@ def as_float64(gramian: Tensor | None, owner: str) -> Tensor:
     that it is there; ``owner`` names the method in errors)."""
     assert gramian is not None, owner
     g = gramian.detach()
-    if g.device.type != "cpu" or g.dtype != torch.float64:
-        g = g.to(device="cpu", dtype=torch.float64)
-    a = g.numpy()
+    if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64):
+        a = g.numpy().astype(np.float64, copy=False)  # numpy's cast: torch's, without its dispatch
+    else:
+        a = g.to(device="cpu", dtype=torch.float64).numpy()
     return torch.from_numpy((a + a.T) / 2)
 
 
@@ -76,10 +77,10 @@ def _quadprog(g: Tensor, a: np.ndarray, c: np.ndarray, b: np.ndarray, meq: int) 
     return _quadprog_np(g.numpy(), a, c, b, meq)
 
 
-def simplex_qp_np(g: np.ndarray) -> np.ndarray:
-    """:func:`simplex_qp` on a float64 array."""
+def simplex_qp_np(g: np.ndarray, *, scaled: bool = False) -> np.ndarray:
+    """:func:`simplex_qp` on a float64 array (``scaled``: G already has unit mean diagonal)."""
     c, b, a = _simplex_constraints(len(g))
-    w = np.clip(_quadprog_np(g / _scale_np(g), a, c, b, 1), 0.0, None)
+    w = np.maximum(_quadprog_np(g if scaled else g / _scale_np(g), a, c, b, 1), 0.0)
     return w / w.sum()
 
 
@@ -154,8 +155,14 @@ def project_dual_cone_np(g: np.ndarray, rows: np.ndarray) -> np.ndarray:
     f = factor_np(gs)
     zero = np.zeros(n)
     out = np.empty_like(rows)
+    targets = rows @ f  # row k: the point Jᵀuₖ to project, in the factor's coordinates
+    # Jᵀuₖ that conflicts with no task gradient (J Jᵀuₖ ≥ 0) is its own projection: no QP
+    inside = ((targets @ f.T) >= 0).all(axis=1) if f.shape[1] else np.zeros(len(rows), dtype=bool)
     for k, row in enumerate(rows):
-        sol = project_polyhedron_np(f, f.T @ row, zero)
+        if inside[k]:
+            out[k] = row
+            continue
+        sol = project_polyhedron_np(f, targets[k], zero)
         if sol is None:  # quadprog gives up on degenerate cones (e.g. {0}): solve the ridged dual
             out[k] = np.maximum(_quadprog_np(gs, np.zeros(n), _eye(n), row, 0), row)
         else:

@@ -67,7 +67,7 @@ def min_norm_np(g: np.ndarray) -> tuple[np.ndarray, float]:
     if not scale > 0:
         return np.full(n, 1.0 / max(n, 1)), 0.0
     gs = nearest_psd_np(g / scale)
-    w = simplex_qp_np(gs)
+    w = simplex_qp_np(gs, scaled=True)
     return w, max(float(w @ gs @ w), 0.0)
 
 

@@ -109,13 +109,23 @@ def solve_nash_np(g: np.ndarray, *, stationary: float = STATIONARY, iters: int =
     operations, where torch's per-call cost would dominate a small model's step)."""
     n = len(g)
     s = float(np.trace(g)) / n if n else 0.0
-    if not (math.isfinite(s) and s > 0) or min_norm_np(g)[1] <= stationary:
+    if not (math.isfinite(s) and s > 0):
         return None
     a = nearest_psd_np(g / s)  # solve A u = 1/u, then w = u / √s
     u = 1.0 / np.sqrt(np.clip(np.diagonal(a), stationary, None))
-    u = u * (n / float(u @ a @ u)) ** 0.5  # best multiple of the diagonal solution
+    quadratic = float(u @ a @ u)
+    checked = not quadratic > stationary * float(u @ u)  # Jᵀu (nearly) 0: likely Pareto-stationary
+    if checked:
+        if min_norm_np(g)[1] <= stationary:
+            return None
+        quadratic = max(quadratic, _TINY)
+    u = u * (n / quadratic) ** 0.5  # best multiple of the diagonal solution
     decrement_sq = math.inf
-    for _ in range(iters):
+    for k in range(iters):
+        if k == _CHECK_AFTER and not checked:  # slow to converge: first make sure a solution exists
+            checked = True
+            if min_norm_np(g)[1] <= stationary:
+                return None
         grad = a @ u - 1 / u
         delta = -np.linalg.solve(a + np.diag(1.0 / (u * u)), grad)
         previous, decrement_sq = decrement_sq, float(-(grad @ delta))  # ≥ 0: the Hessian is positive definite
@@ -127,4 +137,16 @@ def solve_nash_np(g: np.ndarray, *, stationary: float = STATIONARY, iters: int =
         u = u + (1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)) * delta  # stays in w > 0
     if not (math.isfinite(decrement_sq) and decrement_sq < 1e-10 and bool((u > 0).all())):
         return None
+    # Pareto-stationary (‖d_min‖² ≤ stationary) has no solution, but round-off may let Newton stop at
+    # one anyway. A solution bounds the min-norm point from below: with d = Σ uⱼaⱼ, aⱼᵀd = 1/uⱼ and
+    # ‖d‖² = uᵀAu = T, so every convex combination x has ‖x‖ ≥ xᵀd / ‖d‖ ≥ 1 / (max u · √T). Only a
+    # bound near the threshold calls for the QP (a small model's step used to pay for it every time).
+    if not checked and 1.0 / (n * float(u.max()) ** 2) <= 4 * stationary and min_norm_np(g)[1] <= stationary:
+        return None
     return u / s**0.5
+
+
+#: Newton steps after which the solver first checks that the point is not Pareto-stationary
+#: (damped Newton from the diagonal start takes a handful where a solution exists)
+_CHECK_AFTER = 20
+_TINY = float(np.finfo(np.float64).tiny)
