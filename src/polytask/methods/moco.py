@@ -102,7 +102,7 @@ class MoCo(LazyStateMixin, PerTaskMethod):
             self.tracked[idx] = y
         self.seen[idx] = True
         mass, lam = self._active_lambda(idx)
-        gram = (y @ y.T).to(lam.dtype)
+        gram = _gram(y).to(lam.dtype)
         step = lam - gamma * (gram @ lam + self.rho * lam)
         lam = torch.softmax(step, dim=0) if self.variant == "authors" else project_simplex(step)
         full = self.lam.clone()
@@ -113,3 +113,18 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         lam = self.lam[idx]
         mass = float(lam.sum())
         return mass, (lam / mass if mass > 1e-12 else torch.full_like(lam, 1.0 / len(lam)))
+
+
+#: columns of Y per block of its Gram matrix
+_COLUMNS = 1 << 16
+
+
+def _gram(y: Tensor) -> Tensor:
+    """Y Yᵀ summed over blocks of Y's columns: on the CPU one GEMM of a short, wide Y (T×P, P in
+    the millions) is about twice as slow as the blocked sum, which keeps each block in cache."""
+    if y.shape[1] <= _COLUMNS:
+        return y @ y.T
+    gram = torch.zeros(y.shape[0], y.shape[0], dtype=y.dtype, device=y.device)
+    for part in y.split(_COLUMNS, dim=1):
+        gram.addmm_(part, part.T)
+    return gram
