@@ -142,16 +142,7 @@ def gramian(jacobian: Tensor, block: int = 65536) -> Tensor:
         g = torch.zeros(t, t, dtype=jacobian.dtype, device=jacobian.device)
         for part in jacobian.split(block, dim=1):
             g.addmm_(part, part.T)
-    if g.device.type == "cpu" and g.dtype in _NUMPY_DTYPES and not g.requires_grad:
-        # the same two float operations on the T×T array in numpy: three torch calls cost more
-        # than the GEMM on a small model
-        a = g.numpy()
-        return torch.from_numpy((a + a.T) / 2)
     return (g + g.T) / 2
-
-
-#: dtypes whose T×T arithmetic may be done by numpy (identical IEEE operations)
-_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def cross_gramian(a: Tensor, b: Tensor, block: int = 65536) -> Tensor:
