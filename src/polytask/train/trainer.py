@@ -357,11 +357,15 @@ class Trainer:
         present = [t for t, v in losses.items() if v is not None]
         # .mean(): a method with batch_parts > 1 gets each task's part losses; the step's loss is their mean
         parts = self.engine.batch_parts > 1
-        values = (torch.stack([losses[t].mean() if parts else losses[t] for t in present]).detach()  # type: ignore[union-attr]
-                  if present else torch.zeros(0))
-        if self.comm is not None and present:
-            values = self.comm.mean_(values.clone())
-        loss_values = {t: None for t in losses} | dict(zip(present, values.tolist(), strict=True))
+        if not parts and self.comm is None and self.device.type == "cpu":  # a stack, detach and tolist cost more
+            numbers = [losses[t].item() for t in present]  # type: ignore[union-attr]
+        else:  # one transfer from an accelerator, and the ranks' mean
+            values = (torch.stack([losses[t].mean() if parts else losses[t] for t in present]).detach()  # type: ignore[union-attr]
+                      if present else torch.zeros(0))
+            if self.comm is not None and present:
+                values = self.comm.mean_(values.clone())
+            numbers = values.tolist()
+        loss_values = {t: None for t in losses} | dict(zip(present, numbers, strict=True))
         bad = [t for t, v in loss_values.items() if v is not None and not math.isfinite(v)]
         if bad and self.health.non_finite_losses(self.step_index, bad):
             return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, None, False)
