@@ -520,3 +520,17 @@ def test_list_prints_registry_names():
     listed = [line.split()[0] for line in out.splitlines()[1:]]
     assert listed == METHODS.names() and {"equal", "static", "pcgrad", "nash_mtl", "mgda"} <= set(listed)
     assert "[needs gramian]" in out and "[needs losses]" in out
+
+
+def test_list_shows_the_rl_encoders_and_environments():
+    from polytask.rl.encoders import RL_ENCODERS
+    from polytask.rl.envs.registry import ENVIRONMENTS
+
+    for what, registry in (("rl_encoders", RL_ENCODERS), ("rl_environments", ENVIRONMENTS)):
+        code, out, _ = run_cli("list", what)
+        assert code == 0 and out.startswith(f"{what}:\n")
+        assert [line.split()[0] for line in out.splitlines()[1:]] == registry.names()
+    code, out, _ = run_cli("list", "rl_encoders", "care")
+    assert code == 0 and out.startswith("care (rl encoder)\n") and "  experts: int = 4" in out
+    code, out, _ = run_cli("list")
+    assert "rl_encoders:\n" in out and "  care " in out and "rl_environments:\n" in out and "  pendulum " in out

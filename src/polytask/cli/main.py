@@ -31,7 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 LISTS = ("methods", "architectures", "encoders", "samplers", "task_schedulers", "datasets", "metrics", "losses",
-         "callbacks", "distillation", "annealing")
+         "callbacks", "distillation", "annealing", "rl_encoders", "rl_environments")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(f"polytask.cli.{module}").register(sub, bench_sub)
 
-    ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics; "
+    ls = sub.add_parser("list", help="list registered methods, architectures, encoders, samplers, datasets, metrics, "
+                        "RL encoders and environments; "
                         "`list methods NAME` shows one entry's parameters and defaults")
     ls.add_argument("what", nargs="?", choices=LISTS)
     ls.add_argument("name", nargs="?", help="one entry of that list: its description, parameters and defaults")
@@ -319,13 +320,15 @@ def _list(what: str | None, name: str | None = None) -> int:
     from polytask.metrics.registry import METRICS
     from polytask.models import ARCHITECTURES
     from polytask.models.encoders import ENCODERS
+    from polytask.rl.encoders import RL_ENCODERS
+    from polytask.rl.envs.registry import ENVIRONMENTS
     from polytask.scheduling import TASK_SCHEDULERS
     from polytask.train.callbacks import CALLBACKS
 
     registries: dict[str, Any] = {"methods": METHODS, "architectures": ARCHITECTURES, "encoders": ENCODERS,
                                   "samplers": SAMPLERS, "task_schedulers": TASK_SCHEDULERS, "datasets": DATASETS,
                                   "losses": LOSSES, "callbacks": CALLBACKS, "distillation": DISTILLATION,
-                                  "annealing": ANNEALING}
+                                  "annealing": ANNEALING, "rl_encoders": RL_ENCODERS, "rl_environments": ENVIRONMENTS}
     if name is not None:
         return _describe(what, name, registries)
     for name in [what] if what else LISTS:
