@@ -106,11 +106,10 @@ class GradientMonitor:
                          if task_norms is not None else [])
             return self._react(step, "non_finite_gradient", f"gradient is not finite in layer(s) {layers[:5]}",
                                tasks=bad_tasks, layers=layers, never_apply=True)
-        key = self._keys.get(tasks) if isinstance(tasks, tuple) else None
+        tasks = tuple(tasks)  # (the report's tuple itself: no copy)
+        key = self._keys.get(tasks)
         if key is None:
-            key = ",".join(tasks)
-            if isinstance(tasks, tuple):
-                self._keys[tasks] = key
+            key = self._keys[tasks] = ",".join(tasks)
         recent = self.recent.setdefault(key, deque(maxlen=20))
         factor = self.settings.explode_factor
         # the median only matters when the total exceeds factor × the smallest recent norm
