@@ -537,6 +537,26 @@ def test_help_and_version_do_not_import_torch(argv):
         assert done.stdout.startswith(f"polytask 0.1.0 (torch {torch.__version__}, Python ")
 
 
+def test_list_and_the_models_do_not_import_torchmetrics():
+    """Before: `polytask list methods` took ~9 s, 4 of them importing torchmetrics (and through it
+    transformers and scipy.signal), which the registries and the models never use. Metrics are
+    imported when one is built; the registry still names and describes all of them."""
+    probe = ("import sys\nfrom polytask.cli.main import main\nimport polytask.models, polytask.metrics, polytask.train\n"
+             "from polytask.metrics import METRICS\nassert 'auroc' in METRICS and METRICS.higher_is_better('rmse') is False\n"
+             "code = main(sys.argv[1:])\nprint('TORCHMETRICS' if 'torchmetrics' in sys.modules else 'NO TORCHMETRICS', code)\n")
+    done = subprocess.run([sys.executable, "-c", probe, "list"], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "NO TORCHMETRICS 0", done.stdout + done.stderr
+    assert "metrics:" in done.stdout and "  auroc" in done.stdout
+    # building a metric imports what it needs, through the lazy names as before
+    from polytask.core.task import Task
+    from polytask.metrics import METRICS, TaskMetrics
+    from polytask.train import Trainer
+
+    built = METRICS.build(Task("y", kind="binary", metrics=["auroc", "f1"]))
+    assert type(built["auroc"]).__name__ == "BinaryAUROC" and type(built["f1"]).__name__ == "BinaryF1Score"
+    assert TaskMetrics.__module__ == "polytask.metrics.tracker" and Trainer.__module__ == "polytask.train.trainer"
+
+
 def test_list_one_method_shows_its_parameters_and_defaults():
     """Before: `polytask list methods cagrad` was refused (one positional only)."""
     code, out, err = run_cli("list", "methods", "cagrad")

@@ -13,21 +13,46 @@ token ids (N, T).
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torchmetrics
-from torchmetrics import classification as C
-from torchmetrics import regression as R
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from polytask.core.errors import InvalidParameterError, closest
 from polytask.core.task import KINDS, Task
-from polytask.metrics.auroc import BinaryAUROC
-from polytask.text.metrics import BLEU, ROUGE
-from polytask.vision.coco_eval import MeanAveragePrecision
-from polytask.vision.dense import IGNORE_INDEX, PixelError
+from polytask.vision.dense import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torchmetrics
+
+
+class _Deferred:
+    """A module imported when one of its attributes is first read.
+
+    Why: importing torchmetrics takes seconds (it imports its text and audio modules, and
+    transformers when that is installed), and reading the registry (``polytask list``, a config's
+    validation, Δm) builds no metric. The metric classes are imported when a metric is built.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):  # copy/pickle probe dunders on an instance without __init__'s state
+            raise AttributeError(attr)
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+C = _Deferred("torchmetrics.classification")
+R = _Deferred("torchmetrics.regression")
+# polytask's own torchmetrics.Metric subclasses
+_AUROC, _TEXT = _Deferred("polytask.metrics.auroc"), _Deferred("polytask.text.metrics")
+_COCO, _DENSE = _Deferred("polytask.vision.coco_eval"), _Deferred("polytask.vision.dense_metrics")
 
 
 @dataclass(frozen=True)
@@ -55,17 +80,17 @@ _SPECS = [
     MetricSpec("mae", False, lambda t: R.MeanAbsoluteError(), ("regression",)),
     MetricSpec("r2", True, lambda t: R.R2Score(), ("regression",)),
     MetricSpec("accuracy", True, _classification(
-        C.BinaryAccuracy, lambda num_classes: C.MulticlassAccuracy(num_classes=num_classes, average="micro"),
-        C.MultilabelAccuracy), _CLS),
+        lambda: C.BinaryAccuracy(), lambda num_classes: C.MulticlassAccuracy(num_classes=num_classes, average="micro"),
+        lambda num_labels: C.MultilabelAccuracy(num_labels=num_labels)), _CLS),
     MetricSpec("balanced_accuracy", True, _classification(
         lambda: C.MulticlassAccuracy(num_classes=2, average="macro"),
         lambda num_classes: C.MulticlassAccuracy(num_classes=num_classes, average="macro"),
         lambda num_labels: C.MultilabelAccuracy(num_labels=num_labels, average="macro")), _CLS),
     MetricSpec("f1", True, _classification(
-        C.BinaryF1Score, lambda num_classes: C.MulticlassF1Score(num_classes=num_classes, average="macro"),
+        lambda: C.BinaryF1Score(), lambda num_classes: C.MulticlassF1Score(num_classes=num_classes, average="macro"),
         lambda num_labels: C.MultilabelF1Score(num_labels=num_labels, average="macro")), _CLS),
     MetricSpec("auroc", True, _classification(
-        BinaryAUROC, lambda num_classes: C.MulticlassAUROC(num_classes=num_classes),
+        lambda: _AUROC.BinaryAUROC(), lambda num_classes: C.MulticlassAUROC(num_classes=num_classes),
         lambda num_labels: C.MultilabelAUROC(num_labels=num_labels)), _CLS),
     # per-pixel metrics over labelled pixels; mIoU averages the classes' IoU (a class absent from both
     # prediction and target counts 0, torchmetrics' zero_division)
@@ -73,16 +98,16 @@ _SPECS = [
                                                                  average="macro"), ("segmentation",)),
     MetricSpec("pixel_accuracy", True, lambda t: C.MulticlassAccuracy(
         num_classes=t.num_classes, ignore_index=IGNORE_INDEX, average="micro", multidim_average="global"), ("segmentation",)),
-    MetricSpec("abs_error", False, lambda t: PixelError(relative=False), ("dense_regression",)),
-    MetricSpec("rel_error", False, lambda t: PixelError(relative=True), ("dense_regression",)),
+    MetricSpec("abs_error", False, lambda t: _DENSE.PixelError(relative=False), ("dense_regression",)),
+    MetricSpec("rel_error", False, lambda t: _DENSE.PixelError(relative=True), ("dense_regression",)),
     # COCO mAP by pycocotools (polytask[vision]): @[.5:.95] and @0.5
-    MetricSpec("map", True, lambda t: MeanAveragePrecision(t.num_classes, iou="coco"), ("detection",)),
-    MetricSpec("map50", True, lambda t: MeanAveragePrecision(t.num_classes, iou=0.5), ("detection",)),
+    MetricSpec("map", True, lambda t: _COCO.MeanAveragePrecision(t.num_classes, iou="coco"), ("detection",)),
+    MetricSpec("map50", True, lambda t: _COCO.MeanAveragePrecision(t.num_classes, iou=0.5), ("detection",)),
     # generated token sequences (polytask[text]): sacrebleu corpus BLEU (0-100), rouge-score F (0-1)
-    MetricSpec("bleu", True, lambda t: BLEU(), ("generation",)),
-    MetricSpec("rouge_1", True, lambda t: ROUGE("rouge1"), ("generation",)),
-    MetricSpec("rouge_2", True, lambda t: ROUGE("rouge2"), ("generation",)),
-    MetricSpec("rouge_l", True, lambda t: ROUGE("rougeL"), ("generation",)),
+    MetricSpec("bleu", True, lambda t: _TEXT.BLEU(), ("generation",)),
+    MetricSpec("rouge_1", True, lambda t: _TEXT.ROUGE("rouge1"), ("generation",)),
+    MetricSpec("rouge_2", True, lambda t: _TEXT.ROUGE("rouge2"), ("generation",)),
+    MetricSpec("rouge_l", True, lambda t: _TEXT.ROUGE("rougeL"), ("generation",)),
 ]
 
 
@@ -167,6 +192,8 @@ def _task_factory(name: str, factory: Callable[..., Any]) -> Callable[[Task], to
         takes_task = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
     def build(task: Task) -> torchmetrics.Metric:
+        import torchmetrics  # imported by now: the factory built a metric (see ``_Deferred``)
+
         metric = factory(task) if takes_task else factory()
         if not isinstance(metric, torchmetrics.Metric):
             raise InvalidParameterError(f"metric '{name}' built {type(metric).__name__} for task '{task.name}'; expected a "

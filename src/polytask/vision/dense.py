@@ -1,4 +1,5 @@
-"""Per-pixel tasks: the head, the losses and the metrics of ``segmentation`` and ``dense_regression``.
+"""Per-pixel tasks: the head and the losses of ``segmentation`` and ``dense_regression`` (their
+metrics are in :mod:`polytask.vision.dense_metrics`, which alone needs torchmetrics).
 
 Targets, one map per image:
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
@@ -77,35 +77,3 @@ def masked_pixel_loss(power: int):
         error = (prediction[valid] - target[valid]).abs()
         return (error if power == 1 else error ** power).mean()
     return loss
-
-
-# ----------------------------------------------------------------------------------- metrics
-class PixelError(torchmetrics.Metric):
-    """Mean absolute error (``relative=False``) or mean absolute relative error |p − y| / |y|
-    (``relative=True``, pixels with y = 0 left out) over pixels with a finite target.
-
-    The error measures of depth estimation (Eigen, Puhrsch & Fergus, "Depth Map Prediction from a
-    Single Image using a Multi-Scale Deep Network", NeurIPS 2014: "abs rel").
-    """
-
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, relative: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.relative = relative
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, prediction: Tensor, target: Tensor) -> None:
-        valid = torch.isfinite(target)
-        if self.relative:
-            valid &= target != 0
-        error = (prediction[valid].double() - target[valid].double()).abs()
-        if self.relative:
-            error = error / target[valid].double().abs()
-        self.total += error.sum()
-        self.count += int(valid.sum())
-
-    def compute(self) -> Tensor:
-        return self.total / self.count if self.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
