@@ -55,23 +55,29 @@ def test_static_total_is_weighted_sum():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, fused):
-    """θ gets Jᵀw from the J computed for the Gramian (no second backward through θ); with the
-    fused passes (the CPU default) the heads' gradients come from the same T passes, and no
-    backward follows the method at all."""
+@pytest.mark.parametrize("route", ["loop", "batched", "batched, heads larger than θ"])
+def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, route):
+    """θ gets Jᵀw from the J computed for the Gramian (no second backward through θ). The heads'
+    gradients come from the same T passes (the CPU default), or from the same vmapped passes with
+    ``jacobian: batched``, and no backward follows the method at all; only when the heads hold
+    more values than θ (T-fold gradients larger than J) does a backward into the heads follow."""
     model, tasks = hard_sharing()
+    if route.startswith("batched, heads"):  # θ: 4·1 + 1 values; heads: 3 × (1 + 1)
+        model = pt.models.HardSharing(encoder=pt.encoders.MLP(in_features=4, hidden=[1]), tasks=tasks)
     _, losses = model_losses(model, tasks, *data())
-    engine = Engine(Half(), model.shared_parameters(), heads="weighted", jacobian="auto" if fused else "batched")
+    engine = Engine(Half(), model.shared_parameters(), heads="weighted", jacobian="auto" if route == "loop" else "batched")
     calls, backwards = [], []
     computer, fused_jacobian = engine.jacobian, engine._fused_jacobian
-    engine.jacobian = lambda *args, **kwargs: calls.append(1) or computer(*args, **kwargs)
-    engine.jacobian.loops = computer.loops  # type: ignore[attr-defined]
-    engine._fused_jacobian = lambda *args, **kwargs: calls.append(2) or fused_jacobian(*args, **kwargs)
-    real_backward = torch.autograd.backward
+    engine._fused_jacobian = lambda *args, **kwargs: calls.append("fused") or fused_jacobian(*args, **kwargs)
+    real_backward, real_grad = torch.autograd.backward, torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backwards.append(1) or real_backward(*a, **k))
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(
+        "vmapped" if k.get("is_grads_batched") else "pass") or real_grad(*a, **k))
     report = engine.backward(losses)
-    assert calls == ([2] if fused else [1]) and len(backwards) == (0 if fused else 1)
+    assert calls == {"loop": ["fused", "pass", "pass", "pass"], "batched": ["fused", "vmapped"],
+                     "batched, heads larger than θ": ["fused", "vmapped"]}[route]
+    assert len(backwards) == (1 if route.startswith("batched, heads") else 0)
+    assert computer.loops(losses["t0"]) == (route == "loop")
     assert report.weights == {"t0": 0.5, "t1": 0.5, "t2": 0.5}
     assert report.gramian is not None and report.gramian.shape == (3, 3) and report.compare == "shared"
     got = grads(model.parameters())
@@ -80,6 +86,25 @@ def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, fus
     (0.5 * sum(losses.values())).backward()
     for a, b in zip(got, grads(model.parameters()), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad"])
+@pytest.mark.parametrize("heads", ["weighted", "unweighted"])
+def test_batched_fused_passes_equal_the_loop(name, heads):
+    """``jacobian: batched``: one vmapped backward gives J and every head's gradient; the update
+    (θ, heads) equals the per-task loop's to round-off, over steps with a loss scale too."""
+    out = {}
+    for jacobian in ("loop", "batched"):
+        model, tasks = hard_sharing(n_tasks=4)
+        engine = Engine(build(name), model.shared_parameters(), heads=heads, jacobian=jacobian, gramian="jacobian")
+        for i, scale in enumerate((1.0, 1.0, 64.0)):
+            model.zero_grad(set_to_none=True)
+            _, losses = model_losses(model, tasks, *data(n_tasks=4, seed=i))
+            report = engine.backward(losses, scale=scale)
+        out[jacobian] = (grads(model.parameters()), report.weights)
+    for a, b in zip(out["loop"][0], out["batched"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert out["loop"][1] == pytest.approx(out["batched"][1], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", GRADIENT)

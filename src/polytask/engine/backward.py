@@ -16,7 +16,7 @@ from polytask.core.errors import InvalidParameterError
 from polytask.core.options import options
 from polytask.engine.autogram import AutogramGramian, AutogramUnavailable
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, _empty_jacobian, cross_gramian, gramian
+from polytask.engine.jacobian import JacobianComputer, _empty_jacobian, _write_row, cross_gramian, gramian
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
 
@@ -559,7 +559,9 @@ class Engine:
 
     def _can_fuse(self) -> bool:
         """Whether this step's task passes can also give the heads' gradients (see ``_fused_jacobian``)."""
-        return self.compare == "shared" and self.comm is None and self.jacobian.loops(self.theta[0])
+        if self.compare != "shared" or self.comm is not None:
+            return False
+        return self.jacobian.loops(self.theta[0]) or self.jacobian.chosen == "batched"
 
     def _fused_jacobian(self, parts: list[Tensor], scale: float) -> Tensor:
         """J on θ from T per-task passes that also return each task's gradients on the leaves
@@ -571,8 +573,18 @@ class Engine:
         gradients come out of the passes that run through them anyway, and wᵢ is applied to them
         once the method has answered. The leaves are those of this step's graph (found by walking
         it once), so a task that reaches a new parameter gets its gradient.
+
+        With ``jacobian: batched`` the passes are one vmapped backward per chunk of tasks, which
+        gives every task's gradient on every such leaf (zero outside the task's own head): it is
+        fused only while those T×(leaves) gradients are no larger than J itself, else the heads
+        get their own backward as before.
         """
         private = self._leaves(parts, self.theta)
+        if not self.jacobian.loops(self.theta[0]):
+            fused = self._fused_batched(parts, private, scale)
+            if fused is not None:
+                return fused
+            return self._jacobian(self.jacobian, parts, self.theta, scale)
         inputs, n = [*self.theta, *private], len(self.theta)
         jacobian, _ = _empty_jacobian(len(parts), self.theta)
         grads_by_task: list[tuple[Tensor | None, ...]] = []
@@ -589,27 +601,80 @@ class Engine:
         self._private = (private, grads_by_task)
         return jacobian
 
+    def _fused_batched(self, parts: list[Tensor], private: list[Tensor], scale: float) -> Tensor | None:
+        """``_fused_jacobian`` by vmapped backward passes, ``chunk_size`` tasks each; None (nothing
+        run) when the leaves outside θ hold more values than θ, whose T-fold gradients would
+        outgrow J. The kept gradients are (start row, the chunk's gradients, rows first)."""
+        n_private = sum(p.numel() for p in private)
+        if n_private > sum(p.numel() for p in self.theta):
+            return None
+        inputs, n, t = [*self.theta, *private], len(self.theta), len(parts)
+        jacobian, sizes = _empty_jacobian(t, self.theta)
+        vec = torch.stack(parts)
+        if scale != 1.0:
+            vec = vec * scale
+        chunk = t if self.jacobian.chunk_size is None else min(self.jacobian.chunk_size, t)
+        blocks: list[tuple[int, tuple[Tensor | None, ...]]] = []
+        eye = self._eye(t, vec)
+        for start in range(0, t, chunk):
+            rows = min(chunk, t - start)
+            selector = eye[start:start + rows]
+            grads = torch.autograd.grad(vec, inputs, grad_outputs=selector, retain_graph=start + rows < t,
+                                        allow_unused=True, is_grads_batched=True)
+            _write_row(jacobian[start:start + rows], grads[:n], sizes)
+            blocks.append((start, grads[n:]))
+        if scale != 1.0:
+            jacobian.div_(scale)
+        self._private = (private, blocks)
+        return jacobian
+
     @staticmethod
-    def _add_private_grads(private: tuple[list[Tensor], list[tuple[Tensor | None, ...]]], head: Tensor) -> None:
-        """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there)."""
+    def _add_private_grads(private: tuple[list[Tensor], list[Any]], head: Tensor) -> None:
+        """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there).
+
+        The gradients are per task (a tuple per loop pass) or per chunk of tasks (``(start, tuple)``
+        from the vmapped passes, each gradient with the chunk's tasks as its first dimension)."""
         leaves, grads_by_task = private
-        coefficients = head.tolist()
-        present = [(k, g, c) for c, grads in zip(coefficients, grads_by_task, strict=True)
-                   for k, g in enumerate(grads) if g is not None]
-        # one fused multiply for every task's tensors, each by its task's weight (a small model pays
-        # per call); none when every weight is 1 (unweighted heads): the passes' own gradients,
-        # which nothing else holds
-        tensors = [g for _, g, _ in present]
-        scaled = (tensors if all(c == 1.0 for c in coefficients) else
-                  torch._foreach_mul(tensors, [c for _, _, c in present]) if tensors else [])
         totals: dict[int, Tensor] = {}
-        for (k, _, _), g in zip(present, scaled, strict=True):
-            totals[k] = g if k not in totals else totals[k].add_(g)
+        if grads_by_task and isinstance(grads_by_task[0][0], int):  # vmapped chunks
+            for start, grads in grads_by_task:
+                present = [(k, g) for k, g in enumerate(grads) if g is not None]
+                if not present:
+                    continue
+                rows = present[0][1].shape[0]
+                # all leaves' gradients side by side, then one product with the chunk's coefficients:
+                # a tensordot per leaf costs a dispatch each, and a head has a weight and a bias
+                side = torch.cat([g.reshape(rows, -1) for _, g in present], dim=1)
+                summed = head[start:start + rows].to(side.dtype) @ side
+                for (k, g), part in zip(present, summed.split([g[0].numel() for _, g in present]), strict=True):
+                    part = part.view(g.shape[1:])
+                    totals[k] = part if k not in totals else totals[k].add_(part)
+        else:
+            coefficients = head.tolist()
+            present = [(k, g, c) for c, grads in zip(coefficients, grads_by_task, strict=True)
+                       for k, g in enumerate(grads) if g is not None]
+            # one fused multiply for every task's tensors, each by its task's weight (a small model pays
+            # per call); none when every weight is 1 (unweighted heads): the passes' own gradients,
+            # which nothing else holds
+            tensors = [g for _, g, _ in present]
+            scaled = (tensors if all(c == 1.0 for c in coefficients) else
+                      torch._foreach_mul(tensors, [c for _, _, c in present]) if tensors else [])
+            for (k, _, _), g in zip(present, scaled, strict=True):
+                totals[k] = g if k not in totals else totals[k].add_(g)
         for k, total in totals.items():
             leaf = leaves[k]
             if total.dtype != leaf.dtype:
                 total = total.to(leaf.dtype)
             leaf.grad = total if leaf.grad is None else leaf.grad + total
+
+    def _eye(self, n: int, like: Tensor) -> Tensor:
+        """The n×n identity in ``like``'s dtype and device, made once (the vmapped passes' selector)."""
+        key = (n, like.dtype, like.device)
+        cache = self.__dict__.setdefault("_eye_cache", {})
+        eye = cache.get(key)
+        if eye is None:
+            eye = cache[key] = torch.eye(n, dtype=like.dtype, device=like.device)
+        return eye
 
     @property
     def _shared_ids(self) -> set[int]:
