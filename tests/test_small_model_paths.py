@@ -247,6 +247,26 @@ def test_bench_small_rows_and_command(capsys):
     assert "cpu clock" in out and any(line.startswith("pcgrad ") for line in out.splitlines())
 
 
+def test_interleaved_rotates_the_order_and_times_every_step():
+    """Each round starts one variant later (the variant timed first was slower whichever it was);
+    every variant runs its warm-up and rounds × block steps, and gets one median per variant."""
+    from polytask.bench.small import interleaved
+
+    order: list[str] = []
+    calls = {"a": 0, "b": 0, "c": 0}
+
+    def make(name):
+        def step(i):
+            calls[name] += 1
+            order.append(name)
+        return step
+    ms = interleaved({n: make(n) for n in "abc"}, rounds=3, block=2)
+    assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
+    assert calls == {"a": 6 + 6, "b": 6 + 6, "c": 6 + 6}  # warm-up max(block, 6), then 3 rounds of 2
+    timed = order[18:][::2]  # the first step of each block
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
 @pytest.mark.parametrize("name", ["famo", "dwa"])
 def test_host_state_stays_on_the_host_in_float64(name):
     method = get_method(name)
