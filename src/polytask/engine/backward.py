@@ -636,7 +636,7 @@ class Engine:
         from the vmapped passes, each gradient with the chunk's tasks as its first dimension)."""
         leaves, grads_by_task = private
         totals: dict[int, Tensor] = {}
-        if grads_by_task and isinstance(grads_by_task[0][0], int):  # vmapped chunks
+        if grads_by_task and grads_by_task[0] and isinstance(grads_by_task[0][0], int):  # vmapped chunks (a loop pass: tensors or None)
             for start, grads in grads_by_task:
                 present = [(k, g) for k, g in enumerate(grads) if g is not None]
                 if not present:
