@@ -598,7 +598,7 @@ class Engine:
             grads_by_task.append(grads[n:])
         if scale != 1.0:
             jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
-        self._private = (private, grads_by_task)
+        self._private = (private, grads_by_task, False)
         return jacobian
 
     def _fused_batched(self, parts: list[Tensor], private: list[Tensor], scale: float) -> Tensor | None:
@@ -625,18 +625,18 @@ class Engine:
             blocks.append((start, grads[n:]))
         if scale != 1.0:
             jacobian.div_(scale)
-        self._private = (private, blocks)
+        self._private = (private, blocks, True)
         return jacobian
 
     @staticmethod
-    def _add_private_grads(private: tuple[list[Tensor], list[Any]], head: Tensor) -> None:
+    def _add_private_grads(private: tuple[list[Tensor], list[Any], bool], head: Tensor) -> None:
         """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there).
 
         The gradients are per task (a tuple per loop pass) or per chunk of tasks (``(start, tuple)``
-        from the vmapped passes, each gradient with the chunk's tasks as its first dimension)."""
-        leaves, grads_by_task = private
+        from the vmapped passes, each gradient with the chunk's tasks as its first dimension; the flag)."""
+        leaves, grads_by_task, chunks = private
         totals: dict[int, Tensor] = {}
-        if grads_by_task and grads_by_task[0] and isinstance(grads_by_task[0][0], int):  # vmapped chunks (a loop pass: tensors or None)
+        if chunks:
             for start, grads in grads_by_task:
                 present = [(k, g) for k, g in enumerate(grads) if g is not None]
                 if not present:
