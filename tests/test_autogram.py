@@ -258,12 +258,19 @@ def test_data_parallel_keeps_the_jacobian():
     assert engine.gramian_route == "jacobian"
 
 
-def test_auto_decides_from_shapes_on_the_first_step():
+def test_auto_decides_from_shapes_on_the_first_step(monkeypatch):
     """Deterministic (a resumed run takes the same route): autogram where Linear layers on the
-    Gram route hold most of θ, J where every parameter would take the weight route anyway."""
+    Gram route hold most of θ and J would be large, J where J is small (the passes are cheaper
+    than the no-J engine's fixed work) or every parameter would take the weight route anyway."""
     model, losses = small_problem()
+    n_entries = 10 * sum(p.numel() for p in model.shared_parameters())
+    assert n_entries < engine_backward.SMALL_JACOBIAN
     engine = Engine("upgrad", model.shared_parameters())
     assert engine.gramian_route == "auto"
+    engine.backward(losses())
+    assert engine.gramian_route == "jacobian"
+    monkeypatch.setattr(engine_backward, "SMALL_JACOBIAN", 0)  # every J counts as large
+    engine = Engine("upgrad", model.shared_parameters())
     report = engine.backward(losses())
     assert engine.gramian_route == "autogram" and report.gramian is not None
     tasks = [pt.Task(f"t{i}", kind="regression") for i in range(3)]

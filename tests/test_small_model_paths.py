@@ -348,3 +348,25 @@ def test_constant_weights_methods_answer_by_task_names_alone():
         present = [i + 1 for i, t in enumerate(TASKS) if losses[t] is not None]
         assert torch.equal(w.grad, torch.full((2,), float(sum(present))))
         assert report.weights == {t: 0.0 if losses[t] is None else 1.0 for t in TASKS}
+
+
+def test_route_sweep_reports_both_routes_and_what_auto_takes(monkeypatch):
+    """The sweep times mgda on each route of each MLP shape and reads the route `gramian: auto`
+    takes there: J below SMALL_JACOBIAN entries, the no-J Gramian from it (Linear layers)."""
+    import importlib
+
+    from polytask.bench import small
+
+    engine_backward = importlib.import_module("polytask.engine.backward")  # the module, not its function
+    shapes = [(4, 8, 2, 4), (8, 16, 3, 4)]
+    entries = [2 * (4 * 8 + 8 + 8 * 8 + 8), 3 * (8 * 16 + 16 + 16 * 16 + 16)]
+    monkeypatch.setattr(engine_backward, "SMALL_JACOBIAN", entries[1])
+    rows = small.measure_routes(shapes, rounds=1, block=1)
+    assert [r.jacobian_entries for r in rows] == entries
+    assert [r.auto for r in rows] == ["jacobian", "autogram"]
+    assert all(r.floor_ms > 0 and r.jacobian > 0 and r.autogram > 0 for r in rows)
+    lines: list[str] = []
+    monkeypatch.setattr(small, "ROUTE_SHAPES", tuple(shapes))
+    monkeypatch.setattr(small, "measure_routes", lambda **kw: rows)  # the table of the rows just measured
+    small.run_routes(echo=lines.append)
+    assert "auto takes" in lines[1] and lines[2].split()[-1] == "jacobian" and lines[3].split()[-1] == "autogram"

@@ -107,7 +107,7 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
         if cls.needs != "losses" and cls.compare == "features":
             continue  # the tiny model's goal is about the parameters' Jacobian
         steps[name] = method_step(tiny_problem(n_tasks, batch_size), name, cls.compare if cls.needs != "losses"
-                                  else "auto", 1)
+                                  else "auto", 1, gramian="auto")  # the route the engine takes by default
     ms = interleaved(steps, rounds=rounds, block=block, now=CLOCKS[clock])
     ew, jac, floor = ms["(equal: 1 backward)"], ms["(task Jacobian alone)"], ms["(floor: T backwards)"]
     rows = [SmallRow("(equal: 1 backward)", "losses", ew, 1.0, ew / jac, ew / floor),
@@ -118,6 +118,62 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
             value = ms[name]
             rows.append(SmallRow(name, METHODS.get(name).needs, value, value / ew, value / jac, value / floor))
     return rows
+
+
+#: MLP shapes of the route sweep: (inputs, width of the two hidden layers, tasks, batch)
+ROUTE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (16, 64, 4, 32), (16, 64, 10, 32), (16, 128, 4, 256), (64, 256, 4, 64), (64, 256, 10, 256),
+    (128, 512, 4, 64), (128, 512, 10, 128), (256, 1024, 4, 64))
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """One MLP of the route sweep: the floor, and a Gramian method's step on each route (×floor)."""
+
+    shape: tuple[int, int, int, int]
+    jacobian_entries: int
+    floor_ms: float
+    jacobian: float
+    autogram: float
+    auto: str  # the route ``gramian: auto`` takes on this shape
+
+
+def mlp_problem(inputs: int, width: int, n_tasks: int, batch_size: int, seed: int = 0) -> Problem:
+    """A hard-shared MLP inputs → width → width with ``n_tasks`` linear regression heads."""
+    torch.manual_seed(seed)
+    tasks = [Task(f"task{i}", kind="regression") for i in range(n_tasks)]
+    model = HardSharing(MLP(in_features=inputs, hidden=[width, width]), tasks)
+    return Problem("mlp", model, torch.randn(batch_size, inputs), torch.randn(batch_size, n_tasks))
+
+
+def measure_routes(shapes: Sequence[tuple[int, int, int, int]] = ROUTE_SHAPES, *, method: str = "mgda",
+                   rounds: int = 7, block: int = 10, clock: str = "wall") -> list[RouteRow]:
+    """``method`` on the J route and on the no-J route of each MLP shape, against its floor: where
+    the no-J Gramian starts to pay (``engine.backward.SMALL_JACOBIAN`` is set from this)."""
+    from polytask.engine.backward import Engine
+
+    rows = []
+    for shape in shapes:
+        steps = {"floor": floor_step(mlp_problem(*shape))}
+        for route in ("jacobian", "autogram"):
+            steps[route] = method_step(mlp_problem(*shape), method, "shared", 1, gramian=route)
+        ms = interleaved(steps, rounds=rounds, block=block, now=CLOCKS[clock])
+        probe = mlp_problem(*shape)
+        engine = Engine(method, probe.model.shared_parameters(), compare="shared")
+        engine.backward(probe.losses()[1])
+        entries = shape[2] * sum(p.numel() for p in probe.model.shared_parameters())
+        rows.append(RouteRow(shape, entries, ms["floor"], ms["jacobian"] / ms["floor"],
+                             ms["autogram"] / ms["floor"], engine.gramian_route))
+    return rows
+
+
+def format_route(row: RouteRow) -> str:
+    inputs, width, n_tasks, batch = row.shape
+    return (f"{inputs:>6} {width:>6} {n_tasks:>3} {batch:>6} {row.jacobian_entries:>10} {row.floor_ms:>9.2f} "
+            f"{row.jacobian:>8.2f} {row.autogram:>8.2f}  {row.auto}")
+
+
+ROUTE_HEADER = f"{'inputs':>6} {'width':>6} {'T':>3} {'batch':>6} {'T·|θ|':>10} {'floor ms':>9} {'J route':>8} {'no-J':>8}  auto takes"
 
 
 HEADER = f"{'method':<22} {'needs':<9} {'ms/step':>8} {'×EW':>6} {'×Jac':>6} {'×floor':>7} {'goal':>10}"
@@ -144,6 +200,24 @@ class SmallResult:
     @property
     def trainer_ratio(self) -> float | None:
         return None if self.trainer_ms is None or self.loop_ms is None else self.trainer_ms / self.loop_ms
+
+
+def run_routes(*, method: str = "mgda", rounds: int = 7, block: int = 10, threads: int = 1, clock: str = "wall",
+               echo: Callable[[str], None] = print) -> list[RouteRow]:
+    """The route sweep's table (``polytask bench small --routes``): ``method``'s step ×floor on the
+    J route and the no-J route of each MLP in ``ROUTE_SHAPES``, and the route ``auto`` takes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        echo(f"{method} on hard-shared MLPs (two hidden layers), ×floor, {threads} thread(s), {clock} clock, median of "
+             f"{rounds} interleaved blocks of {block} steps")
+        echo(ROUTE_HEADER)
+        rows = measure_routes(method=method, rounds=rounds, block=block, clock=clock)
+        for row in rows:
+            echo(format_route(row))
+        return rows
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20, overhead_repeats: int = 7,

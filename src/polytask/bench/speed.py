@@ -119,7 +119,7 @@ def jacobian_step(problem: Problem) -> Callable[[int], None]:
 def method_step(problem: Problem, name: str, compare: str, every: int, gramian: str = "jacobian"
                 ) -> Callable[[int], None]:
     """One engine step of method ``name``; ``gramian`` is the engine's (``jacobian``: J, then G;
-    ``autogram``: G without J; ``auto`` times both on its first 8 steps)."""
+    ``autogram``: G without J; ``auto`` the engine's default, decided from shapes on the first step)."""
     # Bilevel methods are timed as the Trainer runs them (their default parameters, the look-ahead on),
     # not with the suites' example parameters, which switch the look-ahead off.
     bilevel = METHODS.get(name).lookahead

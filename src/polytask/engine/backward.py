@@ -193,13 +193,18 @@ class Engine:
         """This step's way to G on θ. ``auto`` decides on its first step, from shapes alone (so that
         a run, and a run resumed from a checkpoint, take the same route every time): autogram when
         J would take more than half the free memory, or when layers it forms in closed form (Gram
-        and rows routes) hold at least ``AUTOGRAM_SHARE`` of θ; otherwise the J route, which the
-        no-J Gramian would only repeat by other means."""
+        and rows routes) hold at least ``AUTOGRAM_SHARE`` of θ and J has at least
+        ``SMALL_JACOBIAN`` entries; otherwise the J route, which the no-J Gramian would only
+        repeat by other means. Why the size: below it the passes cost less than the no-J engine's
+        fixed work per step (its graph walk, hooks and per-layer blocks), which on a tiny model
+        made a step 1.7× the J route's."""
         if self.gramian_route != "auto":
             return self.gramian_route
         total = sum(p.numel() for p in self.theta)
         if len(parts) * total * self.theta[0].element_size() > _free_memory(self.theta[0].device) / 2:
             self.gramian_route = "autogram"
+        elif len(parts) * total < SMALL_JACOBIAN:
+            self.gramian_route = "jacobian"
         else:
             plan = self.autogram.planner.plan(parts, self.theta)
             closed = sum(p.numel() for layer in plan.layers for p in layer.params)
@@ -734,6 +739,10 @@ _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.nex
 
 #: under ``gramian: auto``, the share of θ the no-J Gramian must form in closed form to be taken
 AUTOGRAM_SHARE = 0.5
+#: under ``gramian: auto``, the fewest entries of J (T × |θ|) for which the no-J Gramian is taken
+#: (2²⁰: on MLPs at T = 4 and 10 on CPU, the no-J step was slower than the J route's up to T·|θ| ≈
+#: 0.8 M entries and faster from 1.3 M on; `polytask bench small` and the sweep in docs/engine.md)
+SMALL_JACOBIAN = 2**20
 
 
 def _free_memory(device: torch.device) -> float:
