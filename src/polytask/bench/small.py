@@ -14,10 +14,11 @@ and the median block is reported per step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,7 @@ class SmallRow:
 
 def tiny_problem(n_tasks: int = 4, batch_size: int = 32, seed: int = 0) -> Problem:
     """The tiny model: MLP 16 → 64 → 64, ``n_tasks`` linear regression heads, a fixed batch."""
-    torch.manual_seed(seed)
-    tasks = [Task(f"task{i}", kind="regression") for i in range(n_tasks)]
-    model = HardSharing(MLP(in_features=16, hidden=[64, 64]), tasks)
-    return Problem("tiny", model, torch.randn(batch_size, 16), torch.randn(batch_size, n_tasks))
+    return mlp_problem(16, 64, n_tasks, batch_size, seed, name="tiny")
 
 
 def interleaved(steps: dict[str, Callable[[int], None]], *, rounds: int, block: int,
@@ -138,12 +136,12 @@ class RouteRow:
     auto: str  # the route ``gramian: auto`` takes on this shape
 
 
-def mlp_problem(inputs: int, width: int, n_tasks: int, batch_size: int, seed: int = 0) -> Problem:
+def mlp_problem(inputs: int, width: int, n_tasks: int, batch_size: int, seed: int = 0, name: str = "mlp") -> Problem:
     """A hard-shared MLP inputs → width → width with ``n_tasks`` linear regression heads."""
     torch.manual_seed(seed)
     tasks = [Task(f"task{i}", kind="regression") for i in range(n_tasks)]
     model = HardSharing(MLP(in_features=inputs, hidden=[width, width]), tasks)
-    return Problem("mlp", model, torch.randn(batch_size, inputs), torch.randn(batch_size, n_tasks))
+    return Problem(name, model, torch.randn(batch_size, inputs), torch.randn(batch_size, n_tasks))
 
 
 def measure_routes(shapes: Sequence[tuple[int, int, int, int]] = ROUTE_SHAPES, *, method: str = "mgda",
@@ -202,13 +200,26 @@ class SmallResult:
         return None if self.trainer_ms is None or self.loop_ms is None else self.trainer_ms / self.loop_ms
 
 
+@contextlib.contextmanager
+def _timing(threads: int, clock: str) -> Iterator[None]:
+    """``threads`` intra-op threads while timing with ``clock`` (both checked), restored after."""
+    if not isinstance(threads, int) or threads < 1:
+        raise InvalidParameterError(f"`threads` of bench small must be an int >= 1; found {threads!r}")
+    if clock not in CLOCKS:
+        raise InvalidParameterError(f"`clock` of bench small must be one of {', '.join(CLOCKS)}; found {clock!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_routes(*, method: str = "mgda", rounds: int = 7, block: int = 10, threads: int = 1, clock: str = "wall",
                echo: Callable[[str], None] = print) -> list[RouteRow]:
     """The route sweep's table (``polytask bench small --routes``): ``method``'s step ×floor on the
     J route and the no-J route of each MLP in ``ROUTE_SHAPES``, and the route ``auto`` takes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _timing(threads, clock):
         echo(f"{method} on hard-shared MLPs (two hidden layers), ×floor, {threads} thread(s), {clock} clock, median of "
              f"{rounds} interleaved blocks of {block} steps")
         echo(ROUTE_HEADER)
@@ -216,8 +227,6 @@ def run_routes(*, method: str = "mgda", rounds: int = 7, block: int = 10, thread
         for row in rows:
             echo(format_route(row))
         return rows
-    finally:
-        torch.set_num_threads(before)
 
 
 def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20, overhead_repeats: int = 7,
@@ -227,13 +236,7 @@ def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: in
     while timing (1: a small model gains nothing from a second thread, and the ratios are far less
     sensitive to other processes); ``clock`` ``wall`` (elapsed) or ``cpu`` (this process's CPU
     time: on a machine shared with other processes the steadier of the two)."""
-    if not isinstance(threads, int) or threads < 1:
-        raise InvalidParameterError(f"`threads` of bench small must be an int >= 1; found {threads!r}")
-    if clock not in CLOCKS:
-        raise InvalidParameterError(f"`clock` of bench small must be one of {', '.join(CLOCKS)}; found {clock!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _timing(threads, clock):
         echo(f"tiny model (MLP 16→64→64, T=4, batch 32), {threads} thread(s), {clock} clock, median of {rounds} "
              f"interleaved blocks of {block} steps")
         echo(HEADER)
@@ -248,5 +251,3 @@ def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: in
         over = overhead.run(repeats=overhead_repeats, threads=threads, echo=echo, clock=clock)
         echo(f"  goal ≤ 1.10×: {'ok' if over.ratio <= 1.10 else 'MISSED'}")
         return SmallResult(rows, over.trainer_ms, over.hand_ms)
-    finally:
-        torch.set_num_threads(before)
