@@ -121,3 +121,20 @@ def test_two_process_ddp_equals_one_process(tmp_path, method):
     one, two = (torch.load(tmp_path / d / "params.pt") for d in ("1", "2"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_gradient_scaler_in_lightnings_precision_plugin_trains_like_32_bits(tmp_path, one_thread):
+    """Lightning's 16-mixed plugin with its GradScaler, on the CPU (tests/test_cuda.py runs 16-mixed on a GPU):
+    the engine scales the losses by the scaler's scale and Lightning's optimizer step unscales. The
+    scaler's scale tensor was never made, so its unscale_ failed on every step (found on a GPU)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    full = MultiTaskModule(model(), method="upgrad", optim=OPTIM)
+    lightning_trainer(tmp_path / "32").fit(full, loader())
+    half = MultiTaskModule(model(), method="upgrad", optim=OPTIM)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    lightning_trainer(tmp_path / "16", plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(half, loader())
+    assert half.engine.index == 8 and scaler.get_scale() == 2.0 ** 10  # every step taken, none overflowed
+    for (name, got), want in zip(half.model.state_dict().items(), full.model.state_dict().values(), strict=True):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=name)

@@ -174,6 +174,24 @@ def test_half_precision_predictions_are_upcast():
     assert task.loss(p, y).dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["regression", "binary"])
+def test_float_targets_take_the_predictions_dtype(kind):
+    """A float64 model with float32 targets: the loss sees float64 targets (CUDA's MSE and BCE
+    backward kernels refuse the mixed pair, found on a GPU; the CPU's promote silently)."""
+    seen = []
+
+    def loss(prediction, target):
+        seen.append(target.dtype)
+        return (prediction - target).pow(2).mean()
+    p = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = (torch.rand(6) > 0.5).float()
+    assert Task("t", kind, loss=loss).loss(p, y).dtype == torch.float64 and seen == [torch.float64]
+    value = Task("t", kind).loss(p, y)
+    assert value.dtype == torch.float64
+    value.backward()
+    assert p.grad is not None and p.grad.dtype == torch.float64
+
+
 def test_built_from_a_mapping_and_written_back():
     task = Task("cls", "multiclass", num_classes=3, loss={"name": "focal", "gamma": 2.0})
     assert isinstance(task.loss, TaskLoss) and task.loss.name == "focal" and task.loss.params == {"gamma": 2.0}

@@ -501,3 +501,21 @@ def test_nan_loss_raises_non_finite_loss_error_naming_task():
     # the failing step did not update the model
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
+
+
+@pytest.mark.parametrize("method", ["equal", "upgrad"])
+def test_a_gradient_scaler_scales_and_unscales_to_the_unscaled_run(method):
+    """The Trainer's fp16 path with the scaler on the CPU (fp16 itself needs CUDA; tests/test_cuda.py
+    runs it there): the engine scales the losses by the scaler's scale and the scaler unscales
+    before the step. A power-of-two scale that never overflows gives the unscaled run's parameters.
+    (The scaler's scale tensor was never made, so every fp16 step failed in ``unscale_``.)"""
+    data = synthetic(96, 0)
+    states = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        trainer = trainer_for(model_for(SYN_TASKS), SYN_TASKS, method=method, epochs=2)
+        trainer.scaler = scaler
+        trainer.fit(data)
+        states.append(trainer.model.state_dict())
+    assert trainer.scaler.get_scale() == 2.0 ** 10  # no step overflowed, none grew it (growth after 2000)
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=1e-5, atol=1e-6, msg=key)

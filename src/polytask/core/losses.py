@@ -226,6 +226,10 @@ class TaskLoss:
                 prediction, target = prediction[mask], target[mask]
         if prediction.dtype in _HALF:
             prediction = prediction.float()
+        if target.is_floating_point() and target.dtype != prediction.dtype:
+            # float32 targets of a float64 model: CUDA's loss backward kernels refuse mixed dtypes
+            # (CPU's promote), so the targets take the prediction's dtype, as they would on the CPU
+            target = target.to(prediction.dtype)
         value = self.function(prediction, target)
         if not self._grad_checked:
             self._check(value, prediction, target)

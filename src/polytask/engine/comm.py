@@ -35,14 +35,15 @@ class Communicator:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1 and not dist.is_initialized():
             return None
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # NCCL's collectives and object broadcasts run on the current device
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
     def sum_(self, tensor: Tensor) -> Tensor:
         self.bytes += tensor.numel() * tensor.element_size()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return all_reduce_sum_(tensor)
 
     def mean_(self, tensor: Tensor) -> Tensor:
         return self.sum_(tensor).div_(self.world_size)
@@ -64,6 +65,18 @@ class Communicator:
         holder = [obj]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """``tensor`` summed in place over the default process group's ranks. NCCL reduces CUDA
+    tensors only, so under NCCL a host tensor (the ranks' label counts, the metrics' loss sums)
+    makes the trip through the current CUDA device; gloo takes it as it is."""
+    if tensor.device.type != "cuda" and dist.get_backend() == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def _tensors(value: Any) -> list[Tensor]:

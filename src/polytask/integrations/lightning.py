@@ -168,7 +168,9 @@ class MultiTaskModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        # through scaler.scale, not get_scale: the scaler makes its scale tensor on its first scale call,
+        # and its unscale_ in optimizer.step fails without one (the engine scales the losses itself)
+        scale = float(scaler.scale(torch.ones((), device=self.device))) if scaler is not None else 1.0
         report = self.engine.backward(losses, features=features, epoch=self.current_epoch,
                                       extra_loss=self.model.extra_loss(), scale=scale)
         clip = self.optim_options.clip

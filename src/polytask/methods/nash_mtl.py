@@ -55,6 +55,9 @@ class NashMTL(PerTaskMethod):
 
     needs = "gramian"
     stateful = True
+    #: its arithmetic is on the host (the Gramian comes as a float64 CPU tensor), so its state stays
+    #: there wherever the method is moved (on CUDA a device copy met the host's active-task mask)
+    host_buffers = ("calls", "last_weights", "last_active")
 
     def __init__(self, *, max_norm: float = 1.0, update_weights_every: int = 1) -> None:
         super().__init__()

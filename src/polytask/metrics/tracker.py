@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics.regression import R2Score
 
 from polytask.core.task import Task
+from polytask.engine.comm import all_reduce_sum_
 from polytask.metrics.registry import METRICS
 
 
@@ -130,7 +131,7 @@ class TaskMetrics:
         sums = torch.tensor([[float(torch.stack(self._loss_sums(t)).sum()) if self._losses[t] else 0.0,
                               float(self._loss_n[t])] for t in names], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+            all_reduce_sum_(sums)
         out: dict[str, dict[str, float]] = {}
         for i, (name, group) in enumerate(self.metrics.items()):
             values: dict[str, float] = {}

@@ -373,7 +373,7 @@ class Trainer:
         snapshot = copy.deepcopy(self.engine.state_dict()) if self.health_options.policy == "skip" else None
         self.optimizer.zero_grad(set_to_none=True)
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
-                                      scale=self.scaler.get_scale() if self.scaler is not None else 1.0,
+                                      scale=self._loss_scale(),
                                       diagnose=self.health.wants_gramian(self.step_index),
                                       lookahead=self._rank_weighted_outer(groups, active) if self.engine.lookahead else None)
         if self.scaler is not None:
@@ -490,6 +490,15 @@ class Trainer:
                 if distributed:
                     counts.update({k: len(batch) for k in terms if k not in self.names})
         return losses, counts, features
+
+    def _loss_scale(self) -> float:
+        """The fp16 loss scale the engine multiplies the losses by (1 without a scaler). The engine,
+        not the scaler, scales the losses, so the scale is read through ``scaler.scale``: the scaler
+        makes its scale tensor on its first ``scale`` call, and ``unscale_`` fails without it
+        (``get_scale`` alone left it unmade: every fp16 step failed, found on a GPU)."""
+        if self.scaler is None:
+            return 1.0
+        return float(self.scaler.scale(torch.ones((), device=self.device)))
 
     def _optimizer_step(self) -> None:
         clip = self.optim.clip
