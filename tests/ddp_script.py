@@ -24,14 +24,14 @@ def problem(seed: int = 0):
     return tasks, MultiOutputDataset(x, targets, masks)
 
 
-def train(method: str, steps: int = 4):
+def train(method: str, steps: int = 4, device: str = "cpu"):
     import polytask as pt
 
     tasks, data = problem()
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
     trainer = pt.Trainer(model, tasks, method=method, loop={"epochs": 1, "batch_size": 20, "steps_per_epoch": steps}, optim={"lr": 0.05},
-                         run={"progress": False})
+                         run={"progress": False, "device": device})
     trainer.fit(data)
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 

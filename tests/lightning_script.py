@@ -1,6 +1,6 @@
 """A Lightning run of MultiTaskModule on fixed data, for tests/test_lightning.py.
 
-python tests/lightning_script.py OUT_DIR DEVICES METHOD [PRECISION]: trains 2 epochs on 128
+python tests/lightning_script.py OUT_DIR DEVICES METHOD [PRECISION [ACCELERATOR]]: trains 2 epochs on 128
 rows (global batch 32: 32 / DEVICES per process; the same global batches in both cases)
 and rank 0 writes OUT_DIR/params.pt (the final parameters) and the logger's metrics.csv.
 """
@@ -34,14 +34,14 @@ class Rows(Dataset):
         return self.x[i], {"a": self.a[i], "b": self.b[i]}, {"b": self.known[i]}
 
 
-def main(out: Path, devices: int, method: str, precision: str = "32-true") -> None:
+def main(out: Path, devices: int, method: str, precision: str = "32-true", accelerator: str = "cpu") -> None:
     torch.manual_seed(0)
     tasks = [pt.Task("a", "regression"), pt.Task("b", "binary")]
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 16]), tasks)
     module = MultiTaskModule(model, method=method, optim={"optimizer": "sgd", "lr": 0.05, "momentum": 0.0,
                                                           "clip": {"norm": 5.0}})
     logger = pl.loggers.CSVLogger(str(out), name="logs", version=0)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    trainer = pl.Trainer(max_epochs=2, accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
                          precision=precision, logger=logger, enable_checkpointing=True, default_root_dir=str(out),
                          enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                          use_distributed_sampler=True)
@@ -59,4 +59,4 @@ def main(out: Path, devices: int, method: str, precision: str = "32-true") -> No
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *(sys.argv[4:5] or []))
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:6])

@@ -247,6 +247,18 @@ def test_bench_small_rows_and_command(capsys):
     assert "cpu clock" in out and any(line.startswith("pcgrad ") for line in out.splitlines())
 
 
+@pytest.mark.parametrize(("device", "clock", "match"), [
+    ("tpu", "wall", "must be 'cpu', 'cuda' or 'cuda:N'; found 'tpu'"),
+    ("gpu0", "wall", "must be 'cpu', 'cuda' or 'cuda:N'; found 'gpu0'"),
+    ("cuda", "cpu", "CUDA is not available here" if not torch.cuda.is_available() else "use --clock wall")])
+def test_bench_small_device_is_checked_before_anything_is_timed(device, clock, match):
+    from polytask.bench import small
+    from polytask.core.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=match):
+        small.run_routes(device=device, clock=clock, echo=lambda line: None)
+
+
 def test_interleaved_rotates_the_order_and_times_every_step():
     """Each round starts one variant later (the variant timed first was slower whichever it was);
     every variant runs its warm-up and rounds × block steps, and gets one median per variant."""
@@ -277,6 +289,22 @@ def test_host_state_stays_on_the_host_in_float64(name):
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         weights = method(Step(tasks=TASKS, losses=torch.full((4,), 0.5, dtype=dtype))).weights
         assert weights.dtype == dtype and weights.shape == (4,) and bool(torch.isfinite(weights).all())
+
+
+def test_nash_mtl_state_stays_on_the_host_where_its_solver_runs():
+    """Nash-MTL solves on a float64 CPU Gramian: its cached weights and active-task mask stay on
+    the host when the method is moved (to CUDA, found on a GPU: the mask moved there and met the
+    host's), and the weights come back on the step's device and dtype."""
+    method = get_method("nash_mtl", update_weights_every=2)
+    method.setup(TASKS)
+    method.to("meta")  # any other device
+    assert {b.device.type for b in method.buffers()} == {"cpu"}
+    j = torch.randn(4, 9, generator=torch.Generator().manual_seed(0))
+    for index, tasks in enumerate((TASKS, TASKS, TASKS[:3], TASKS[:3])):
+        rows = j[:len(tasks)]
+        update = method(Step(tasks=tasks, losses=torch.ones(len(tasks)), index=index, seed=0, gramian=rows @ rows.T))
+        assert update.weights.dtype == torch.float32 and bool((update.weights > 0).all())
+    assert int(method.calls) == 4 and method.last_active.tolist() == [True, True, True, False]
 
 
 @pytest.mark.parametrize("name", ["equal", "uncertainty", "famo"])
@@ -367,6 +395,6 @@ def test_route_sweep_reports_both_routes_and_what_auto_takes(monkeypatch):
     assert all(r.floor_ms > 0 and r.jacobian > 0 and r.autogram > 0 for r in rows)
     lines: list[str] = []
     monkeypatch.setattr(small, "ROUTE_SHAPES", tuple(shapes))
-    monkeypatch.setattr(small, "measure_routes", lambda **kw: rows)  # the table of the rows just measured
+    monkeypatch.setattr(small, "measure_routes", lambda *args, **kw: rows)  # the table of the rows just measured
     small.run_routes(echo=lines.append)
     assert "auto takes" in lines[1] and lines[2].split()[-1] == "jacobian" and lines[3].split()[-1] == "autogram"

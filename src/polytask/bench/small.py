@@ -59,9 +59,9 @@ class SmallRow:
         return GOALS[self.needs]
 
 
-def tiny_problem(n_tasks: int = 4, batch_size: int = 32, seed: int = 0) -> Problem:
+def tiny_problem(n_tasks: int = 4, batch_size: int = 32, seed: int = 0, device: str = "cpu") -> Problem:
     """The tiny model: MLP 16 → 64 → 64, ``n_tasks`` linear regression heads, a fixed batch."""
-    return mlp_problem(16, 64, n_tasks, batch_size, seed, name="tiny")
+    return mlp_problem(16, 64, n_tasks, batch_size, seed, name="tiny", device=device)
 
 
 def interleaved(steps: dict[str, Callable[[int], None]], *, rounds: int, block: int,
@@ -92,11 +92,11 @@ def interleaved(steps: dict[str, Callable[[int], None]], *, rounds: int, block: 
 
 
 def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20,
-                 n_tasks: int = 4, batch_size: int = 32, clock: str = "wall") -> list[SmallRow]:
+                 n_tasks: int = 4, batch_size: int = 32, clock: str = "wall", device: str = "cpu") -> list[SmallRow]:
     """Rows for every method on the tiny model (each method on its own copy of the same model)."""
     for name in methods:
         METHODS.get(name)  # unknown names fail before anything is timed
-    reference = tiny_problem(n_tasks, batch_size)
+    reference = tiny_problem(n_tasks, batch_size, device=device)
     steps: dict[str, Callable[[int], None]] = {"(equal: 1 backward)": equal_step(reference),
                                                "(task Jacobian alone)": jacobian_step(reference),
                                                "(floor: T backwards)": floor_step(reference)}
@@ -104,9 +104,9 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
         cls = METHODS.get(name)
         if cls.needs != "losses" and cls.compare == "features":
             continue  # the tiny model's goal is about the parameters' Jacobian
-        steps[name] = method_step(tiny_problem(n_tasks, batch_size), name, cls.compare if cls.needs != "losses"
+        steps[name] = method_step(tiny_problem(n_tasks, batch_size, device=device), name, cls.compare if cls.needs != "losses"
                                   else "auto", 1, gramian="auto")  # the route the engine takes by default
-    ms = interleaved(steps, rounds=rounds, block=block, now=CLOCKS[clock])
+    ms = interleaved(steps, rounds=rounds, block=block, now=clock_on(clock, device))
     ew, jac, floor = ms["(equal: 1 backward)"], ms["(task Jacobian alone)"], ms["(floor: T backwards)"]
     rows = [SmallRow("(equal: 1 backward)", "losses", ew, 1.0, ew / jac, ew / floor),
             SmallRow("(task Jacobian alone)", "gramian", jac, jac / ew, 1.0, jac / floor),
@@ -122,6 +122,10 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
 ROUTE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (16, 64, 4, 32), (16, 64, 10, 32), (16, 128, 4, 256), (64, 256, 4, 64), (64, 256, 10, 256),
     (128, 512, 4, 64), (128, 512, 10, 128), (256, 1024, 4, 64))
+#: further shapes the sweep takes on CUDA (5·10⁷ to 8·10⁸ entries of J), where a step's fixed costs
+#: (kernel launches, synchronisations) are larger next to its arithmetic and the crossover lies further out
+CUDA_ROUTE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (512, 2048, 10, 256), (768, 3072, 10, 256), (1024, 4096, 10, 256), (1024, 4096, 40, 256))
 
 
 @dataclass(frozen=True)
@@ -136,27 +140,41 @@ class RouteRow:
     auto: str  # the route ``gramian: auto`` takes on this shape
 
 
-def mlp_problem(inputs: int, width: int, n_tasks: int, batch_size: int, seed: int = 0, name: str = "mlp") -> Problem:
+def mlp_problem(inputs: int, width: int, n_tasks: int, batch_size: int, seed: int = 0, name: str = "mlp",
+                device: str = "cpu") -> Problem:
     """A hard-shared MLP inputs → width → width with ``n_tasks`` linear regression heads."""
     torch.manual_seed(seed)
     tasks = [Task(f"task{i}", kind="regression") for i in range(n_tasks)]
-    model = HardSharing(MLP(in_features=inputs, hidden=[width, width]), tasks)
-    return Problem(name, model, torch.randn(batch_size, inputs), torch.randn(batch_size, n_tasks))
+    model = HardSharing(MLP(in_features=inputs, hidden=[width, width]), tasks).to(device)
+    return Problem(name, model, torch.randn(batch_size, inputs).to(device), torch.randn(batch_size, n_tasks).to(device))
+
+
+def clock_on(clock: str, device: str) -> Callable[[], float]:
+    """``clock`` read after the device has finished its queued work (CUDA runs asynchronously:
+    without the wait a block would be timed as the time to queue its kernels)."""
+    now = CLOCKS[clock]
+    if torch.device(device).type != "cuda":
+        return now
+
+    def synchronised() -> float:
+        torch.cuda.synchronize(device)
+        return now()
+    return synchronised
 
 
 def measure_routes(shapes: Sequence[tuple[int, int, int, int]] = ROUTE_SHAPES, *, method: str = "mgda",
-                   rounds: int = 7, block: int = 10, clock: str = "wall") -> list[RouteRow]:
+                   rounds: int = 7, block: int = 10, clock: str = "wall", device: str = "cpu") -> list[RouteRow]:
     """``method`` on the J route and on the no-J route of each MLP shape, against its floor: where
     the no-J Gramian starts to pay (``engine.backward.SMALL_JACOBIAN`` is set from this)."""
     from polytask.engine.backward import Engine
 
     rows = []
     for shape in shapes:
-        steps = {"floor": floor_step(mlp_problem(*shape))}
+        steps = {"floor": floor_step(mlp_problem(*shape, device=device))}
         for route in ("jacobian", "autogram"):
-            steps[route] = method_step(mlp_problem(*shape), method, "shared", 1, gramian=route)
-        ms = interleaved(steps, rounds=rounds, block=block, now=CLOCKS[clock])
-        probe = mlp_problem(*shape)
+            steps[route] = method_step(mlp_problem(*shape, device=device), method, "shared", 1, gramian=route)
+        ms = interleaved(steps, rounds=rounds, block=block, now=clock_on(clock, device))
+        probe = mlp_problem(*shape, device=device)
         engine = Engine(method, probe.model.shared_parameters(), compare="shared")
         engine.backward(probe.losses()[1])
         entries = shape[2] * sum(p.numel() for p in probe.model.shared_parameters())
@@ -201,12 +219,23 @@ class SmallResult:
 
 
 @contextlib.contextmanager
-def _timing(threads: int, clock: str) -> Iterator[None]:
-    """``threads`` intra-op threads while timing with ``clock`` (both checked), restored after."""
+def _timing(threads: int, clock: str, device: str = "cpu") -> Iterator[None]:
+    """``threads`` intra-op threads while timing with ``clock`` on ``device`` (all checked), restored after."""
     if not isinstance(threads, int) or threads < 1:
         raise InvalidParameterError(f"`threads` of bench small must be an int >= 1; found {threads!r}")
     if clock not in CLOCKS:
         raise InvalidParameterError(f"`clock` of bench small must be one of {', '.join(CLOCKS)}; found {clock!r}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"`device` of bench small must be 'cpu', 'cuda' or 'cuda:N'; found {device!r}") from None
+    if kind not in ("cpu", "cuda"):
+        raise InvalidParameterError(f"`device` of bench small must be 'cpu', 'cuda' or 'cuda:N'; found {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"`device` of bench small is {device!r} but CUDA is not available here")
+    if kind == "cuda" and clock == "cpu":
+        raise InvalidParameterError("`clock` cpu cannot time a CUDA device (its kernels run outside this process's "
+                                    "CPU time); use --clock wall with --device cuda")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -216,31 +245,34 @@ def _timing(threads: int, clock: str) -> Iterator[None]:
 
 
 def run_routes(*, method: str = "mgda", rounds: int = 7, block: int = 10, threads: int = 1, clock: str = "wall",
-               echo: Callable[[str], None] = print) -> list[RouteRow]:
+               device: str = "cpu", echo: Callable[[str], None] = print) -> list[RouteRow]:
     """The route sweep's table (``polytask bench small --routes``): ``method``'s step ×floor on the
-    J route and the no-J route of each MLP in ``ROUTE_SHAPES``, and the route ``auto`` takes."""
-    with _timing(threads, clock):
-        echo(f"{method} on hard-shared MLPs (two hidden layers), ×floor, {threads} thread(s), {clock} clock, median of "
-             f"{rounds} interleaved blocks of {block} steps")
+    J route and the no-J route of each MLP in ``ROUTE_SHAPES`` (on CUDA also ``CUDA_ROUTE_SHAPES``,
+    where the crossover lies further out), and the route ``auto`` takes."""
+    with _timing(threads, clock, device):
+        echo(f"{method} on hard-shared MLPs (two hidden layers), ×floor, {device}, {threads} thread(s), {clock} clock, "
+             f"median of {rounds} interleaved blocks of {block} steps")
         echo(ROUTE_HEADER)
-        rows = measure_routes(method=method, rounds=rounds, block=block, clock=clock)
+        shapes = ROUTE_SHAPES + (CUDA_ROUTE_SHAPES if torch.device(device).type == "cuda" else ())
+        rows = measure_routes(shapes, method=method, rounds=rounds, block=block, clock=clock, device=device)
         for row in rows:
             echo(format_route(row))
         return rows
 
 
 def run(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20, overhead_repeats: int = 7,
-        threads: int = 1, clock: str = "wall", echo: Callable[[str], None] = print) -> SmallResult:
+        threads: int = 1, clock: str = "wall", device: str = "cpu", echo: Callable[[str], None] = print) -> SmallResult:
     """The tiny-model table, then the Trainer against a hand-written loop on the demo model
     (``overhead_repeats`` = 0 skips it); what the speed bench calls. ``threads`` intra-op threads
     while timing (1: a small model gains nothing from a second thread, and the ratios are far less
     sensitive to other processes); ``clock`` ``wall`` (elapsed) or ``cpu`` (this process's CPU
-    time: on a machine shared with other processes the steadier of the two)."""
-    with _timing(threads, clock):
-        echo(f"tiny model (MLP 16→64→64, T=4, batch 32), {threads} thread(s), {clock} clock, median of {rounds} "
-             f"interleaved blocks of {block} steps")
+    time: on a machine shared with other processes the steadier of the two). ``device`` is the tiny
+    model's; the Trainer-vs-loop comparison runs on the CPU whatever it is."""
+    with _timing(threads, clock, device):
+        echo(f"tiny model (MLP 16→64→64, T=4, batch 32), {device}, {threads} thread(s), {clock} clock, median of "
+             f"{rounds} interleaved blocks of {block} steps")
         echo(HEADER)
-        rows = measure_tiny(methods, rounds=rounds, block=block, clock=clock)
+        rows = measure_tiny(methods, rounds=rounds, block=block, clock=clock, device=device)
         for row in rows:
             echo(format_row(row))
         if overhead_repeats <= 0:

@@ -21,6 +21,8 @@ def register(sub: Any, bench_sub: Any) -> None:
     small.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                        help="wall: elapsed time; cpu: this process's CPU time, far less sensitive to other processes "
                        "on a shared machine (with --threads 1 it is the time spent on the step)")
+    small.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the tiny model or the route sweep "
+                       "runs (cuda takes --clock wall; the Trainer-vs-loop figure stays on the CPU)")
     small.add_argument("--routes", action="store_true",
                        help="instead: mgda's step on the J route and on the no-J Gramian route of MLPs from 21 k to "
                        "5 M Jacobian entries, ×floor, and the route `engine.gramian: auto` takes on each")
@@ -47,8 +49,8 @@ def handle(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"{name} must be >= 1; found {value}")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine's; ratios are within one process)")
     if args.routes:
-        small.run_routes(rounds=rounds, block=block, threads=args.threads, clock=args.clock)
+        small.run_routes(rounds=rounds, block=block, threads=args.threads, clock=args.clock, device=args.device)
         return 0
     small.run(methods, rounds=rounds, block=block, overhead_repeats=args.repeats, threads=args.threads,
-              clock=args.clock)
+              clock=args.clock, device=args.device)
     return 0

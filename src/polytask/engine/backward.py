@@ -194,16 +194,16 @@ class Engine:
         a run, and a run resumed from a checkpoint, take the same route every time): autogram when
         J would take more than half the free memory, or when layers it forms in closed form (Gram
         and rows routes) hold at least ``AUTOGRAM_SHARE`` of θ and J has at least
-        ``SMALL_JACOBIAN`` entries; otherwise the J route, which the no-J Gramian would only
-        repeat by other means. Why the size: below it the passes cost less than the no-J engine's
-        fixed work per step (its graph walk, hooks and per-layer blocks), which on a tiny model
-        made a step 1.7× the J route's."""
+        ``SMALL_JACOBIAN`` entries (``SMALL_JACOBIAN_CUDA`` on a GPU); otherwise the J route, which
+        the no-J Gramian would only repeat by other means. Why the size: below it the passes cost
+        less than the no-J engine's fixed work per step (its graph walk, hooks and per-layer
+        blocks), which on a tiny model made a step 1.7× the J route's on the CPU and 2× on a GPU."""
         if self.gramian_route != "auto":
             return self.gramian_route
         total = sum(p.numel() for p in self.theta)
         if len(parts) * total * self.theta[0].element_size() > _free_memory(self.theta[0].device) / 2:
             self.gramian_route = "autogram"
-        elif len(parts) * total < SMALL_JACOBIAN:
+        elif len(parts) * total < (SMALL_JACOBIAN_CUDA if self.theta[0].is_cuda else SMALL_JACOBIAN):
             self.gramian_route = "jacobian"
         else:
             plan = self.autogram.planner.plan(parts, self.theta)
@@ -743,6 +743,10 @@ AUTOGRAM_SHARE = 0.5
 #: (2²⁰: on MLPs at T = 4 and 10 on CPU, the no-J step was slower than the J route's up to T·|θ| ≈
 #: 0.8 M entries and faster from 1.3 M on; `polytask bench small` and the sweep in docs/engine.md)
 SMALL_JACOBIAN = 2**20
+#: the same on a CUDA device (2²⁷): on an H200 the J route (its batched pass) was the faster up to
+#: 5·10⁷ entries (1.03 against 1.54 ×floor) and the no-J Gramian from 2·10⁸ (1.98 against 2.61);
+#: a GPU's per-kernel cost weighs on the no-J engine's many small products (docs/engine.md)
+SMALL_JACOBIAN_CUDA = 2**27
 
 
 def _free_memory(device: torch.device) -> float:
