@@ -149,13 +149,38 @@ def engine_run(name: str, device: torch.device, steps: int = 3):
     return report.weights, grads
 
 
+#: draws its P uniforms on the device on CUDA (graddrop's Departures): not the CPU's numbers
+DEVICE_DRAWS = {"graddrop"}
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_gives_the_same_update_on_cuda_as_on_the_cpu(name):
+    if name in DEVICE_DRAWS:
+        first, second = engine_run(name, CUDA), engine_run(name, CUDA)  # the same draws run after run
+        assert first[0] == second[0] and all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
+        return
     cpu_weights, cpu_grads = engine_run(name, torch.device("cpu"))
     cuda_weights, cuda_grads = engine_run(name, CUDA)
     assert cuda_weights == pytest.approx(cpu_weights, rel=1e-6, abs=1e-9), name
     for a, b in zip(cuda_grads, cpu_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_graddrop_on_cuda_keeps_one_sign_per_coordinate_at_the_purity_rate():
+    from methods.helpers import make_step
+
+    method = build_method("graddrop", ["t0", "t1", "t2", "t3"], leak=0.0)
+    j = torch.randn(4, 200_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(CUDA)
+    d = method(make_step(method, j, seed=7)).direction
+    assert d.device == j.device
+    pos, neg = j.clamp(min=0).sum(0), j.clamp(max=0).sum(0)
+    took_pos, took_neg = d == pos, d == neg
+    assert bool((took_pos | took_neg | (d == 0)).all())
+    purity = 0.5 * (1 + (pos + neg) / (pos - neg))  # P(keep the positive ones) per coordinate
+    expected, spread = float(purity.sum()), float((purity * (1 - purity)).sum()) ** 0.5
+    assert abs(float(took_pos.sum()) - expected) < 5 * spread
+    again = method(make_step(method, j, seed=7)).direction
+    assert torch.equal(again, d)  # the step's stream seeds the device draws
 
 
 def test_bf16_autocast_no_j_gramian_equals_the_jacobians_on_cuda():

@@ -9,6 +9,9 @@ from polytask.methods.base import Method, Step, Update, register
 
 #: columns of J per block (2.6 MB of float32 at T = 10)
 COLUMNS = 1 << 16
+#: the same on CUDA, where a block's operations are kernel launches and the caching allocator makes
+#: buffers free: 16 times wider (a 1.75 M-parameter MLP is 2 blocks instead of 27)
+CUDA_COLUMNS = 1 << 20
 
 
 @register("graddrop")
@@ -27,6 +30,11 @@ class GradDrop(Method):
         As in TorchJD, the masks act on the parameter gradients J rather than on the activation
         gradients of the paper (where P is taken over the batch at the layer GradDrop is
         inserted after).
+
+        On CUDA, U is drawn on the device, by a generator seeded with one draw from the step's
+        stream: a step draws the same U on every run, resume and rank, but not the numbers the
+        CPU draws for it. Drawing the P uniforms on the host and copying them was about two thirds
+        of a step on an H200 (26 ms against 9 for the task Jacobian, MLP of 1.75 M parameters).
     """
 
     needs = "jacobian"
@@ -51,14 +59,15 @@ class GradDrop(Method):
         # allocation the kernel has to fault in), and the step holds J, U, the direction and one
         # block's buffers.
         tasks, width = j.shape
-        columns = min(COLUMNS, width)
-        threshold = torch.rand(width, generator=step.generator, dtype=j.dtype).to(j.device).mul_(2).sub_(1)
+        block_columns = CUDA_COLUMNS if j.is_cuda else COLUMNS
+        columns = min(block_columns, width)
+        threshold = uniforms(width, step.generator, j).mul_(2).sub_(1)
         direction = torch.empty(width, dtype=j.dtype, device=j.device)
         scratch = torch.empty(tasks * columns, dtype=j.dtype, device=j.device)
         signed, pos, neg, bound, above, below = (torch.empty(columns, dtype=j.dtype, device=j.device)
                                                  for _ in range(6))
-        for start in range(0, width, COLUMNS):
-            n = min(COLUMNS, width - start)
+        for start in range(0, width, block_columns):
+            n = min(block_columns, width - start)
             block, out, part = j[:, start:start + n], direction[start:start + n], scratch[:tasks * n].view(tasks, n)
             s, p, q, b, a, c = signed[:n], pos[:n], neg[:n], bound[:n], above[:n], below[:n]
             torch.sum(torch.clamp(block, min=0, out=part), 0, out=p)
@@ -74,3 +83,13 @@ class GradDrop(Method):
             if self.leak != 0.0:  # ℓ Σᵢgᵢ + (1 − ℓ) Σᵢ M_ik g_ik
                 out.mul_(1 - self.leak).add_(s, alpha=self.leak)
         return Update(torch.ones_like(step.losses), direction=direction)
+
+
+def uniforms(n: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """U ~ Uniform(0, 1)ⁿ in ``like``'s dtype and device: from ``generator`` on the CPU; on CUDA from
+    a device generator seeded by one draw of ``generator`` (the step's stream; see Departures)."""
+    if not like.is_cuda:
+        return torch.rand(n, generator=generator, dtype=like.dtype)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    device_generator = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.rand(n, generator=device_generator, dtype=like.dtype, device=like.device)
