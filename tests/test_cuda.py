@@ -6,7 +6,10 @@ Run it on a GPU machine with ``pytest tests/test_cuda.py``. It checks:
   (the per-task loop and vmapped passes);
 * the batched task Jacobian equals the loop, and ``jacobian: auto`` times both on CUDA and keeps one;
 * every registered method's update on CUDA equals its update on the CPU (the random methods draw
-  from CPU generators, so they draw the same numbers);
+  from CPU generators, so they draw the same numbers), except GradDrop's, which draws on the
+  device: it is checked for the same draws run after run and for its sign-purity rate;
+* cuDNN's GRU and LSTM: the no-J Gramian refuses them and the engine warns and takes J;
+* ``gramian: auto`` reads ``SMALL_JACOBIAN_CUDA`` on a GPU;
 * bf16 autocast on CUDA: the no-J Gramian equals J Jᵀ taken under the same autocast;
 * fp16 with the Trainer's GradScaler: overflowing steps are skipped and the scale comes down,
   the other steps train;
