@@ -84,3 +84,23 @@ def test_torchrun_cli_only_rank_zero_writes(tmp_path):
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert {"summary.json", "metrics.csv", "checkpoints"} <= set(files)
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_cpu_run_in_an_nccl_group_is_refused_with_the_fix(monkeypatch):
+    """An NCCL group started by the user's script and `run.device: cpu`: one clear error (before, the
+    first broadcast of the model failed inside torch with "No backend type associated with device
+    type cpu", found on a GPU)."""
+    import torch.distributed as dist
+
+    from polytask.core.errors import InvalidParameterError
+    from polytask.engine.comm import Communicator
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(InvalidParameterError, match="`run.device` is 'cpu' but the process group already started uses "
+                                                     "NCCL.*set run.device to cuda or auto"):
+        Communicator.from_env(torch.device("cpu"))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    assert Communicator.from_env(torch.device("cpu")).world_size == 1  # gloo takes host tensors

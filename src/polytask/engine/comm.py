@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from polytask.core.errors import InvalidParameterError
+
 
 class Communicator:
     """All-reduce helpers over the default process group, counting the bytes they send."""
@@ -39,6 +41,11 @@ class Communicator:
             torch.cuda.set_device(device)  # NCCL's collectives and object broadcasts run on the current device
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        elif device.type != "cuda" and dist.get_backend() == "nccl":
+            raise InvalidParameterError(
+                f"`run.device` is {str(device)!r} but the process group already started uses NCCL, which moves CUDA "
+                "tensors only (the model would be broadcast from the host): set run.device to cuda or auto, or start "
+                "the group with backend='gloo'")
         return cls(dist.get_rank(), dist.get_world_size())
 
     def sum_(self, tensor: Tensor) -> Tensor:
