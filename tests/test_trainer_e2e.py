@@ -519,3 +519,9 @@ def test_a_gradient_scaler_scales_and_unscales_to_the_unscaled_run(method):
     assert trainer.scaler.get_scale() == 2.0 ** 10  # no step overflowed, none grew it (growth after 2000)
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fit_frees_the_engines_kept_jacobian():
+    trainer = trainer_for(model_for(SYN_TASKS), SYN_TASKS, method="upgrad", epochs=1)
+    trainer.fit(synthetic(64, 0))
+    assert trainer.engine.index > 0 and trainer.engine.kept_bytes == 0

@@ -515,3 +515,29 @@ def test_index_is_not_an_argument_of_backward():
     with pytest.raises(TypeError):
         Engine("equal", model.shared_parameters()).backward(losses, index=3)
 
+
+
+@pytest.mark.parametrize("name", ["upgrad", "graddrop"])
+def test_the_kept_jacobian_storage_gives_the_fresh_storage_update_every_step(name):
+    """J's storage is kept from step to step (a fresh J is faulted in page by page): over steps whose
+    active tasks change (fewer rows, then all again) every update equals one from an engine that
+    makes J anew each step, and ``release_memory`` frees the storage."""
+    fresh_model, tasks = hard_sharing(4)
+    kept_model, _ = hard_sharing(4)
+    fresh = Engine(build(name, [t.name for t in tasks]), fresh_model.shared_parameters(), gramian="jacobian")
+    kept = Engine(build(name, [t.name for t in tasks]), kept_model.shared_parameters(), gramian="jacobian")
+    for step, active in enumerate((4, 4, 2, 3, 4)):
+        for model, engine in ((fresh_model, fresh), (kept_model, kept)):
+            model.zero_grad(set_to_none=True)
+            _, losses = model_losses(model, tasks, *data(n_tasks=4, seed=step))
+            losses = {t: (v if i < active else None) for i, (t, v) in enumerate(losses.items())}
+            report = engine.backward(losses)
+            if engine is fresh:
+                fresh.release_memory()  # the next step makes J anew
+                want = report
+        assert report.weights == pytest.approx(want.weights, rel=1e-6, abs=1e-9), step
+        for a, b in zip(grads(kept_model.parameters()), grads(fresh_model.parameters()), strict=True):
+            torch.testing.assert_close(a, b)
+    assert kept.kept_bytes == 4 * sum(p.numel() for p in kept_model.shared_parameters()) * 4  # 4 rows of float32
+    kept.release_memory()
+    assert kept.kept_bytes == 0

@@ -271,6 +271,7 @@ class Trainer:
                 self.writer.rollback()
             raise
         finally:
+            self.engine.release_memory()  # J's storage, kept between steps for speed: not needed once fit ends
             if self._fit_started is not None:
                 self.train_seconds += time.perf_counter() - self._fit_started
                 self._fit_started = None
