@@ -541,3 +541,51 @@ def test_the_kept_jacobian_storage_gives_the_fresh_storage_update_every_step(nam
     assert kept.kept_bytes == 4 * sum(p.numel() for p in kept_model.shared_parameters()) * 4  # 4 rows of float32
     kept.release_memory()
     assert kept.kept_bytes == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_jacobian_pieces_give_g_and_the_update_of_the_whole_j(chunk):
+    """A Gramian method's batched passes leave J in per-chunk, per-tensor blocks (no T×P copy): G and
+    Jᵀw from the blocks equal those of J assembled from them, a block a chunk does not reach (None)
+    counting as zeros."""
+    from polytask.engine.jacobian import JacobianPieces, transpose_times
+
+    gen = torch.Generator().manual_seed(0)
+    sizes, t = [5, 3, 4], 7
+    j = torch.randn(t, sum(sizes), generator=gen, dtype=torch.float64)
+    j[3:, 5:8] = 0.0  # the second tensor is not reached by tasks 3…6
+    chunks = []
+    for start in range(0, t, chunk):
+        rows = min(chunk, t - start)
+        blocks = list(j[start:start + rows].split(sizes, dim=1))
+        if start >= 3 and start + rows <= t and bool((blocks[1] == 0).all()):
+            blocks[1] = None
+        chunks.append((start, rows, [None if b is None else b.clone() for b in blocks]))
+    pieces = JacobianPieces(chunks, t, sizes, j)
+    assert pieces.shape == tuple(j.shape)
+    torch.testing.assert_close(pieces.gramian(), gramian(j), rtol=1e-12, atol=1e-12)
+    w = torch.linspace(-1.0, 2.0, t, dtype=torch.float64)
+    torch.testing.assert_close(transpose_times(pieces, w), w @ j, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(transpose_times(j, w), w @ j)
+    pieces.div_(4.0)
+    torch.testing.assert_close(pieces.gramian(), gramian(j / 4.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("name", ["upgrad", "graddrop"])
+def test_batched_passes_in_chunks_equal_the_loop(name, chunk_size):
+    """`jacobian: batched` in chunks of tasks: a Gramian method takes J in pieces, a Jacobian method
+    the assembled J; either update equals the loop's."""
+    out = {}
+    for jacobian in ("loop", "batched"):
+        model, tasks = hard_sharing(n_tasks=5)
+        engine = Engine(build(name, [t.name for t in tasks]), model.shared_parameters(), jacobian=jacobian,
+                        chunk_size=chunk_size, gramian="jacobian")
+        for i, scale in enumerate((1.0, 64.0)):
+            model.zero_grad(set_to_none=True)
+            _, losses = model_losses(model, tasks, *data(n_tasks=5, seed=i))
+            report = engine.backward(losses, scale=scale, diagnose=True)
+        out[jacobian] = (grads(model.parameters()), report)
+    for a, b in zip(out["loop"][0], out["batched"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["batched"][1].gramian, out["loop"][1].gramian, rtol=1e-5, atol=1e-6)

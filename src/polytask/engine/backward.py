@@ -16,7 +16,15 @@ from polytask.core.errors import InvalidParameterError
 from polytask.core.options import options
 from polytask.engine.autogram import AutogramGramian, AutogramUnavailable
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, _empty_jacobian, _write_row, cross_gramian, gramian
+from polytask.engine.jacobian import (
+    JacobianComputer,
+    JacobianPieces,
+    _empty_jacobian,
+    _write_row,
+    cross_gramian,
+    gramian,
+    transpose_times,
+)
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
 from polytask.methods.base import Method, Step, Update, get_method
 
@@ -481,9 +489,9 @@ class Engine:
             self.comm.mean_(j)
         return j
 
-    def _theta_gramian(self, jacobian: Tensor) -> Tensor:
+    def _theta_gramian(self, jacobian: Tensor | JacobianPieces) -> Tensor:
         """G on θ from the step's J (a sharded engine sums the ranks' column blocks here)."""
-        return gramian(jacobian)
+        return jacobian.gramian() if isinstance(jacobian, JacobianPieces) else gramian(jacobian)
 
     def _part_gramians(self, part_jacobians: list[Tensor]) -> Tensor:
         """The cross Gramians Gₐᵦ = Jₐ Jᵦᵀ of the batch parts' Jacobians (k×k×T×T)."""
@@ -501,7 +509,7 @@ class Engine:
             (extra_loss * scale).backward(retain_graph=True)
         private, self._private = self._private, None
         if private is not None:
-            direction = update.direction if use_direction else applied.detach() @ jacobian  # type: ignore[operator]
+            direction = update.direction if use_direction else transpose_times(jacobian, applied.detach())  # type: ignore[arg-type]
             # the gradients may be views of what is passed: the method's own direction is copied
             self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction)
             self._add_private_grads(private, head.detach())
@@ -642,12 +650,15 @@ class Engine:
     def _fused_batched(self, parts: list[Tensor], private: list[Tensor], scale: float) -> Tensor | None:
         """``_fused_jacobian`` by vmapped backward passes, ``chunk_size`` tasks each; None (nothing
         run) when the leaves outside θ hold more values than θ, whose T-fold gradients would
-        outgrow J. The kept gradients are (start row, the chunk's gradients, rows first)."""
+        outgrow J. The kept gradients are (start row, the chunk's gradients, rows first). For a
+        method that reads only G, J is left in the passes' own blocks (:class:`JacobianPieces`),
+        not copied into one T×P tensor."""
         n_private = sum(p.numel() for p in private)
         if n_private > sum(p.numel() for p in self.theta):
             return None
         inputs, n, t = [*self.theta, *private], len(self.theta), len(parts)
-        jacobian, sizes = self._jacobian_storage(t)
+        pieces: list[tuple[int, int, list[Tensor | None]]] | None = [] if self.method.needs == "gramian" else None
+        jacobian, sizes = self._jacobian_storage(t) if pieces is None else (None, [p.numel() for p in self.theta])
         vec = torch.stack(parts)
         if scale != 1.0:
             vec = vec * scale
@@ -659,12 +670,16 @@ class Engine:
             selector = eye[start:start + rows]
             grads = torch.autograd.grad(vec, inputs, grad_outputs=selector, retain_graph=start + rows < t,
                                         allow_unused=True, is_grads_batched=True)
-            _write_row(jacobian[start:start + rows], grads[:n], sizes)
+            if pieces is None:
+                _write_row(jacobian[start:start + rows], grads[:n], sizes)  # type: ignore[index]
+            else:
+                pieces.append((start, rows, [None if g is None else g.reshape(rows, -1) for g in grads[:n]]))
             blocks.append((start, grads[n:]))
+        result = jacobian if pieces is None else JacobianPieces(pieces, t, sizes, self.theta[0])
         if scale != 1.0:
-            jacobian.div_(scale)
+            result.div_(scale)  # type: ignore[union-attr]
         self._private = (private, blocks, True)
-        return jacobian
+        return result  # type: ignore[return-value]
 
     @staticmethod
     def _add_private_grads(private: tuple[list[Tensor], list[Any], bool], head: Tensor) -> None:

@@ -142,6 +142,60 @@ def gramian(jacobian: Tensor, block: int = 65536) -> Tensor:
     return (g + g.T) / 2
 
 
+class JacobianPieces:
+    """J on θ as vmapped backward passes give it and never concatenated: for each chunk of tasks
+    (its first row and its number of rows), one (rows, nₖ) block per tensor of θ (None where the
+    chunk's tasks do not reach it).
+
+    Why: for a method that reads only G, the engine needs G = J Jᵀ and Jᵀw, and both are sums over
+    these blocks. Copying them into one T×P tensor would hold a second J at the step's peak (the
+    passes' own gradients next to J: 2× J on a GPU, where ``jacobian: auto`` takes the batched
+    passes) and spend a write and a read of J on the copy.
+    """
+
+    def __init__(self, chunks: list[tuple[int, int, list[Tensor | None]]], rows: int, sizes: Sequence[int],
+                 like: Tensor) -> None:
+        self.chunks, self.sizes = chunks, list(sizes)
+        self.shape = (rows, sum(self.sizes))
+        self.dtype, self.device = like.dtype, like.device
+
+    def div_(self, value: float) -> JacobianPieces:
+        for _, _, blocks in self.chunks:
+            for block in blocks:
+                if block is not None:
+                    block.div_(value)
+        return self
+
+    def gramian(self) -> Tensor:
+        """G = J Jᵀ (T×T), symmetrised as :func:`gramian` does: Gₐᵦ = Σₖ Jₐₖ Jᵦₖᵀ over θ's tensors k."""
+        g = torch.zeros(self.shape[0], self.shape[0], dtype=self.dtype, device=self.device)
+        for i, (start_a, rows_a, blocks_a) in enumerate(self.chunks):
+            for start_b, rows_b, blocks_b in self.chunks[i:]:
+                part = g[start_a:start_a + rows_a, start_b:start_b + rows_b]
+                for a, b in zip(blocks_a, blocks_b, strict=True):
+                    if a is not None and b is not None:
+                        part.addmm_(a, b.T)
+                if start_b != start_a:
+                    g[start_b:start_b + rows_b, start_a:start_a + rows_a] = part.T
+        return (g + g.T) / 2
+
+    def transpose_times(self, w: Tensor) -> Tensor:
+        """Jᵀw (P,), flattened in θ's order (the update on θ)."""
+        w = w.to(self.dtype)
+        out = torch.zeros(self.shape[1], dtype=self.dtype, device=self.device)
+        parts = out.split(self.sizes)
+        for start, rows, blocks in self.chunks:
+            for k, block in enumerate(blocks):
+                if block is not None:
+                    parts[k].addmv_(block.T, w[start:start + rows])
+        return out
+
+
+def transpose_times(jacobian: Tensor | JacobianPieces, w: Tensor) -> Tensor:
+    """Jᵀw of a T×P Jacobian or of its pieces."""
+    return jacobian.transpose_times(w) if isinstance(jacobian, JacobianPieces) else w @ jacobian
+
+
 def cross_gramian(a: Tensor, b: Tensor, block: int = 65536) -> Tensor:
     """A Bᵀ of two Jacobians of the same parameters (T×T, not symmetric), over column blocks as ``gramian``."""
     g = torch.zeros(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
