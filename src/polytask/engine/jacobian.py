@@ -126,7 +126,11 @@ class JacobianComputer:
         return batched_task_jacobian(torch.stack(list(losses)), inputs, self.chunk_size)
 
 
-def gramian(jacobian: Tensor, block: int = 65536) -> Tensor:
+#: columns per block of the Gramian's products on the CPU (see `gramian`)
+GRAM_BLOCK = 65536
+
+
+def gramian(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
     """G = J Jᵀ, accumulated over column blocks of J and symmetrised.
 
     For the wide, short J of MTL (T rows, millions of columns) one GEMM is slow on CPU (T=10,
@@ -173,8 +177,13 @@ class JacobianPieces:
             for start_b, rows_b, blocks_b in self.chunks[i:]:
                 part = g[start_a:start_a + rows_a, start_b:start_b + rows_b]
                 for a, b in zip(blocks_a, blocks_b, strict=True):
-                    if a is not None and b is not None:
+                    if a is None or b is None:
+                        continue
+                    if a.is_cuda or a.shape[1] <= GRAM_BLOCK:
                         part.addmm_(a, b.T)
+                    else:  # on the CPU a wide product is faster in column blocks (see `gramian`)
+                        for pa, pb in zip(a.split(GRAM_BLOCK, dim=1), b.split(GRAM_BLOCK, dim=1), strict=True):
+                            part.addmm_(pa, pb.T)
                 if start_b != start_a:
                     g[start_b:start_b + rows_b, start_a:start_a + rows_a] = part.T
         return (g + g.T) / 2
