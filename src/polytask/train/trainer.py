@@ -170,6 +170,7 @@ class Trainer:
             raise InvalidParameterError("`precision` 16 (fp16 with a gradient scaler) needs a CUDA device; use bf16 on CPU")
         self.autocast_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler("cuda") if precision == "16" else None
+        self._unit = torch.ones((), device=self.device)  # what `_loss_scale` passes through the scaler
         groups = parameter_groups(model, self.tasks, self.method.parameters(), lr=self.optim.lr,
                                   weight_decay=self.optim.weight_decay)
         for objective in objective_modules:
@@ -499,7 +500,7 @@ class Trainer:
         (``get_scale`` alone left it unmade: every fp16 step failed, found on a GPU)."""
         if self.scaler is None:
             return 1.0
-        return float(self.scaler.scale(torch.ones((), device=self.device)))
+        return float(self.scaler.scale(self._unit))
 
     def _optimizer_step(self) -> None:
         clip = self.optim.clip
