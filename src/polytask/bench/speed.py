@@ -28,7 +28,7 @@ from torch import Tensor
 from polytask.bench.memory import PeakMemory
 from polytask.core.task import Task
 from polytask.engine.backward import Engine
-from polytask.engine.jacobian import task_jacobian
+from polytask.engine.jacobian import _write_row
 from polytask.methods.base import METHODS, example_method
 from polytask.models.base import MultiTaskModel
 from polytask.models.encoders import CNN, MLP
@@ -107,12 +107,20 @@ def floor_step(problem: Problem) -> Callable[[int], None]:
 
 
 def jacobian_step(problem: Problem) -> Callable[[int], None]:
+    """T backward passes writing J, into storage kept from step to step as the engine's J routes keep
+    it (a fresh J of tens of MB is faulted in page by page, which is not the cost of writing it)."""
     shared = list(problem.model.shared_parameters())
+    sizes = [p.numel() for p in shared]
+    kept: list[Tensor] = []
 
     def step(i: int) -> None:
         problem.model.zero_grad(set_to_none=True)
         _, losses = problem.losses()
-        task_jacobian(list(losses.values()), shared)
+        if not kept:
+            kept.append(torch.empty(len(losses), sum(sizes), dtype=shared[0].dtype, device=shared[0].device))
+        for row, loss in zip(kept[0], losses.values(), strict=True):
+            _write_row(row, torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), sizes)
+    step.release = kept.clear  # type: ignore[attr-defined]  # for `measure`: J is made anew inside its measurement
     return step
 
 
@@ -137,7 +145,7 @@ def method_step(problem: Problem, name: str, compare: str, every: int, gramian: 
         model.zero_grad(set_to_none=True)
         z, losses = problem.losses()
         engine.backward(losses, features=[z])
-    step.engine = engine  # type: ignore[attr-defined]  # for `measure`: what it keeps between steps
+    step.release = engine.release_memory  # type: ignore[attr-defined]  # for `measure`: what it keeps between steps
     return step
 
 
@@ -314,9 +322,9 @@ def measure(problem: Problem, methods: Sequence[str], *, steps: int, warmup: int
                 times[k].append((now() - start) * 1000)
     peaks: list[float | None] = []
     for variant in todo:
-        engine = getattr(variant.step, "engine", None)
-        if engine is not None:  # J's kept storage is made anew inside the measurement, so its peak counts J
-            engine.release_memory()
+        release = getattr(variant.step, "release", None)
+        if release is not None:  # J's kept storage is made anew inside the measurement, so its peak counts J
+            release()
         with PeakMemory(dev) as memory:
             for r in range(2):
                 variant.step(r)
