@@ -589,3 +589,13 @@ def test_batched_passes_in_chunks_equal_the_loop(name, chunk_size):
     for a, b in zip(out["loop"][0], out["batched"][0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["batched"][1].gramian, out["loop"][1].gramian, rtol=1e-5, atol=1e-6)
+
+
+def test_task_jacobian_writes_into_given_storage():
+    model, tasks = hard_sharing(3)
+    _, losses = model_losses(model, tasks, *data())
+    params = list(model.shared_parameters())
+    want = task_jacobian(list(losses.values()), params)
+    storage = torch.full((5, want.shape[1]), float("nan"))
+    got = task_jacobian(list(losses.values()), params, out=storage)
+    assert torch.equal(got, want) and got.data_ptr() == storage.data_ptr()

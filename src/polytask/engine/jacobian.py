@@ -30,15 +30,19 @@ def _empty_jacobian(rows: int, inputs: Sequence[Tensor]) -> tuple[Tensor, list[i
     return torch.empty(rows, sum(sizes), dtype=inputs[0].dtype, device=inputs[0].device), sizes
 
 
-def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
     """J (T×P) by a per-task loop: row i is ∇ Lᵢ w.r.t. ``inputs``, flattened and concatenated.
 
     Each backward only runs the part of the graph task i reaches (its own head, then the shared
     encoder), so no task back-propagates through another task's head. Gradients are written
     straight into one preallocated J: at T=40 on the benchmark MLP, J is 290 MB, and every extra
-    copy of it (concatenating rows, stacking them) costs as much time as a backward pass.
+    copy of it (concatenating rows, stacking them) costs as much time as a backward pass. ``out``:
+    storage to write J into (its first T rows), e.g. kept from an earlier step.
     """
-    jacobian, sizes = _empty_jacobian(len(losses), inputs)
+    if out is None:
+        jacobian, sizes = _empty_jacobian(len(losses), inputs)
+    else:
+        jacobian, sizes = out[:len(losses)], [p.numel() for p in inputs]
     for i, loss in enumerate(losses):
         _write_row(jacobian[i], torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True), sizes)
     return jacobian
