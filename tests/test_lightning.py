@@ -55,6 +55,7 @@ def _quiet():
 def test_the_same_update_as_polytasks_own_engine(tmp_path, method, one_thread):
     module = MultiTaskModule(model(), method=method, optim=OPTIM)
     lightning_trainer(tmp_path).fit(module, loader())
+    assert module.engine.kept_bytes == 0  # J's storage, kept between steps, is freed when training ends
     # the same two epochs by hand: polytask's Engine, SGD, clipping
     net = model()
     engine = pt.Engine(method, net.shared_parameters(), last_shared_params=net.last_shared_parameters())

@@ -213,6 +213,11 @@ class MultiTaskModule(pl.LightningModule):
         self.method.on_epoch_end(self.current_epoch, train_losses, self._last_val)
         self._epoch_loss, self._epoch_count, self._last_val = {}, {}, None
 
+    def on_train_end(self) -> None:
+        """Free what the engine keeps between steps (J's storage), as the Trainer does when fit ends."""
+        if self.engine is not None:
+            self.engine.release_memory()
+
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val_metrics = TaskMetrics(self.tasks, self.device)
