@@ -128,14 +128,12 @@ class MultiOutputDataset:
                                   {k: v[index] for k, v in self.masks.items()})
 
     def batch(self, index: Tensor, source: str | None = None) -> Batch:
-        if isinstance(index, Tensor) and index.dim() == 1 and index.dtype == torch.long:
-            # the rows by index_select, not x[index]: the same gather at a third of the cost on the CPU
-            # (16 → 5 µs for 256 rows of 100 features), a tenth of a small model's step in all
-            def take(t: Tensor) -> Tensor:
-                return t.index_select(0, index) if t.device == index.device else t[index]
-        else:
-            def take(t: Tensor) -> Tensor:
-                return t[index]
+        # rows by index_select where it applies, not x[index]: the same gather at a third of the cost on
+        # the CPU (16 → 5 µs for 256 rows of 100 features), a tenth of a small model's step in all
+        rows = isinstance(index, Tensor) and index.dim() == 1 and index.dtype == torch.long
+
+        def take(t: Tensor) -> Tensor:
+            return t.index_select(0, index) if rows and t.device == index.device else t[index]
         return Batch(take(self.x), {k: take(v) for k, v in self.targets.items()},
                      {k: take(v) for k, v in self.masks.items()}, source)
 
