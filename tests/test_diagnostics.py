@@ -218,6 +218,19 @@ def test_diagnostics_callback_writes_conflict_and_affinity_without_changing_trai
     assert 'data-missing="config"' in page and "mean over 4 affinity steps (every 2 steps" in page
 
 
+def test_diagnostics_callback_gets_a_jacobian_method_s_gramian_every_step(tmp_path):
+    """The engine forms a Jacobian method's G only when asked: the callback reads the report's G, so the
+    Trainer asks for it every step (conflict statistics on all 8 steps), and not without it."""
+    diagnosed = _train(tmp_path, "diag", [{"name": "diagnostics", "affinity_every": 0}], method="graddrop")
+    summary = json.loads((tmp_path / "diag" / "diagnostics" / "summary.json").read_text())
+    assert summary["conflict"]["overall"]["steps"] == 8
+    assert diagnosed._gramian_wanted
+    plain = _train(tmp_path, "plain", [], method="graddrop")
+    assert not plain._gramian_wanted
+    for p, q in zip(plain.model.parameters(), diagnosed.model.parameters(), strict=True):
+        assert torch.equal(p, q)  # G read or not, the same updates
+
+
 def test_diagnostics_callback_refuses_bad_parameters():
     from polytask.train.callbacks import CALLBACKS
     with pytest.raises(InvalidParameterError, match="affinity_every"):

@@ -32,13 +32,13 @@ def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(12, 4, generator=gen), 3 * torch.randn(12, 3, generator=gen)
 
 
-def run(name: str, compare: str, heads: str):
+def run(name: str, compare: str, heads: str, diagnose: bool = False):
     """One engine step on a fresh HardSharing model: the model, its tasks and the report."""
     model, tasks = hard_sharing(3)
     engine = Engine(build(name, [t.name for t in tasks]), model.shared_parameters(),
                     last_shared_params=model.last_shared_parameters(), compare=compare, heads=heads)
     z, losses = model_losses(model, tasks, *data())
-    report = engine.backward(losses, features=[z])
+    report = engine.backward(losses, features=[z], diagnose=diagnose)
     assert report.compare == compare and report.heads == heads
     return model, tasks, report
 
@@ -72,7 +72,7 @@ def test_head_gradients_weighted_or_unweighted(name, compare):
 def test_unweighted_heads_with_a_direction_method_on_the_last_layer():
     """MoCo on the last shared layer: that layer gets the direction, the layers below Σ λᵢ ∇Lᵢ, the
     heads ∇Lᵢ."""
-    model, tasks, report = run("moco", "last_shared", "unweighted")
+    model, tasks, report = run("moco", "last_shared", "unweighted", diagnose=True)  # diagnose: G in the report
     _, losses = model_losses(model, tasks, *data())
     last = model.last_shared_parameters()
     below = [p for p in model.shared_parameters() if all(p is not q for q in last)]
@@ -149,7 +149,7 @@ def test_gradnorm_and_great_compare_on_the_last_shared_layer_by_default(name):
     engine = Engine(name, model.shared_parameters(), last_shared_params=last)
     assert engine.compare == "last_shared"
     z, losses = model_losses(model, tasks, *data())
-    report = engine.backward(losses, features=[z])
+    report = engine.backward(losses, features=[z], diagnose=True)  # G in the report, for GREAT's J too
     z, losses = model_losses(model, tasks, *data())
     j = task_jacobian(list(losses.values()), last)
     assert report.compare == "last_shared"

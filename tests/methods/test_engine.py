@@ -274,6 +274,82 @@ def test_loss_scale_does_not_change_weights_and_overflow_skips_method():
     assert not all(torch.isfinite(p.grad).all() for p in model.shared_parameters())
 
 
+class Counted(Method):
+    """Test method: needs J; returns its first row's direction, reading G only if told to."""
+
+    needs = "jacobian"
+
+    def __init__(self, read: bool) -> None:
+        super().__init__()
+        self.read, self.seen = read, []
+
+    def update(self, step: Step):
+        if self.read:
+            self.seen.append(step.gramian.clone())
+        return pt.methods.base.Update(torch.ones_like(step.losses), direction=step.jacobian[0].clone())
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_a_jacobian_method_s_gramian_is_formed_only_when_read(monkeypatch, read):
+    """G of a Jacobian method is one product over all of J: formed when the method reads it (then in
+    the report) or when the step is diagnosed, never otherwise."""
+    calls = []
+    formed = Engine._theta_gramian
+    monkeypatch.setattr(Engine, "_theta_gramian", lambda self, j: calls.append(1) or formed(self, j))
+    model, tasks = hard_sharing(3)
+    shared = list(model.shared_parameters())
+    method = Counted(read)
+    engine = Engine(method, shared)
+    _, losses = model_losses(model, tasks, *data())
+    j = task_jacobian(list(losses.values()), shared)
+    report = engine.backward(losses)
+    assert len(calls) == int(read)
+    if read:
+        torch.testing.assert_close(method.seen[0], j @ j.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(report.gramian, j @ j.T, rtol=1e-5, atol=1e-6)
+    else:
+        assert report.gramian is None
+    torch.testing.assert_close(flat_grad(shared), j[0])
+    model.zero_grad()
+    _, losses = model_losses(model, tasks, *data())
+    report = engine.backward(losses, diagnose=True)
+    assert len(calls) == int(read) + 1
+    torch.testing.assert_close(report.gramian, j @ j.T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_jacobian_method_is_skipped_on_non_finite_gradients_without_its_gramian():
+    """Without G, the finiteness check is on J's row norms: an overflowing step leaves MoCo's state
+    untouched and the non-finite update for a scaler to discard."""
+    model, tasks = hard_sharing(2)
+    engine = Engine("moco", model.shared_parameters())
+    _, losses = model_losses(model, tasks, *data(2))
+    engine.backward(losses)
+    before = {k: v.clone() for k, v in engine.method.state_dict().items() if isinstance(v, torch.Tensor)}
+    model.zero_grad()
+    _, losses = model_losses(model, tasks, *data(2))
+    report = engine.backward(losses, scale=float("inf"))
+    assert report.weights == {"t0": 1.0, "t1": 1.0} and "non-finite" in report.fallback and report.gramian is None
+    for key, value in engine.method.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+    assert not all(torch.isfinite(p.grad).all() for p in model.shared_parameters())
+
+
+def test_step_gramian_deferred_is_formed_once_on_first_read():
+    calls = []
+    step = Step(tasks=("a", "b"), losses=torch.ones(2))
+    assert not step.has_gramian and step.gramian is None
+    step.defer_gramian(lambda: calls.append(1) or torch.eye(2))
+    assert step.has_gramian and step.formed_gramian is None and not calls
+    assert torch.equal(step.gramian, torch.eye(2)) and torch.equal(step.gramian, torch.eye(2))
+    assert calls == [1] and torch.equal(step.formed_gramian, torch.eye(2))
+    step.defer_gramian(lambda: calls.append(2) or torch.eye(2))
+    step.gramian = torch.zeros(2, 2)  # a given G replaces a deferred one
+    assert torch.equal(step.gramian, torch.zeros(2, 2)) and calls == [1]
+    with pytest.raises(pt.core.errors.InvalidParameterError, match="needs the task Gramian"):
+        Counted(False)(Step(tasks=("a", "b"), losses=torch.ones(2), jacobian=torch.ones(2, 3)))
+
+
 def test_bf16_autocast_with_gradient_method():
     model, tasks = hard_sharing(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -47,7 +47,9 @@ class StepReport:
             or ``none`` for a loss-weighting method.
         heads: ``weighted`` or ``unweighted``: what the task-specific parameters received.
         gramian: G on the compared parameters θ (T×T) when the task Jacobian on θ was computed
-            this step (gradient methods on θ, ``diagnose``, per-task clipping), else None.
+            this step (gradient methods on θ, ``diagnose``, per-task clipping), else None. For a
+            Jacobian method (``needs = "jacobian"``) only when the method read it, or with
+            ``diagnose`` or per-task clipping: G is not formed for it otherwise.
         feature_gramian: G of the gradients w.r.t. the shared representation (``features``).
         clip: per-task clip factors cᵢ (T,) when per-task clipping is on.
         reused: the weights are those of an earlier step (``every`` > 1).
@@ -313,6 +315,7 @@ class Engine:
         on_theta = self.compare in ("shared", "last_shared") and not reuse
         jacobian = theta_gramian = None
         part_gramians = None
+        deferred = False
         if part_losses is not None and not reuse:
             # one Jacobian per part; the update's J (of the mean loss) is their mean
             part_j = [self._jacobian(self.jacobian, [p[a] for p in part_losses], self.theta, scale)
@@ -332,7 +335,9 @@ class Engine:
                     jacobian = self._fused_jacobian(parts, scale)
                 else:
                     jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
-                theta_gramian = self._theta_gramian(jacobian)
+                # a Jacobian method's G is formed only if something reads it (see Step.defer_gramian)
+                deferred = self.method.needs == "jacobian" and on_theta and not diagnose and self.task_clip is None
+                theta_gramian = None if deferred else self._theta_gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
         feature_jacobian: list[Tensor] | None = None
         fallback = None
@@ -350,7 +355,11 @@ class Engine:
                 if self.comm is not None:  # shards are disjoint: cross-rank blocks of J_z are zero
                     step.gramian = self.comm.sum_(step.gramian) / self.comm.world_size ** 2
             elif on_theta:
-                step.gramian = theta_gramian
+                if deferred:
+                    j = jacobian
+                    step.defer_gramian(lambda: self._theta_gramian(j))  # type: ignore[arg-type]
+                else:
+                    step.gramian = theta_gramian
                 step.jacobian = jacobian if self.method.needs == "jacobian" else None
                 if step.jacobian is not None:  # per-group methods split J's columns by these
                     step.param_shapes = tuple(p.shape for p in self.theta)
@@ -361,11 +370,16 @@ class Engine:
                 step.jacobian = None if step.jacobian is None else clip[:, None] * step.jacobian
                 if step.part_gramians is not None:
                     step.part_gramians = clip[:, None] * step.part_gramians * clip[None, :]
-            # finite iff its float64 sum is (one reduction, where isfinite + all take two and a bool)
-            if step.gramian is not None and not math.isfinite(step.gramian.sum(dtype=torch.float64)):
+            # finite iff its float64 sum is (one reduction, where isfinite + all take two and a bool); with
+            # G deferred, the same of the rows' norms (G's diagonal, one pass over J, a third of G's cost)
+            checked = (torch.linalg.vector_norm(jacobian, dim=1) if deferred  # type: ignore[arg-type]
+                       else step.gramian)
+            if checked is not None and not math.isfinite(checked.sum(dtype=torch.float64)):
                 update, fallback = Update(torch.ones_like(vec)), "non-finite task gradients: equal weights"
             else:
                 update = self.method(step)
+            if deferred:
+                theta_gramian = step.formed_gramian  # G when the method read it
             if update.weights.shape != (len(active),):
                 raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
                                             f"{tuple(update.weights.shape)}; expected ({len(active)},)")

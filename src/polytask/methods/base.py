@@ -55,6 +55,28 @@ class _StepStream:
         step.__dict__[self.slot] = generator
 
 
+class _StepGramian:
+    """``Step.gramian``: the tensor given, or, where the engine deferred it (``Step.defer_gramian``),
+    formed from J on first read. Why: a Jacobian method that never reads G (GradDrop, MoCo) would
+    otherwise pay for it every step, a product over all of J (7% of a step on the benchmark MLP)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, step: Step | None, owner: type) -> Tensor | None:
+        if step is None:
+            return None  # the dataclass field's default
+        state = step.__dict__
+        value = state.get(self.slot)
+        if value is None and "_gramian_source" in state:
+            value = state[self.slot] = state.pop("_gramian_source")()
+        return value
+
+    def __set__(self, step: Step, value: Tensor | None) -> None:
+        step.__dict__[self.slot] = value
+        step.__dict__.pop("_gramian_source", None)
+
+
 @dataclass
 class Step:
     """What a method sees at one training step (only the active tasks, in this order).
@@ -66,6 +88,7 @@ class Step:
         seed: the engine's seed; with ``index`` it fixes ``generator``.
         gramian: G = J Jᵀ (T×T) of the task gradients where the engine compares them (θ, the
             last shared layer or the shared representation), when ``needs`` is gramian or jacobian.
+            For a Jacobian method the engine forms it on first read (see ``defer_gramian``).
         jacobian: J (T×P), the task gradients on θ flattened, when ``needs == "jacobian"``.
         epoch: current epoch (0-based), for methods whose schedule is in epochs.
         generator: the step's random stream, ``stream(seed, index)`` unless given.
@@ -89,13 +112,28 @@ class Step:
     losses: Tensor
     index: int = 0
     seed: int = 0
-    gramian: Tensor | None = None
+    gramian: Tensor | None = _StepGramian()  # type: ignore[assignment]
     jacobian: Tensor | None = None
     epoch: int = 0
     generator: torch.Generator = _StepStream()  # type: ignore[assignment]
     param_shapes: tuple[torch.Size, ...] | None = None
     part_gramians: Tensor | None = None
     lookahead: Callable[..., tuple[Tensor, Tensor]] | None = None
+
+    def defer_gramian(self, source: Callable[[], Tensor]) -> None:
+        """Let ``gramian`` be ``source()``, called on its first read (and only then)."""
+        self.__dict__["_gramian"] = None
+        self.__dict__["_gramian_source"] = source
+
+    @property
+    def has_gramian(self) -> bool:
+        """Whether the step carries G, formed already or deferred (reading ``gramian`` would form it)."""
+        return self.__dict__.get("_gramian") is not None or "_gramian_source" in self.__dict__
+
+    @property
+    def formed_gramian(self) -> Tensor | None:
+        """G if it was given or has been read, else None (a deferred G is not formed by this)."""
+        return self.__dict__.get("_gramian")
 
 
 @dataclass(frozen=True)
@@ -180,7 +218,7 @@ class Method(nn.Module):
 
     def forward(self, step: Step) -> Update:
         """The step's update; checks that the step carries what ``needs`` asks for."""
-        if self.needs != "losses" and step.gramian is None:
+        if self.needs != "losses" and not step.has_gramian:
             raise InvalidParameterError(f"`{type(self).__name__}` needs the task Gramian (needs = {self.needs!r}); "
                                         "the step has none")
         if self.needs == "jacobian" and step.jacobian is None:

@@ -376,7 +376,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self._loss_scale(),
-                                      diagnose=self.health.wants_gramian(self.step_index),
+                                      diagnose=self.health.wants_gramian(self.step_index) or self._gramian_wanted,
                                       lookahead=self._rank_weighted_outer(groups, active) if self.engine.lookahead else None)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # before clipping, so thresholds are in true units
@@ -391,6 +391,14 @@ class Trainer:
         self._optimizer_step()
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
+
+    @property
+    def _gramian_wanted(self) -> bool:
+        """Whether a callback reads the report's Gramian every step while the method is a Jacobian
+        method, whose G the engine forms only when asked (``diagnose``); a Gramian method's G is
+        there anyway, and for a loss-weighting method ``diagnose`` would cost T backward passes."""
+        return self.engine.method.needs == "jacobian" and any(
+            getattr(callback, "reads_gramian", False) for callback in self.callbacks)
 
     def _forward_parts(self, groups: list[Batch], active: Sequence[str]
                        ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:

@@ -53,6 +53,9 @@ class Callback:
     in checkpoints (the class name unless set)."""
 
     key: str | None = None
+    #: True: ``on_step_end`` reads ``step.report.gramian``. For a Jacobian method (whose G the engine
+    #: forms only when something reads it) the Trainer then has it formed every step.
+    reads_gramian: bool = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first step (after a resumed run's state is loaded)."""

@@ -64,6 +64,10 @@ class Diagnostics(Callback):
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._snapshot_step = -1
 
+    @property
+    def reads_gramian(self) -> bool:  # type: ignore[override]
+        return self.conflict  # the conflict statistics come from the report's Gramian
+
     def on_fit_start(self, trainer: Trainer) -> None:
         self.tasks = list(trainer.names)
         if hasattr(trainer.task_scheduler, "observe_validation"):  # the bandit's held-out reward comes from here
