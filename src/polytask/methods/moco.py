@@ -115,8 +115,8 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         return mass, (lam / mass if mass > 1e-12 else torch.full_like(lam, 1.0 / len(lam)))
 
 
-#: columns of Y per block of its Gram matrix
-_COLUMNS = 1 << 16
+#: columns of Y per block of its Gram matrix (the engine's ``GRAM_BLOCK``; methods sit below the engine)
+_COLUMNS = 1 << 15
 
 
 def _gram(y: Tensor) -> Tensor:
