@@ -301,6 +301,27 @@ def test_great_state_round_trips_exactly():
     assert all(p.grad is None for p in method.parameters())
 
 
+def test_great_discriminator_steps_are_torch_adam_steps():
+    """D descends L_D by torch.optim.Adam (its fused kernel), state carried by GREAT's own buffers."""
+    method = build("great", ABC, lr=1e-2)
+    steps = separable_steps(3)
+    method(steps[0])  # builds D and takes its first step
+    names = ("hidden_weight", "hidden_bias", "out_weight", "out_bias")
+    params = [getattr(method, n).detach().clone().requires_grad_() for n in names]
+    optimizer = torch.optim.Adam(params, lr=1e-2, fused=True)
+    for name, p in zip(names, params, strict=True):  # the state after GREAT's first step
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": getattr(method, f"{name}_avg").clone(),
+                              "exp_avg_sq": getattr(method, f"{name}_sq").clone()}
+    for step in steps[1:]:
+        optimizer.zero_grad()
+        method.discriminator_loss(step, params).backward()
+        optimizer.step()
+        method(step)
+    for name, p in zip(names, params, strict=True):
+        torch.testing.assert_close(getattr(method, name), p.detach(), rtol=1e-6, atol=1e-7)
+    assert int(method.count) == 3
+
+
 def test_great_strength_zero_is_the_plain_sum():
     step = separable_steps(1)[0]
     torch.testing.assert_close(build("great", ABC, strength=0.0)(step).direction, step.jacobian.sum(dim=0))

@@ -7,10 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.adam import adam
 
 from polytask.core.errors import InvalidParameterError
 from polytask.methods._lazy_state import LazyStateMixin
-from polytask.methods._weighting import PerTaskMethod, adam_step
+from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, Update, check_positive, register
 
 _PARAMS = ("hidden_weight", "hidden_bias", "out_weight", "out_bias")
@@ -93,12 +94,17 @@ class GREAT(LazyStateMixin, PerTaskMethod):
         with torch.enable_grad():
             loss = self.discriminator_loss(step, params)
             grads = torch.autograd.grad(loss, params)
-        for name, p, g in zip(_PARAMS, params, grads, strict=True):
-            new, avg, sq, _ = adam_step(p.detach(), g, getattr(self, f"{name}_avg"), getattr(self, f"{name}_sq"),
-                                        self.count, lr=self.lr, weight_decay=0.0)
-            getattr(self, name).data.copy_(new)
-            getattr(self, f"{name}_avg").copy_(avg)
-            getattr(self, f"{name}_sq").copy_(sq)
+        # torch's own Adam, in place and fused: D's first layer is hidden × |θ| (8.4 M numbers on the
+        # benchmark MLP's last layer), where Adam's out-of-place arithmetic made ~30 temporaries of
+        # that size, 300 ms and 200 MB a step. Its step counts are float tensors it advances itself:
+        # made from ``count`` (the state that is saved) and dropped.
+        weights = [getattr(self, n).data for n in _PARAMS]
+        device = weights[0].device
+        adam(
+            weights, list(grads), [getattr(self, f"{n}_avg") for n in _PARAMS], [getattr(self, f"{n}_sq") for n in _PARAMS],
+            [], [torch.tensor(float(self.count), device=device) for _ in _PARAMS],
+            fused=weights[0].dtype in (torch.float32, torch.float64) and device.type in ("cpu", "cuda"),
+            amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=0.0, eps=1e-8, maximize=False)
         self.count += 1
         self.last_loss.fill_(float(loss.detach()))
 
