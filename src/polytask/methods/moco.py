@@ -102,8 +102,11 @@ class MoCo(LazyStateMixin, PerTaskMethod):
             self.tracked[idx] = y
         self.seen[idx] = True
         mass, lam = self._active_lambda(idx)
-        gram = _gram(y).to(lam.dtype)
-        step = lam - gamma * (gram @ lam + self.rho * lam)
+        # (YᵀY)λ of the docstring (there Y's columns are the yᵢ, here y's rows) as y(yᵀλ): two passes
+        # over y, where the T×T Gram costs T²P multiply-adds (benchmark MLP: 38 against 60 ms at
+        # T = 40, 7.3 against 6.7 at T = 10)
+        curvature = (y @ (lam.to(y.dtype) @ y)).to(lam.dtype)
+        step = lam - gamma * (curvature + self.rho * lam)
         lam = torch.softmax(step, dim=0) if self.variant == "authors" else project_simplex(step)
         full = self.lam.clone()
         full[idx] = lam * (mass if mass > 1e-12 else len(idx) / len(full))
@@ -113,18 +116,3 @@ class MoCo(LazyStateMixin, PerTaskMethod):
         lam = self.lam[idx]
         mass = float(lam.sum())
         return mass, (lam / mass if mass > 1e-12 else torch.full_like(lam, 1.0 / len(lam)))
-
-
-#: columns of Y per block of its Gram matrix (the engine's ``GRAM_BLOCK``; methods sit below the engine)
-_COLUMNS = 1 << 15
-
-
-def _gram(y: Tensor) -> Tensor:
-    """Y Yᵀ summed over blocks of Y's columns: on the CPU one GEMM of a short, wide Y (T×P, P in
-    the millions) is about twice as slow as the blocked sum, which keeps each block in cache."""
-    if y.shape[1] <= _COLUMNS:
-        return y @ y.T
-    gram = torch.zeros(y.shape[0], y.shape[0], dtype=y.dtype, device=y.device)
-    for part in y.split(_COLUMNS, dim=1):
-        gram.addmm_(part, part.T)
-    return gram
