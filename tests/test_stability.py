@@ -41,6 +41,19 @@ def test_exploding_run_is_stopped_naming_task():
         trainer.fit(regression_data(scale=100.0))
 
 
+def test_exploding_step_of_a_jacobian_method_names_its_task_without_a_gramian():
+    """A Jacobian method's report has no Gramian on most steps (it is not formed unless read); the
+    rows' norms of J in the report still name the task whose gradient exploded."""
+    torch.manual_seed(0)
+    trainer = pt.Trainer(model(), TASKS, method="graddrop", health={"policy": "skip", "explode_threshold": 1e3},
+                         loop={"epochs": 1, "batch_size": 32}, optim={"optimizer": "sgd", "lr": 1e-3}, run={"progress": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientHealthWarning)
+        trainer.fit(regression_data(scale=1e5))  # task a's gradient is the large one
+    events = [e for e in trainer.health.events if e["kind"] == "exploding_gradient"]
+    assert events and all(e["tasks"] == ["a"] for e in events)
+
+
 def test_exploding_run_with_skip_policy_keeps_parameters_finite():
     torch.manual_seed(0)
     trainer = pt.Trainer(model(), TASKS, health={"policy": "skip", "explode_threshold": 1e3}, loop={"epochs": 2, "batch_size": 32},

@@ -307,8 +307,10 @@ def test_a_jacobian_method_s_gramian_is_formed_only_when_read(monkeypatch, read)
     if read:
         torch.testing.assert_close(method.seen[0], j @ j.T, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(report.gramian, j @ j.T, rtol=1e-5, atol=1e-6)
+        assert report.task_norms is None  # G's diagonal has them
     else:
         assert report.gramian is None
+        torch.testing.assert_close(report.task_norms, j.norm(dim=1))  # from the finiteness check
     torch.testing.assert_close(flat_grad(shared), j[0])
     model.zero_grad()
     _, losses = model_losses(model, tasks, *data())

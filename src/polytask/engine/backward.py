@@ -55,6 +55,9 @@ class StepReport:
         reused: the weights are those of an earlier step (``every`` > 1).
         fallback: why the method was not asked this step (e.g. a non-finite Gramian gave
             equal weights), or None.
+        task_norms: ‖gᵢ‖ on θ (T,) where ``gramian`` is None but J was formed (a Jacobian method's
+            step: the rows' norms of the finiteness check), so that a health check can still name
+            a task; else None (``gramian``'s diagonal has them).
     """
 
     index: int
@@ -68,6 +71,7 @@ class StepReport:
     clip: Tensor | None = None
     reused: bool = False
     fallback: str | None = None
+    task_norms: Tensor | None = None
 
     @property
     def task_losses(self) -> dict[str, float]:
@@ -313,7 +317,7 @@ class Engine:
             step.lookahead = self._lookahead(active, lookahead)
         reuse = self._cached is not None and self._cached[0] == active and index % self.every != 0
         on_theta = self.compare in ("shared", "last_shared") and not reuse
-        jacobian = theta_gramian = None
+        jacobian = theta_gramian = row_norms = None
         part_gramians = None
         deferred = False
         if part_losses is not None and not reuse:
@@ -372,8 +376,8 @@ class Engine:
                     step.part_gramians = clip[:, None] * step.part_gramians * clip[None, :]
             # finite iff its float64 sum is (one reduction, where isfinite + all take two and a bool); with
             # G deferred, the same of the rows' norms (G's diagonal, one pass over J, a third of G's cost)
-            checked = (torch.linalg.vector_norm(jacobian, dim=1) if deferred  # type: ignore[arg-type]
-                       else step.gramian)
+            row_norms = torch.linalg.vector_norm(jacobian, dim=1) if deferred else None  # type: ignore[arg-type]
+            checked = row_norms if deferred else step.gramian
             if checked is not None and not math.isfinite(checked.sum(dtype=torch.float64)):
                 update, fallback = Update(torch.ones_like(vec)), "non-finite task gradients: equal weights"
             else:
@@ -391,7 +395,8 @@ class Engine:
         weights = {t: 0.0 for t in losses}
         weights.update(zip(active, applied.detach().tolist(), strict=True))
         return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
-                          None if feature_jacobian is None else step.gramian, clip, reuse, fallback)
+                          None if feature_jacobian is None else step.gramian, clip, reuse, fallback,
+                          row_norms if theta_gramian is None else None)
 
     @property
     def _weights_losses(self) -> bool:

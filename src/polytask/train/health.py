@@ -89,13 +89,15 @@ class GradientMonitor:
         return self._react(step, "non_finite_loss", f"loss of task(s) {list(bad_tasks)} is not finite",
                            tasks=list(bad_tasks), never_apply=True)
 
-    def check(self, step: int, tasks: Sequence[str], gramian: Tensor | None) -> bool:
-        """Inspect ``.grad`` after the backward; True when the step must not be applied."""
+    def check(self, step: int, tasks: Sequence[str], gramian: Tensor | None, task_norms: Tensor | None = None) -> bool:
+        """Inspect ``.grad`` after the backward; True when the step must not be applied. ``task_norms``
+        (‖gᵢ‖) name the culprit task where there is no Gramian (the report's, of a Jacobian method)."""
         # every step needs only the total norm (one fused kernel, one sync); per-layer norms are
         # computed on logging steps and when something is wrong
         grads = [p.grad for p in self._params if p.grad is not None]
         total = self._total_norm(grads) if grads else 0.0
-        task_norms = gramian.diagonal().clamp_min(0).sqrt() if gramian is not None else None
+        if gramian is not None:
+            task_norms = gramian.diagonal().clamp_min(0).sqrt()
         logging = self.wants_gramian(step)
         layer_norms = self._layer_norms() if logging or not math.isfinite(total) else None
         if logging:

@@ -383,7 +383,7 @@ class Trainer:
         # overflowing fp16 steps are the scaler's to skip; look only at finite ones
         overflow = self.scaler is not None and not all(
             torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
-        if not overflow and self.health.check(self.step_index, report.tasks, report.gramian):
+        if not overflow and self.health.check(self.step_index, report.tasks, report.gramian, report.task_norms):
             self.optimizer.zero_grad(set_to_none=True)
             if snapshot is not None:
                 self.engine.load_state_dict(snapshot)
