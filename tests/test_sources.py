@@ -99,7 +99,9 @@ def test_images_named_in_a_table_train_and_predict(tmp_path):
                             "images": {"column": "file", "size": [24, 24], "channels": 1}},
                  {"shape": {"kind": "binary"}, "size": {"kind": "regression"}},
                  model={"encoder": {"name": "cnn", "channels": [8, 16], "out_features": 32}},
-                 train={"epochs": 8, "batch_size": 32})
+                 # 12 epochs: after 8 the shape task had been learnt or not by the seed and the rounding
+                 # (one seed in three failed, with either of torch's Adam kernels); after 12, every one of 8 runs
+                 train={"epochs": 12, "batch_size": 32})
     code, out, err = cli("train", cfg, "--quiet")
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

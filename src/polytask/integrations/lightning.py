@@ -129,7 +129,7 @@ class MultiTaskModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.optim_options
         groups = parameter_groups(self.model, self.tasks, self.method.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        optimizer = build_optimizer(o.optimizer, groups, lr=o.lr, momentum=o.momentum)
+        optimizer = build_optimizer(o.optimizer, groups, lr=o.lr, momentum=o.momentum, fused=o.fused)
         epochs = self.trainer.max_epochs if self.trainer is not None and self.trainer.max_epochs else 1
         scheduler = build_scheduler(o.scheduler, optimizer, epochs=epochs)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}

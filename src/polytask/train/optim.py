@@ -47,14 +47,27 @@ def parameter_groups(model: MultiTaskModel, tasks: Sequence[Task], extra: Iterab
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise InvalidParameterError(f"unknown optimizer '{name}'.{closest(name, OPTIMIZERS)} Valid: {', '.join(OPTIMIZERS)}")
+def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """``name``'s torch optimiser over ``groups``; ``fused`` None: its fused kernel where torch has
+    one for these parameters (:func:`fusable`), torch's default implementation elsewhere."""
+    if name not in OPTIMIZERS:
+        raise InvalidParameterError(f"unknown optimizer '{name}'.{closest(name, OPTIMIZERS)} Valid: {', '.join(OPTIMIZERS)}")
+    if fused is None:
+        fused = fusable([p for group in groups for p in group["params"]])
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    extra = {"momentum": momentum} if name == "sgd" else {}
+    # fused=None, not False, when not fused: torch then picks its own default (foreach on a GPU)
+    return kind(groups, lr=lr, fused=True if fused else None, **extra)
+
+
+def fusable(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused optimiser kernels take ``params``: plain floating tensors (not FSDP's
+    sharded DTensors), all on the CPU or all on CUDA devices."""
+    if not params:
+        return False
+    kinds = {p.device.type for p in params}
+    return (kinds in ({"cpu"}, {"cuda"}) and all(type(p.data) is torch.Tensor and p.is_floating_point() for p in params))
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int, step_size: int = 10,

@@ -175,7 +175,8 @@ class Trainer:
                                   weight_decay=self.optim.weight_decay)
         for objective in objective_modules:
             groups += objective.parameter_groups(self.optim.lr, self.optim.weight_decay)
-        self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum)
+        self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum,
+                                         fused=self.optim.fused)
         self.scheduler = build_scheduler(self.optim.scheduler, self.optimizer, epochs=self.loop.epochs)
         self.data_generator = torch.Generator().manual_seed(seed + 1)
         self.sampler_generator = torch.Generator().manual_seed(seed + 2)

@@ -1,0 +1,52 @@
+"""The Trainer's optimiser: torch's fused kernel where it has one for the parameters, else its default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import polytask as pt
+from polytask.core.errors import InvalidParameterError
+from polytask.train.optim import build_optimizer, fusable
+
+TASKS = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
+
+
+def _data(n: int = 96) -> pt.data.MultiOutputDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    return pt.data.MultiOutputDataset(x, {"a": x[:, 0], "b": (x[:, 1] > 0).float()})
+
+
+def _trainer(**optim) -> pt.Trainer:
+    torch.manual_seed(0)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=5, hidden=[8]), TASKS)
+    return pt.Trainer(model, TASKS, loop={"epochs": 2, "batch_size": 32}, optim=optim, run={"progress": False}, seed=0)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_where_torch_has_it_unless_told(name):
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    assert build_optimizer(name, [{"params": params}], lr=0.1).defaults["fused"] is True
+    assert not build_optimizer(name, [{"params": params}], lr=0.1, fused=False).defaults["fused"]
+
+
+def test_fusable_needs_floating_tensors_on_one_kind_of_device():
+    assert fusable([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
+    assert not fusable([])
+    assert not fusable([torch.zeros(2), torch.zeros(2, device="meta")])  # two kinds of device
+    assert not fusable([torch.zeros(2, dtype=torch.long)])
+
+
+def test_trainer_steps_with_the_fused_optimiser_and_can_be_told_not_to():
+    fused, loop = _trainer(), _trainer(fused=False)
+    assert fused.optimizer.defaults["fused"] is True and not loop.optimizer.defaults["fused"]
+    fused.fit(_data())
+    loop.fit(_data())
+    for p, q in zip(fused.model.parameters(), loop.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # the same steps, rounded differently
+
+
+def test_fused_must_be_a_bool_or_null():
+    with pytest.raises(InvalidParameterError, match="fused"):
+        _trainer(fused="sometimes")
