@@ -224,9 +224,9 @@ def test_diagnostics_callback_gets_a_jacobian_method_s_gramian_every_step(tmp_pa
     diagnosed = _train(tmp_path, "diag", [{"name": "diagnostics", "affinity_every": 0}], method="graddrop")
     summary = json.loads((tmp_path / "diag" / "diagnostics" / "summary.json").read_text())
     assert summary["conflict"]["overall"]["steps"] == 8
-    assert diagnosed._gramian_wanted
+    assert diagnosed._gramian_read
     plain = _train(tmp_path, "plain", [], method="graddrop")
-    assert not plain._gramian_wanted
+    assert not plain._gramian_read
     for p, q in zip(plain.model.parameters(), diagnosed.model.parameters(), strict=True):
         assert torch.equal(p, q)  # G read or not, the same updates
 

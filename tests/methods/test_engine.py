@@ -312,11 +312,12 @@ def test_a_jacobian_method_s_gramian_is_formed_only_when_read(monkeypatch, read)
         assert report.gramian is None
         torch.testing.assert_close(report.task_norms, j.norm(dim=1))  # from the finiteness check
     torch.testing.assert_close(flat_grad(shared), j[0])
-    model.zero_grad()
-    _, losses = model_losses(model, tasks, *data())
-    report = engine.backward(losses, diagnose=True)
-    assert len(calls) == int(read) + 1
-    torch.testing.assert_close(report.gramian, j @ j.T, rtol=1e-5, atol=1e-6)
+    for option in ("diagnose", "report_gramian"):
+        model.zero_grad()
+        _, losses = model_losses(model, tasks, *data())
+        report = engine.backward(losses, **{option: True})
+        torch.testing.assert_close(report.gramian, j @ j.T, rtol=1e-5, atol=1e-6)
+    assert len(calls) == int(read) + 2
 
 
 def test_a_jacobian_method_is_skipped_on_non_finite_gradients_without_its_gramian():

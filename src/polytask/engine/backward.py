@@ -277,7 +277,7 @@ class Engine:
     # ------------------------------------------------------------------------------ the step
     def backward(self, losses: Mapping[str, Tensor | None], *, features: Iterable[Tensor] | None = None,
                  epoch: int = 0, extra_loss: Tensor | None = None, scale: float = 1.0,
-                 diagnose: bool = False, lookahead: Outer | None = None) -> StepReport:
+                 diagnose: bool = False, lookahead: Outer | None = None, report_gramian: bool = False) -> StepReport:
         """Accumulate the update into ``.grad``, advance the step counter and report the step.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
@@ -290,6 +290,9 @@ class Engine:
         method is skipped this step and the non-finite update is left for the scaler to discard.
         ``diagnose`` forces the task Jacobian on θ this step (its Gramian is in the report, and
         reused for the update, so the step costs what a Gramian method's step costs).
+        ``report_gramian``: G is formed whenever J on θ is (a Jacobian method's G is otherwise formed
+        only if the method reads it), for a caller that reads ``report.gramian`` every step; unlike
+        ``diagnose`` it computes no J that the method does not need.
         """
         self._no_j = False
         self._private = None
@@ -340,7 +343,8 @@ class Engine:
                 else:
                     jacobian = self._jacobian(self.jacobian, parts, self.theta, scale)
                 # a Jacobian method's G is formed only if something reads it (see Step.defer_gramian)
-                deferred = self.method.needs == "jacobian" and on_theta and not diagnose and self.task_clip is None
+                deferred = (self.method.needs == "jacobian" and on_theta and not (diagnose or report_gramian)
+                            and self.task_clip is None)
                 theta_gramian = None if deferred else self._theta_gramian(jacobian)
         clip = self._clip_factors(theta_gramian)
         feature_jacobian: list[Tensor] | None = None

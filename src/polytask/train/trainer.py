@@ -377,7 +377,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self._loss_scale(),
-                                      diagnose=self.health.wants_gramian(self.step_index) or self._gramian_wanted,
+                                      diagnose=self.health.wants_gramian(self.step_index),
+                                      report_gramian=self._gramian_read,
                                       lookahead=self._rank_weighted_outer(groups, active) if self.engine.lookahead else None)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # before clipping, so thresholds are in true units
@@ -394,12 +395,10 @@ class Trainer:
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
 
     @property
-    def _gramian_wanted(self) -> bool:
-        """Whether a callback reads the report's Gramian every step while the method is a Jacobian
-        method, whose G the engine forms only when asked (``diagnose``); a Gramian method's G is
-        there anyway, and for a loss-weighting method ``diagnose`` would cost T backward passes."""
-        return self.engine.method.needs == "jacobian" and any(
-            getattr(callback, "reads_gramian", False) for callback in self.callbacks)
+    def _gramian_read(self) -> bool:
+        """Whether a callback reads the report's Gramian every step (the engine then forms G wherever
+        it forms J: a Jacobian method's G is otherwise formed only when the method reads it)."""
+        return any(getattr(callback, "reads_gramian", False) for callback in self.callbacks)
 
     def _forward_parts(self, groups: list[Batch], active: Sequence[str]
                        ) -> tuple[dict[str, Tensor | None], dict[str, int], list[Tensor]]:

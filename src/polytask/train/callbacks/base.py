@@ -53,8 +53,8 @@ class Callback:
     in checkpoints (the class name unless set)."""
 
     key: str | None = None
-    #: True: ``on_step_end`` reads ``step.report.gramian``. For a Jacobian method (whose G the engine
-    #: forms only when something reads it) the Trainer then has it formed every step.
+    #: True: ``on_step_end`` reads ``step.report.gramian``. The Trainer then has the engine form G
+    #: wherever it forms J (``report_gramian``): a Jacobian method's G is otherwise formed only when read.
     reads_gramian: bool = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
