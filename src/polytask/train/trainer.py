@@ -187,6 +187,7 @@ class Trainer:
         self.main_metrics = {t.name: t.main_metric for t in self.tasks}
         self.metrics = TaskMetrics(self.tasks, self.device)  # validates metric names early
         self.callbacks = self._callbacks(callbacks)
+        self._gramian_read = self._callbacks_read_gramian()
         self.history: list[dict[str, Any]] = []
         self.epoch = self.step_index = self.epoch_step = self.steps_this_epoch = 0
         self.epoch_rng: dict[str, Tensor] = {}
@@ -259,6 +260,7 @@ class Trainer:
         try:
             self._open_run()
             self._fit_started = started = time.perf_counter()
+            self._gramian_read = self._callbacks_read_gramian()  # the list may have changed since __init__
             for callback in self.callbacks:
                 callback.on_fit_start(self)
             while self.epoch < self.loop.epochs and not self.stop:
@@ -394,10 +396,10 @@ class Trainer:
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
 
-    @property
-    def _gramian_read(self) -> bool:
+    def _callbacks_read_gramian(self) -> bool:
         """Whether a callback reads the report's Gramian every step (the engine then forms G wherever
-        it forms J: a Jacobian method's G is otherwise formed only when the method reads it)."""
+        it forms J: a Jacobian method's G is otherwise formed only when the method reads it); asked
+        when the callbacks are set and when fit starts, not at every step."""
         return any(getattr(callback, "reads_gramian", False) for callback in self.callbacks)
 
     def _forward_parts(self, groups: list[Batch], active: Sequence[str]
