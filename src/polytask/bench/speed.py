@@ -28,7 +28,7 @@ from torch import Tensor
 from polytask.bench.memory import PeakMemory
 from polytask.core.task import Task
 from polytask.engine.backward import Engine
-from polytask.engine.jacobian import task_jacobian
+from polytask.engine.jacobian import _write_row
 from polytask.methods.base import METHODS, example_method
 from polytask.models.base import MultiTaskModel
 from polytask.models.encoders import CNN, MLP
@@ -108,17 +108,22 @@ def floor_step(problem: Problem) -> Callable[[int], None]:
 
 def jacobian_step(problem: Problem) -> Callable[[int], None]:
     """T backward passes writing J, into storage kept from step to step as the engine's J routes keep
-    it (a fresh J of tens of MB is faulted in page by page, which is not the cost of writing it)."""
+    it (a fresh J of tens of MB is faulted in page by page, which is not the cost of writing it).
+
+    The passes are ``torch.autograd.grad``'s, as a user's own loop would take them, not the engine's
+    (which skip that call's Python, :mod:`polytask.engine.passes`): the reference is what torch's
+    public API costs, so a method's ratio to it counts what the engine saves there."""
     shared = list(problem.model.shared_parameters())
+    sizes = [p.numel() for p in shared]
     kept: list[Tensor] = []
 
     def step(i: int) -> None:
         problem.model.zero_grad(set_to_none=True)
         _, losses = problem.losses()
         if not kept:  # the first step's J is the storage of the later ones
-            kept.append(task_jacobian(list(losses.values()), shared))
-        else:
-            task_jacobian(list(losses.values()), shared, out=kept[0])
+            kept.append(torch.empty(len(losses), sum(sizes), dtype=shared[0].dtype, device=shared[0].device))
+        for k, loss in enumerate(losses.values()):
+            _write_row(kept[0][k], torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), sizes)
     step.release = kept.clear  # type: ignore[attr-defined]  # for `measure`: J is made anew inside its measurement
     return step
 

@@ -26,6 +26,7 @@ from polytask.engine.jacobian import (
     transpose_times,
 )
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
+from polytask.engine.passes import accumulate, loss_grads
 from polytask.methods.base import Method, Step, Update, get_method
 
 #: a closure over a bilevel method's outer batch: {id(parameter): replacement} → the tasks' losses there;
@@ -434,7 +435,7 @@ class Engine:
         total = torch.dot(applied, vec)
         if penalty is not None:
             total = total + penalty
-        (total * scale if scale != 1.0 else total).backward()
+        accumulate(total * scale if scale != 1.0 else total)
         if self.comm is not None:
             self.comm.mean_grads_(self.reduce_params)
         if len(active) == len(losses):  # every task active, in the losses' order (active is drawn from it)
@@ -570,7 +571,7 @@ class Engine:
                 self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in theta])
             return
         if not split:
-            (head_total * scale if scale != 1.0 else head_total).backward()
+            accumulate(head_total * scale if scale != 1.0 else head_total)
         elif feature_jacobian is not None:
             # heads: Σ ∇Lᵢ; θ: back-propagate Σ wᵢ ∂Lᵢ/∂z from z, the gradients already computed
             jz, *zs = feature_jacobian
@@ -622,14 +623,13 @@ class Engine:
             if fused is not None:
                 return fused
             return self._jacobian(self.jacobian, parts, self.theta, scale)
-        inputs, n = [*self.theta, *private], len(self.theta)
+        inputs, n = (*self.theta, *private), len(self.theta)
         jacobian, _ = self._jacobian_storage(len(parts))
         grads_by_task: list[tuple[Tensor | None, ...]] = []
         last = len(parts) - 1
         for i, loss in enumerate(parts):
             # the last pass frees the graph, as a plain backward would (the penalty, if any, has its own)
-            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, inputs,
-                                        retain_graph=i < last, allow_unused=True)
+            grads = loss_grads(loss * scale if scale != 1.0 else loss, inputs, retain_graph=i < last)
             torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel())
                        for g, p in zip(grads[:n], self.theta, strict=True)], out=jacobian[i])
             grads_by_task.append(grads[n:])

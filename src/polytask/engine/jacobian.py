@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.engine.passes import loss_grads
 
 STRATEGIES = ("auto", "loop", "batched")
 
@@ -43,8 +44,9 @@ def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor], out: Tenso
         jacobian, sizes = _empty_jacobian(len(losses), inputs)
     else:
         jacobian, sizes = out[:len(losses)], [p.numel() for p in inputs]
+    inputs = tuple(inputs)
     for i, loss in enumerate(losses):
-        _write_row(jacobian[i], torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True), sizes)
+        _write_row(jacobian[i], loss_grads(loss, inputs, retain_graph=True), sizes)
     return jacobian
 
 
