@@ -376,7 +376,7 @@ class Trainer:
             return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, None, False)
         # with policy "skip", a dropped step must leave the method exactly as it was
         snapshot = copy.deepcopy(self.engine.state_dict()) if self.health_options.policy == "skip" else None
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self._loss_scale(),
                                       diagnose=self.health.wants_gramian(self.step_index),
@@ -388,13 +388,27 @@ class Trainer:
         overflow = self.scaler is not None and not all(
             torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
         if not overflow and self.health.check(self.step_index, report.tasks, report.gramian, report.task_norms):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grads()
             if snapshot is not None:
                 self.engine.load_state_dict(snapshot)
             return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, report, False)
         self._optimizer_step()
         self.task_scheduler.observe(self.step_index, {t: v for t, v in loss_values.items() if v is not None})
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
+
+    def _zero_grads(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)``: every optimised parameter's ``.grad`` set to None.
+
+        Why not torch's call: it wraps that loop in a profiler range and a TorchDynamo guard, which on
+        the demo model cost about 40 µs a step, as much as the loop's whole step in Python. An optimiser
+        class with a ``zero_grad`` of its own gets it called."""
+        optimizer = self.optimizer
+        if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def _callbacks_read_gramian(self) -> bool:
         """Whether a callback reads the report's Gramian every step (the engine then forms G wherever
