@@ -50,3 +50,23 @@ def test_trainer_steps_with_the_fused_optimiser_and_can_be_told_not_to():
 def test_fused_must_be_a_bool_or_null():
     with pytest.raises(InvalidParameterError, match="fused"):
         _trainer(fused="sometimes")
+
+
+def test_the_trainer_clears_every_optimised_gradient_and_calls_an_optimisers_own_zero_grad():
+    trainer = _trainer()
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    trainer._zero_grads()
+    assert params and all(p.grad is None for p in params)
+
+    calls = []
+
+    class Counting(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none=set_to_none)
+
+    trainer.optimizer = Counting(params, lr=0.1)
+    trainer._zero_grads()
+    assert calls == [True]
