@@ -96,6 +96,46 @@ def test_gramian_path_computes_j_once_and_matches_full_backward(monkeypatch, rou
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("jacobian", ["loop", "batched"])
+@pytest.mark.parametrize("heads", ["weighted", "unweighted"])
+def test_declared_params_skip_the_graph_walk_and_change_no_bit(monkeypatch, jacobian, heads):
+    """``params=``: after the first step's walk, the fused passes ask for the declared leaves outside θ
+    without walking the graph; every step's gradients equal those of an engine that walks, bit for
+    bit (a parameter listed twice gets its gradient once)."""
+    walks = []
+    real_leaves = Engine._leaves
+    monkeypatch.setattr(Engine, "_leaves", staticmethod(lambda *a, **k: walks.append(1) or real_leaves(*a, **k)))
+    models = [hard_sharing(seed=1)[0] for _ in range(2)]
+    tasks = hard_sharing()[1]
+    engines = [Engine("pcgrad", m.shared_parameters(), jacobian=jacobian, heads=heads,
+                      **({"params": [*m.parameters(), *m.parameters()]} if k else {})) for k, m in enumerate(models)]
+    for step in range(4):
+        got = []
+        for k, (model, engine) in enumerate(zip(models, engines, strict=True)):
+            model.zero_grad(set_to_none=True)
+            walks.clear()
+            engine.backward(model_losses(model, tasks, *data(seed=step))[1])
+            got.append(grads(model.parameters()))
+            if k == 1:
+                assert len(walks) == (1 if step == 0 else 0)
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_leaf_outside_the_declared_params_keeps_the_walk():
+    """A tensor the losses reach that is not among ``params`` (here a learnable input scale) is found
+    by the walk on every step and gets its gradient, as without ``params``."""
+    model, tasks = hard_sharing()
+    scale = torch.ones(4, requires_grad=True)
+    engine = Engine("mgda", model.shared_parameters(), params=model.parameters())
+    for step in range(3):
+        scale.grad = None
+        x, y = data(seed=step)
+        engine.backward(model_losses(model, tasks, x * scale, y)[1])
+        assert scale.grad is not None and torch.isfinite(scale.grad).all()
+    assert engine._private_leaves is None  # still walking
+
+
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad"])
 @pytest.mark.parametrize("heads", ["weighted", "unweighted"])
 def test_batched_fused_passes_equal_the_loop(name, heads):

@@ -141,7 +141,7 @@ def method_step(problem: Problem, name: str, compare: str, every: int, gramian: 
     model = problem.model
     engine = Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                     compare=compare, every=every if method.needs == "gramian" else 1,  # reuse: Gramian methods only
-                    gramian=gramian)
+                    gramian=gramian, params=model.parameters())  # as the Trainer, Lightning and SAC build it
     if getattr(method, "lookahead", False):
         return _bilevel_step(problem, engine)
 

@@ -98,6 +98,13 @@ class Engine:
         task_clip: per-task gradient-norm clipping before aggregation: each task's gradient on the
             compared parameters is scaled to norm ≤ ``task_clip`` (the method sees the clipped
             gradients, and the task's weight carries the same factor). Needs the task Jacobian.
+        params: every trainable parameter the losses may reach (θ included), e.g. the model's and its
+            objectives'. Given, the per-task passes of a step on θ that also return the heads'
+            gradients (the J route's fused passes) ask for those outside θ directly instead of
+            walking the step's autograd graph to find them: on a small model the walk was a tenth of
+            a step. The first such step walks the graph once, and keeps walking every step if the
+            losses reach a leaf outside ``params`` (a tensor that is not a parameter but requires
+            grad). A leaf that only a later step reaches, outside ``params``, gets no gradient there.
         comm / reduce_params: data-parallel training. Each rank passes losses whose mean over
             ranks is the global loss; the engine averages the loss values, the task Jacobian or
             sums the feature Gramians so that every rank computes the same weights, then averages
@@ -109,7 +116,8 @@ class Engine:
                  last_shared_params: Iterable[Tensor] | None = None, compare: str = "auto", heads: str = "auto",
                  every: int = 1, jacobian: str = "auto", chunk_size: int | None = None, gramian: str = "auto",
                  seed: int = 0, task_clip: float | None = None, comm: Communicator | None = None,
-                 reduce_params: Iterable[Tensor] | None = None, **removed: Any) -> None:
+                 reduce_params: Iterable[Tensor] | None = None, params: Iterable[Tensor] | None = None,
+                 **removed: Any) -> None:
         opts = options(EngineOptions, {**removed, "compare": compare, "heads": heads, "every": every,
                                        "jacobian": jacobian, "chunk_size": chunk_size, "gramian": gramian}, "engine")
         self.options = opts
@@ -155,6 +163,10 @@ class Engine:
         self.task_clip = task_clip
         self.comm = comm
         self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
+        #: the leaves outside θ the fused passes ask for: None until the first fused step has walked the
+        #: graph (see ``params``), then ``params`` outside θ, or still None if the walk found more
+        self._declared = None if params is None else list({id(p): p for p in params if p.requires_grad}.values())
+        self._private_leaves: list[Tensor] | None = None
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
         # loop unless batched is asked for: a timed choice would make the route (and its rounding) vary by run
@@ -617,7 +629,7 @@ class Engine:
         fused only while those T×(leaves) gradients are no larger than J itself, else the heads
         get their own backward as before.
         """
-        private = self._leaves(parts, self.theta)
+        private = self._private_leaves if self._private_leaves is not None else self._walk_private(parts)
         if not self.jacobian.loops(self.theta[0]):
             fused = self._fused_batched(parts, private, scale)
             if fused is not None:
@@ -637,6 +649,19 @@ class Engine:
             jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
         self._private = (private, grads_by_task, False)
         return jacobian
+
+    def _walk_private(self, parts: list[Tensor]) -> list[Tensor]:
+        """The leaves outside θ that this step's losses reach, by walking the graph; on the first walk,
+        when ``params`` were given and hold every one of them, ``params`` outside θ from then on."""
+        found = self._leaves(parts, self.theta)
+        declared, self._declared = self._declared, None  # decided once: the walk below is not repeated
+        if declared is not None:
+            ids = {id(p) for p in declared}
+            if all(id(p) in ids for p in found):
+                theta = {id(p) for p in self.theta}
+                self._private_leaves = [p for p in declared if id(p) not in theta]
+                return self._private_leaves
+        return found
 
     def _jacobian_storage(self, rows: int) -> tuple[Tensor, list[int]]:
         """Storage for this step's J on θ (``rows`` tasks), kept from the last step when it is as

@@ -280,7 +280,7 @@ class MultiTaskSAC:
         # a task's data is its replay buffer, of the same capacity for every task (lockstep)
         built.setup(list(self.tasks), sizes={t: self.options.buffer_size for t in self.tasks})
         engine = Engine(built, shared_parameters(network), last_shared_params=last_shared_layers(network),
-                        **engine_opts, seed=seed)
+                        **engine_opts, seed=seed, params=network.parameters())
         if engine.compare == "features":
             whose = " (its default)" if engine_opts["compare"] == "auto" else ""
             raise InvalidParameterError(

@@ -153,11 +153,10 @@ class Trainer:
         self.sampler: Sampler = _build(SAMPLERS, sampler, Sampler, "sampler")
         self.task_scheduler: TaskScheduler = _build(TASK_SCHEDULERS, task_scheduler, TaskScheduler, "task_scheduler")
         engine_class, sharded = (ShardedEngine, {"sharded_params": model.parameters()}) if self.sharded else (Engine, {})
+        trainable = [*model.parameters(), *self.method.parameters(), *(p for o in objective_modules for p in o.parameters())]
         self.engine = engine_class(self.method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
                                    **engine_options.model_dump(), seed=seed, task_clip=self.optim.clip.per_task,
-                                   comm=self.comm, reduce_params=[*model.parameters(), *self.method.parameters(),
-                                                                    *(p for o in objective_modules for p in o.parameters())],
-                                   **sharded)
+                                   comm=self.comm, reduce_params=trainable, params=trainable, **sharded)
         if self.engine.compare == "features" and not model.shares_representation:
             raise InvalidParameterError(
                 f"'{self.method_name}' would compare gradients on the features, but architecture "
