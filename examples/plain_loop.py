@@ -19,7 +19,8 @@ def main(epochs: int = 2, method: str = "nash_mtl", batch_size: int = 256) -> di
     torch.manual_seed(0)
     data = pt.datasets.load("adult")
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=data.input_shape[0], hidden=[128, 64]), data.tasks)
-    engine = pt.Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters())
+    engine = pt.Engine(method, model.shared_parameters(), last_shared_params=model.last_shared_parameters(),
+                       params=model.parameters())  # the heads: found without walking the graph each step
     optimizer = torch.optim.Adam([*model.parameters(), *engine.parameters()], lr=1e-3)
     tasks = {t.name: t for t in data.tasks}
     loader = torch.utils.data.DataLoader(torch.arange(len(data.train)), batch_size=batch_size, shuffle=True)
