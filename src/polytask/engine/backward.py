@@ -167,6 +167,7 @@ class Engine:
         #: graph (see ``params``), then ``params`` outside θ, or still None if the walk found more
         self._declared = None if params is None else list({id(p): p for p in params if p.requires_grad}.values())
         self._private_leaves: list[Tensor] | None = None
+        self._reached_numel = 0  # of those, the values the first walk found reached
         if comm is not None and not self.reduce_params:
             raise InvalidParameterError("data-parallel engine needs `reduce_params` (every trainable parameter)")
         # loop unless batched is asked for: a timed choice would make the route (and its rounding) vary by run
@@ -660,6 +661,8 @@ class Engine:
             if all(id(p) in ids for p in found):
                 theta = {id(p) for p in self.theta}
                 self._private_leaves = [p for p in declared if id(p) not in theta]
+                # what the losses reach of them, for the batched passes' size test (unreached ones get no gradient)
+                self._reached_numel = sum(p.numel() for p in found)
                 return self._private_leaves
         return found
 
@@ -701,7 +704,7 @@ class Engine:
         outgrow J. The kept gradients are (start row, the chunk's gradients, rows first). For a
         method that reads only G, J is left in the passes' own blocks (:class:`JacobianPieces`),
         not copied into one T×P tensor."""
-        n_private = sum(p.numel() for p in private)
+        n_private = (self._reached_numel if private is self._private_leaves else sum(p.numel() for p in private))
         if n_private > sum(p.numel() for p in self.theta):
             return None
         inputs, n, t = [*self.theta, *private], len(self.theta), len(parts)

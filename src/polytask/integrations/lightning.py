@@ -115,11 +115,11 @@ class MultiTaskModule(pl.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and (
                 torch.distributed.get_world_size() > 1):
             comm = Communicator(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        trainable = [*self.model.parameters(), *self.method.parameters()]
         self.engine = Engine(self.method, self.model.shared_parameters(),
                              last_shared_params=self.model.last_shared_parameters(), **self.engine_options.model_dump(),
                              seed=self.seed, task_clip=self.optim_options.clip.per_task, comm=comm,
-                             reduce_params=[*self.model.parameters(), *self.method.parameters()],
-                             params=[*self.model.parameters(), *self.method.parameters()])
+                             reduce_params=trainable, params=trainable)
         if not self.method.is_set_up:
             self.method.setup(self.names, sizes={t: 1 for t in self.names},
                               static_weights={t.name: t.weight for t in self.tasks})

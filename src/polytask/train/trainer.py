@@ -398,9 +398,9 @@ class Trainer:
     def _zero_grads(self) -> None:
         """``optimizer.zero_grad(set_to_none=True)``: every optimised parameter's ``.grad`` set to None.
 
-        Why not torch's call: it wraps that loop in a profiler range and a TorchDynamo guard, which on
-        the demo model cost about 40 µs a step, as much as the loop's whole step in Python. An optimiser
-        class with a ``zero_grad`` of its own gets it called."""
+        Why not torch's call: it wraps that loop in a profiler range and a TorchDynamo guard, about
+        20 µs a step on the demo model (2% of its step). An optimiser class with a ``zero_grad`` of its
+        own gets it called."""
         optimizer = self.optimizer
         if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
             optimizer.zero_grad(set_to_none=True)
