@@ -26,3 +26,28 @@ def test_rows_and_the_memory_of_j(tmp_path):
         # J's storage is kept between steps: the measurement makes it anew, so it is in the peak
         assert float(rows[key]["extra_mb"]) > 0.8 * j_mb, (key, rows[key]["extra_mb"])
     assert float(rows[("upgrad", "autogram")]["extra_mb"]) < 0.5 * j_mb
+
+
+def test_the_jacobian_reference_writes_j_with_torchs_public_call(monkeypatch):
+    """The "task Jacobian alone" row writes the same J as the engine's ``task_jacobian``, by
+    ``torch.autograd.grad`` (one call per task, as a user's own loop makes them), into kept storage."""
+    import torch
+
+    from polytask.bench.small import tiny_problem
+    from polytask.bench.speed import jacobian_step
+    from polytask.engine.jacobian import task_jacobian
+
+    problem = tiny_problem()
+    step = jacobian_step(problem)
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step(0)
+    assert len(calls) == len(problem.tasks)
+    kept = step.release.__self__[0]  # the list whose `clear` frees J: its one entry is J's storage
+    storage = kept.data_ptr()
+    step(1)
+    assert kept.data_ptr() == storage  # the second step writes into the first one's J
+    shared = list(problem.model.shared_parameters())
+    _, losses = problem.losses()
+    assert torch.equal(kept, task_jacobian(list(losses.values()), shared))
