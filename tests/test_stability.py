@@ -280,15 +280,29 @@ def _in_process_test(tmp_path: Path) -> None:
     assert main(["train", str(_config(tmp_path, "reference", csv)), "--quiet"]) == 0
     killed_config = _config(tmp_path, "killed", csv)
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    kill_points = []
-    for delay in (0.4, 0.9, 1.6):  # seconds after the first checkpoint of each attempt
+    kill_points: list[tuple[int, int]] = []
+    # Each run is killed at a moment set by its progress, not by the clock alone: on a loaded machine
+    # a whole 3-epoch run (~190 steps) can end within a second of its first checkpoint, so fixed
+    # delays landed every kill on an epoch boundary or after the last step. The plan kills 20 steps
+    # into a run (mid-epoch unless the run resumed just before a boundary), then at an arbitrary
+    # moment 0.05 s after the run's first new checkpoint (it may hit a checkpoint mid-write), and
+    # retries with step targets until a mid-epoch kill is on record.
+    plan = [("steps", 20), ("seconds", 0.05), ("steps", 20), ("steps", 20), ("steps", 20)]
+    for kind, amount in plan:
+        if len(kill_points) >= 2 and any(epoch_step > 0 for _, epoch_step in kill_points):
+            break
         args = ("--resume",) if last.exists() else ("--overwrite",)
         process = _train_process(killed_config, *args)
         start = checkpoint_step(last)
         deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None and checkpoint_step(last) in (None, start):
-            time.sleep(0.02)
-        time.sleep(delay)
+        if kind == "steps":
+            target = (start or 0) + amount
+            while time.time() < deadline and process.poll() is None and (checkpoint_step(last) or 0) < target:
+                time.sleep(0.01)
+        else:
+            while time.time() < deadline and process.poll() is None and checkpoint_step(last) in (None, start):
+                time.sleep(0.01)
+            time.sleep(amount)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -296,7 +310,7 @@ def _in_process_test(tmp_path: Path) -> None:
             kill_points.append((state["epoch"], state["epoch_step"]))
     assert main(["train", str(killed_config), "--quiet", "--resume"]) == 0
     assert len(kill_points) >= 2, kill_points
-    assert any(point and point[1] > 0 for point in kill_points), kill_points  # at least one mid-epoch
+    assert any(epoch_step > 0 for _, epoch_step in kill_points), kill_points  # at least one mid-epoch
     a = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")
     b = load_checkpoint(last)
     assert a["step"] == b["step"]
