@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polytask.methods import _small_qp
 from polytask.methods._gramian_qp import NORMALISATIONS, as_float64, check_choice, eigh_np, normalisers, simplex_qp_np, to_step
 from polytask.methods.base import Method, Step, register
 
@@ -26,6 +27,10 @@ class MGDA(Method):
     min-norm point is d = 0 and the weights are a convex combination that cancels, as in the paper.
     A Gramian rounded in low precision (bfloat16) may be slightly indefinite; it is first replaced
     by its nearest positive semi-definite matrix (negative eigenvalues set to 0), see :func:`min_norm`.
+
+    Up to :data:`~polytask.methods._small_qp.SMALL_T` tasks (and ``normalization="none"``) the QP is
+    solved in plain Python floats by :func:`~polytask.methods._small_qp.min_norm_weights`, which hands
+    a problem with a singular face (or an indefinite one) back to the quadprog path above.
     """
 
     needs = "gramian"
@@ -36,6 +41,12 @@ class MGDA(Method):
         self._remember(normalization=normalization)
 
     def weights(self, step: Step) -> Tensor:
+        assert step.gramian is not None
+        if self.normalization == "none" and len(step.gramian) <= _small_qp.SMALL_T:
+            # few tasks: plain Python floats, which stay fast inside a step where numpy does not
+            w = _small_qp.min_norm_weights(step.gramian.detach().tolist())
+            if w is not None:
+                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
         g = as_float64(step.gramian, type(self).__name__)
         if self.normalization == "none":  # nᵢ = 1: skip dividing by ones
             return to_step(min_norm(g)[0], step.gramian)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polytask.methods import _small_qp
 from polytask.methods._gramian_qp import as_float64, project_dual_cone_np, to_step
 from polytask.methods._preference import check_vector, vector
 from polytask.methods._weighting import check_tasks
@@ -27,6 +28,10 @@ class UPGrad(Method):
     unlisted tasks) giving d = (1/T) Σᵢ uᵢ π(gᵢ), i.e. TorchJD's pref_vector u/T; and ``reg_eps``, a
     ridge added to the Gramian normalised to unit trace, G/tr G + εI, before the projection (TorchJD's
     default 1e-4; 0 here, the exact projection). Both cross-checked against TorchJD's UPGrad.
+
+    Up to :data:`~polytask.methods._small_qp.SMALL_T` tasks the T QPs are solved in plain Python
+    floats (:func:`~polytask.methods._small_qp.dual_cone_weights`), larger T or a singular face by
+    the factored quadprog projection of :func:`~polytask.methods._gramian_qp.project_dual_cone`.
     """
 
     needs = "gramian"
@@ -44,6 +49,13 @@ class UPGrad(Method):
         super().setup(tasks, sizes=sizes, static_weights=static_weights)
 
     def weights(self, step: Step) -> Tensor:
+        assert step.gramian is not None
+        n = len(step.gramian)
+        if n <= _small_qp.SMALL_T:
+            # few tasks: plain Python floats, which stay fast inside a step where numpy does not
+            w = self._weights_small(step.gramian.detach().tolist(), step.tasks)
+            if w is not None:
+                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
         # T×T arithmetic on numpy arrays (see _gramian_qp): a torch call per line cost more than the QPs
         g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
@@ -56,3 +68,14 @@ class UPGrad(Method):
         else:
             w = project_dual_cone_np(g, np.eye(n)).mean(axis=0)
         return to_step(torch.from_numpy(w), step.gramian)
+
+    def _weights_small(self, g: list[list[float]], tasks: Sequence[str]) -> list[float] | None:
+        """:meth:`weights` on a list-of-rows Gramian (None: hand it to the numpy path)."""
+        n = len(g)
+        if self.reg_eps > 0:
+            trace = sum(g[i][i] for i in range(n))
+            g = [[(v / trace if trace > 0 else 0.0) + (self.reg_eps if i == j else 0.0) for j, v in enumerate(row)]
+                 for i, row in enumerate(g)]
+        u = [float(self.preference.get(task, 1.0)) for task in tasks] if self.preference else [1.0] * n
+        total = _small_qp.dual_cone_weights(g, u)
+        return None if total is None else [v / n for v in total]

@@ -1,0 +1,176 @@
+"""Exact T×T quadratic programs in plain Python floats, for the few-task case.
+
+Why: inside a training step, after the backward passes, a call into numpy, LAPACK or quadprog costs
+8–10 times what it costs in a loop of its own (measured on the tiny model of ``polytask bench small``:
+one ``np.trace`` 39 µs against 4 µs, one ``quadprog.solve_qp`` 90 against 12, MGDA's whole numpy
+solve 205 against 28), the price of code and data that the passes pushed out of the caches. Python's
+own float arithmetic runs in the interpreter's loop, which stays warm: the same 300 multiply-adds cost
+14 µs in a step and 16 in a loop. For T up to :data:`SMALL_T` the QPs below are a few hundred such
+operations, so they are solved here; larger T, and any problem these cannot solve with confidence
+(a singular block, too many iterations), go to the numpy/quadprog path of :mod:`._gramian_qp`.
+
+The solver is the primal active-set method (Nocedal & Wright, "Numerical Optimization", 2nd ed.,
+2006, Algorithm 16.3) for min ½ xᵀHx + qᵀx subject to x ≥ 0 and, optionally, Σx = 1, with H
+positive definite on every face it visits (checked: each face's system is solved by Cholesky, and a
+pivot below :data:`PIVOT` relative to H's mean diagonal hands the problem back to the caller). H
+strictly convex on the final face makes the minimiser unique, so it agrees with quadprog's
+(Goldfarb–Idnani) to round-off.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: the most tasks for which the methods take the plain-Python solvers
+SMALL_T = 8
+#: a Cholesky pivot (squared) below this, relative to the mean diagonal, counts as singular
+PIVOT = 1e-10
+#: optimality and feasibility tolerance, relative to the problem's scale
+TOL = 1e-13
+
+Matrix = list[list[float]]
+
+
+def symmetrised(g: Matrix) -> Matrix:
+    """(G + Gᵀ) / 2 of a list-of-rows matrix (float64, as ``as_float64`` computes it)."""
+    n = len(g)
+    return [[(g[i][j] + g[j][i]) / 2 for j in range(n)] for i in range(n)]
+
+
+def cholesky_solve(h: Matrix, index: list[int], rhs: list[list[float]], floor: float) -> list[list[float]] | None:
+    """Solve H_FF x = b for each b in ``rhs`` (vectors over ``index``), or None when a squared
+    pivot of H_FF's Cholesky factor is not above ``floor``."""
+    m = len(index)
+    low: Matrix = [[0.0] * m for _ in range(m)]
+    for a in range(m):
+        row_a = h[index[a]]
+        la = low[a]
+        for b in range(a + 1):
+            lb = low[b]
+            s = row_a[index[b]]
+            for k in range(b):
+                s -= la[k] * lb[k]
+            if a == b:
+                if not s > floor:
+                    return None
+                la[a] = math.sqrt(s)
+            else:
+                la[b] = s / lb[b]
+    out = []
+    for vector in rhs:
+        y = [0.0] * m
+        for a in range(m):
+            s = vector[a]
+            la = low[a]
+            for k in range(a):
+                s -= la[k] * y[k]
+            y[a] = s / la[a]
+        for a in range(m - 1, -1, -1):
+            s = y[a]
+            for k in range(a + 1, m):
+                s -= low[k][a] * y[k]
+            y[a] = s / low[a][a]
+        out.append(y)
+    return out
+
+
+def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int | None = None) -> list[float] | None:
+    """argmin ½ xᵀHx + qᵀx s.t. x ≥ 0 (and Σx = 1 with ``simplex``), or None when the active-set
+    method cannot vouch for its answer (a face on which H is singular, or no convergence)."""
+    n = len(h)
+    if n == 0:
+        return []
+    scale = sum(h[i][i] for i in range(n)) / n
+    if not (scale > 0 and math.isfinite(scale)):
+        return None
+    floor, tol = PIVOT * scale, TOL * scale
+    if simplex:  # start at the best vertex
+        best = min(range(n), key=lambda i: 0.5 * h[i][i] + q[i])
+        x = [0.0] * n
+        x[best] = 1.0
+        free = [best]
+    else:  # start at 0
+        x, free = [0.0] * n, []
+    ones_rhs = [1.0] * n
+    for _ in range(max_iter if max_iter is not None else 10 * n + 10):
+        # the minimiser on the current face: x_j = 0 off ``free``
+        if free:
+            solved = cholesky_solve(h, free, [[-q[i] for i in free], ones_rhs[:len(free)]] if simplex
+                                    else [[-q[i] for i in free]], floor)
+            if solved is None:
+                return None
+            target = solved[0]
+            if simplex:  # x = a + μ b with Σx = 1 (the equality's multiplier μ)
+                b = solved[1]
+                total_b = sum(b)
+                if not total_b > 0:
+                    return None
+                mu = (1.0 - sum(target)) / total_b
+                target = [a + mu * bb for a, bb in zip(target, b, strict=True)]
+        else:
+            target = []
+        blocked = [(x[i] / (x[i] - t), k) for k, (i, t) in enumerate(zip(free, target, strict=True)) if t < 0.0]
+        if blocked:  # step towards the face's minimiser until a coordinate reaches 0; it leaves the face
+            alpha, k_out = min(blocked)
+            for i, t in zip(free, target, strict=True):
+                x[i] += alpha * (t - x[i])
+            x[free[k_out]] = 0.0
+            del free[k_out]
+            continue
+        for i, t in zip(free, target, strict=True):
+            x[i] = t
+        # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier
+        grad = [sum(hi[k] * x[k] for k in free) + q[i] for i, hi in enumerate(h)]
+        nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
+        on_face = set(free)
+        worst, enter = -tol, -1
+        for j in range(n):
+            if j not in on_face and grad[j] - nu < worst:
+                worst, enter = grad[j] - nu, j
+        if enter < 0:
+            return x
+        free.append(enter)
+    return None
+
+
+#: the ridge (relative to the mean diagonal) that the numpy path's first quadprog call adds
+RIDGE = 1e-12
+
+
+def min_norm_weights(g: Matrix) -> list[float] | None:
+    """MGDA's argmin_{w ≥ 0, Σw = 1} wᵀGw for a list-of-rows Gramian (symmetrised here, scaled to
+    unit mean diagonal and ridged as the numpy path does); None hands the problem back."""
+    n = len(g)
+    scale = sum(g[i][i] for i in range(n)) / n if n else 0.0
+    if not scale > 0:  # every gradient 0 (or NaN): the numpy path's uniform answer
+        return [1.0 / max(n, 1)] * n
+    gs = [[(g[i][j] + g[j][i]) / (2 * scale) + (RIDGE if i == j else 0.0) for j in range(n)] for i in range(n)]
+    x = nonneg_qp(gs, [0.0] * n, simplex=True)
+    if x is None:
+        return None
+    x = [v if v > 0.0 else 0.0 for v in x]
+    total = sum(x)
+    return [v / total for v in x]
+
+
+def dual_cone_weights(g: Matrix, u: list[float]) -> list[float] | None:
+    """UPGrad's Σᵢ vᵢ with vᵢ = argmin_{v ≥ uᵢeᵢ} vᵀGv (Quinton & Rey 2024, Proposition 1): each vᵢ
+    is uᵢeᵢ + y with y = argmin_{y ≥ 0} ½yᵀGy + uᵢ(Geᵢ)ᵀy. None hands the problem back."""
+    n = len(g)
+    scale = sum(g[i][i] for i in range(n)) / n if n else 0.0
+    scale = scale if scale > 0 else 1.0
+    if not math.isfinite(scale):
+        return None
+    gs = symmetrised([[v / scale for v in row] for row in g])
+    total = [0.0] * n
+    for i, ui in enumerate(u):
+        total[i] += ui
+        q = [ui * gs[k][i] for k in range(n)]
+        if min(q) >= 0.0:  # uᵢgᵢ conflicts with no task gradient: its own projection
+            continue
+        y = nonneg_qp(gs, q)
+        if y is None:
+            return None
+        for k in range(n):
+            total[k] += y[k]
+    return total

@@ -1,0 +1,146 @@
+"""The plain-Python active-set solver for few-task QPs agrees with quadprog, or says it cannot.
+
+Each problem is min ½xᵀHx + qᵀx over x ≥ 0 (and Σx = 1): random Gramians of T = 1..8 gradients
+in dimensions above and below T, some with an exact zero or duplicate gradient, solved here and by
+quadprog (Goldfarb–Idnani); where this solver answers, its answer satisfies the KKT conditions and
+has quadprog's objective value; where the face systems are singular it answers None.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import quadprog
+import torch
+
+from polytask.methods import _small_qp
+from polytask.methods.base import Step, get_method
+
+
+def _gramian(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    j = rng.normal(size=(n, dim)) * rng.uniform(0.1, 10.0, size=(n, 1))
+    return j @ j.T
+
+
+def _quadprog(h: np.ndarray, q: np.ndarray, simplex: bool) -> np.ndarray:
+    n = len(h)
+    c = np.eye(n)
+    b = np.zeros(n)
+    if simplex:
+        c, b = np.concatenate([np.ones((n, 1)), c], axis=1), np.concatenate([[1.0], b])
+    return quadprog.solve_qp(h + 1e-12 * np.trace(h) / n * np.eye(n), -q, c, b, 1 if simplex else 0)[0]
+
+
+def _objective(h: np.ndarray, q: np.ndarray, x: np.ndarray) -> float:
+    return float(0.5 * x @ h @ x + q @ x)
+
+
+def _check_kkt(h: np.ndarray, q: np.ndarray, x: np.ndarray, simplex: bool) -> None:
+    scale = np.trace(h) / len(h)
+    assert (x >= 0).all()
+    grad = h @ x + q
+    if simplex:
+        assert abs(x.sum() - 1) < 1e-12
+        nu = grad[x > 0].mean()
+    else:
+        nu = 0.0
+    # stationarity on the support, non-negative multipliers off it
+    np.testing.assert_allclose(grad[x > 0], nu, atol=1e-9 * scale * max(1.0, np.abs(x).max()))
+    assert (grad[x == 0] - nu >= -1e-9 * scale * max(1.0, np.abs(x).max())).all()
+
+
+@pytest.mark.parametrize("simplex", [True, False], ids=["simplex", "nonneg"])
+@pytest.mark.parametrize("n", range(1, _small_qp.SMALL_T + 1))
+def test_agrees_with_quadprog_on_full_rank_gramians(n, simplex):
+    rng = np.random.default_rng(n * 7 + simplex)
+    for trial in range(40):
+        h = _gramian(rng, n, n + 3 + trial % 5)
+        # the dual-cone QP of UPGrad: q = G uᵢ eᵢ; a mix of signs, so some bounds are active
+        q = np.zeros(n) if simplex else h[:, trial % n] * rng.uniform(0.2, 3.0) - rng.uniform(0, 1) * np.diag(h)
+        got = _small_qp.nonneg_qp(_small_qp.symmetrised(h.tolist()), q.tolist(), simplex=simplex)
+        assert got is not None, (n, trial)
+        x = np.array(got)
+        _check_kkt(h, q, x, simplex)
+        ref = _quadprog(h, q, simplex)
+        scale = np.trace(h) / n
+        assert _objective(h, q, x) <= _objective(h, q, ref) + 1e-10 * scale * max(1.0, np.abs(ref).max()) ** 2
+        np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-7 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("simplex", [True, False], ids=["simplex", "nonneg"])
+def test_singular_gramians_are_solved_or_handed_back(simplex):
+    """Fewer dimensions than tasks, a zero gradient, a duplicated one: each answer is a KKT point,
+    which for a convex QP is a global minimiser (quadprog itself, ridged, can leave the feasible set
+    by 1e-5 here, so it is no reference); a face on which H is singular makes the solver answer None."""
+    rng = np.random.default_rng(11)
+    answered = handed_back = 0
+    for trial in range(200):
+        n = 2 + trial % 7
+        j = rng.normal(size=(n, 1 + trial % 3))
+        if trial % 4 == 1:
+            j[trial % n] = 0.0
+        if trial % 4 == 2:
+            j[-1] = j[0]
+        h = j @ j.T
+        q = np.zeros(n) if simplex else h[:, trial % n] * 1.5 - 0.3 * np.diag(h)
+        got = _small_qp.nonneg_qp(h.tolist(), q.tolist(), simplex=simplex)
+        if got is None:
+            handed_back += 1
+            continue
+        answered += 1
+        x = np.array(got)
+        _check_kkt(h, q, x, simplex)
+    assert answered and handed_back  # both branches are exercised by these problems
+
+
+def test_zero_and_non_finite_problems_are_handed_back():
+    assert _small_qp.nonneg_qp([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0], simplex=True) is None
+    assert _small_qp.nonneg_qp([[float("nan"), 0.0], [0.0, 1.0]], [0.0, 0.0]) is None
+    assert _small_qp.nonneg_qp([], []) == []
+
+
+def test_cholesky_solve_matches_numpy():
+    rng = np.random.default_rng(3)
+    h = _gramian(rng, 6, 9)
+    index = [4, 0, 2, 5]
+    b = rng.normal(size=(2, 4))
+    got = _small_qp.cholesky_solve(h.tolist(), index, b.tolist(), 1e-10)
+    assert got is not None
+    np.testing.assert_allclose(np.array(got), np.linalg.solve(h[np.ix_(index, index)], b.T).T, rtol=1e-10)
+    # a singular block is refused
+    h[:, 2] = h[:, 0]
+    h[2, :] = h[0, :]
+    assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
+
+
+@pytest.mark.parametrize("options", [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
+                         ids=["plain", "preference", "reg_eps"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["mgda", "upgrad"])
+def test_methods_give_the_quadprog_paths_weights(name, dtype, options, monkeypatch):
+    """MGDA and UPGrad on the few-task path give the weights of their numpy/quadprog path (forced
+    by SMALL_T = 0), on random Gramians of 2–8 tasks, conflicting or not, in float32 and float64."""
+    if name == "mgda" and options:
+        pytest.skip("MGDA has neither option")
+    rng = np.random.default_rng(5)
+    cases = []
+    for trial in range(30):
+        n = 2 + trial % 7
+        j = rng.normal(size=(n, 3 * n)) + (trial % 3) * rng.normal(size=(1, 3 * n))  # some share a direction
+        tasks = tuple(f"t{i}" for i in range(n))
+        cases.append((tasks, torch.from_numpy(j @ j.T).to(dtype)))
+
+    def run(small_t):
+        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
+        out = []
+        for tasks, g in cases:
+            method = get_method(name, **options)
+            method.setup(tasks)
+            out.append(method.weights(Step(tasks=tasks, losses=torch.ones(len(tasks)), gramian=g)))
+        return out
+
+    fast, general = run(_small_qp.SMALL_T), run(0)
+    for (_, g), a, b in zip(cases, fast, general, strict=True):
+        assert a.dtype == g.dtype and a.shape == b.shape
+        tol = 1e-6 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
