@@ -113,15 +113,16 @@ def test_cholesky_solve_matches_numpy():
     assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
 
 
-@pytest.mark.parametrize("options", [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
-                         ids=["plain", "preference", "reg_eps"])
+OPTIONS = {"mgda": [{}], "upgrad": [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
+           "cagrad": [{}, {"c": 0.9, "rescale": 2}, {"c": 0.0}]}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", ["mgda", "upgrad"])
+@pytest.mark.parametrize(("name", "options"), [(name, o) for name, opts in OPTIONS.items() for o in opts],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)) or "defaults")
 def test_methods_give_the_quadprog_paths_weights(name, dtype, options, monkeypatch):
-    """MGDA and UPGrad on the few-task path give the weights of their numpy/quadprog path (forced
-    by SMALL_T = 0), on random Gramians of 2–8 tasks, conflicting or not, in float32 and float64."""
-    if name == "mgda" and options:
-        pytest.skip("MGDA has neither option")
+    """MGDA, UPGrad and CAGrad on the few-task path give the weights of their numpy/quadprog path
+    (forced by SMALL_T = 0), on random Gramians of 2–8 tasks, conflicting or not, float32 and 64."""
     rng = np.random.default_rng(5)
     cases = []
     for trial in range(30):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.methods import _small_qp
 from polytask.methods._gramian_qp import as_float64, eigh_np, factor_np, project_polyhedron_np, to_step
 from polytask.methods.base import Method, Step, check_positive, register
 
@@ -26,6 +29,10 @@ class CAGrad(Method):
     code's default ``rescale=1``). ``c = 0`` gives the mean gradient. ``rescale`` takes the official
     code's (and LibMTL's) integer choices too: 0 (= False, no division), 1 (= True, 1 + c²) and
     2 (1 + c).
+
+    Up to :data:`~polytask.methods._small_qp.SMALL_T` tasks the same search runs on plain Python
+    floats, each level's QP as its dual, y = argmin_{y ≥ 0} ½yᵀGy + (b − t)ᵀy
+    (:func:`~polytask.methods._small_qp.nonneg_qp`); a singular face hands the step to the numpy path.
     """
 
     needs = "gramian"
@@ -40,6 +47,12 @@ class CAGrad(Method):
         self._remember(c=c, rescale=rescale)
 
     def weights(self, step: Step) -> Tensor:
+        assert step.gramian is not None
+        if len(step.gramian) <= _small_qp.SMALL_T:
+            # few tasks: plain Python floats, which stay fast inside a step where numpy does not
+            w = self._weights_small(step.gramian.detach().tolist())
+            if w is not None:
+                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
         g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
         w = np.full(n, 1.0 / n)
@@ -55,6 +68,25 @@ class CAGrad(Method):
         elif self.rescale == 2:
             w = w / (1 + self.c)
         return to_step(torch.from_numpy(w), step.gramian)
+
+    def _weights_small(self, g: list[list[float]]) -> list[float] | None:
+        """:meth:`weights` on a list-of-rows Gramian (None: hand it to the numpy path)."""
+        n = len(g)
+        w = [1.0 / n] * n
+        scale = sum(g[i][i] for i in range(n)) / n
+        if self.c > 0 and scale > 0:
+            if not math.isfinite(scale):
+                return None
+            g = _small_qp.symmetrised([[v / scale for v in row] for row in g])
+            b = [sum(row) / n for row in g]
+            radius = self.c * max(sum(b) / n, 0.0) ** 0.5
+            if radius > 0:
+                y = _ball_multipliers_small(g, b, radius)
+                if y is None:
+                    return None
+                w = [wi + yi for wi, yi in zip(w, y, strict=True)]
+        divisor = 1 + self.c**2 if self.rescale == 1 else 1 + self.c if self.rescale == 2 else 1.0
+        return [wi / divisor for wi in w]
 
 
 def _ball_multipliers(g: np.ndarray, b: np.ndarray, radius: float, iters: int = 100) -> np.ndarray:
@@ -90,6 +122,68 @@ def _ball_multipliers(g: np.ndarray, b: np.ndarray, radius: float, iters: int = 
     # infeasible up to round-off): the feasible multipliers found closest to the ball's boundary,
     # not the zeros of an infeasible solve (which gave the mean gradient)
     return best if best is not None else y_lo
+
+
+def _ball_multipliers_small(g: list[list[float]], b: list[float], radius: float,
+                            iters: int = 100) -> list[float] | None:
+    """:func:`_ball_multipliers` on Python floats (G with unit mean diagonal); None where a level's
+    QP is singular on a face, which the numpy path's factored solve handles."""
+    n, target = len(g), radius**2
+
+    def solve(t: float) -> tuple[list[float], float] | None:
+        y = _small_qp.nonneg_qp(g, [bi - t for bi in b])
+        if y is None:
+            return None
+        return y, sum(y[i] * sum(gi[k] * y[k] for k in range(n)) for i, gi in enumerate(g))
+
+    lo = min(b)
+    hi = min(bi + radius * max(g[i][i], 0.0) ** 0.5 for i, bi in enumerate(b))
+    sol = solve(hi)
+    for _ in range(60):  # round-off only: widen
+        if sol is None or sol[1] >= target:
+            break
+        lo, hi = hi, hi + (hi - lo) + 1e-12
+        sol = solve(hi)
+    if sol is None or sol[1] < target:
+        return None
+    (y, val), t = sol, hi
+    for _ in range(iters):
+        if abs(val - target) <= 1e-10 * target or hi - lo <= 1e-14 * (abs(lo) + abs(hi)):
+            break
+        if val < target:
+            lo = t
+        else:
+            hi = t
+        t = _piece_root_small(g, b, y, target, lo, hi)
+        sol = solve(t)
+        if sol is None:
+            return None
+        y, val = sol
+    return y
+
+
+def _piece_root_small(g: list[list[float]], b: list[float], y: list[float], target: float, lo: float,
+                      hi: float) -> float:
+    """:func:`_piece_root` on Python floats: y_F(t) = G_FF⁻¹(t·1 − b_F) by Cholesky (bisect if singular)."""
+    mid = (lo + hi) / 2
+    cut = 1e-12 * max(max(y), 1e-300)
+    free = [i for i, v in enumerate(y) if v > cut]
+    if not free:
+        return mid
+    solved = _small_qp.cholesky_solve(g, free, [[1.0] * len(free), [b[i] for i in free]], _small_qp.PIVOT)
+    if solved is None:
+        return mid
+    p, q = solved
+    gp = [sum(g[i][k] * pk for k, pk in zip(free, p, strict=True)) for i in free]
+    gq = [sum(g[i][k] * qk for k, qk in zip(free, q, strict=True)) for i in free]
+    qa = sum(a * c for a, c in zip(p, gp, strict=True))
+    qb = -2 * sum(a * c for a, c in zip(p, gq, strict=True))
+    qc = sum(a * c for a, c in zip(q, gq, strict=True)) - target
+    disc = qb * qb - 4 * qa * qc
+    if qa <= 0 or disc < 0:
+        return mid
+    t = (-qb + disc**0.5) / (2 * qa)
+    return t if lo < t < hi else mid
 
 
 def _pinv_symmetric(a: np.ndarray) -> np.ndarray:
