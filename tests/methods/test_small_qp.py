@@ -114,14 +114,14 @@ def test_cholesky_solve_matches_numpy():
 
 
 OPTIONS = {"mgda": [{}], "upgrad": [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
-           "cagrad": [{}, {"c": 0.9, "rescale": 2}, {"c": 0.0}]}
+           "cagrad": [{}, {"c": 0.9, "rescale": 2}, {"c": 0.0}], "nash_mtl": [{}, {"max_norm": 0.0}]}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("name", "options"), [(name, o) for name, opts in OPTIONS.items() for o in opts],
                          ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)) or "defaults")
 def test_methods_give_the_quadprog_paths_weights(name, dtype, options, monkeypatch):
-    """MGDA, UPGrad and CAGrad on the few-task path give the weights of their numpy/quadprog path
+    """MGDA, UPGrad, CAGrad and Nash-MTL on the few-task path give the weights of their numpy/quadprog path
     (forced by SMALL_T = 0), on random Gramians of 2–8 tasks, conflicting or not, float32 and 64."""
     rng = np.random.default_rng(5)
     cases = []
@@ -145,3 +145,16 @@ def test_methods_give_the_quadprog_paths_weights(name, dtype, options, monkeypat
         assert a.dtype == g.dtype and a.shape == b.shape
         tol = 1e-6 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_nash_small_path_hands_singular_gramians_to_numpy():
+    """Opposed gradients (Pareto-stationary, G singular) and a rank-deficient G are not decided on
+    Python floats: the numpy path decides them (no weights: the previous ones are kept)."""
+    from polytask.methods.nash_mtl import STATIONARY_POINT, solve_nash_small
+
+    assert solve_nash_small([[1.0, -1.0], [-1.0, 1.0]]) is None
+    assert solve_nash_small([[1.0, 1.0], [1.0, 1.0]]) is None
+    w = solve_nash_small([[2.0, 0.5], [0.5, 1.0]])
+    assert w is not None and w is not STATIONARY_POINT
+    g = np.array([[2.0, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(g @ np.array(w), 1 / np.array(w), rtol=1e-9)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
+from polytask.methods import _small_qp
 from polytask.methods._gramian_qp import as_float64, to_step
 from polytask.methods._weighting import PerTaskMethod
 from polytask.methods.base import Step, check_positive, register
@@ -51,6 +52,10 @@ class NashMTL(PerTaskMethod):
       while ‖d‖ stays √T.
     - ``max_norm`` scales all the weights, so the heads' gradients scale with the shared one (the
       official code clips the shared gradient only).
+
+    Up to :data:`~polytask.methods._small_qp.SMALL_T` tasks the same Newton iteration runs on plain
+    Python floats (:func:`solve_nash_small`) where G is positive definite (its Cholesky factor
+    exists: then G is its own nearest PSD matrix); a singular or indefinite G takes the numpy path.
     """
 
     needs = "gramian"
@@ -86,7 +91,11 @@ class NashMTL(PerTaskMethod):
             w = self.last_weights[order]
         else:
             tol = max(STATIONARY, len(g) * torch.finfo(step.gramian.dtype).eps)
-            w = solve_nash(g, stationary=tol)
+            small = solve_nash_small(g.tolist(), stationary=tol) if len(g) <= _small_qp.SMALL_T else None
+            if small is None:
+                w = solve_nash(g, stationary=tol)
+            else:
+                w = None if small is STATIONARY_POINT else torch.tensor(small, dtype=torch.float64)
             if w is None:  # Pareto-stationary: the previous weights, as the official code
                 w = self.last_weights[order] if same_tasks else torch.ones(len(g), dtype=torch.float64)
             self.last_weights.zero_()
@@ -147,6 +156,81 @@ def solve_nash_np(g: np.ndarray, *, stationary: float = STATIONARY, iters: int =
     if not checked and 1.0 / (n * float(u.max()) ** 2) <= 4 * stationary and min_norm_np(g)[1] <= stationary:
         return None
     return u / s**0.5
+
+
+#: :func:`solve_nash_small`'s answer at a Pareto-stationary point (its None hands G to the numpy path)
+STATIONARY_POINT: list[float] = []
+
+
+def solve_nash_small(g: list[list[float]], *, stationary: float = STATIONARY,
+                     iters: int = 500) -> list[float] | None:
+    """:func:`solve_nash_np` on a symmetric list-of-rows Gramian in plain Python floats, for few
+    tasks (the reason: :mod:`._small_qp`). :data:`STATIONARY_POINT` where there is no solution;
+    None where this path cannot vouch for its answer (G not positive definite, Newton not
+    converged), which the numpy path then decides."""
+    n = len(g)
+    s = sum(g[i][i] for i in range(n)) / n if n else 0.0
+    if not (math.isfinite(s) and s > 0):
+        return None
+    a = [[v / s for v in row] for row in g]
+    everyone = list(range(n))
+    # positive definite: its own nearest PSD matrix, and every Newton system below is too
+    if _small_qp.cholesky_solve(a, everyone, [], _small_qp.PIVOT) is None:
+        return None
+
+    def a_times(x: list[float]) -> list[float]:
+        return [sum(r * xk for r, xk in zip(row, x, strict=True)) for row in a]
+
+    def min_norm_value() -> float | None:
+        w = _small_qp.min_norm_weights(g)
+        return None if w is None else max(sum(wi * v for wi, v in zip(w, a_times(w), strict=True)), 0.0)
+
+    u = [1.0 / math.sqrt(max(a[i][i], stationary)) for i in everyone]
+    quadratic = sum(ui * v for ui, v in zip(u, a_times(u), strict=True))
+    checked = not quadratic > stationary * sum(ui * ui for ui in u)
+    if checked:
+        value = min_norm_value()
+        if value is None:
+            return None
+        if value <= stationary:
+            return STATIONARY_POINT
+        quadratic = max(quadratic, _TINY)
+    factor = (n / quadratic) ** 0.5
+    u = [ui * factor for ui in u]
+    decrement_sq = math.inf
+    for k in range(iters):
+        if k == _CHECK_AFTER and not checked:
+            checked = True
+            value = min_norm_value()
+            if value is None:
+                return None
+            if value <= stationary:
+                return STATIONARY_POINT
+        grad = [v - 1.0 / ui for v, ui in zip(a_times(u), u, strict=True)]
+        hessian = [[v + (1.0 / (u[i] * u[i]) if i == j else 0.0) for j, v in enumerate(row)]
+                   for i, row in enumerate(a)]
+        solved = _small_qp.cholesky_solve(hessian, everyone, [[-v for v in grad]], _small_qp.PIVOT)
+        if solved is None:
+            return None
+        delta = solved[0]
+        previous, decrement_sq = decrement_sq, -sum(gi * di for gi, di in zip(grad, delta, strict=True))
+        if not math.isfinite(decrement_sq) or decrement_sq < 1e-20:
+            break
+        if decrement_sq < 1e-12 and decrement_sq > previous / 4:
+            break
+        decrement = max(decrement_sq, 0.0) ** 0.5
+        step = 1.0 if decrement < 0.25 else 1.0 / (1.0 + decrement)
+        u = [ui + step * di for ui, di in zip(u, delta, strict=True)]
+    if not (math.isfinite(decrement_sq) and decrement_sq < 1e-10 and min(u) > 0):
+        return None
+    if not checked and 1.0 / (n * max(u) ** 2) <= 4 * stationary:
+        value = min_norm_value()
+        if value is None:
+            return None
+        if value <= stationary:
+            return STATIONARY_POINT
+    root = s**0.5
+    return [ui / root for ui in u]
 
 
 #: Newton steps after which the solver first checks that the point is not Pareto-stationary
