@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import quadprog
 import torch
+from torch import Tensor
 
 from polytask.methods import _small_qp
 from polytask.methods.base import Step, get_method
@@ -158,3 +159,33 @@ def test_nash_small_path_hands_singular_gramians_to_numpy():
     assert w is not None and w is not STATIONARY_POINT
     g = np.array([[2.0, 0.5], [0.5, 1.0]])
     np.testing.assert_allclose(g @ np.array(w), 1 / np.array(w), rtol=1e-9)
+
+
+@pytest.mark.parametrize("options", [{}, {"update_weights_every": 2}, {"max_norm": 0.5}], ids=["default", "every2", "clip"])
+def test_nash_small_path_keeps_the_general_paths_state(options, monkeypatch):
+    """Over a run of steps (some with a task missing, which the general path takes) the few-task path
+    gives the general path's weights and leaves the same buffers (a checkpoint is the same)."""
+    rng = np.random.default_rng(9)
+    tasks = ("a", "b", "c")
+    steps = []
+    for k in range(8):
+        active = tasks if k % 3 != 2 else ("a", "c")
+        j = rng.normal(size=(len(active), 7))
+        steps.append((active, torch.from_numpy(j @ j.T)))
+
+    def run(small_t):
+        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
+        method = get_method("nash_mtl", **options)
+        method.setup(tasks)
+        out = [method.weights(Step(tasks=active, losses=torch.ones(len(active)), gramian=g)) for active, g in steps]
+        return out, method.state_dict()
+
+    (fast, fast_state), (general, general_state) = run(_small_qp.SMALL_T), run(0)
+    for a, b in zip(fast, general, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert fast_state.keys() == general_state.keys()
+    for key, value in fast_state.items():
+        if isinstance(value, Tensor):
+            torch.testing.assert_close(value, general_state[key], rtol=1e-9, atol=1e-12)
+        else:
+            assert value == general_state[key], key

@@ -20,6 +20,7 @@ strictly convex on the final face makes the minimiser unique, so it agrees with 
 from __future__ import annotations
 
 import math
+import operator
 
 #: the most tasks for which the methods take the plain-Python solvers
 SMALL_T = 8
@@ -84,31 +85,25 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
     if not (scale > 0 and math.isfinite(scale)):
         return None
     floor, tol = PIVOT * scale, TOL * scale
-    if simplex:  # start at the best vertex
+    if simplex:
+        # the face of every task first: MGDA's min-norm point is often interior to the simplex, and then
+        # one system is solved instead of one per task added to the face (x > 0 there is optimal: no
+        # bound is active, and the face's minimiser satisfies the equality)
+        inside = _face_minimiser(h, q, list(range(n)), floor, True)
+        if inside is not None and min(inside) > 0.0:
+            return inside
+        # start at the best vertex
         best = min(range(n), key=lambda i: 0.5 * h[i][i] + q[i])
         x = [0.0] * n
         x[best] = 1.0
         free = [best]
     else:  # start at 0
         x, free = [0.0] * n, []
-    ones_rhs = [1.0] * n
     for _ in range(max_iter if max_iter is not None else 10 * n + 10):
         # the minimiser on the current face: x_j = 0 off ``free``
-        if free:
-            solved = cholesky_solve(h, free, [[-q[i] for i in free], ones_rhs[:len(free)]] if simplex
-                                    else [[-q[i] for i in free]], floor)
-            if solved is None:
-                return None
-            target = solved[0]
-            if simplex:  # x = a + μ b with Σx = 1 (the equality's multiplier μ)
-                b = solved[1]
-                total_b = sum(b)
-                if not total_b > 0:
-                    return None
-                mu = (1.0 - sum(target)) / total_b
-                target = [a + mu * bb for a, bb in zip(target, b, strict=True)]
-        else:
-            target = []
+        target = _face_minimiser(h, q, free, floor, simplex) if free else []
+        if target is None:
+            return None
         blocked = [(x[i] / (x[i] - t), k) for k, (i, t) in enumerate(zip(free, target, strict=True)) if t < 0.0]
         if blocked:  # step towards the face's minimiser until a coordinate reaches 0; it leaves the face
             alpha, k_out = min(blocked)
@@ -120,7 +115,7 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
         for i, t in zip(free, target, strict=True):
             x[i] = t
         # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier
-        grad = [sum(hi[k] * x[k] for k in free) + q[i] for i, hi in enumerate(h)]
+        grad = [sum(map(operator.mul, hi, x)) + qi for hi, qi in zip(h, q, strict=True)]  # x is 0 off the face
         nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
         on_face = set(free)
         worst, enter = -tol, -1
@@ -131,6 +126,23 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
             return x
         free.append(enter)
     return None
+
+
+def _face_minimiser(h: Matrix, q: list[float], face: list[int], floor: float, simplex: bool) -> list[float] | None:
+    """argmin ½xᵀHx + qᵀx with x = 0 off ``face`` (and Σx = 1 with ``simplex``), as values over
+    ``face``; None when H_FF is singular or the equality cannot be met."""
+    rhs = [-q[i] for i in face]
+    solved = cholesky_solve(h, face, [rhs, [1.0] * len(face)] if simplex else [rhs], floor)
+    if solved is None:
+        return None
+    if not simplex:
+        return solved[0]
+    a, b = solved  # x = a + μ b with Σx = 1 (the equality's multiplier μ)
+    total_b = sum(b)
+    if not total_b > 0:
+        return None
+    mu = (1.0 - sum(a)) / total_b
+    return [ai + mu * bi for ai, bi in zip(a, b, strict=True)]
 
 
 #: the ridge (relative to the mean diagonal) that the numpy path's first quadprog call adds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -82,6 +83,11 @@ class NashMTL(PerTaskMethod):
         self.last_active = torch.zeros(num_tasks, dtype=torch.bool)
 
     def weights(self, step: Step) -> Tensor:
+        assert step.gramian is not None
+        if len(step.gramian) <= _small_qp.SMALL_T:
+            w = self._weights_small(step)
+            if w is not None:
+                return w
         g = as_float64(step.gramian, type(self).__name__)
         order = self.index(step).tolist()
         active = torch.zeros(len(self.all_tasks), dtype=torch.bool)
@@ -91,11 +97,7 @@ class NashMTL(PerTaskMethod):
             w = self.last_weights[order]
         else:
             tol = max(STATIONARY, len(g) * torch.finfo(step.gramian.dtype).eps)
-            small = solve_nash_small(g.tolist(), stationary=tol) if len(g) <= _small_qp.SMALL_T else None
-            if small is None:
-                w = solve_nash(g, stationary=tol)
-            else:
-                w = None if small is STATIONARY_POINT else torch.tensor(small, dtype=torch.float64)
+            w = solve_nash(g, stationary=tol)
             if w is None:  # Pareto-stationary: the previous weights, as the official code
                 w = self.last_weights[order] if same_tasks else torch.ones(len(g), dtype=torch.float64)
             self.last_weights.zero_()
@@ -107,6 +109,37 @@ class NashMTL(PerTaskMethod):
             if norm > self.max_norm:
                 w = w * (self.max_norm / norm)
         return to_step(w, step.gramian)
+
+    def _weights_small(self, step: Step) -> Tensor | None:
+        """:meth:`weights` for every task active in order, on Python floats (the buffers are written
+        as the general path writes them); None (nothing changed) hands the step to that path."""
+        assert step.gramian is not None
+        _, full = self._indexed(step, self.all_tasks) if hasattr(self, "all_tasks") else (None, False)
+        if not full:
+            return None
+        rows = step.gramian.detach().to(dtype=torch.float64).tolist()
+        g = _small_qp.symmetrised(rows)
+        same_tasks = len(self.last_active) == len(g) and bool(self.last_active.all())
+        if int(self.calls) % self.update_weights_every != 0 and same_tasks:
+            w = self.last_weights.tolist()
+        else:
+            tol = max(STATIONARY, len(g) * torch.finfo(step.gramian.dtype).eps)
+            solved = solve_nash_small(g, stationary=tol)
+            if solved is None:
+                return None
+            if solved is STATIONARY_POINT:  # the previous weights, as the official code
+                w = self.last_weights.tolist() if same_tasks else [1.0] * len(g)
+            else:
+                w = solved
+            self.last_weights.copy_(torch.tensor(w, dtype=torch.float64))
+            self.last_active.fill_(True)
+        self.calls += 1
+        if self.max_norm > 0:
+            quadratic = sum(wi * sum(map(operator.mul, row, w)) for wi, row in zip(w, g, strict=True))
+            norm = max(quadratic, 0.0) ** 0.5
+            if norm > self.max_norm:
+                w = [wi * (self.max_norm / norm) for wi in w]
+        return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
 
 
 def solve_nash(g: Tensor, *, stationary: float = STATIONARY, iters: int = 500) -> Tensor | None:
