@@ -9,6 +9,11 @@ The arithmetic on these T×T matrices is numpy's: the tensors passed in and out 
 tensors, shared with numpy arrays without a copy. A torch operation costs a few microseconds of
 dispatch whatever its size, a numpy one about a tenth of that, and a method's step here is tens of
 them, which on a small model (a few hundred microseconds per step) was most of the step.
+
+Up to :data:`._small_qp.SMALL_T` tasks MGDA, UPGrad, CAGrad and Nash-MTL do not come here at all
+(unless :mod:`._small_qp` hands a problem back): timed inside a training step rather than in a
+loop of its own, a numpy, LAPACK or quadprog call costs 8–10 times as much (its code and data are
+no longer in the caches after the backward passes), and plain Python floats are then the faster.
 """
 
 from __future__ import annotations
