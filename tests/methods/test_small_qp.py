@@ -114,7 +114,7 @@ def test_cholesky_solve_matches_numpy():
     assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
 
 
-OPTIONS = {"mgda": [{}], "upgrad": [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
+OPTIONS = {"mgda": [{}], "pcgrad": [{}], "upgrad": [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
            "cagrad": [{}, {"c": 0.9, "rescale": 2}, {"c": 0.0}], "nash_mtl": [{}, {"max_norm": 0.0}]}
 
 

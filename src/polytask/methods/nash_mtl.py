@@ -117,7 +117,7 @@ class NashMTL(PerTaskMethod):
         _, full = self._indexed(step, self.all_tasks) if hasattr(self, "all_tasks") else (None, False)
         if not full:
             return None
-        rows = step.gramian.detach().to(dtype=torch.float64).tolist()
+        rows = step.gramian.detach().tolist()  # exact doubles of any dtype
         g = _small_qp.symmetrised(rows)
         same_tasks = len(self.last_active) == len(g) and bool(self.last_active.all())
         if int(self.calls) % self.update_weights_every != 0 and same_tasks:

@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from polytask.methods._gramian_qp import as_float64, to_step
+from polytask.methods import _small_qp
+from polytask.methods._gramian_qp import as_float64
 from polytask.methods.base import Method, Step, register
 
 
@@ -33,7 +34,11 @@ class PCGrad(Method):
     def weights(self, step: Step) -> Tensor:
         # the T² sequential projections are scalar work: Python floats (float64) avoid the per-call
         # overhead of torch and of numpy on T-element rows
-        g = as_float64(step.gramian, type(self).__name__).tolist()
+        assert step.gramian is not None
+        if len(step.gramian) <= _small_qp.SMALL_T:  # few tasks: no tensor operation but the read
+            g = _small_qp.symmetrised(step.gramian.detach().tolist())  # exact doubles of any dtype
+        else:
+            g = as_float64(step.gramian, type(self).__name__).tolist()
         n = len(g)
         w = [0.0] * n
         for i in range(n):
@@ -47,4 +52,4 @@ class PCGrad(Method):
                     c[j] = c.get(j, 0.0) - dot / row[j]
             for k, v in c.items():
                 w[k] += v
-        return to_step(torch.tensor(w, dtype=torch.float64), step.gramian)
+        return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
