@@ -191,3 +191,32 @@ def test_nash_small_path_keeps_the_general_paths_state(options, monkeypatch):
             torch.testing.assert_close(value, general_state[key], rtol=1e-9, atol=1e-12)
         else:
             assert value == general_state[key], key
+
+
+@pytest.mark.parametrize(("name", "options"), [(name, o) for name, opts in OPTIONS.items() for o in opts],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v)) or "defaults")
+def test_rank_deficient_gramians_give_the_general_paths_direction(name, options, monkeypatch):
+    """Fewer parameters than tasks (G singular): the weights need not be unique, the direction
+    d = Jᵀw is; the few-task path solves what it can vouch for and hands the rest back."""
+    rng = np.random.default_rng(13)
+    cases = []
+    for trial in range(24):
+        n = 3 + trial % 6
+        j = rng.normal(size=(n, 1 + trial % (n - 1)))
+        if trial % 3 == 1:
+            j[0] = -j[1]  # two opposed gradients
+        cases.append((tuple(f"t{i}" for i in range(n)), torch.from_numpy(j)))
+
+    def run(small_t):
+        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
+        out = []
+        for tasks, j in cases:
+            method = get_method(name, **options)
+            method.setup(tasks)
+            w = method.weights(Step(tasks=tasks, losses=torch.ones(len(tasks), dtype=j.dtype), gramian=j @ j.T))
+            out.append(w @ j)
+        return out
+
+    for (_, j), a, b in zip(cases, run(_small_qp.SMALL_T), run(0), strict=True):
+        scale = float(j.norm(dim=1).max())
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * max(scale, 1.0))
