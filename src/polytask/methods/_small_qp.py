@@ -15,6 +15,12 @@ positive definite on every face it visits (checked: each face's system is solved
 pivot below :data:`PIVOT` relative to H's mean diagonal hands the problem back to the caller). H
 strictly convex on the final face makes the minimiser unique, so it agrees with quadprog's
 (Goldfarb–Idnani) to round-off.
+
+Departures from Algorithm 16.3: with Σx = 1 the face of every coordinate is tried first and taken
+if its minimiser is positive (no bound is then active, so it is optimal: MGDA's min-norm point is
+often interior, and this is one system where the active-set iteration would solve one per
+coordinate added); otherwise the iteration starts at the best vertex. Without the equality it
+starts at x = 0.
 """
 
 from __future__ import annotations
