@@ -28,6 +28,9 @@ from __future__ import annotations
 import math
 import operator
 
+import torch
+from torch import Tensor
+
 #: the most tasks for which the methods take the plain-Python solvers
 SMALL_T = 8
 #: a Cholesky pivot (squared) below this, relative to the mean diagonal, counts as singular
@@ -36,6 +39,11 @@ PIVOT = 1e-10
 TOL = 1e-13
 
 Matrix = list[list[float]]
+
+
+def weights_like(values: list[float], like: Tensor) -> Tensor:
+    """Weights computed here as a tensor in the dtype and on the device of the step's Gramian."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def symmetrised(g: Matrix) -> Matrix:

@@ -52,7 +52,7 @@ class CAGrad(Method):
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
             w = self._weights_small(step.gramian.detach().tolist())
             if w is not None:
-                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
+                return _small_qp.weights_like(w, step.gramian)
         g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
         w = np.full(n, 1.0 / n)

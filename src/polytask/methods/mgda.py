@@ -46,7 +46,7 @@ class MGDA(Method):
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
             w = _small_qp.min_norm_weights(step.gramian.detach().tolist())
             if w is not None:
-                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
+                return _small_qp.weights_like(w, step.gramian)
         g = as_float64(step.gramian, type(self).__name__)
         if self.normalization == "none":  # nᵢ = 1: skip dividing by ones
             return to_step(min_norm(g)[0], step.gramian)

@@ -139,7 +139,7 @@ class NashMTL(PerTaskMethod):
             norm = max(quadratic, 0.0) ** 0.5
             if norm > self.max_norm:
                 w = [wi * (self.max_norm / norm) for wi in w]
-        return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
+        return _small_qp.weights_like(w, step.gramian)
 
 
 def solve_nash(g: Tensor, *, stationary: float = STATIONARY, iters: int = 500) -> Tensor | None:

@@ -52,4 +52,4 @@ class PCGrad(Method):
                     c[j] = c.get(j, 0.0) - dot / row[j]
             for k, v in c.items():
                 w[k] += v
-        return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
+        return _small_qp.weights_like(w, step.gramian)

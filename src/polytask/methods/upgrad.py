@@ -55,7 +55,7 @@ class UPGrad(Method):
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
             w = self._weights_small(step.gramian.detach().tolist(), step.tasks)
             if w is not None:
-                return torch.tensor(w, dtype=step.gramian.dtype, device=step.gramian.device)
+                return _small_qp.weights_like(w, step.gramian)
         # T×T arithmetic on numpy arrays (see _gramian_qp): a torch call per line cost more than the QPs
         g = as_float64(step.gramian, type(self).__name__).numpy()
         n = len(g)
