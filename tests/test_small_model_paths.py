@@ -239,6 +239,8 @@ def test_bench_small_rows_and_command(capsys):
     ew, jac = rows["(equal: 1 backward)"].ms, rows["(task Jacobian alone)"].ms
     assert rows["mgda"].vs_reference == pytest.approx(rows["mgda"].ms / jac)
     assert rows["rlw"].vs_reference == pytest.approx(rows["rlw"].ms / ew)
+    update = rows["(hand-written update)"]  # the passes made into an update by hand, without a method
+    assert update.vs_jacobian == pytest.approx(update.ms / jac) and update.goal == small.GOALS["gramian"]
     with pytest.raises(InvalidParameterError, match="unknown"):
         small.measure_tiny(["no_such_method"], rounds=1, block=1)
     assert main(["bench", "small", "--methods", "pcgrad", "--rounds", "1", "--block", "1", "--repeats", "0",

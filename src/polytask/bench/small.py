@@ -7,7 +7,9 @@ millisecond, so a method's fixed costs (its solver, dtype conversions, Python, a
 what it adds. Each method is timed through :class:`~polytask.engine.backward.Engine` against its
 own floor: a loss-weighting method against one plain backward of Σ Lᵢ (``×EW``), a Gramian or
 Jacobian method against computing the task Jacobian alone (``×Jac``: T backward passes writing J)
-and against T backward passes with the gradients discarded (``×floor``). Every variant is timed
+and against T backward passes with the gradients discarded (``×floor``); the row
+``(hand-written update)`` (:func:`update_step`) makes those passes into an update by hand, without
+a method, for what a method and the engine add to it. Every variant is timed
 in blocks of steps, the variants interleaved round after round (machine noise hits all alike),
 and the median block is reported per step.
 """
@@ -22,11 +24,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from polytask.bench.overhead import CLOCKS
 from polytask.bench.speed import Problem, equal_step, floor_step, jacobian_step, method_step
 from polytask.core.errors import InvalidParameterError
 from polytask.core.task import Task
+from polytask.engine.jacobian import _write_row
 from polytask.methods.base import METHODS
 from polytask.models.encoders import MLP
 from polytask.models.hard_sharing import HardSharing
@@ -91,6 +95,43 @@ def interleaved(steps: dict[str, Callable[[int], None]], *, rounds: int, block: 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def update_step(problem: Problem) -> Callable[[int], None]:
+    """The update a Gramian method's step makes, hand-written with torch's public calls and without
+    the method: T passes (``torch.autograd.grad``) that also return the heads' gradients, J's rows,
+    G = J Jᵀ, d = Jᵀw for fixed w = 1, θ's ``.grad`` from d and the heads' from their own passes.
+
+    The "task Jacobian alone" reference writes no update at all; this row is what a user's own loop
+    pays to turn the same passes into one, so a method's ratio to it is the method and the engine."""
+    model = problem.model
+    shared = list(model.shared_parameters())
+    ids = {id(p) for p in shared}
+    heads = [p for p in model.parameters() if id(p) not in ids]
+    inputs, n, sizes = (*shared, *heads), len(shared), [p.numel() for p in shared]
+    kept: list[Tensor] = []
+
+    def step(i: int) -> None:
+        model.zero_grad(set_to_none=True)
+        _, losses = problem.losses()
+        values = list(losses.values())
+        if not kept:
+            kept.append(torch.empty(len(values), sum(sizes), dtype=shared[0].dtype, device=shared[0].device))
+            kept.append(torch.ones(len(values), dtype=shared[0].dtype, device=shared[0].device))
+        jacobian, weights = kept
+        head_grads = []
+        for k, loss in enumerate(values):
+            grads = torch.autograd.grad(loss, inputs, retain_graph=k < len(values) - 1, allow_unused=True)
+            _write_row(jacobian[k], grads[:n], sizes)
+            head_grads.append(grads[n:])
+        torch.mm(jacobian, jacobian.T)  # G, what the method would read
+        for p, part in zip(shared, (weights @ jacobian).split(sizes), strict=True):
+            p.grad = part.view(p.shape)
+        for grads in head_grads:
+            for p, g in zip(heads, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+    return step
+
+
 def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, block: int = 20,
                  n_tasks: int = 4, batch_size: int = 32, clock: str = "wall", device: str = "cpu") -> list[SmallRow]:
     """Rows for every method on the tiny model (each method on its own copy of the same model)."""
@@ -99,7 +140,9 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
     reference = tiny_problem(n_tasks, batch_size, device=device)
     steps: dict[str, Callable[[int], None]] = {"(equal: 1 backward)": equal_step(reference),
                                                "(task Jacobian alone)": jacobian_step(reference),
-                                               "(floor: T backwards)": floor_step(reference)}
+                                               "(floor: T backwards)": floor_step(reference),
+                                               "(hand-written update)": update_step(tiny_problem(n_tasks, batch_size,
+                                                                                                device=device))}
     for name in methods:
         cls = METHODS.get(name)
         if cls.needs != "losses" and cls.compare == "features":
@@ -111,6 +154,8 @@ def measure_tiny(methods: Sequence[str] = DEFAULT_METHODS, *, rounds: int = 15, 
     rows = [SmallRow("(equal: 1 backward)", "losses", ew, 1.0, ew / jac, ew / floor),
             SmallRow("(task Jacobian alone)", "gramian", jac, jac / ew, 1.0, jac / floor),
             SmallRow("(floor: T backwards)", "gramian", floor, floor / ew, floor / jac, 1.0)]
+    update = ms["(hand-written update)"]
+    rows.append(SmallRow("(hand-written update)", "gramian", update, update / ew, update / jac, update / floor))
     for name in steps:
         if name in METHODS:
             value = ms[name]
