@@ -114,8 +114,8 @@ class NashMTL(PerTaskMethod):
         """:meth:`weights` for every task active in order, on Python floats (the buffers are written
         as the general path writes them); None (nothing changed) hands the step to that path."""
         assert step.gramian is not None
-        _, full = self._indexed(step, self.all_tasks) if hasattr(self, "all_tasks") else (None, False)
-        if not full:
+        tasks = getattr(self, "all_tasks", None)  # not set up yet: the general path sets it up
+        if tasks is None or not self._indexed(step, tasks)[1]:
             return None
         rows = step.gramian.detach().tolist()  # exact doubles of any dtype
         g = _small_qp.symmetrised(rows)
