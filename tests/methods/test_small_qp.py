@@ -114,6 +114,22 @@ def test_cholesky_solve_matches_numpy():
     assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
 
 
+def _on_both_paths(name, options, gramians, monkeypatch):
+    """Each Gramian's weights from method ``name`` on the few-task path and on the general path
+    (forced by SMALL_T = 0), a fresh method per Gramian."""
+    def run(small_t):
+        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
+        out = []
+        for g in gramians:
+            tasks = tuple(f"t{i}" for i in range(len(g)))
+            method = get_method(name, **options)
+            method.setup(tasks)
+            out.append(method.weights(Step(tasks=tasks, losses=torch.ones(len(tasks), dtype=g.dtype), gramian=g)))
+        return out
+
+    return run(_small_qp.SMALL_T), run(0)
+
+
 OPTIONS = {"mgda": [{}], "pcgrad": [{}], "upgrad": [{}, {"preference": {"t0": 0.0, "t1": 2.5}}, {"reg_eps": 1e-4}],
            "cagrad": [{}, {"c": 0.9, "rescale": 2}, {"c": 0.0}], "nash_mtl": [{}, {"max_norm": 0.0}]}
 
@@ -125,24 +141,13 @@ def test_methods_give_the_quadprog_paths_weights(name, dtype, options, monkeypat
     """MGDA, UPGrad, CAGrad and Nash-MTL on the few-task path give the weights of their numpy/quadprog path
     (forced by SMALL_T = 0), on random Gramians of 2–8 tasks, conflicting or not, float64, float32 and bfloat16."""
     rng = np.random.default_rng(5)
-    cases = []
+    gramians = []
     for trial in range(30):
         n = 2 + trial % 7
         j = rng.normal(size=(n, 3 * n)) + (trial % 3) * rng.normal(size=(1, 3 * n))  # some share a direction
-        tasks = tuple(f"t{i}" for i in range(n))
-        cases.append((tasks, torch.from_numpy(j @ j.T).to(dtype)))
-
-    def run(small_t):
-        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
-        out = []
-        for tasks, g in cases:
-            method = get_method(name, **options)
-            method.setup(tasks)
-            out.append(method.weights(Step(tasks=tasks, losses=torch.ones(len(tasks)), gramian=g)))
-        return out
-
-    fast, general = run(_small_qp.SMALL_T), run(0)
-    for (_, g), a, b in zip(cases, fast, general, strict=True):
+        gramians.append(torch.from_numpy(j @ j.T).to(dtype))
+    fast, general = _on_both_paths(name, options, gramians, monkeypatch)
+    for g, a, b in zip(gramians, fast, general, strict=True):
         assert a.dtype == g.dtype and a.shape == b.shape
         # bfloat16: both paths read the same rounded G (possibly slightly indefinite) and round
         # their float64 answers to bfloat16 (8 bits of mantissa)
@@ -199,24 +204,15 @@ def test_rank_deficient_gramians_give_the_general_paths_direction(name, options,
     """Fewer parameters than tasks (G singular): the weights need not be unique, the direction
     d = Jᵀw is; the few-task path solves what it can vouch for and hands the rest back."""
     rng = np.random.default_rng(13)
-    cases = []
+    jacobians = []
     for trial in range(24):
         n = 3 + trial % 6
         j = rng.normal(size=(n, 1 + trial % (n - 1)))
         if trial % 3 == 1:
             j[0] = -j[1]  # two opposed gradients
-        cases.append((tuple(f"t{i}" for i in range(n)), torch.from_numpy(j)))
-
-    def run(small_t):
-        monkeypatch.setattr(_small_qp, "SMALL_T", small_t)
-        out = []
-        for tasks, j in cases:
-            method = get_method(name, **options)
-            method.setup(tasks)
-            w = method.weights(Step(tasks=tasks, losses=torch.ones(len(tasks), dtype=j.dtype), gramian=j @ j.T))
-            out.append(w @ j)
-        return out
-
-    for (_, j), a, b in zip(cases, run(_small_qp.SMALL_T), run(0), strict=True):
+        jacobians.append(torch.from_numpy(j))
+    fast, general = _on_both_paths(name, options, [j @ j.T for j in jacobians], monkeypatch)
+    for j, wa, wb in zip(jacobians, fast, general, strict=True):
+        a, b = wa @ j, wb @ j
         scale = float(j.norm(dim=1).max())
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * max(scale, 1.0))
