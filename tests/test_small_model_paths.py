@@ -400,3 +400,26 @@ def test_route_sweep_reports_both_routes_and_what_auto_takes(monkeypatch):
     monkeypatch.setattr(small, "measure_routes", lambda *args, **kw: rows)  # the table of the rows just measured
     small.run_routes(echo=lines.append)
     assert "auto takes" in lines[1] and lines[2].split()[-1] == "jacobian" and lines[3].split()[-1] == "autogram"
+
+
+def test_bench_small_hand_written_update_is_the_engines_update():
+    """`bench small`'s `(hand-written update)` row writes the update an engine step writes for a
+    Gramian method whose weights are all 1 (heads unweighted): it is a fair reference."""
+    from polytask.bench import small
+    from polytask.engine.backward import Engine
+    from polytask.methods.base import Method
+
+    class Ones(Method):
+        needs = "gramian"
+
+        def weights(self, step):
+            return torch.ones(len(step.tasks), dtype=step.gramian.dtype)
+
+    hand, ours = small.tiny_problem(), small.tiny_problem()
+    small.update_step(hand)(0)
+    engine = Engine(Ones(), ours.model.shared_parameters(), compare="shared", heads="unweighted",
+                    params=ours.model.parameters())
+    ours.model.zero_grad(set_to_none=True)
+    engine.backward(ours.losses()[1])
+    for (name, a), b in zip(hand.model.named_parameters(), ours.model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
