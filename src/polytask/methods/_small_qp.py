@@ -46,6 +46,21 @@ def weights_like(values: list[float], like: Tensor) -> Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
+def dot(a: list[float], b: list[float]) -> float:
+    """Σ aᵢbᵢ, left to right (``map`` keeps the loop in C: a generator costs twice as much)."""
+    return sum(map(operator.mul, a, b))
+
+
+def times(h: Matrix, x: list[float]) -> list[float]:
+    """H x of a list-of-rows matrix."""
+    return [dot(row, x) for row in h]
+
+
+def quadratic(h: Matrix, x: list[float]) -> float:
+    """xᵀHx."""
+    return dot(x, times(h, x))
+
+
 def symmetrised(g: Matrix) -> Matrix:
     """(G + Gᵀ) / 2 of a list-of-rows matrix (float64, as ``as_float64`` computes it)."""
     n = len(g)
@@ -129,7 +144,7 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
         for i, t in zip(free, target, strict=True):
             x[i] = t
         # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier
-        grad = [sum(map(operator.mul, hi, x)) + qi for hi, qi in zip(h, q, strict=True)]  # x is 0 off the face
+        grad = [v + qi for v, qi in zip(times(h, x), q, strict=True)]  # x is 0 off the face
         nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
         on_face = set(free)
         worst, enter = -tol, -1

@@ -128,13 +128,13 @@ def _ball_multipliers_small(g: list[list[float]], b: list[float], radius: float,
                             iters: int = 100) -> list[float] | None:
     """:func:`_ball_multipliers` on Python floats (G with unit mean diagonal); None where a level's
     QP is singular on a face, which the numpy path's factored solve handles."""
-    n, target = len(g), radius**2
+    target = radius**2
 
     def solve(t: float) -> tuple[list[float], float] | None:
         y = _small_qp.nonneg_qp(g, [bi - t for bi in b])
         if y is None:
             return None
-        return y, sum(y[i] * sum(gi[k] * y[k] for k in range(n)) for i, gi in enumerate(g))
+        return y, _small_qp.quadratic(g, y)
 
     lo = min(b)
     hi = min(bi + radius * max(g[i][i], 0.0) ** 0.5 for i, bi in enumerate(b))
@@ -176,9 +176,9 @@ def _piece_root_small(g: list[list[float]], b: list[float], y: list[float], targ
     p, q = solved
     gp = [sum(g[i][k] * pk for k, pk in zip(free, p, strict=True)) for i in free]
     gq = [sum(g[i][k] * qk for k, qk in zip(free, q, strict=True)) for i in free]
-    qa = sum(a * c for a, c in zip(p, gp, strict=True))
-    qb = -2 * sum(a * c for a, c in zip(p, gq, strict=True))
-    qc = sum(a * c for a, c in zip(q, gq, strict=True)) - target
+    qa = _small_qp.dot(p, gp)
+    qb = -2 * _small_qp.dot(p, gq)
+    qc = _small_qp.dot(q, gq) - target
     disc = qb * qb - 4 * qa * qc
     if qa <= 0 or disc < 0:
         return mid

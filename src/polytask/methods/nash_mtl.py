@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 import torch
@@ -135,8 +134,7 @@ class NashMTL(PerTaskMethod):
             self.last_active.fill_(True)
         self.calls += 1
         if self.max_norm > 0:
-            quadratic = sum(wi * sum(map(operator.mul, row, w)) for wi, row in zip(w, g, strict=True))
-            norm = max(quadratic, 0.0) ** 0.5
+            norm = max(_small_qp.quadratic(g, w), 0.0) ** 0.5
             if norm > self.max_norm:
                 w = [wi * (self.max_norm / norm) for wi in w]
         return _small_qp.weights_like(w, step.gramian)
@@ -211,16 +209,13 @@ def solve_nash_small(g: list[list[float]], *, stationary: float = STATIONARY,
     if _small_qp.cholesky_solve(a, everyone, [], _small_qp.PIVOT) is None:
         return None
 
-    def a_times(x: list[float]) -> list[float]:
-        return [sum(r * xk for r, xk in zip(row, x, strict=True)) for row in a]
-
     def min_norm_value() -> float | None:
         w = _small_qp.min_norm_weights(g)
-        return None if w is None else max(sum(wi * v for wi, v in zip(w, a_times(w), strict=True)), 0.0)
+        return None if w is None else max(_small_qp.quadratic(a, w), 0.0)
 
     u = [1.0 / math.sqrt(max(a[i][i], stationary)) for i in everyone]
-    quadratic = sum(ui * v for ui, v in zip(u, a_times(u), strict=True))
-    checked = not quadratic > stationary * sum(ui * ui for ui in u)
+    quadratic = _small_qp.quadratic(a, u)
+    checked = not quadratic > stationary * _small_qp.dot(u, u)
     if checked:
         value = min_norm_value()
         if value is None:
@@ -239,14 +234,14 @@ def solve_nash_small(g: list[list[float]], *, stationary: float = STATIONARY,
                 return None
             if value <= stationary:
                 return STATIONARY_POINT
-        grad = [v - 1.0 / ui for v, ui in zip(a_times(u), u, strict=True)]
+        grad = [v - 1.0 / ui for v, ui in zip(_small_qp.times(a, u), u, strict=True)]
         hessian = [[v + (1.0 / (u[i] * u[i]) if i == j else 0.0) for j, v in enumerate(row)]
                    for i, row in enumerate(a)]
         solved = _small_qp.cholesky_solve(hessian, everyone, [[-v for v in grad]], _small_qp.PIVOT)
         if solved is None:
             return None
         delta = solved[0]
-        previous, decrement_sq = decrement_sq, -sum(gi * di for gi, di in zip(grad, delta, strict=True))
+        previous, decrement_sq = decrement_sq, -_small_qp.dot(grad, delta)
         if not math.isfinite(decrement_sq) or decrement_sq < 1e-20:
             break
         if decrement_sq < 1e-12 and decrement_sq > previous / 4:
