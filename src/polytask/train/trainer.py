@@ -41,6 +41,7 @@ from polytask.train.callbacks.base import TrainStep, build_callback
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest
 from polytask.train.health import GradientMonitor, HealthOptions
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
+from polytask.train.optim_step import AdamStep
 from polytask.train.options import LoopOptions, OptimOptions, RunOptions
 from polytask.train.rundir import RunDir
 
@@ -177,6 +178,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum,
                                          fused=self.optim.fused)
         self.scheduler = build_scheduler(self.optim.scheduler, self.optimizer, epochs=self.loop.epochs)
+        self._adam_step = AdamStep(self.optimizer)  # optimizer.step(), with less of torch's Python where exact
         self.data_generator = torch.Generator().manual_seed(seed + 1)
         self.sampler_generator = torch.Generator().manual_seed(seed + 2)
         self.schedule_generator = torch.Generator().manual_seed(seed + 4)
@@ -534,7 +536,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not self._adam_step():
             self.optimizer.step()
 
     def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int | tuple[int, ...]]
