@@ -55,6 +55,7 @@ from polytask.methods import METHODS
 from polytask.rl.buffer import FIELDS, Batch
 from polytask.rl.config import REPRODUCIBLE_ENGINE, SACOptions
 from polytask.rl.encoders import TaskEncoder, TaskLinear, build_encoder, mlp
+from polytask.train.optim_step import AdamStep, clear_grads
 
 
 def _output(encoder: TaskEncoder, num_tasks: int, in_features: int, out_features: int) -> nn.Module:
@@ -269,6 +270,8 @@ class MultiTaskSAC:
         self.actor_opt = torch.optim.Adam([*self.actor.parameters(), *self.actor_engine.parameters()],
                                           lr=opts.actor_lr, fused=fused)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=opts.alpha_lr, fused=fused)
+        # their steps without torch's per-step Python where that is exact (three a SAC update)
+        self._adam_steps = {id(o): AdamStep(o) for o in (self.critic_opt, self.actor_opt, self.alpha_opt)}
         self.updates = 0
         self.noise = torch.Generator(device=self.device).manual_seed(seed + 2)  # the policy's Gaussian draws
 
@@ -330,7 +333,7 @@ class MultiTaskSAC:
         lookahead = None
         if outer is not None:
             lookahead = self._closure(self.critic, lambda call: critic_losses(call, outer, outer_y))
-        self.critic_opt.zero_grad(set_to_none=True)
+        clear_grads(self.critic_opt)
         report = engine.backward(named_losses(self.tasks, losses), lookahead=lookahead)
         self._step(self.critic_opt, self.critic)
         return {"critic_loss": per_task_values(losses),
@@ -350,12 +353,12 @@ class MultiTaskSAC:
                     q1, q2 = self.critic(outer.obs, torch.tanh(u))
                     return per_task(alpha[:, None] * squashed_log_prob(u, noise, log_std) - torch.minimum(q1, q2), 1)
                 lookahead = self._closure(self.actor, outer_losses)
-            self.actor_opt.zero_grad(set_to_none=True)
+            clear_grads(self.actor_opt)
             report = engine.backward(named_losses(self.tasks, losses), lookahead=lookahead)
             self._step(self.actor_opt, self.actor)
-        self.alpha_opt.zero_grad(set_to_none=True)
+        clear_grads(self.alpha_opt)
         alpha_losses(self.log_alpha, log_prob, self.target_entropy).sum().backward()
-        self.alpha_opt.step()
+        self._adam_steps[id(self.alpha_opt)].step()
         weights = torch.tensor([report.weights[t] for t in self.tasks])
         return {"actor_loss": per_task_values(losses), "alpha": self.alpha.cpu(), "actor_weight": weights}
 
@@ -372,7 +375,7 @@ class MultiTaskSAC:
     def _step(self, optimizer: torch.optim.Optimizer, network: nn.Module) -> None:
         if self.options.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.options.grad_clip)
-        optimizer.step()
+        self._adam_steps[id(optimizer)].step()
 
     def on_epoch_end(self, epoch: int, critic_losses: Mapping[str, float], actor_losses: Mapping[str, float]) -> None:
         """For methods that adapt once per epoch (DWA): an epoch is an evaluation period."""

@@ -43,6 +43,20 @@ _PLAIN = (torch.optim.Adam, torch.optim.AdamW)
 _MISSING = object()
 
 
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``: every optimised parameter's ``.grad`` set to None.
+
+    Why not torch's call: it wraps that loop in a profiler range and a TorchDynamo guard, about
+    20 µs a step on the demo model (2% of its step). An optimiser class with a ``zero_grad`` of its
+    own gets it called."""
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
 def _hooked(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step hook would run (True also where torch's registries are not where expected)."""
     own = (getattr(optimizer, "_optimizer_step_pre_hooks", _MISSING), getattr(optimizer, "_optimizer_step_post_hooks", _MISSING))
@@ -64,6 +78,11 @@ class AdamStep:
         #: per param group (by id, the group kept so that the id is not reused): the group, its
         #: parameter list and whether they share one dtype and device, once they passed the tests
         self._tested: dict[int, tuple[dict, list[Tensor], bool]] = {}
+
+    def step(self) -> None:
+        """``optimizer.step()``: this update where it is exact, else torch's own call."""
+        if not self():
+            self.optimizer.step()
 
     def __call__(self) -> bool:
         """Apply the update; False (nothing done) where it would not be exactly ``optimizer.step()``."""

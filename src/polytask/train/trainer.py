@@ -41,7 +41,7 @@ from polytask.train.callbacks.base import TrainStep, build_callback
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest
 from polytask.train.health import GradientMonitor, HealthOptions
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
-from polytask.train.optim_step import AdamStep
+from polytask.train.optim_step import AdamStep, clear_grads
 from polytask.train.options import LoopOptions, OptimOptions, RunOptions
 from polytask.train.rundir import RunDir
 
@@ -398,18 +398,7 @@ class Trainer:
         return TrainStep(self.step_index, self.epoch, loss_values, report.weights, report, True, tuple(groups))
 
     def _zero_grads(self) -> None:
-        """``optimizer.zero_grad(set_to_none=True)``: every optimised parameter's ``.grad`` set to None.
-
-        Why not torch's call: it wraps that loop in a profiler range and a TorchDynamo guard, about
-        20 µs a step on the demo model (2% of its step). An optimiser class with a ``zero_grad`` of its
-        own gets it called."""
-        optimizer = self.optimizer
-        if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
-            optimizer.zero_grad(set_to_none=True)
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        clear_grads(self.optimizer)
 
     def _callbacks_read_gramian(self) -> bool:
         """Whether a callback reads the report's Gramian every step (the engine then forms G wherever
@@ -536,8 +525,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif not self._adam_step():
-            self.optimizer.step()
+        else:
+            self._adam_step.step()
 
     def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int | tuple[int, ...]]
                        ) -> dict[str, Tensor | None]:
