@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 import operator
 
-import torch
 from torch import Tensor
+
+from polytask.methods._host import host_tensor
 
 #: the most tasks for which the methods take the plain-Python solvers
 SMALL_T = 8
@@ -43,7 +44,7 @@ Matrix = list[list[float]]
 
 def weights_like(values: list[float], like: Tensor) -> Tensor:
     """Weights computed here as a tensor in the dtype and on the device of the step's Gramian."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return host_tensor(values, like)
 
 
 def dot(a: list[float], b: list[float]) -> float:

@@ -11,11 +11,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError, closest
+from polytask.methods._host import host_tensor
 from polytask.methods.base import Method, Step
 
 #: Floor for losses that enter a logarithm or a denominator (FAMO's and DB-MTL's reference code add 1e-8).
@@ -44,18 +44,9 @@ def softmax(values: Sequence[float]) -> list[float]:
     return [x / total for x in e]
 
 
-#: NumPy's dtype for a weights tensor's (building through NumPy is ~3× faster than torch.tensor(list))
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
-
-
 def as_weights(values: Sequence[float], step: Step) -> Tensor:
     """Weights computed on the host as a tensor of the step's losses' dtype and device."""
-    like = step.losses
-    dtype = _NUMPY_DTYPES.get(like.dtype)
-    if dtype is None:  # bfloat16: no NumPy dtype
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
-    weights = torch.from_numpy(np.array(values, dtype=dtype))
-    return weights if like.device.type == "cpu" else weights.to(like.device)
+    return host_tensor(values, step.losses)
 
 
 class PerTaskMethod(Method):
