@@ -40,6 +40,18 @@ def _grads(params, step: int, skip: int | None = None) -> None:
         p.grad = None if i == skip else torch.randn(p.shape, generator=g, dtype=p.dtype)
 
 
+def _step_both(torch_side, ours, fast: AdamStep, step: int, skip: int | None = None) -> bool:
+    """The same gradients to both sides; torch's ``step()`` on one, ``fast`` (else torch's) on the
+    other. Whether ``fast`` took the step."""
+    for params, _ in (torch_side, ours):
+        _grads(params, step, skip)
+    torch_side[1].step()
+    done = fast()
+    if not done:
+        ours[1].step()
+    return done
+
+
 def _assert_same(a, b) -> None:
     (pa, oa), (pb, ob) = a, b
     for x, y in zip(pa, pb, strict=True):
@@ -69,13 +81,7 @@ def test_the_update_and_state_are_torchs_to_the_bit(kind, settings, groups):
     taken = []
     for step in range(6):
         skip = 1 if step in (2, 3) else None  # a parameter without a gradient: torch skips it, state and all
-        for params, _ in (torch_side, ours):
-            _grads(params, step, skip)
-        torch_side[1].step()
-        done = fast()
-        if not done:
-            ours[1].step()
-        taken.append(done)
+        taken.append(_step_both(torch_side, ours, fast, step, skip))
         _assert_same(torch_side, ours)
     assert taken == [False, True, True, True, True, True]  # the first step makes the state: torch's own
 
@@ -84,11 +90,7 @@ def test_mixed_dtypes_in_a_group_take_torchs_functional_form():
     torch_side, ours = _twins(torch.optim.Adam, dtypes=(torch.float32, torch.float64), lr=0.01, fused=True)
     fast = AdamStep(ours[1])
     for step in range(4):
-        for params, _ in (torch_side, ours):
-            _grads(params, step)
-        torch_side[1].step()
-        if not fast():
-            ours[1].step()
+        _step_both(torch_side, ours, fast, step)
         _assert_same(torch_side, ours)
 
 
@@ -163,11 +165,7 @@ def test_a_learning_rate_schedule_sees_the_steps_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" among them
         for step in range(6):
-            for params, _ in (torch_side, ours):
-                _grads(params, step)
-            torch_side[1].step()
-            if not fast():
-                ours[1].step()
+            _step_both(torch_side, ours, fast, step)
             for schedule in schedules:
                 schedule.step()
             _assert_same(torch_side, ours)
@@ -178,19 +176,12 @@ def test_loaded_state_replaces_the_kept_one():
     torch_side, ours = _twins(torch.optim.Adam, lr=0.01, fused=True)
     fast = AdamStep(ours[1])
     for step in range(3):
-        for params, _ in (torch_side, ours):
-            _grads(params, step)
-        torch_side[1].step()
-        if not fast():
-            ours[1].step()
+        _step_both(torch_side, ours, fast, step)
     saved = torch_side[1].state_dict()
     for side in (torch_side, ours):
         side[1].load_state_dict(copy.deepcopy(saved))  # (loading shares the saved tensors)
     for step in range(3, 6):
-        for params, _ in (torch_side, ours):
-            _grads(params, step)
-        torch_side[1].step()
-        assert fast()
+        assert _step_both(torch_side, ours, fast, step)
         _assert_same(torch_side, ours)
 
 
@@ -235,12 +226,8 @@ def test_a_reset_parameter_state_is_seen():
     torch_side, ours = _twins(torch.optim.Adam, lr=0.01, fused=True)
     fast = AdamStep(ours[1])
     for step in range(5):
-        for params, optimizer in (torch_side, ours):
-            _grads(params, step)
-            if step == 3:  # a user's reset of one parameter's moments: torch's next step makes them anew
+        if step == 3:  # a user's reset of one parameter's moments: torch's next step makes them anew
+            for params, optimizer in (torch_side, ours):
                 del optimizer.state[params[0]]
-        torch_side[1].step()
-        assert fast() is (step not in (0, 3))
-        if step in (0, 3):
-            ours[1].step()
+        assert _step_both(torch_side, ours, fast, step) is (step not in (0, 3))
         _assert_same(torch_side, ours)
