@@ -34,12 +34,21 @@ step; a kernel whose signature changed fails loudly, and the bit-for-bit test ab
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 from torch.optim.adam import adam
 
-_PLAIN = (torch.optim.Adam, torch.optim.AdamW)
+#: the optimisers this step takes: Adam, and AdamW where torch implements it as Adam with
+#: ``decoupled_weight_decay`` (recent torch; older ones gave AdamW a step of its own); none where the
+#: functional ``adam`` takes other settings than the ones handed to it here
+_ARGUMENTS = set(inspect.signature(adam).parameters)
+_PLAIN: tuple[type, ...] = (
+    () if not {"decoupled_weight_decay", "has_complex", "fused"} <= _ARGUMENTS
+    else (torch.optim.Adam, torch.optim.AdamW) if issubclass(torch.optim.AdamW, torch.optim.Adam)
+    else (torch.optim.Adam,))
 _MISSING = object()
 
 
