@@ -10,6 +10,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import polytask as pt
+from polytask.train import optim_step
 from polytask.train.optim_step import AdamStep
 
 SHAPES = [(6, 5), (6,), (1, 6), (1,)]
@@ -185,23 +186,13 @@ def test_loaded_state_replaces_the_kept_one():
         _assert_same(torch_side, ours)
 
 
-class _Counting(AdamStep):
-    """An AdamStep that counts its steps and, unless ``fast``, always hands them to torch."""
-
-    def __init__(self, inner: AdamStep, calls: list[int], fast: bool) -> None:
-        super().__init__(inner.optimizer)
-        self.calls, self.fast = calls, fast
-
-    def __call__(self) -> bool:
-        self.calls.append(1)
-        return super().__call__() if self.fast else False
-
-
-def test_the_trainer_trains_as_with_torchs_step():
+def test_the_trainer_trains_as_with_torchs_step(monkeypatch):
     tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 5, generator=g)
     data = pt.data.MultiOutputDataset(x, {"a": x[:, 0], "b": (x[:, 1] > 0).float()})
+
+    original = AdamStep.__call__
 
     def fit(fast: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
@@ -209,8 +200,12 @@ def test_the_trainer_trains_as_with_torchs_step():
         trainer = pt.Trainer(model, tasks, loop={"epochs": 2, "batch_size": 32}, optim={"scheduler": "cosine"},
                              run={"progress": False}, seed=0)
         calls = []
-        step = trainer._adam_step
-        trainer._adam_step = _Counting(step, calls, fast)
+
+        def counted(self: AdamStep) -> bool:  # every optimiser step asks; unless fast, torch's step takes it
+            calls.append(1)
+            return fast and original(self)
+
+        monkeypatch.setattr(AdamStep, "__call__", counted)
         trainer.fit(data)
         assert len(calls) == trainer.step_index
         return {k: v.clone() for k, v in trainer.model_state_dict().items()}
@@ -231,3 +226,14 @@ def test_a_reset_parameter_state_is_seen():
                 del optimizer.state[params[0]]
         assert _step_both(torch_side, ours, fast, step) is (step not in (0, 3))
         _assert_same(torch_side, ours)
+
+
+def test_step_follows_the_optimiser_it_is_given():
+    """``optim_step.step`` keeps nothing a caller could leave stale: a replaced optimiser is the one stepped."""
+    first = _started()
+    second = _started()
+    for params, optimizer in (first, second):
+        before = [p.detach().clone() for p in params]
+        optim_step.step(optimizer)
+        assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+    assert set(optim_step._STEPS) >= {first[1], second[1]}

@@ -55,7 +55,8 @@ from polytask.methods import METHODS
 from polytask.rl.buffer import FIELDS, Batch
 from polytask.rl.config import REPRODUCIBLE_ENGINE, SACOptions
 from polytask.rl.encoders import TaskEncoder, TaskLinear, build_encoder, mlp
-from polytask.train.optim_step import AdamStep, clear_grads
+from polytask.train import optim_step
+from polytask.train.optim_step import clear_grads
 
 
 def _output(encoder: TaskEncoder, num_tasks: int, in_features: int, out_features: int) -> nn.Module:
@@ -270,8 +271,6 @@ class MultiTaskSAC:
         self.actor_opt = torch.optim.Adam([*self.actor.parameters(), *self.actor_engine.parameters()],
                                           lr=opts.actor_lr, fused=fused)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=opts.alpha_lr, fused=fused)
-        # their steps without torch's per-step Python where that is exact (three a SAC update)
-        self._adam_steps = {id(o): AdamStep(o) for o in (self.critic_opt, self.actor_opt, self.alpha_opt)}
         self.updates = 0
         self.noise = torch.Generator(device=self.device).manual_seed(seed + 2)  # the policy's Gaussian draws
 
@@ -358,7 +357,7 @@ class MultiTaskSAC:
             self._step(self.actor_opt, self.actor)
         clear_grads(self.alpha_opt)
         alpha_losses(self.log_alpha, log_prob, self.target_entropy).sum().backward()
-        self._adam_steps[id(self.alpha_opt)].step()
+        optim_step.step(self.alpha_opt)
         weights = torch.tensor([report.weights[t] for t in self.tasks])
         return {"actor_loss": per_task_values(losses), "alpha": self.alpha.cpu(), "actor_weight": weights}
 
@@ -375,7 +374,7 @@ class MultiTaskSAC:
     def _step(self, optimizer: torch.optim.Optimizer, network: nn.Module) -> None:
         if self.options.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.options.grad_clip)
-        self._adam_steps[id(optimizer)].step()
+        optim_step.step(optimizer)  # without torch's per-step Python where that is exact
 
     def on_epoch_end(self, epoch: int, critic_losses: Mapping[str, float], actor_losses: Mapping[str, float]) -> None:
         """For methods that adapt once per epoch (DWA): an epoch is an evaluation period."""

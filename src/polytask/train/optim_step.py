@@ -6,14 +6,16 @@ Python around an update whose fused kernel takes 20 µs: a profiler range and th
 complex-dtype test, a sparse test, the lazy-state test, five list appends) and the functional
 ``adam``'s grouping of the tensors by device and dtype. Inside the demo model's training step
 (`polytask bench overhead`), where the caches are cold, it cost more than that: the Trainer took
-1.12–1.14× a hand-written loop's time with torch's step and 1.03–1.04× with this one.
+1.12–1.14× a hand-written loop's time with torch's step and 1.02–1.05× with this one.
 
-:class:`AdamStep` builds the lists ``_init_group`` builds and hands them, with each group's own
-settings, to the function torch's step ends in: for a fused group whose parameters share one
-dtype and device (so that ``_fused_adam``'s grouping is the identity) and whose ``lr`` and
-``betas`` are Python floats, ``torch._fused_adam_`` / ``torch._fused_adamw_`` after the
-``_foreach_add_`` of the step counts, as ``_fused_adam`` calls them; for any other group torch's
-functional ``torch.optim.adam.adam`` with the group's settings. The update is torch's to the bit
+Callers (the Trainer, the multi-task SAC agent) call :func:`step` with their optimiser, which
+keeps one :class:`AdamStep` per live optimiser. :class:`AdamStep` builds the lists
+``_init_group`` builds and hands them, with each group's own settings, to the function torch's
+step ends in: for a fused group whose parameters share one dtype and device (so that
+``_fused_adam``'s grouping is the identity) and whose ``lr`` and ``betas`` are Python floats,
+``torch._fused_adam_`` / ``torch._fused_adamw_`` after the ``_foreach_add_`` of the step counts,
+as ``_fused_adam`` calls them; for any other group torch's functional ``torch.optim.adam.adam``
+with the group's settings. The update is torch's to the bit
 (``tests/test_optim_step.py`` compares parameters and state with ``optimizer.step()`` over Adam and
 AdamW, fused, foreach and the single-tensor loop, amsgrad, maximize, weight decay, two groups,
 parameters without a gradient, an LR schedule and a loaded state).
@@ -35,6 +37,7 @@ step; a kernel whose signature changed fails loudly, and the bit-for-bit test ab
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 import torch.optim.optimizer as torch_optimizer
@@ -50,6 +53,18 @@ _PLAIN: tuple[type, ...] = (
     else (torch.optim.Adam, torch.optim.AdamW) if issubclass(torch.optim.AdamW, torch.optim.Adam)
     else (torch.optim.Adam,))
 _MISSING = object()
+#: each optimiser's AdamStep, dropped with the optimiser
+_STEPS: weakref.WeakKeyDictionary[torch.optim.Optimizer, AdamStep] = weakref.WeakKeyDictionary()
+
+
+def step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, by :class:`AdamStep` where that is exact. Each optimiser's ``AdamStep``
+    (its per-group tests) is kept while the optimiser lives, so a caller holds nothing that could go
+    stale when its optimiser is replaced."""
+    fast = _STEPS.get(optimizer)
+    if fast is None:
+        fast = _STEPS[optimizer] = AdamStep(optimizer)
+    fast.step()
 
 
 def clear_grads(optimizer: torch.optim.Optimizer) -> None:

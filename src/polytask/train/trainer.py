@@ -35,13 +35,13 @@ from polytask.metrics.registry import METRICS
 from polytask.metrics.tracker import TaskMetrics
 from polytask.models.base import MultiTaskModel
 from polytask.scheduling import TASK_SCHEDULERS, TaskScheduler
-from polytask.train import fsdp
+from polytask.train import fsdp, optim_step
 from polytask.train.callbacks import Callback, Checkpointing, ConsoleLogger, CSVLogger, EarlyStopping, Plots
 from polytask.train.callbacks.base import TrainStep, build_callback
 from polytask.train.checkpoint import CheckpointError, load_checkpoint, load_latest
 from polytask.train.health import GradientMonitor, HealthOptions
 from polytask.train.optim import build_optimizer, build_scheduler, parameter_groups
-from polytask.train.optim_step import AdamStep, clear_grads
+from polytask.train.optim_step import clear_grads
 from polytask.train.options import LoopOptions, OptimOptions, RunOptions
 from polytask.train.rundir import RunDir
 
@@ -178,7 +178,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.optim.optimizer, groups, lr=self.optim.lr, momentum=self.optim.momentum,
                                          fused=self.optim.fused)
         self.scheduler = build_scheduler(self.optim.scheduler, self.optimizer, epochs=self.loop.epochs)
-        self._adam_step = AdamStep(self.optimizer)  # optimizer.step(), with less of torch's Python where exact
         self.data_generator = torch.Generator().manual_seed(seed + 1)
         self.sampler_generator = torch.Generator().manual_seed(seed + 2)
         self.schedule_generator = torch.Generator().manual_seed(seed + 4)
@@ -526,7 +525,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self._adam_step.step()
+            optim_step.step(self.optimizer)  # optimizer.step(), with less of torch's Python where exact
 
     def _rank_weighted(self, losses: dict[str, Tensor | None], counts: dict[str, int | tuple[int, ...]]
                        ) -> dict[str, Tensor | None]:
