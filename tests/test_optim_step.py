@@ -237,3 +237,15 @@ def test_step_follows_the_optimiser_it_is_given():
         optim_step.step(optimizer)
         assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
     assert set(optim_step._STEPS) >= {first[1], second[1]}
+
+
+def test_step_keeps_no_optimiser_alive():
+    import gc
+    import weakref
+
+    _, optimizer = _started()
+    optim_step.step(optimizer)
+    gone = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert gone() is None

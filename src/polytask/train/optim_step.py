@@ -98,10 +98,18 @@ class AdamStep:
     made once per param group, while every parameter of the group has a gradient."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
+        # a weak reference: :func:`step` keeps this object in a map weakly keyed by the optimiser,
+        # which a strong one would keep alive for ever
+        self._optimizer = weakref.ref(optimizer)
         #: per param group (by id, the group kept so that the id is not reused): the group, its
         #: parameter list and whether they share one dtype and device, once they passed the tests
         self._tested: dict[int, tuple[dict, list[Tensor], bool]] = {}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self._optimizer()
+        assert optimizer is not None, "the optimiser was deleted"
+        return optimizer
 
     def step(self) -> None:
         """``optimizer.step()``: this update where it is exact, else torch's own call."""
