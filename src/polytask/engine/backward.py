@@ -21,8 +21,12 @@ from polytask.engine.jacobian import (
     JacobianPieces,
     _empty_jacobian,
     _write_row,
+    accumulate_rows,
+    accumulates,
     cross_gramian,
     gramian,
+    host_gramian,
+    row_views,
     transpose_times,
 )
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
@@ -323,6 +327,10 @@ class Engine:
             return StepReport(index, (), torch.zeros(0), {t: 0.0 for t in losses}, self.compare, self.heads)
         if self._weights_losses and not diagnose and extra_loss is None and self.task_clip is None:
             return self._losses_step(losses, active, index, epoch, scale)
+        if self._plain_gramian and not diagnose and extra_loss is None and self.gramian_route == "jacobian":
+            report = self._gramian_step(losses, active, index, epoch, scale)
+            if report is not None:
+                return report
         parts: list[Tensor] = [losses[t] for t in active]  # type: ignore[misc]
         part_losses = self._part_losses(active, parts) if self.batch_parts > 1 else None
         if part_losses is not None:
@@ -415,6 +423,69 @@ class Engine:
         return StepReport(index, active, detached, weights, self.compare, self.heads, theta_gramian,
                           None if feature_jacobian is None else step.gramian, clip, reuse, fallback,
                           row_norms if theta_gramian is None else None)
+
+    @property
+    def _plain_gramian(self) -> bool:
+        """A Gramian method on every shared parameter, one rank, unweighted heads and nothing else:
+        the step :meth:`_gramian_step` takes (while the J route is the step's)."""
+        return (self.method.needs == "gramian" and self.compare == "shared" and self.heads == "unweighted"
+                and self.every == 1 and self.batch_parts == 1 and not self.lookahead and self.task_clip is None
+                and self.comm is None)
+
+    def _gramian_step(self, losses: Mapping[str, Tensor | None], active: tuple[str, ...], index: int, epoch: int,
+                      scale: float) -> StepReport | None:
+        """The step of a plain Gramian method on the J route, where autograd can write J itself
+        (:func:`~polytask.engine.jacobian.accumulates`): T passes accumulating into J's rows and the
+        heads' ``.grad``, G, the method, d = Jᵀw on θ; None (nothing done) where it cannot.
+
+        Why: on a small model a step's passes cost a few hundred microseconds, and the general
+        step's branches, the per-task gradients it hands around and their copies into J were a
+        fifth of the step on top of them. The operations are the general step's on the fused
+        route (same passes, G, weights and d), bit for bit; the heads get Σᵢ ∇Lᵢ summed by autograd
+        in task order, as the general step sums them."""
+        if not self.jacobian.loops(self.theta[0]):
+            return None
+        parts: list[Tensor] = [losses[t] for t in active]  # type: ignore[misc]
+        private = self._private_leaves if self._private_leaves is not None else self._walk_private(parts)
+        jacobian, _ = self._jacobian_storage(len(parts))
+        if not accumulates((*self.theta, *private), jacobian):
+            return None
+        vec = torch.stack(parts)
+        detached = vec.detach()
+        jacobian.zero_()
+        accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
+                        self._row_views(), private, free_graph=True)
+        if scale != 1.0:
+            jacobian.div_(scale)  # the heads' gradients stay scaled, as the general step leaves them
+        g, values = host_gramian(jacobian)  # values: finite, else None
+        finite = values is not None or math.isfinite(g.sum(dtype=torch.float64))
+        fallback = None
+        penalty = None
+        if not finite:
+            applied, fallback = torch.ones_like(vec), "non-finite task gradients: equal weights"
+        else:
+            step = Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch)
+            if values is None:
+                step.gramian = g
+            else:
+                step.give_gramian(g, values)
+            update = self.method(step)
+            applied, penalty = update.weights, update.penalty
+            if applied.shape != (len(active),):
+                raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
+                                            f"{tuple(applied.shape)}; expected ({len(active)},)")
+        direction = applied.detach() @ jacobian
+        self._add_flat_grad(direction * scale if scale != 1.0 else direction)
+        if penalty is not None:  # the method's own parameters (log-variances, …), never θ
+            reached = self._leaves(penalty, self.theta)
+            if reached:
+                torch.autograd.backward(penalty * scale, inputs=reached)
+        if len(active) == len(losses):
+            weights = dict(zip(active, applied.tolist(), strict=True))
+        else:
+            weights = dict.fromkeys(losses, 0.0)
+            weights.update(zip(active, applied.tolist(), strict=True))
+        return StepReport(index, active, detached, weights, self.compare, self.heads, g, fallback=fallback)
 
     @property
     def _weights_losses(self) -> bool:
@@ -638,6 +709,15 @@ class Engine:
             return self._jacobian(self.jacobian, parts, self.theta, scale)
         inputs, n = (*self.theta, *private), len(self.theta)
         jacobian, _ = self._jacobian_storage(len(parts))
+        if self.heads == "unweighted" and self.task_clip is None and accumulates(inputs, jacobian):
+            # every task's head gradient enters .grad with coefficient 1: autograd sums them itself
+            jacobian.zero_()
+            accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
+                            self._row_views(), private, free_graph=True)
+            if scale != 1.0:
+                jacobian.div_(scale)  # the private gradients stay scaled, as below
+            self._private = (private, None, False)
+            return jacobian
         grads_by_task: list[tuple[Tensor | None, ...]] = []
         last = len(parts) - 1
         for i, loss in enumerate(parts):
@@ -688,6 +768,13 @@ class Engine:
             kept = self._kept_jacobian = torch.empty(rows, width, dtype=like.dtype, device=like.device)
         return kept[:rows], sizes
 
+    def _row_views(self) -> list[list[Tensor]]:
+        """Views of each row of the kept J shaped as θ's tensors, made once per storage."""
+        kept, cached = self._kept_jacobian, self.__dict__.get("_rows")
+        if cached is None or cached[0] is not kept:
+            cached = self._rows = (kept, row_views(kept, [p.shape for p in self.theta]))  # type: ignore[arg-type]
+        return cached[1]
+
     @property
     def kept_bytes(self) -> int:
         """Bytes the engine holds between steps (the kept storage of J; see ``_jacobian_storage``)."""
@@ -697,6 +784,7 @@ class Engine:
     def release_memory(self) -> None:
         """Free what the engine keeps between steps (J's storage); the next step makes it anew."""
         self._kept_jacobian = None
+        self.__dict__.pop("_rows", None)  # views of it
 
     def _fused_batched(self, parts: list[Tensor], private: list[Tensor], scale: float) -> Tensor | None:
         """``_fused_jacobian`` by vmapped backward passes, ``chunk_size`` tasks each; None (nothing
@@ -733,12 +821,14 @@ class Engine:
         return result  # type: ignore[return-value]
 
     @staticmethod
-    def _add_private_grads(private: tuple[list[Tensor], list[Any], bool], head: Tensor) -> None:
+    def _add_private_grads(private: tuple[list[Tensor], list[Any] | None, bool], head: Tensor) -> None:
         """``.grad`` of each leaf outside θ += Σᵢ headᵢ · (task i's gradient there).
 
         The gradients are per task (a tuple per loop pass) or per chunk of tasks (``(start, tuple)``
         from the vmapped passes, each gradient with the chunk's tasks as its first dimension; the flag)."""
         leaves, grads_by_task, chunks = private
+        if grads_by_task is None:  # the passes accumulated them (unweighted heads): nothing to add
+            return
         totals: dict[int, Tensor] = {}
         if chunks:
             for start, grads in grads_by_task:
@@ -796,13 +886,10 @@ class Engine:
 
     def _add_flat_grad(self, flat: Tensor) -> None:
         # ``flat`` is the caller's fresh tensor: a first gradient can be a view of it (its slices are
-        # disjoint), which saves a copy per parameter; one split makes every slice (a slice and a view
-        # per parameter were two dispatches each, a few microseconds a step on a small model)
-        sizes = self.__dict__.get("_theta_numels")
-        if sizes is None:
-            sizes = self._theta_numels = [p.numel() for p in self.theta]
-        for p, part in zip(self.theta, flat.split(sizes), strict=True):
-            g = part.view(p.shape)
+        # disjoint), which saves a copy per parameter; one call of torch's C++ makes every view shaped
+        # as its parameter (a split and a view per parameter cost a dispatch each: 19 µs of a tiny
+        # model's step for four tensors)
+        for p, g in zip(self.theta, torch._C._nn.unflatten_dense_tensors(flat, self.theta), strict=True):
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g

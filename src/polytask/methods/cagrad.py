@@ -50,7 +50,7 @@ class CAGrad(Method):
         assert step.gramian is not None
         if len(step.gramian) <= _small_qp.SMALL_T:
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
-            w = self._weights_small(step.gramian.detach().tolist())
+            w = self._weights_small(step.gramian_values())
             if w is not None:
                 return _small_qp.weights_like(w, step.gramian)
         g = as_float64(step.gramian, type(self).__name__).numpy()

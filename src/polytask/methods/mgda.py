@@ -44,7 +44,7 @@ class MGDA(Method):
         assert step.gramian is not None
         if self.normalization == "none" and len(step.gramian) <= _small_qp.SMALL_T:
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
-            w = _small_qp.min_norm_weights(step.gramian.detach().tolist())
+            w = _small_qp.min_norm_weights(step.gramian_values())
             if w is not None:
                 return _small_qp.weights_like(w, step.gramian)
         g = as_float64(step.gramian, type(self).__name__)

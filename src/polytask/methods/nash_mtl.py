@@ -116,7 +116,7 @@ class NashMTL(PerTaskMethod):
         tasks = getattr(self, "all_tasks", None)  # not set up yet: the general path sets it up
         if tasks is None or not self._indexed(step, tasks)[1]:
             return None
-        rows = step.gramian.detach().tolist()  # exact doubles of any dtype
+        rows = step.gramian_values()  # exact doubles of any dtype
         g = _small_qp.symmetrised(rows)
         same_tasks = len(self.last_active) == len(g) and bool(self.last_active.all())
         if int(self.calls) % self.update_weights_every != 0 and same_tasks:

@@ -36,7 +36,7 @@ class PCGrad(Method):
         # overhead of torch and of numpy on T-element rows
         assert step.gramian is not None
         if len(step.gramian) <= _small_qp.SMALL_T:  # few tasks: no tensor operation but the read
-            g = _small_qp.symmetrised(step.gramian.detach().tolist())  # exact doubles of any dtype
+            g = _small_qp.symmetrised(step.gramian_values())  # exact doubles of any dtype
         else:
             g = as_float64(step.gramian, type(self).__name__).tolist()
         n = len(g)

@@ -53,7 +53,7 @@ class UPGrad(Method):
         n = len(step.gramian)
         if n <= _small_qp.SMALL_T:
             # few tasks: plain Python floats, which stay fast inside a step where numpy does not
-            w = self._weights_small(step.gramian.detach().tolist(), step.tasks)
+            w = self._weights_small(step.gramian_values(), step.tasks)
             if w is not None:
                 return _small_qp.weights_like(w, step.gramian)
         # T×T arithmetic on numpy arrays (see _gramian_qp): a torch call per line cost more than the QPs
