@@ -72,6 +72,8 @@ def cholesky_solve(h: Matrix, index: list[int], rhs: list[list[float]], floor: f
     """Solve H_FF x = b for each b in ``rhs`` (vectors over ``index``), or None when a squared
     pivot of H_FF's Cholesky factor is not above ``floor``."""
     m = len(index)
+    if m <= 2:  # the loops below, unrolled: the active-set iterations mostly solve faces of one or two
+        return _cholesky_solve_2(h, index, rhs, floor)
     low: Matrix = [[0.0] * m for _ in range(m)]
     for a in range(m):
         row_a = h[index[a]]
@@ -105,6 +107,30 @@ def cholesky_solve(h: Matrix, index: list[int], rhs: list[list[float]], floor: f
     return out
 
 
+def _cholesky_solve_2(h: Matrix, index: list[int], rhs: list[list[float]], floor: float) -> list[list[float]] | None:
+    """:func:`cholesky_solve` for one or two indices, operation for operation."""
+    a = index[0]
+    s = h[a][a]
+    if not s > floor:
+        return None
+    l00 = math.sqrt(s)
+    if len(index) == 1:
+        return [[(v[0] / l00) / l00] for v in rhs]
+    b = index[1]
+    l10 = h[b][a] / l00
+    s = h[b][b] - l10 * l10
+    if not s > floor:
+        return None
+    l11 = math.sqrt(s)
+    out = []
+    for v in rhs:
+        y0 = v[0] / l00
+        y1 = (v[1] - l10 * y0) / l11
+        x1 = y1 / l11
+        out.append([(y0 - l10 * x1) / l00, x1])
+    return out
+
+
 def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int | None = None) -> list[float] | None:
     """argmin ½ xᵀHx + qᵀx s.t. x ≥ 0 (and Σx = 1 with ``simplex``), or None when the active-set
     method cannot vouch for its answer (a face on which H is singular, or no convergence)."""
@@ -130,27 +156,30 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
     else:  # start at 0
         x, free = [0.0] * n, []
     for _ in range(max_iter if max_iter is not None else 10 * n + 10):
-        # the minimiser on the current face: x_j = 0 off ``free``
-        target = _face_minimiser(h, q, free, floor, simplex) if free else []
-        if target is None:
-            return None
-        blocked = [(x[i] / (x[i] - t), k) for k, (i, t) in enumerate(zip(free, target, strict=True)) if t < 0.0]
-        if blocked:  # step towards the face's minimiser until a coordinate reaches 0; it leaves the face
-            alpha, k_out = min(blocked)
+        if free:
+            # the minimiser on the current face: x_j = 0 off ``free``
+            target = _face_minimiser(h, q, free, floor, simplex)
+            if target is None:
+                return None
+            if min(target) < 0.0:  # step towards it until a coordinate reaches 0; that one leaves the face
+                alpha, k_out = min((x[i] / (x[i] - t), k) for k, (i, t) in enumerate(zip(free, target)) if t < 0.0)
+                for i, t in zip(free, target, strict=True):
+                    x[i] += alpha * (t - x[i])
+                x[free[k_out]] = 0.0
+                del free[k_out]
+                continue
             for i, t in zip(free, target, strict=True):
-                x[i] += alpha * (t - x[i])
-            x[free[k_out]] = 0.0
-            del free[k_out]
-            continue
-        for i, t in zip(free, target, strict=True):
-            x[i] = t
-        # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier
-        grad = [v + qi for v, qi in zip(times(h, x), q, strict=True)]  # x is 0 off the face
-        nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
-        on_face = set(free)
+                x[i] = t
+            # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier.
+            # x is 0 off the face, so Hx sums over the face alone (in index order: the same sums)
+            order = sorted(free)
+            grad = [sum([row[i] * x[i] for i in order]) + qj for row, qj in zip(h, q, strict=True)]
+            nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
+        else:  # x = 0: the gradient is q
+            grad, nu = q, 0.0
         worst, enter = -tol, -1
         for j in range(n):
-            if j not in on_face and grad[j] - nu < worst:
+            if grad[j] - nu < worst and x[j] == 0.0 and j not in free:
                 worst, enter = grad[j] - nu, j
         if enter < 0:
             return x
