@@ -114,6 +114,19 @@ def test_cholesky_solve_matches_numpy():
     assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
 
 
+@pytest.mark.parametrize("index", [[3], [1, 4], [5, 0]])
+def test_cholesky_solve_of_one_or_two_indices_matches_numpy(index):
+    """Faces of one or two tasks take an unrolled solve: the same answers, and the same refusals."""
+    rng = np.random.default_rng(len(index))
+    h = _gramian(rng, 6, 9)
+    b = rng.normal(size=(3, len(index)))
+    got = _small_qp.cholesky_solve(h.tolist(), index, b.tolist(), 1e-10)
+    assert got is not None
+    np.testing.assert_allclose(np.array(got), np.linalg.solve(h[np.ix_(index, index)], b.T).T, rtol=1e-10)
+    h[index[-1], index[-1]] = h[index[0], index[-1]] ** 2 / h[index[0], index[0]] if len(index) == 2 else 0.0
+    assert _small_qp.cholesky_solve(h.tolist(), index, b.tolist(), 1e-10) is None  # a singular block
+
+
 def _on_both_paths(name, options, gramians, monkeypatch):
     """Each Gramian's weights from method ``name`` on the few-task path and on the general path
     (forced by SMALL_T = 0), a fresh method per Gramian."""

@@ -118,21 +118,23 @@ class NashMTL(PerTaskMethod):
             return None
         rows = step.gramian_values()  # exact doubles of any dtype
         g = _small_qp.symmetrised(rows)
-        same_tasks = len(self.last_active) == len(g) and bool(self.last_active.all())
-        if int(self.calls) % self.update_weights_every != 0 and same_tasks:
-            w = self.last_weights.tolist()
+        # the state as Python values, written back once: a tensor operation per buffer read or
+        # written cost more inside a small model's step than the Newton iterations
+        calls, last_weights, last_active = self.host_values()
+        same_tasks = len(last_active) == len(g) and all(last_active)
+        if int(calls) % self.update_weights_every != 0 and same_tasks:
+            w = last_weights
         else:
             tol = max(STATIONARY, len(g) * torch.finfo(step.gramian.dtype).eps)
             solved = solve_nash_small(g, stationary=tol)
             if solved is None:
                 return None
             if solved is STATIONARY_POINT:  # the previous weights, as the official code
-                w = self.last_weights.tolist() if same_tasks else [1.0] * len(g)
+                w = last_weights if same_tasks else [1.0] * len(g)
             else:
                 w = solved
-            self.last_weights.copy_(torch.tensor(w, dtype=torch.float64))
-            self.last_active.fill_(True)
-        self.calls += 1
+            last_weights, last_active = w, [True] * len(g)
+        self.store_host_values((int(calls) + 1, last_weights, last_active))
         if self.max_norm > 0:
             norm = max(_small_qp.quadratic(g, w), 0.0) ** 0.5
             if norm > self.max_norm:
