@@ -380,6 +380,95 @@ def test_constant_weights_methods_answer_by_task_names_alone():
         assert report.weights == {t: 0.0 if losses[t] is None else 1.0 for t in TASKS}
 
 
+def test_dwa_answer_is_reused_until_its_state_changes():
+    """DWA's weights change only at epoch ends: the engine asks it again only when its
+    ``weights_key`` changes (an epoch end, a loaded state), and every step's gradients and weights
+    are those of an engine that asks it every step. A subclass that overrides ``weights`` without
+    declaring its own ``weights_key`` is asked every step."""
+    from polytask.engine.backward import Engine
+    from polytask.methods.dwa import DWA
+
+    class Counting(DWA):
+        calls = 0
+
+        def weights(self, step):
+            type(self).calls += 1
+            return super().weights(step)
+
+        weights_key = DWA.weights_key  # the same promise about its own weights
+
+    class Undeclared(DWA):
+        calls = 0
+
+        def weights(self, step):
+            type(self).calls += 1
+            return super().weights(step)
+
+    asked = get_method("dwa")
+    asked.weights_key = lambda tasks: None  # an instance's own weights_key: asked every step
+    w = torch.ones(3, requires_grad=True)
+    engines = [Engine(m, [w]) for m in (Counting(), Undeclared(), asked)]
+    for engine in engines:
+        engine.method.setup(TASKS)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(4):
+        for _ in range(3):
+            scales = (torch.rand(len(TASKS), generator=g) + 0.1).tolist()
+            seen = []
+            for engine in engines:
+                w.grad = None
+                report = engine.backward({t: (w * c).sum() for t, c in zip(TASKS, scales, strict=True)}, epoch=epoch)
+                seen.append((report.weights, w.grad.clone()))
+            for weights, grad in seen[:2]:
+                assert weights == seen[2][0] and torch.equal(grad, seen[2][1])
+        means = dict(zip(TASKS, (torch.rand(len(TASKS), generator=g) + 0.5).tolist(), strict=True))
+        for engine in engines:
+            engine.method.on_epoch_end(epoch, means)
+    assert Counting.calls == 4 and Undeclared.calls == 12  # once an epoch; every step
+    engines[0].method.load_state_dict(asked.state_dict())  # copied in place: the key changes
+    engines[0].backward({t: w.sum() for t in TASKS}, epoch=4)
+    assert Counting.calls == 5
+
+
+def _keyed_methods() -> list[str]:
+    from polytask.engine.backward import _keyed
+    from polytask.methods.base import METHODS
+
+    return [name for name in METHODS.names() if _keyed(METHODS.get(name))]
+
+
+@pytest.mark.parametrize("name", _keyed_methods())
+def test_methods_with_a_weights_key_give_the_weights_of_every_step(name):
+    """Every method with a ``weights_key``, reused by the engine, gives at every step the weights of
+    the same method asked every step — across epoch ends, a task left out and a new setup with
+    other sizes."""
+    from polytask.engine.backward import Engine
+
+    assert {"dwa", "static", "inverse_size"} <= set(_keyed_methods())
+    w = torch.ones(2, requires_grad=True)
+    methods = [get_method(name), get_method(name)]
+    methods[1].weights_key = lambda tasks: None  # asked every step
+    engines = [Engine(m, [w]) for m in methods]
+    g = torch.Generator().manual_seed(1)
+    for epoch in range(3):
+        sizes = {t: 10 * (i + 3) ** (epoch // 2 + 1) for i, t in enumerate(TASKS)}
+        if epoch in (0, 2):  # set up again with other sizes and a configured weight
+            for m in methods:
+                m.setup(TASKS, sizes=sizes, static_weights={TASKS[0]: 2.5 + epoch})
+        for index in range(3):
+            scales = (torch.rand(len(TASKS), generator=g) + 0.1).tolist()
+            seen = []
+            for engine in engines:
+                w.grad = None
+                losses = {t: None if index == 1 and t == TASKS[2] else (w * c).sum()
+                          for t, c in zip(TASKS, scales, strict=True)}
+                seen.append((engine.backward(losses, epoch=epoch).weights, w.grad.clone()))
+            assert seen[0][0] == seen[1][0] and torch.equal(seen[0][1], seen[1][1]), (name, epoch, index)
+        means = dict(zip(TASKS, (torch.rand(len(TASKS), generator=g) + 0.5).tolist(), strict=True))
+        for m in methods:
+            m.on_epoch_end(epoch, means)
+
+
 def test_route_sweep_reports_both_routes_and_what_auto_takes(monkeypatch):
     """The sweep times mgda on each route of each MLP shape and reads the route `gramian: auto`
     takes there: J below SMALL_JACOBIAN entries, the no-J Gramian from it (Linear layers)."""

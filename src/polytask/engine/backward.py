@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,8 @@ class Engine:
         self._cached: tuple[tuple[str, ...], Tensor] | None = None
         #: a ``constant_weights`` method's answers: {(tasks, dtype, device): (weights, their floats)}
         self._constant: dict[tuple[Any, ...], tuple[Tensor, list[float]]] = {}
+        #: the last answer of a method with a ``weights_key``: (key, (weights, their floats))
+        self._reused: tuple[tuple[Any, ...], tuple[Tensor, list[float]]] | None = None
         self.jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
         self.feature_jacobian = JacobianComputer(opts.jacobian, opts.chunk_size)
         if task_clip is not None and not (isinstance(task_clip, (int, float)) and task_clip > 0):
@@ -502,6 +505,12 @@ class Engine:
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         key = (active, vec.dtype, vec.device) if self._constant_weights else None
         known = None if key is None else self._constant.get(key)
+        if key is None and self._unpatched and _keyed(type(self.method)):
+            since = self.method.weights_key(active)  # the weights stay those of the last step with this key
+            if since is not None:
+                key = (active, vec.dtype, vec.device, since)
+                last = self._reused
+                known = last[1] if last is not None and last[0] == key else None
         if known is not None:
             applied, values = known
             penalty = None
@@ -514,7 +523,9 @@ class Engine:
             if applied.dtype != vec.dtype:
                 applied = applied.to(vec.dtype)
             values = applied.tolist()  # tolist reads through autograd: no detach needed
-            if key is not None:
+            if key is not None and len(key) == 4:  # one entry: the key changes as training goes on
+                self._reused = (key, (applied.detach(), values))
+            elif key is not None:
                 self._constant[key] = (applied.detach(), values)
         total = torch.dot(applied, vec)
         if penalty is not None:
@@ -534,8 +545,14 @@ class Engine:
         """Whether the method's answer may be reused per task set: its class declares
         ``constant_weights`` and the instance has no patched ``weights``/``update``/``forward`` and no
         forward hooks (all of which the reuse would skip)."""
+        return self.method.constant_weights and self._unpatched
+
+    @property
+    def _unpatched(self) -> bool:
+        """Whether the method instance has no patched ``weights``/``update``/``forward``/``weights_key``
+        and no forward hooks, all of which reusing its answer would skip."""
         method = self.method
-        return (method.constant_weights and not {"weights", "update", "forward"} & vars(method).keys()
+        return (not {"weights", "update", "forward", "weights_key"} & vars(method).keys()
                 and not method._forward_hooks and not method._forward_pre_hooks)
 
     def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -934,6 +951,25 @@ SMALL_JACOBIAN = 2**20
 #: 5·10⁷ entries (1.03 against 1.54 ×floor) and the no-J Gramian from 2·10⁸ (1.98 against 2.61);
 #: a GPU's per-kernel cost weighs on the no-J engine's many small products (docs/engine.md)
 SMALL_JACOBIAN_CUDA = 2**27
+
+
+#: per method class: whether its ``weights_key`` speaks for its weights (see :func:`_keyed`)
+_KEYED: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _keyed(cls: type) -> bool:
+    """Whether ``cls`` has a ``weights_key`` of its own making: declared by the class that also gives
+    its ``weights``, ``update`` and ``forward`` or by a subclass of it. A subclass that overrides
+    ``weights`` alone makes no promise about them (as ``constant_weights`` is not inherited)."""
+    known = _KEYED.get(cls)
+    if known is None:
+        def owner(name: str) -> type | None:
+            return next((k for k in cls.__mro__ if name in k.__dict__), None)
+
+        key_owner = owner("weights_key")
+        known = _KEYED[cls] = key_owner is not None and key_owner is not Method and all(
+            o is None or issubclass(key_owner, o) for o in map(owner, ("weights", "update", "forward")))
+    return known
 
 
 def _free_memory(device: torch.device) -> float:

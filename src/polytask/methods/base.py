@@ -230,6 +230,15 @@ class Method(nn.Module):
         """Called once before training with all task names and, when known, their data sizes."""
         self.all_tasks = tuple(tasks)
 
+    def weights_key(self, tasks: tuple[str, ...]) -> tuple[Any, ...] | None:
+        """For a loss-weighting method whose weights change only now and then (DWA's, once an
+        epoch): a tuple of plain values (numbers, strings) that changes whenever the weights of
+        ``tasks`` may change; the engine then asks the method again only when it changes (or the
+        dtype or device does) and reuses its last answer meanwhile. None (the default): asked
+        every step. Only for weights that depend on nothing else (not on the step's losses,
+        index or generator) and for a method without a penalty or per-step state."""
+        return None
+
     @property
     def is_set_up(self) -> bool:
         return getattr(self, "all_tasks", None) is not None

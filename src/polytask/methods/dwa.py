@@ -49,6 +49,12 @@ class DWA(PerTaskMethod):
                 self.history[1, i] = float(train_losses[task])
                 self.epochs_seen[i] += 1
 
+    def weights_key(self, tasks: tuple[str, ...]) -> tuple[object, ...]:
+        """The weights are a function of the epoch means and counts (which change at ``on_epoch_end``,
+        with a loaded state or a new setup), τ and the task list: the key is their values."""
+        (older, newer), seen = self.host_values()
+        return (tuple(older), tuple(newer), tuple(seen), self.temperature, getattr(self, "all_tasks", None))
+
     def weights(self, step: Step) -> Tensor:
         rows = self.positions(step)  # T numbers: host arithmetic (see PerTaskMethod)
         (older, newer), seen = self.host_values()

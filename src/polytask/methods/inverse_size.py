@@ -50,5 +50,9 @@ class InverseSize(PerTaskMethod):
         lam = n.pow(-self.alpha)
         self.lambdas = (lam * len(tasks) / lam.sum()).to(self.lambdas)
 
+    def weights_key(self, tasks: tuple[str, ...]) -> tuple[object, ...]:
+        """The weights are λ's values for the step's tasks: the key is those values and the task list."""
+        return (tuple(self._buffers["lambdas"].tolist()), getattr(self, "all_tasks", None))  # type: ignore[union-attr]
+
     def weights(self, step: Step) -> Tensor:
         return self.lambdas[self.index(step)].to(step.losses)

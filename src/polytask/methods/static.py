@@ -60,6 +60,14 @@ class Static(Method):
                 f"`static` gives every task weight 0 ({{{shown}}}), so the total loss is 0 and nothing would train; "
                 "expected at least one weight > 0: raise one in method.weights (or tasks.NAME.weight)")
 
+    def weights_key(self, tasks: tuple[str, ...]) -> tuple[object, ...] | None:
+        """The weights are the λ of the step's tasks: the key is those numbers (None for a task
+        without one, so that the method is asked and names it)."""
+        lambdas = getattr(self, "lambdas", None)
+        if lambdas is None or not all(t in lambdas for t in tasks):
+            return None
+        return tuple(lambdas[t] for t in tasks)
+
     def weights(self, step: Step) -> Tensor:
         missing = [t for t in step.tasks if t not in self.lambdas]
         if missing:
