@@ -114,9 +114,10 @@ def test_cholesky_solve_matches_numpy():
     assert _small_qp.cholesky_solve(h.tolist(), [0, 2], [[1.0, 1.0]], 1e-10 * np.trace(h) / 6) is None
 
 
-@pytest.mark.parametrize("index", [[3], [1, 4], [5, 0]])
-def test_cholesky_solve_of_one_or_two_indices_matches_numpy(index):
-    """Faces of one or two tasks take an unrolled solve: the same answers, and the same refusals."""
+@pytest.mark.parametrize("index", [[3], [1, 4], [5, 0], [2, 5, 1], [4, 0, 2, 5], [0, 1, 2, 3, 4]])
+def test_cholesky_solve_of_any_face_matches_numpy(index):
+    """Faces of one, two or four tasks take an unrolled solve, the others the loops: the same
+    answers, and the same refusals of a singular block."""
     rng = np.random.default_rng(len(index))
     h = _gramian(rng, 6, 9)
     b = rng.normal(size=(3, len(index)))

@@ -74,6 +74,8 @@ def cholesky_solve(h: Matrix, index: list[int], rhs: list[list[float]], floor: f
     m = len(index)
     if m <= 2:  # the loops below, unrolled: the active-set iterations mostly solve faces of one or two
         return _cholesky_solve_2(h, index, rhs, floor)
+    if m == 4:  # and four: MGDA's interior point and Nash-MTL's Newton steps of four tasks
+        return _cholesky_solve_4(h, index, rhs, floor)
     low: Matrix = [[0.0] * m for _ in range(m)]
     for a in range(m):
         row_a = h[index[a]]
@@ -128,6 +130,45 @@ def _cholesky_solve_2(h: Matrix, index: list[int], rhs: list[list[float]], floor
         y1 = (v[1] - l10 * y0) / l11
         x1 = y1 / l11
         out.append([(y0 - l10 * x1) / l00, x1])
+    return out
+
+
+def _cholesky_solve_4(h: Matrix, index: list[int], rhs: list[list[float]], floor: float) -> list[list[float]] | None:
+    """:func:`cholesky_solve` for four indices, operation for operation (each ``s -= …`` of the loops
+    in their order: ``a - b - c`` is ``(a - b) - c``)."""
+    i0, i1, i2, i3 = index
+    r0, r1, r2, r3 = h[i0], h[i1], h[i2], h[i3]
+    s = r0[i0]
+    if not s > floor:
+        return None
+    l00 = math.sqrt(s)
+    l10 = r1[i0] / l00
+    s = r1[i1] - l10 * l10
+    if not s > floor:
+        return None
+    l11 = math.sqrt(s)
+    l20 = r2[i0] / l00
+    l21 = (r2[i1] - l20 * l10) / l11
+    s = r2[i2] - l20 * l20 - l21 * l21
+    if not s > floor:
+        return None
+    l22 = math.sqrt(s)
+    l30 = r3[i0] / l00
+    l31 = (r3[i1] - l30 * l10) / l11
+    l32 = (r3[i2] - l30 * l20 - l31 * l21) / l22
+    s = r3[i3] - l30 * l30 - l31 * l31 - l32 * l32
+    if not s > floor:
+        return None
+    l33 = math.sqrt(s)
+    out = []
+    for v in rhs:
+        y0 = v[0] / l00
+        y1 = (v[1] - l10 * y0) / l11
+        y2 = (v[2] - l20 * y0 - l21 * y1) / l22
+        x3 = ((v[3] - l30 * y0 - l31 * y1 - l32 * y2) / l33) / l33
+        x2 = (y2 - l32 * x3) / l22
+        x1 = (y1 - l21 * x2 - l31 * x3) / l11
+        out.append([(y0 - l10 * x1 - l20 * x2 - l30 * x3) / l00, x1, x2, x3])
     return out
 
 
