@@ -455,11 +455,7 @@ class Engine:
             return None
         vec = torch.stack(parts)
         detached = vec.detach()
-        jacobian.zero_()
-        accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
-                        self._row_views(), private, free_graph=True)
-        if scale != 1.0:
-            jacobian.div_(scale)  # the heads' gradients stay scaled, as the general step leaves them
+        self._accumulate_jacobian(jacobian, parts, private, scale)
         g, values = host_gramian(jacobian)  # values: finite, else None
         finite = values is not None or math.isfinite(g.sum(dtype=torch.float64))
         fallback = None
@@ -728,11 +724,7 @@ class Engine:
         jacobian, _ = self._jacobian_storage(len(parts))
         if self.heads == "unweighted" and self.task_clip is None and accumulates(inputs, jacobian):
             # every task's head gradient enters .grad with coefficient 1: autograd sums them itself
-            jacobian.zero_()
-            accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
-                            self._row_views(), private, free_graph=True)
-            if scale != 1.0:
-                jacobian.div_(scale)  # the private gradients stay scaled, as below
+            self._accumulate_jacobian(jacobian, parts, private, scale)
             self._private = (private, None, False)
             return jacobian
         grads_by_task: list[tuple[Tensor | None, ...]] = []
@@ -747,6 +739,15 @@ class Engine:
             jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
         self._private = (private, grads_by_task, False)
         return jacobian
+
+    def _accumulate_jacobian(self, jacobian: Tensor, parts: list[Tensor], private: list[Tensor], scale: float) -> None:
+        """J's rows and the leaves outside θ their Σᵢ ∇Lᵢ, by passes that accumulate
+        (:func:`~polytask.engine.jacobian.accumulate_rows`); the last pass frees the graph."""
+        jacobian.zero_()
+        accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
+                        self._row_views(), private, free_graph=True)
+        if scale != 1.0:
+            jacobian.div_(scale)  # the private gradients stay scaled, as the copying passes leave them
 
     def _walk_private(self, parts: list[Tensor]) -> list[Tensor]:
         """The leaves outside θ that this step's losses reach, by walking the graph; on the first walk,

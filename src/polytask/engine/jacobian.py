@@ -35,8 +35,9 @@ def accumulates(tensors: Sequence[Tensor], jacobian: Tensor) -> bool:
     give, for J on ``tensors`` (θ, then any other leaves the passes also reach) in ``jacobian``.
 
     It needs leaves (only a leaf's ``.grad`` is written by a backward pass) of J's dtype and device
-    (a ``.grad`` must match its tensor) with no hooks (a tensor hook or a post-accumulate hook
-    would run on every pass, where the returned gradients call none), and a J small enough."""
+    (a ``.grad`` must match its tensor), no post-accumulate hooks (they would run on every pass,
+    where passes that return the gradients run none) and, so that hooks stay torch's business
+    alone, no tensor hooks either; and a J small enough."""
     if jacobian.numel() > ACCUMULATE_MAX_ENTRIES:
         return False
     dtype, device = jacobian.dtype, jacobian.device
