@@ -199,9 +199,17 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
     for _ in range(max_iter if max_iter is not None else 10 * n + 10):
         if free:
             # the minimiser on the current face: x_j = 0 off ``free``
-            target = _face_minimiser(h, q, free, floor, simplex)
-            if target is None:
-                return None
+            if len(free) == 1 and not simplex:  # _face_minimiser's one-index solve, written out
+                a = free[0]
+                pivot = h[a][a]
+                if not pivot > floor:
+                    return None
+                root = math.sqrt(pivot)
+                target = [(-q[a] / root) / root]
+            else:
+                target = _face_minimiser(h, q, free, floor, simplex)
+                if target is None:
+                    return None
             if min(target) < 0.0:  # step towards it until a coordinate reaches 0; that one leaves the face
                 alpha, k_out = min((x[i] / (x[i] - t), k) for k, (i, t) in enumerate(zip(free, target)) if t < 0.0)
                 for i, t in zip(free, target, strict=True):
@@ -213,8 +221,17 @@ def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int
                 x[i] = t
             # multipliers of the bounds x_j ≥ 0 off the face: the gradient, less the equality's multiplier.
             # x is 0 off the face, so Hx sums over the face alone (in index order: the same sums)
-            order = sorted(free)
-            grad = [sum([row[i] * x[i] for i in order]) + qj for row, qj in zip(h, q, strict=True)]
+            if len(free) == 1:  # the sums below of one and of two terms, written out: the same floats
+                i = free[0]
+                xi = x[i]
+                grad = [row[i] * xi + qj for row, qj in zip(h, q, strict=True)]
+            elif len(free) == 2:
+                i, k = sorted(free)
+                xi, xk = x[i], x[k]
+                grad = [row[i] * xi + row[k] * xk + qj for row, qj in zip(h, q, strict=True)]
+            else:
+                order = sorted(free)
+                grad = [sum([row[i] * x[i] for i in order]) + qj for row, qj in zip(h, q, strict=True)]
             nu = (sum(grad[i] for i in free) / len(free)) if simplex else 0.0
         else:  # x = 0: the gradient is q
             grad, nu = q, 0.0
