@@ -172,13 +172,17 @@ def _cholesky_solve_4(h: Matrix, index: list[int], rhs: list[list[float]], floor
     return out
 
 
-def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int | None = None) -> list[float] | None:
+def nonneg_qp(h: Matrix, q: list[float], *, simplex: bool = False, max_iter: int | None = None,
+              scale: float | None = None) -> list[float] | None:
     """argmin ½ xᵀHx + qᵀx s.t. x ≥ 0 (and Σx = 1 with ``simplex``), or None when the active-set
-    method cannot vouch for its answer (a face on which H is singular, or no convergence)."""
+    method cannot vouch for its answer (a face on which H is singular, or no convergence).
+    ``scale``: H's mean diagonal, ``sum(h[i][i] for i in range(n)) / n``, when the caller solves
+    several problems of one H."""
     n = len(h)
     if n == 0:
         return []
-    scale = sum(h[i][i] for i in range(n)) / n
+    if scale is None:
+        scale = sum(h[i][i] for i in range(n)) / n
     if not (scale > 0 and math.isfinite(scale)):
         return None
     floor, tol = PIVOT * scale, TOL * scale
@@ -300,13 +304,14 @@ def dual_cone_weights(g: Matrix, u: list[float]) -> list[float] | None:
     if not math.isfinite(scale):
         return None
     gs = symmetrised([[v / scale for v in row] for row in g])
+    gs_scale = sum(gs[i][i] for i in range(n)) / n if n else 0.0  # what each QP below would compute again
     total = [0.0] * n
     for i, ui in enumerate(u):
         total[i] += ui
         q = [ui * gs[k][i] for k in range(n)]
         if min(q) >= 0.0:  # uᵢgᵢ conflicts with no task gradient: its own projection
             continue
-        y = nonneg_qp(gs, q)
+        y = nonneg_qp(gs, q, scale=gs_scale)
         if y is None:
             return None
         for k in range(n):

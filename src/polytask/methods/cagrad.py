@@ -129,9 +129,10 @@ def _ball_multipliers_small(g: list[list[float]], b: list[float], radius: float,
     """:func:`_ball_multipliers` on Python floats (G with unit mean diagonal); None where a level's
     QP is singular on a face, which the numpy path's factored solve handles."""
     target = radius**2
+    scale = sum(g[i][i] for i in range(len(g))) / len(g)  # what each level's QP would compute again
 
     def solve(t: float) -> tuple[list[float], float] | None:
-        y = _small_qp.nonneg_qp(g, [bi - t for bi in b])
+        y = _small_qp.nonneg_qp(g, [bi - t for bi in b], scale=scale)
         if y is None:
             return None
         return y, _small_qp.quadratic(g, y)
