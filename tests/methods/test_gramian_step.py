@@ -1,8 +1,9 @@
-"""The engine's step for a plain Gramian method (``Engine._gramian_step``) gives what the general
-step gives, bit for bit: the passes accumulated into J's rows and the heads' ``.grad``, G read onto
-the host (``host_gramian``), the solvers' floats (``Step.gramian_values``). Where it cannot be exact
-(hooks on a parameter, a J too large) the general step runs; θ's ``.grad`` is put back when a pass
-fails."""
+"""The engine's step for a plain Gramian method (``Engine._gramian_step``: the passes accumulated
+into J's rows and the heads' ``.grad``, G read onto the host by ``host_gramian``, the solvers'
+floats from ``Step.gramian_values``) gives what the general step gives, bit for bit, whether that
+step's passes accumulate too or (as before) return the gradients to be copied into J. Where it
+cannot be exact (hooks on a parameter, a J too large) the general step runs; θ's ``.grad`` is put
+back when a pass fails."""
 
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def _assert_same_grads(ours, theirs, where) -> None:
             assert torch.equal(p.grad, q.grad), (where, name)
 
 
+@pytest.mark.parametrize("copies", [False, True], ids=["general", "copying-passes"])
 @pytest.mark.parametrize("name", _plain_methods())
-def test_plain_gramian_step_is_the_general_step_bit_for_bit(name, monkeypatch):
+def test_plain_gramian_step_is_the_general_step_bit_for_bit(name, copies, monkeypatch):
     taken = []
     plain = Engine._gramian_step
 
@@ -90,6 +92,10 @@ def test_plain_gramian_step_is_the_general_step_bit_for_bit(name, monkeypatch):
     (fast_problem, fast), (general_problem, general) = _engines(name)
     if not fast._plain_gramian:
         pytest.skip(f"{name} weights the heads: the general step is its only step")
+    if copies:  # the general step as it was: passes that return the gradients, copied into J
+        real, theirs = engine_module.accumulates, {id(p) for p in general_problem.model.parameters()}
+        monkeypatch.setattr(engine_module, "accumulates",
+                            lambda tensors, jacobian: real(tensors, jacobian) and not any(id(t) in theirs for t in tensors))
     for index in range(6):
         ours, theirs = _run(fast_problem, fast, index), _run(general_problem, general, index)
         for a, b in zip(ours, theirs, strict=True):
