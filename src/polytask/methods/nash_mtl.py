@@ -237,8 +237,9 @@ def solve_nash_small(g: list[list[float]], *, stationary: float = STATIONARY,
             if value <= stationary:
                 return STATIONARY_POINT
         grad = [v - 1.0 / ui for v, ui in zip(_small_qp.times(a, u), u, strict=True)]
-        hessian = [[v + (1.0 / (u[i] * u[i]) if i == j else 0.0) for j, v in enumerate(row)]
-                   for i, row in enumerate(a)]
+        hessian = [row[:] for row in a]  # A + diag(1/u²): v + 0.0 off the diagonal is v
+        for i, ui in enumerate(u):
+            hessian[i][i] += 1.0 / (ui * ui)
         solved = _small_qp.cholesky_solve(hessian, everyone, [[-v for v in grad]], _small_qp.PIVOT)
         if solved is None:
             return None
