@@ -205,6 +205,8 @@ def gramian(jacobian: Tensor, block: int = GRAM_BLOCK) -> Tensor:
 
 #: the most tasks whose Gramian :func:`host_gramian` reads onto the host
 HOST_GRAMIAN_TASKS = 8
+#: half the largest value of each dtype :func:`host_gramian` has met (``torch.finfo`` builds an object a call)
+_HALF_MAX: dict[torch.dtype, float] = {}
 
 
 def host_gramian(jacobian: Tensor) -> tuple[Tensor, list[list[float]] | None]:
@@ -222,7 +224,9 @@ def host_gramian(jacobian: Tensor) -> tuple[Tensor, list[list[float]] | None]:
         return gramian(jacobian), None
     raw = jacobian @ jacobian.T
     rows = raw.tolist()
-    limit = torch.finfo(jacobian.dtype).max / 2  # below it, a + b cannot overflow: (a + a) / 2 is a
+    limit = _HALF_MAX.get(jacobian.dtype)  # below it, a + b cannot overflow: (a + a) / 2 is a
+    if limit is None:
+        limit = _HALF_MAX[jacobian.dtype] = torch.finfo(jacobian.dtype).max / 2
     for i, row in enumerate(rows):
         if not abs(row[i]) < limit:  # NaN too
             return (raw + raw.T) / 2, None
