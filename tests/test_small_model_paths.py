@@ -431,10 +431,10 @@ def test_dwa_answer_is_reused_until_its_state_changes():
 
 
 def _keyed_methods() -> list[str]:
-    from polytask.engine.backward import _keyed
+    from polytask.engine.backward import _speaks_for
     from polytask.methods.base import METHODS
 
-    return [name for name in METHODS.names() if _keyed(METHODS.get(name))]
+    return [name for name in METHODS.names() if _speaks_for(METHODS.get(name), "weights_key")]
 
 
 @pytest.mark.parametrize("name", _keyed_methods())
@@ -512,3 +512,99 @@ def test_bench_small_hand_written_update_is_the_engines_update():
     engine.backward(ours.losses()[1])
     for (name, a), b in zip(hand.model.named_parameters(), ours.model.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _hosted_methods() -> list[str]:
+    from polytask.engine.backward import _speaks_for
+    from polytask.methods.base import METHODS
+
+    return [name for name in METHODS.names() if _speaks_for(METHODS.get(name), "host_update")]
+
+
+@pytest.mark.parametrize("name", _hosted_methods())
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_host_update_gives_the_gradients_of_the_differentiable_update(name, scale):
+    """A method with a ``host_update`` (uncertainty), taken by the engine, gives θ and the method's
+    own parameters the gradients of the backward of its differentiable ``update`` (to rounding),
+    over steps that move its parameters, leave a task out and reorder the tasks."""
+    from polytask.engine.backward import Engine
+
+    assert "uncertainty" in _hosted_methods()
+    theta = torch.linspace(-1.0, 1.0, 6, requires_grad=True)
+    methods = [get_method(name), get_method(name)]
+    methods[1].host_update = lambda step: None  # patched: the engine takes update()
+    for m in methods:
+        m.setup(TASKS)
+    engines = [Engine(m, [theta]) for m in methods]
+    g = torch.Generator().manual_seed(4)
+    for index in range(6):
+        scales = (torch.rand(len(TASKS), generator=g) + 0.1).tolist()
+        for m in methods:  # the same parameters, moved as an optimiser would
+            for p in m.parameters():
+                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(index))
+        seen = []
+        for engine, m in zip(engines, methods, strict=True):
+            theta.grad = None
+            for p in m.parameters():  # one parameter gradient set already: the step's is added to it
+                p.grad = torch.full_like(p, 0.25) if index % 2 else None
+            order = TASKS[::-1] if index == 3 else TASKS
+            losses = {t: None if index == 2 and t == TASKS[1] else (theta ** 2 * c).sum()
+                      for t, c in zip(order, scales, strict=True)}
+            report = engine.backward(losses, scale=scale)
+            seen.append((report.weights, theta.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+        (w_host, d_host, own_host), (w_auto, d_auto, own_auto) = seen
+        assert w_host.keys() == w_auto.keys()
+        for t in w_host:
+            assert w_host[t] == pytest.approx(w_auto[t], rel=1e-6, abs=1e-7), (index, t)
+        torch.testing.assert_close(d_host, d_auto, rtol=1e-6, atol=1e-6)
+        for a, b in zip(own_host, own_auto, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_host_update_leaves_frozen_method_parameters_alone():
+    from polytask.engine.backward import Engine
+
+    theta = torch.ones(3, requires_grad=True)
+    method = get_method("uncertainty")
+    method.setup(TASKS)
+    method.log_vars.requires_grad_(False)
+    Engine(method, [theta]).backward({t: (theta * (i + 1)).sum() for i, t in enumerate(TASKS)})
+    assert method.log_vars.grad is None
+    torch.testing.assert_close(theta.grad, torch.full((3,), 0.5 * (1 + 2 + 3 + 4)))
+
+
+def test_accumulate_seeded_is_autograd_backward_of_the_seeds():
+    from polytask.engine.passes import accumulate_seeded
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    leaf = torch.zeros(2, requires_grad=True)
+    losses = torch.stack([(x ** 2).sum(), x.prod()])
+    accumulate_seeded((losses, leaf), (torch.tensor([0.5, 3.0]), torch.tensor([1.0, -1.0])))
+    torch.testing.assert_close(x.grad, 0.5 * 2 * x.detach() + 3.0 * torch.tensor([2.0, 1.0]))
+    assert torch.equal(leaf.grad, torch.tensor([1.0, -1.0]))
+    accumulate_seeded((leaf,), (torch.tensor([1.0, 1.0]),))  # a leaf's gradient is added to
+    assert torch.equal(leaf.grad, torch.tensor([2.0, 0.0]))
+    with pytest.raises(ValueError, match="constant seeds"):
+        accumulate_seeded((leaf,), (torch.ones(2, requires_grad=True),))
+
+
+@pytest.mark.parametrize("name", ["equal", "rlw", "famo", "static"])
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_loss_step_seeded_backward_is_that_of_the_weighted_sum_bit_for_bit(name, scale):
+    """The engine's loss step seeds the losses' backward with the weights: θ gets exactly what the
+    backward of (Σ wᵢ Lᵢ) · scale gives, with w the step's weights."""
+    from polytask.engine.backward import Engine
+
+    theta = torch.linspace(-1.0, 2.0, 7, requires_grad=True)
+    engine = Engine(name, [theta])
+    for index in range(3):
+        def losses(offset=1.5 + index):
+            return {t: (theta.sin() * (i + offset)).sum() ** 2 for i, t in enumerate(TASKS)}
+
+        theta.grad = None
+        report = engine.backward(losses(), scale=scale)
+        got = theta.grad.clone()
+        theta.grad = None
+        w = torch.tensor([report.weights[t] for t in TASKS])
+        (torch.dot(w, torch.stack(list(losses().values()))) * scale).backward()
+        assert torch.equal(got, theta.grad), (name, index)

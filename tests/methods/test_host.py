@@ -1,4 +1,4 @@
-"""`host_tensor`: Python floats as a new tensor, through a kept array-backed one."""
+"""`host_tensor`: Python floats as a new tensor over a new array's memory."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def test_host_tensor_is_torch_tensor_of_the_values_and_the_callers_own(dtype):
     assert torch.equal(second, torch.tensor([5.0, 6.0, 7.0], dtype=dtype))
     assert host_tensor([], like).shape == (0,)
     assert torch.equal(host_tensor([1.5], like), torch.tensor([1.5], dtype=dtype))
+    second.mul_(2)  # the caller's own: writable, and shared with no other answer
+    assert torch.equal(second, torch.tensor([10.0, 12.0, 14.0], dtype=dtype))
+    assert torch.equal(host_tensor([5.0, 6.0, 7.0], like), torch.tensor([5.0, 6.0, 7.0], dtype=dtype))
 
 
 def test_host_tensor_keeps_each_threads_writes_apart():

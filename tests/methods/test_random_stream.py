@@ -65,13 +65,29 @@ def test_rlw_weights_change_every_step_and_follow_the_stream():
     weights = [torch.tensor([r.weights[t] for t in TASKS], dtype=torch.float64) for r in reports]
     for k, w in enumerate(weights):
         assert reports[k].index == k
-        z = torch.randn(len(TASKS), generator=stream(seed, k), dtype=torch.float64)
+        block, row = divmod(k, 64)  # a block of 64 steps' draws from the stream's negative indices
+        z = torch.randn(64, len(TASKS), generator=stream(seed, -1 - block), dtype=torch.float64)[row]
         torch.testing.assert_close(w, len(TASKS) * torch.softmax(z, 0), rtol=1e-6, atol=1e-7)
     assert all(not torch.allclose(a, b) for a, b in zip(weights, weights[1:]))
     again, _ = engine_steps("rlw", 4, seed=seed)
     assert [r.weights for r in again] == [r.weights for r in reports]
     other, _ = engine_steps("rlw", 1, seed=seed + 1)
     assert other[0].weights != reports[0].weights
+
+
+def test_rlw_draws_across_a_block_boundary_follow_the_stream():
+    """Steps 62–66 take rows of two blocks of draws; a second engine started at 64 draws the same."""
+    theta = nn.Parameter(torch.zeros(G.shape[1]))
+    engine, later = Engine("rlw", [theta], seed=5), Engine("rlw", [theta], seed=5)
+    engine.index, later.index = 62, 64
+    reports = [engine.backward(linear_losses(theta)) for _ in range(5)]
+    for k, report in zip(range(62, 67), reports, strict=True):
+        block, row = divmod(k, 64)
+        z = torch.randn(64, len(TASKS), generator=stream(5, -1 - block), dtype=torch.float64)[row]
+        expected = len(TASKS) * torch.softmax(z, 0)
+        got = torch.tensor([report.weights[t] for t in TASKS], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert later.backward(linear_losses(theta)).weights == reports[2].weights
 
 
 def pcgrad_by_hand(j: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

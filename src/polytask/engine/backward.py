@@ -31,7 +31,7 @@ from polytask.engine.jacobian import (
     transpose_times,
 )
 from polytask.engine.options import GRADIENT_METHOD_HEADS, EngineOptions
-from polytask.engine.passes import accumulate, loss_grads
+from polytask.engine.passes import accumulate, accumulate_seeded, loss_grads
 from polytask.methods.base import Method, Step, Update, get_method
 
 #: a closure over a bilevel method's outer batch: {id(parameter): replacement} → the tasks' losses there;
@@ -501,18 +501,25 @@ class Engine:
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         key = (active, vec.dtype, vec.device) if self._constant_weights else None
         known = None if key is None else self._constant.get(key)
-        if key is None and self._unpatched and _keyed(type(self.method)):
+        if key is None and _speaks_for(type(self.method), "weights_key") and self._unpatched:
             since = self.method.weights_key(active)  # the weights stay those of the last step with this key
             if since is not None:
                 key = (active, vec.dtype, vec.device, since)
                 last = self._reused
                 known = last[1] if last is not None and last[0] == key else None
+        own: tuple[tuple[Tensor, Tensor], ...] = ()
         if known is not None:
             applied, values = known
             penalty = None
         else:
-            update = self.method(Step(tasks=active, losses=detached, index=index, seed=self.seed, epoch=epoch))
-            applied, penalty = update.weights, update.penalty
+            step = Step.losses_only(active, detached, index, self.seed, epoch)
+            hosted = self.method.host_update(step) if _speaks_for(type(self.method), "host_update") and \
+                self._unpatched else None
+            if hosted is not None:
+                applied, penalty, own = hosted.weights, None, hosted.gradients
+            else:
+                update = self.method(step)
+                applied, penalty = update.weights, update.penalty
             if applied.shape != (len(active),):
                 raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
                                             f"{tuple(applied.shape)}; expected ({len(active)},)")
@@ -523,10 +530,15 @@ class Engine:
                 self._reused = (key, (applied.detach(), values))
             elif key is not None:
                 self._constant[key] = (applied.detach(), values)
-        total = torch.dot(applied, vec)
-        if penalty is not None:
-            total = total + penalty
-        accumulate(total * scale if scale != 1.0 else total)
+        if penalty is None and not applied.requires_grad:  # constants: they seed the losses' backward,
+            # and a method's own parameters (host_update) are outputs seeded with their gradients
+            outputs, seeds = (vec, *(p for p, _ in own)), (applied, *(g for _, g in own))
+            accumulate_seeded(outputs, seeds if scale == 1.0 else [seed * scale for seed in seeds])
+        else:  # weights that learn (uncertainty's update): their gradient comes through the product
+            total = torch.dot(applied, vec)
+            if penalty is not None:
+                total = total + penalty
+            accumulate(total * scale if scale != 1.0 else total)
         if self.comm is not None:
             self.comm.mean_grads_(self.reduce_params)
         if len(active) == len(losses):  # every task active, in the losses' order (active is drawn from it)
@@ -548,7 +560,7 @@ class Engine:
         """Whether the method instance has no patched ``weights``/``update``/``forward``/``weights_key``
         and no forward hooks, all of which reusing its answer would skip."""
         method = self.method
-        return (not {"weights", "update", "forward", "weights_key"} & vars(method).keys()
+        return (not {"weights", "update", "forward", "weights_key", "host_update"} & vars(method).keys()
                 and not method._forward_hooks and not method._forward_pre_hooks)
 
     def _lookahead(self, active: tuple[str, ...], outer: Outer | None) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -954,23 +966,27 @@ SMALL_JACOBIAN = 2**20
 SMALL_JACOBIAN_CUDA = 2**27
 
 
-#: per method class: whether its ``weights_key`` speaks for its weights (see :func:`_keyed`)
-_KEYED: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+#: per (method class, name): whether its ``weights_key`` / ``host_update`` speaks for it (:func:`_speaks_for`)
+_SPEAKS: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
-def _keyed(cls: type) -> bool:
-    """Whether ``cls`` has a ``weights_key`` of its own making: declared by the class that also gives
-    its ``weights``, ``update`` and ``forward`` or by a subclass of it. A subclass that overrides
-    ``weights`` alone makes no promise about them (as ``constant_weights`` is not inherited)."""
-    known = _KEYED.get(cls)
+def _speaks_for(cls: type, name: str) -> bool:
+    """Whether ``cls`` has a ``name`` (``weights_key``, ``host_update``) of its own making: declared
+    by the class that also gives its ``weights``, ``update`` and ``forward`` or by a subclass of it. A
+    subclass that overrides ``weights`` alone makes no promise about them (as ``constant_weights``
+    is not inherited)."""
+    known = _SPEAKS.get(cls)
     if known is None:
-        def owner(name: str) -> type | None:
-            return next((k for k in cls.__mro__ if name in k.__dict__), None)
+        known = _SPEAKS[cls] = {}
+    answer = known.get(name)
+    if answer is None:
+        def owner(attribute: str) -> type | None:
+            return next((k for k in cls.__mro__ if attribute in k.__dict__), None)
 
-        key_owner = owner("weights_key")
-        known = _KEYED[cls] = key_owner is not None and key_owner is not Method and all(
-            o is None or issubclass(key_owner, o) for o in map(owner, ("weights", "update", "forward")))
-    return known
+        declared = owner(name)
+        answer = known[name] = declared is not None and declared is not Method and all(
+            o is None or issubclass(declared, o) for o in map(owner, ("weights", "update", "forward")))
+    return answer
 
 
 def _free_memory(device: torch.device) -> float:

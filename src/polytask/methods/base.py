@@ -121,6 +121,16 @@ class Step:
     part_gramians: Tensor | None = None
     lookahead: Callable[..., tuple[Tensor, Tensor]] | None = None
 
+    @classmethod
+    def losses_only(cls, tasks: tuple[str, ...], losses: Tensor, index: int, seed: int, epoch: int) -> Step:
+        """``Step(tasks=tasks, losses=losses, index=index, seed=seed, epoch=epoch)``, built without the
+        dataclass's ``__init__`` (which passes every field, and two through their descriptors): the step
+        of a loss-weighting method, made every step, where a small model's whole step is ~500 µs."""
+        step = object.__new__(cls)
+        step.__dict__.update(tasks=tasks, losses=losses, index=index, seed=seed, _gramian=None, jacobian=None,
+                             epoch=epoch, _generator=None, param_shapes=None, part_gramians=None, lookahead=None)
+        return step
+
     def defer_gramian(self, source: Callable[[], Tensor]) -> None:
         """Let ``gramian`` be ``source()``, called on its first read (and only then)."""
         self.__dict__["_gramian"] = None
@@ -142,6 +152,11 @@ class Step:
         """Set ``gramian`` together with its entries as Python floats (``values == gramian.tolist()``)."""
         self.gramian = gramian
         self.__dict__["_gramian_values"] = (gramian, gramian._version, values)
+
+    @property
+    def has_generator(self) -> bool:
+        """Whether the step was given a generator (or ``generator`` has been read, which makes one)."""
+        return self.__dict__.get("_generator") is not None
 
     @property
     def has_gramian(self) -> bool:
@@ -169,6 +184,20 @@ class Update:
     weights: Tensor
     direction: Tensor | None = None
     penalty: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class HostUpdate:
+    """A loss-weighting method's update with its weights as constants (:meth:`Method.host_update`).
+
+    Attributes:
+        weights: wᵢ per active task, shape (T,), not requiring grad.
+        gradients: (parameter, gradient) for each of the method's own parameters: the gradient of the
+            step's total Σ wᵢ Lᵢ + penalty with respect to that parameter, the losses held constant.
+    """
+
+    weights: Tensor
+    gradients: tuple[tuple[Tensor, Tensor], ...] = ()
 
 
 class Method(nn.Module):
@@ -237,6 +266,16 @@ class Method(nn.Module):
         dtype or device does) and reuses its last answer meanwhile. None (the default): asked
         every step. Only for weights that depend on nothing else (not on the step's losses,
         index or generator) and for a method without a penalty or per-step state."""
+        return None
+
+    def host_update(self, step: Step) -> HostUpdate | None:
+        """For a loss-weighting method whose weights learn (or that adds a penalty): the step's update
+        with the weights as constants and the gradients of the total on the method's own parameters
+        written out, so that the engine's backward needs no node for them. The engine takes it instead
+        of ``update`` where the method is its own (not wrapped), unpatched and declares it in a class
+        that also gives its ``weights``/``update``/``forward`` (or a subclass of that); ``update`` stays
+        the differentiable form, which wrappers (``warmup``) and hand-written loops compose. None (the
+        default): ``update`` is used."""
         return None
 
     @property
