@@ -431,10 +431,10 @@ def test_dwa_answer_is_reused_until_its_state_changes():
 
 
 def _keyed_methods() -> list[str]:
-    from polytask.engine.backward import _speaks_for
+    from polytask.engine.backward import _spoken
     from polytask.methods.base import METHODS
 
-    return [name for name in METHODS.names() if _speaks_for(METHODS.get(name), "weights_key")]
+    return [name for name in METHODS.names() if _spoken(METHODS.get(name))[0]]
 
 
 @pytest.mark.parametrize("name", _keyed_methods())
@@ -515,10 +515,10 @@ def test_bench_small_hand_written_update_is_the_engines_update():
 
 
 def _hosted_methods() -> list[str]:
-    from polytask.engine.backward import _speaks_for
+    from polytask.engine.backward import _spoken
     from polytask.methods.base import METHODS
 
-    return [name for name in METHODS.names() if _speaks_for(METHODS.get(name), "host_update")]
+    return [name for name in METHODS.names() if _spoken(METHODS.get(name))[1]]
 
 
 @pytest.mark.parametrize("name", _hosted_methods())
@@ -608,3 +608,47 @@ def test_loss_step_seeded_backward_is_that_of_the_weighted_sum_bit_for_bit(name,
         w = torch.tensor([report.weights[t] for t in TASKS])
         (torch.dot(w, torch.stack(list(losses().values()))) * scale).backward()
         assert torch.equal(got, theta.grad), (name, index)
+
+
+def _famo_run(method, steps: int, seed: int = 0) -> list[list[float]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for index in range(steps):
+        losses = torch.rand(len(TASKS), generator=g, dtype=torch.float64) + 0.05
+        out.append(method(Step(tasks=TASKS, losses=losses, index=index)).weights.tolist())
+    return out
+
+
+def test_packed_host_buffers_read_and_write_as_the_separate_buffers():
+    """FAMO's five host buffers are rows of one table: the same weights and state as buffers read and
+    written one by one (a method whose buffers were replaced), through a state-dict round trip into
+    a fresh method, a deep copy, an assigned buffer and one given new memory."""
+    import copy
+
+    packed, separate = get_method("famo"), get_method("famo")
+    for m in (packed, separate):
+        m.setup(TASKS)
+    assert packed._packed() is not None
+    separate.logits = separate.logits.clone()  # replaced: no longer a row of the table
+    assert separate._packed() is None
+    assert _famo_run(packed, 6) == _famo_run(separate, 6)
+    state = packed.state_dict()
+    assert set(state) == {"logits", "exp_avg", "exp_avg_sq", "adam_steps", "previous_losses", "_extra_state"}
+    for key, value in separate.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key
+    fresh = get_method("famo")
+    fresh.load_state_dict(state)
+    assert fresh._packed() is not None  # packed again after the load
+    twin = copy.deepcopy(packed)
+    moved = get_method("famo")
+    moved.setup(TASKS)
+    moved.load_state_dict(state)
+    moved.exp_avg.data = moved.exp_avg.clone()  # new memory under the same tensor
+    assert moved._packed() is None
+    runs = [_famo_run(m, 5, seed=1) for m in (fresh, twin, moved, separate)]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+    for m in (fresh, twin, moved):
+        for key, value in separate.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(m.state_dict()[key], value), key

@@ -501,7 +501,10 @@ class Engine:
         detached = vec.detach() if self.comm is None else self.comm.mean_(vec.detach().clone())
         key = (active, vec.dtype, vec.device) if self._constant_weights else None
         known = None if key is None else self._constant.get(key)
-        if key is None and _speaks_for(type(self.method), "weights_key") and self._unpatched:
+        keyed, hosting = (False, False) if key is not None else _spoken(type(self.method))
+        if (keyed or hosting) and not self._unpatched:
+            keyed = hosting = False
+        if keyed:
             since = self.method.weights_key(active)  # the weights stay those of the last step with this key
             if since is not None:
                 key = (active, vec.dtype, vec.device, since)
@@ -513,8 +516,7 @@ class Engine:
             penalty = None
         else:
             step = Step.losses_only(active, detached, index, self.seed, epoch)
-            hosted = self.method.host_update(step) if _speaks_for(type(self.method), "host_update") and \
-                self._unpatched else None
+            hosted = self.method.host_update(step) if hosting else None
             if hosted is not None:
                 applied, penalty, own = hosted.weights, None, hosted.gradients
             else:
@@ -966,27 +968,28 @@ SMALL_JACOBIAN = 2**20
 SMALL_JACOBIAN_CUDA = 2**27
 
 
-#: per (method class, name): whether its ``weights_key`` / ``host_update`` speaks for it (:func:`_speaks_for`)
-_SPEAKS: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
+#: per method class: whether its ``weights_key`` and its ``host_update`` speak for it (:func:`_spoken`)
+_SPOKEN: weakref.WeakKeyDictionary[type, tuple[bool, bool]] = weakref.WeakKeyDictionary()
 
 
-def _speaks_for(cls: type, name: str) -> bool:
-    """Whether ``cls`` has a ``name`` (``weights_key``, ``host_update``) of its own making: declared
-    by the class that also gives its ``weights``, ``update`` and ``forward`` or by a subclass of it. A
-    subclass that overrides ``weights`` alone makes no promise about them (as ``constant_weights``
-    is not inherited)."""
-    known = _SPEAKS.get(cls)
+def _spoken(cls: type) -> tuple[bool, bool]:
+    """Whether ``cls`` has a ``weights_key`` and a ``host_update`` of its own making: each declared
+    by the class that also gives its ``weights``, ``update`` and ``forward`` or by a subclass of it.
+    A subclass that overrides ``weights`` alone makes no promise about them (as
+    ``constant_weights`` is not inherited). Looked up once a step, so both answers are kept together."""
+    known = _SPOKEN.get(cls)
     if known is None:
-        known = _SPEAKS[cls] = {}
-    answer = known.get(name)
-    if answer is None:
         def owner(attribute: str) -> type | None:
             return next((k for k in cls.__mro__ if attribute in k.__dict__), None)
 
-        declared = owner(name)
-        answer = known[name] = declared is not None and declared is not Method and all(
-            o is None or issubclass(declared, o) for o in map(owner, ("weights", "update", "forward")))
-    return answer
+        computes = [o for o in map(owner, ("weights", "update", "forward")) if o is not None]
+
+        def speaks(name: str) -> bool:
+            declared = owner(name)
+            return declared is not None and declared is not Method and all(issubclass(declared, o) for o in computes)
+
+        known = _SPOKEN[cls] = (speaks("weights_key"), speaks("host_update"))
+    return known
 
 
 def _free_memory(device: torch.device) -> float:

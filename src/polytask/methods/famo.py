@@ -54,16 +54,16 @@ class FAMO(PerTaskMethod):
         rows = self.positions(step)
         losses = [max(x, EPS) for x in step.losses.tolist()]
         logits, exp_avg, exp_avg_sq, count, previous = self.host_values()
-        pending = [k for k, r in enumerate(rows) if not math.isnan(previous[r])]
-        if pending:
-            moved = [rows[k] for k in pending]
-            delta = [math.log(previous[rows[k]]) - math.log(losses[k]) for k in pending]
-            z = softmax([logits[r] for r in moved])
-            mean = sum(zi * di for zi, di in zip(z, delta, strict=True))
-            for r, zi, di in zip(moved, z, delta, strict=True):  # ∂(zᵀδ)/∂ξᵣ = zᵣ(δᵣ − zᵀδ)
+        # (row, δ) of the tasks active in the last step too: δ = log L(before) − log L(now)
+        moved = [(r, math.log(previous[r]) - math.log(x)) for r, x in zip(rows, losses, strict=True)
+                 if not math.isnan(previous[r])]
+        if moved:
+            z = softmax([logits[r] for r, _ in moved])
+            mean = sum(zi * d for zi, (_, d) in zip(z, moved, strict=True))
+            lr, decay = self.lr, self.weight_decay
+            for zi, (r, d) in zip(z, moved, strict=True):  # ∂(zᵀδ)/∂ξᵣ = zᵣ(δᵣ − zᵀδ)
                 logits[r], exp_avg[r], exp_avg_sq[r], count[r] = adam_step(
-                    logits[r], zi * (di - mean), exp_avg[r], exp_avg_sq[r], count[r], lr=self.lr,
-                    weight_decay=self.weight_decay)
+                    logits[r], zi * (d - mean), exp_avg[r], exp_avg_sq[r], count[r], lr=lr, weight_decay=decay)
         if len(rows) != len(previous):
             previous = [math.nan] * len(previous)  # only tasks active in consecutive steps update their logits
         for r, value in zip(rows, losses, strict=True):
