@@ -92,10 +92,13 @@ class Uncertainty(PerTaskMethod):
         """:meth:`update` with wᵢ = cᵢ e^(−sᵢ) as constants and the log-variances' gradient of
         Σ wᵢ Lᵢ + ½ Σ sᵢ written out: ½ − wᵢ Lᵢ for an active task, 0 for the others."""
         rows = self.positions(step)
-        scale, log_vars = self.__dict__["_host_scale"], self.log_vars.tolist()
+        parameter = self.log_vars
+        plain = parameter.detach()  # a Parameter's every attribute passes through its __torch_function__
+        scale, log_vars = self.__dict__["_host_scale"], plain.tolist()
         weights = [scale[r] * math.exp(-log_vars[r]) for r in rows]
+        if not parameter.requires_grad:
+            return HostUpdate(as_weights(weights, step))
         grad = [0.0] * len(log_vars)
         for r, w, loss in zip(rows, weights, step.losses.tolist(), strict=True):
             grad[r] = 0.5 - w * loss
-        own = ((self.log_vars, host_tensor(grad, self.log_vars)),) if self.log_vars.requires_grad else ()
-        return HostUpdate(as_weights(weights, step), own)
+        return HostUpdate(as_weights(weights, step), ((parameter, host_tensor(grad, plain)),))
