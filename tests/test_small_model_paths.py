@@ -652,3 +652,16 @@ def test_packed_host_buffers_read_and_write_as_the_separate_buffers():
         for key, value in separate.state_dict().items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(m.state_dict()[key], value), key
+
+
+def test_step_losses_only_is_the_dataclass_step():
+    """The loss step's shortcut builds the same object as ``Step(...)`` with those fields."""
+    import dataclasses
+
+    losses = torch.rand(3)
+    quick = Step.losses_only(("a", "b", "c"), losses, 7, 11, 2)
+    full = Step(tasks=("a", "b", "c"), losses=losses, index=7, seed=11, epoch=2)
+    assert vars(quick) == vars(full)
+    assert {f.name for f in dataclasses.fields(Step)} <= {k.lstrip("_") for k in vars(quick)}
+    assert not quick.has_generator and not quick.has_gramian
+    assert torch.equal(torch.rand(4, generator=quick.generator), torch.rand(4, generator=full.generator))
