@@ -643,7 +643,9 @@ def test_packed_host_buffers_read_and_write_as_the_separate_buffers():
     twin = copy.deepcopy(packed)
     moved = get_method("famo")
     moved.setup(TASKS)
+    kept = moved.logits
     moved.load_state_dict(state)
+    assert moved.logits is kept and moved._packed() is not None  # a packed method's rows are copied into
     moved.exp_avg.data = moved.exp_avg.clone()  # new memory under the same tensor
     assert moved._packed() is None
     runs = [_famo_run(m, 5, seed=1) for m in (fresh, twin, moved, separate)]
@@ -665,3 +667,14 @@ def test_step_losses_only_is_the_dataclass_step():
     assert {f.name for f in dataclasses.fields(Step)} <= {k.lstrip("_") for k in vars(quick)}
     assert not quick.has_generator and not quick.has_gramian
     assert torch.equal(torch.rand(4, generator=quick.generator), torch.rand(4, generator=full.generator))
+
+
+@pytest.mark.parametrize("log_var", [-800.0, -709.5, 800.0])
+def test_uncertainty_host_update_at_extreme_log_variances_is_update(log_var):
+    """Past e^x's float range the host path gives the weights torch's exp gives (inf, or 0), no error."""
+    losses = torch.tensor([1.0, 2.0])
+    method = get_method("uncertainty")
+    method.setup(("a", "b"))
+    method.log_vars.data = torch.tensor([log_var, 0.0])
+    step = Step(tasks=("a", "b"), losses=losses)
+    assert torch.equal(method.host_update(step).weights, method.update(step).weights.detach())

@@ -511,6 +511,7 @@ class Engine:
                 last = self._reused
                 known = last[1] if last is not None and last[0] == key else None
         own: tuple[tuple[Tensor, Tensor], ...] = ()
+        hosted = None
         if known is not None:
             applied, values = known
             penalty = None
@@ -532,8 +533,8 @@ class Engine:
                 self._reused = (key, (applied.detach(), values))
             elif key is not None:
                 self._constant[key] = (applied.detach(), values)
-        if penalty is None and not applied.requires_grad:  # constants: they seed the losses' backward,
-            # and a method's own parameters (host_update) are outputs seeded with their gradients
+        if hosted is not None or (penalty is None and not applied.requires_grad):  # constants: they seed the
+            # losses' backward, and a method's own parameters (host_update) are outputs seeded with their gradients
             outputs, seeds = (vec, *(p for p, _ in own)), (applied, *(g for _, g in own))
             accumulate_seeded(outputs, seeds if scale == 1.0 else [seed * scale for seed in seeds])
         else:  # weights that learn (uncertainty's update): their gradient comes through the product

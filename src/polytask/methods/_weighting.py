@@ -218,8 +218,8 @@ class PerTaskMethod(Method):
                             store[name] = fresh
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if self.host_buffers:
-            self._pack_host_buffers()  # a fresh method's buffers were replaced above
+        if self.host_buffers and self._packed() is None:
+            self._pack_host_buffers()  # a fresh method's buffers were replaced above (a packed one's copied into)
 
 
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, count: Tensor, *,

@@ -95,7 +95,8 @@ class Uncertainty(PerTaskMethod):
         parameter = self.log_vars
         plain = parameter.detach()  # a Parameter's every attribute passes through its __torch_function__
         scale, log_vars = self.__dict__["_host_scale"], plain.tolist()
-        weights = [scale[r] * math.exp(-log_vars[r]) for r in rows]
+        # e^x overflows a float past x ≈ 709.78 (OverflowError), where torch's exp gives inf
+        weights = [scale[r] * (math.exp(-log_vars[r]) if log_vars[r] > -709.0 else math.inf) for r in rows]
         if not parameter.requires_grad:
             return HostUpdate(as_weights(weights, step))
         grad = [0.0] * len(log_vars)
