@@ -678,3 +678,81 @@ def test_uncertainty_host_update_at_extreme_log_variances_is_update(log_var):
     method.log_vars.data = torch.tensor([log_var, 0.0])
     step = Step(tasks=("a", "b"), losses=losses)
     assert torch.equal(method.host_update(step).weights, method.update(step).weights.detach())
+
+
+@pytest.mark.parametrize("name", ["equal", "static", "dwa", "rlw", "famo", "uncertainty", "db_mtl"])
+def test_a_loss_that_is_a_leaf_keeps_a_gradient_of_its_own(name):
+    """The loss step seeds the losses' backward with the weights, and a loss that is a leaf (or a view
+    of one) takes its row of the seed as its ``.grad``. That seed must be the step's own tensor:
+    zeroing the gradient in place (``zero_grad(set_to_none=False)``) and accumulating into it must
+    not write into weights the engine or the method keeps (a cached seed did: every later step's
+    gradient of that task was then 0)."""
+    from polytask.engine.backward import Engine
+
+    a = nn.Parameter(torch.tensor(2.0))
+    b = nn.Parameter(torch.tensor([3.0]))
+    c = nn.Parameter(torch.tensor(1.5))
+    engine = Engine(name, [a, b, c])
+    for index in range(70):  # past RLW's block of 64 steps
+        report = engine.backward({"a": a, "b": b.view(()), "c": c * 2.0})
+        assert a.grad.item() == pytest.approx(report.weights["a"], rel=1e-6), index
+        assert b.grad.item() == pytest.approx(report.weights["b"], rel=1e-6), index
+        assert c.grad.item() == pytest.approx(2.0 * report.weights["c"], rel=1e-6), index
+        for p in (a, b, c):
+            p.grad.zero_()
+
+
+@pytest.mark.parametrize("name", _hosted_methods())
+def test_host_update_values_are_its_weights(name):
+    """What ``host_update`` hands the engine as floats (which it then reports) is its weights' values,
+    over steps with every task, a subset and another order."""
+    method = get_method(name)
+    method.setup(TASKS)
+    g = torch.Generator().manual_seed(2)
+    for index in range(8):
+        tasks = TASKS if index % 3 else (TASKS[2], TASKS[0])
+        for dtype in (torch.float32, torch.float64):
+            step = Step(tasks=tasks, losses=torch.rand(len(tasks), generator=g, dtype=dtype) + 0.1, index=index)
+            hosted = method.host_update(step)
+            if hosted is None:
+                continue
+            assert hosted.weights.dtype == dtype and not hosted.weights.requires_grad
+            if hosted.values is not None:
+                assert list(hosted.values) == hosted.weights.tolist(), (index, dtype)
+
+
+def test_rlw_host_update_is_its_weights_over_a_block():
+    """RLW's block tensors give the weights of ``weights`` on every step of a block and past its end,
+    each step a tensor of its own; a step with some tasks out, or with its own generator, takes
+    ``weights``."""
+    method = get_method("rlw")
+    method.setup(TASKS)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        kept = []  # all alive: no two share memory
+        for index in (0, 1, 37, 37, 63, 64, 65, 200):
+            step = Step(tasks=TASKS, losses=torch.ones(len(TASKS), dtype=dtype), index=index, seed=5)
+            hosted = method.host_update(step)
+            assert torch.equal(hosted.weights, method.weights(step)), (dtype, index)
+            kept.append(hosted.weights)
+        assert len({w.untyped_storage().data_ptr() for w in kept}) == len(kept)
+    assert method.host_update(Step(tasks=TASKS[:2], losses=torch.ones(2), index=3)) is None
+    assert method.host_update(Step(tasks=TASKS, losses=torch.ones(4), index=3,
+                                   generator=torch.Generator().manual_seed(0))) is None
+
+
+def test_engine_rejects_host_values_of_the_wrong_length():
+    from polytask.core.errors import InvalidParameterError
+    from polytask.engine.backward import Engine
+    from polytask.methods.base import HostUpdate
+
+    theta = torch.ones(2, requires_grad=True)
+    method = get_method("rlw")
+    method.setup(TASKS)
+    engine = Engine(method, [theta])
+    type(method).host_update, original = (lambda self, step: HostUpdate(torch.ones(len(step.tasks)), values=[1.0])), \
+        type(method).host_update
+    try:
+        with pytest.raises(InvalidParameterError, match=r"returned weights of shape \(4,\) and 1 values; expected \(4,\)"):
+            engine.backward({t: theta.sum() for t in TASKS})
+    finally:
+        type(method).host_update = original

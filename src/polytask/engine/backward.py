@@ -518,24 +518,32 @@ class Engine:
         else:
             step = Step.losses_only(active, detached, index, self.seed, epoch)
             hosted = self.method.host_update(step) if hosting else None
+            given = None
             if hosted is not None:
-                applied, penalty, own = hosted.weights, None, hosted.gradients
+                applied, penalty, own, given = hosted.weights, None, hosted.gradients, hosted.values
             else:
                 update = self.method(step)
                 applied, penalty = update.weights, update.penalty
-            if applied.shape != (len(active),):
-                raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
-                                            f"{tuple(applied.shape)}; expected ({len(active)},)")
+            if applied.shape != (len(active),) or (given is not None and len(given) != len(active)):
+                raise InvalidParameterError(
+                    f"method '{self.name}' returned weights of shape {tuple(applied.shape)}"
+                    f"{'' if given is None else f' and {len(given)} values'}; expected ({len(active)},)")
             if applied.dtype != vec.dtype:
-                applied = applied.to(vec.dtype)
-            values = applied.tolist()  # tolist reads through autograd: no detach needed
+                applied, given = applied.to(vec.dtype), None
+            # tolist reads through autograd: no detach needed
+            values = applied.tolist() if given is None else list(given)
             if key is not None and len(key) == 4:  # one entry: the key changes as training goes on
                 self._reused = (key, (applied.detach(), values))
             elif key is not None:
                 self._constant[key] = (applied.detach(), values)
         if hosted is not None or (penalty is None and not applied.requires_grad):  # constants: they seed the
-            # losses' backward, and a method's own parameters (host_update) are outputs seeded with their gradients
-            outputs, seeds = (vec, *(p for p, _ in own)), (applied, *(g for _, g in own))
+            # losses' backward, and a method's own parameters (host_update) are outputs seeded with their gradients.
+            # The losses' seed must be this step's own tensor: the backward may adopt (a row of) it as a leaf's
+            # .grad (a loss that is a leaf, or a view of one), which later accumulation and zero_grad write
+            # into. A cached answer or a method's weights may be kept (the engine's caches, a method's
+            # buffers), so they are copied; HostUpdate.weights are the step's own by contract.
+            seed = applied if hosted is not None or scale != 1.0 else applied.clone()
+            outputs, seeds = (vec, *(p for p, _ in own)), (seed, *(g for _, g in own))
             accumulate_seeded(outputs, seeds if scale == 1.0 else [seed * scale for seed in seeds])
         else:  # weights that learn (uncertainty's update): their gradient comes through the product
             total = torch.dot(applied, vec)

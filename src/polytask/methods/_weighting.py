@@ -21,6 +21,9 @@ from polytask.methods.base import Method, Step
 
 #: Floor for losses that enter a logarithm or a denominator (FAMO's and DB-MTL's reference code add 1e-8).
 EPS = 1e-8
+#: Adam's defaults (``torch.optim.Adam``'s), for the methods that step their own logits with it
+BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 def owner(method: Method) -> str:
@@ -223,8 +226,8 @@ class PerTaskMethod(Method):
 
 
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, count: Tensor, *,
-              lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-              eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              lr: float, weight_decay: float, betas: tuple[float, float] = BETAS,
+              eps: float = ADAM_EPS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One element-wise Adam step (``torch.optim.Adam`` semantics, L2 weight decay) on plain tensors,
     or on one task's Python floats.
 

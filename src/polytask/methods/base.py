@@ -191,13 +191,21 @@ class HostUpdate:
     """A loss-weighting method's update with its weights as constants (:meth:`Method.host_update`).
 
     Attributes:
-        weights: wᵢ per active task, shape (T,), not requiring grad.
+        weights: wᵢ per active task, shape (T,), not requiring grad: a tensor of this step's own,
+            which the method keeps no reference to and never writes (the engine seeds the losses'
+            backward with it, and a loss that is a leaf, or a view of one, may take a row of it as
+            its ``.grad``).
         gradients: (parameter, gradient) for each of the method's own parameters: the gradient of the
             step's total Σ wᵢ Lᵢ + penalty with respect to that parameter, the losses held constant.
+            The engine adds each into its parameter's ``.grad`` through autograd (hooks fire as for
+            any gradient).
+        values: ``weights`` as Python floats (exactly its values, in its dtype), where the method has
+            them; the engine then does not read them back. None: the engine reads ``weights``.
     """
 
     weights: Tensor
     gradients: tuple[tuple[Tensor, Tensor], ...] = ()
+    values: Sequence[float] | None = None
 
 
 class Method(nn.Module):

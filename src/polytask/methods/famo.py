@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from array import array
 
 import torch
 from torch import Tensor
 
-from polytask.methods._weighting import EPS, PerTaskMethod, adam_step, as_weights, softmax
-from polytask.methods.base import Step, check_positive, register
+from polytask.methods._host import host_weights
+from polytask.methods._weighting import ADAM_EPS, BETAS, EPS, PerTaskMethod, as_weights
+from polytask.methods.base import HostUpdate, Step, check_positive, register
 
 
 @register("famo")
@@ -51,24 +53,53 @@ class FAMO(PerTaskMethod):
         self.previous_losses = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
 
     def weights(self, step: Step) -> Tensor:
+        return as_weights(self._advance(step), step)
+
+    def host_update(self, step: Step) -> HostUpdate:
+        """:meth:`weights` with their values as floats (the engine reads nothing back)."""
+        tensor, values = host_weights(self._advance(step), step.losses)
+        return HostUpdate(tensor, values=values)
+
+    def _advance(self, step: Step) -> list[float]:
+        """The logits' step from the last losses to these, then this step's weights as floats.
+
+        The state is read and written as one flat sequence of the five host buffers' rows (logits,
+        exp_avg, exp_avg_sq, adam_steps, previous_losses): the packed table's memory itself where the
+        buffers are packed, element by element (Why: FAMO's cost is its Python, and inside a small
+        model's step each call and each list made costs several times what it does in a loop of its
+        own; ``polytask bench small``)."""
         rows = self.positions(step)
+        n = len(self.all_tasks)
+        packed = self._packed()
+        state = packed[0] if packed is not None else [x for row in self.host_values() for x in row]
+        a, q, c, p = n, 2 * n, 3 * n, 4 * n  # where exp_avg, exp_avg_sq, adam_steps, previous_losses start
         losses = [max(x, EPS) for x in step.losses.tolist()]
-        logits, exp_avg, exp_avg_sq, count, previous = self.host_values()
+        log, exp = math.log, math.exp
         # (row, δ) of the tasks active in the last step too: δ = log L(before) − log L(now)
-        moved = [(r, math.log(previous[r]) - math.log(x)) for r, x in zip(rows, losses, strict=True)
-                 if not math.isnan(previous[r])]
+        moved = [(r, log(state[p + r]) - log(x)) for r, x in zip(rows, losses, strict=True)
+                 if not math.isnan(state[p + r])]
         if moved:
-            z = softmax([logits[r] for r, _ in moved])
-            mean = sum(zi * d for zi, (_, d) in zip(z, moved, strict=True))
+            top = max(state[r] for r, _ in moved)
+            e = [exp(state[r] - top) for r, _ in moved]
+            total = sum(e)
+            mean = sum(ei / total * d for ei, (_, d) in zip(e, moved, strict=True))
             lr, decay = self.lr, self.weight_decay
-            for zi, (r, d) in zip(z, moved, strict=True):  # ∂(zᵀδ)/∂ξᵣ = zᵣ(δᵣ − zᵀδ)
-                logits[r], exp_avg[r], exp_avg_sq[r], count[r] = adam_step(
-                    logits[r], zi * (d - mean), exp_avg[r], exp_avg_sq[r], count[r], lr=lr, weight_decay=decay)
-        if len(rows) != len(previous):
-            previous = [math.nan] * len(previous)  # only tasks active in consecutive steps update their logits
-        for r, value in zip(rows, losses, strict=True):
-            previous[r] = value
-        self.store_host_values((logits, exp_avg, exp_avg_sq, count, previous))
-        scaled = [zi / li for zi, li in zip(softmax([logits[r] for r in rows]), losses, strict=True)]
+            for ei, (r, d) in zip(e, moved, strict=True):
+                # ∂(zᵀδ)/∂ξᵣ = zᵣ(δᵣ − zᵀδ), then adam_step's arithmetic in its order (see it)
+                grad = ei / total * (d - mean) + decay * state[r]
+                m = state[a + r] = BETAS[0] * state[a + r] + (1 - BETAS[0]) * grad
+                v = state[q + r] = BETAS[1] * state[q + r] + (1 - BETAS[1]) * grad * grad
+                k = state[c + r] = state[c + r] + 1
+                state[r] -= lr * (m / (1 - BETAS[0] ** k)) / ((v / (1 - BETAS[1] ** k)) ** 0.5 + ADAM_EPS)
+        if len(rows) != n:  # only tasks active in consecutive steps update their logits
+            state[p:p + n] = array(packed[1], [math.nan]) * n if packed is not None else [math.nan] * n
+        for r, x in zip(rows, losses, strict=True):
+            state[p + r] = x
+        if packed is None:
+            self.store_host_values([state[k:k + n] for k in range(0, 5 * n, n)])
+        top = max(state[r] for r in rows)
+        e = [exp(state[r] - top) for r in rows]
+        total = sum(e)
+        scaled = [ei / total / x for ei, x in zip(e, losses, strict=True)]
         total = sum(scaled)
-        return as_weights([x / total for x in scaled], step)
+        return [x / total for x in scaled]

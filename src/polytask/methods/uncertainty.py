@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from polytask.core.errors import InvalidParameterError
-from polytask.methods._host import host_tensor
-from polytask.methods._weighting import PerTaskMethod, as_weights, check_tasks
+from polytask.methods._host import host_tensor, host_weights
+from polytask.methods._weighting import PerTaskMethod, check_tasks
 from polytask.methods.base import HostUpdate, Step, Update, register
 
 FORMS = ("regression", "classification")
@@ -97,9 +97,10 @@ class Uncertainty(PerTaskMethod):
         scale, log_vars = self.__dict__["_host_scale"], plain.tolist()
         # e^x overflows a float past x ≈ 709.78 (OverflowError), where torch's exp gives inf
         weights = [scale[r] * (math.exp(-log_vars[r]) if log_vars[r] > -709.0 else math.inf) for r in rows]
+        tensor, values = host_weights(weights, step.losses)
         if not parameter.requires_grad:
-            return HostUpdate(as_weights(weights, step))
+            return HostUpdate(tensor, values=values)
         grad = [0.0] * len(log_vars)
         for r, w, loss in zip(rows, weights, step.losses.tolist(), strict=True):
             grad[r] = 0.5 - w * loss
-        return HostUpdate(as_weights(weights, step), ((parameter, host_tensor(grad, plain)),))
+        return HostUpdate(tensor, ((parameter, host_tensor(grad, plain)),), values)
