@@ -756,3 +756,26 @@ def test_engine_rejects_host_values_of_the_wrong_length():
             engine.backward({t: theta.sum() for t in TASKS})
     finally:
         type(method).host_update = original
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda"])
+def test_a_pass_seed_adopted_by_a_leaf_is_not_the_next_pass_seed(name):
+    """The accumulating passes of J's rows (one per task) seed each pass with ones of its own: a loss
+    that is a view of a head's leaf takes its seed as that leaf's ``.grad``, and a later pass adding
+    into it must not change what the passes after it are seeded with."""
+    from polytask.engine.backward import Engine
+
+    theta = nn.Parameter(torch.tensor([1.0, -2.0]))
+    head = nn.Parameter(torch.tensor([0.5]))
+
+    def losses(first):
+        return {"a": first() + 0.0 * theta.sum(), "b": head.sum() * 3.0 + (theta ** 2).sum(),
+                "c": (theta * torch.tensor([2.0, 1.0])).sum()}
+
+    seen = []
+    for first in (lambda: head.view(()), lambda: head.sum() * 1.0):  # a view of the leaf; a new tensor
+        theta.grad = head.grad = None
+        Engine(name, [theta], params=[theta, head]).backward(losses(first))
+        seen.append((theta.grad.clone(), head.grad.clone()))
+    for got, want in zip(*seen, strict=True):
+        assert torch.equal(got, want)

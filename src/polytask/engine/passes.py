@@ -80,12 +80,13 @@ def accumulate_all(losses: Sequence[Tensor], inputs: tuple[Tensor, ...], before:
     """For each loss i in turn: ``targets``' ``.grad`` set to ``before[i]``, then :func:`accumulate`
     of loss i into ``inputs`` (the graph kept, except after the last loss with ``free_graph``).
 
-    The checks of :func:`accumulate` are made once for all the losses, and one seed of ones serves
-    every pass where the losses agree in dtype and device (a pass reads its seed, never writes it)."""
+    The checks of :func:`accumulate` are made once for all the losses. Each pass has a seed of its
+    own: a loss that is a view of a leaf hands its seed to that leaf as its ``.grad`` (autograd
+    adopts a gradient nothing else holds), and a later pass adding into that ``.grad`` would change
+    a seed shared with the passes after it."""
     last = len(losses) - 1
     direct = _run_backward is not None and not has_torch_function((*losses, *inputs)) and all(
         loss.requires_grad and loss.numel() == 1 and loss.dtype.is_floating_point for loss in losses)
-    seed = None
     for i, loss in enumerate(losses):
         for t, grad in zip(targets, before[i], strict=True):
             t.grad = grad
@@ -93,6 +94,4 @@ def accumulate_all(losses: Sequence[Tensor], inputs: tuple[Tensor, ...], before:
         if not direct:
             torch.autograd.backward(loss, inputs=inputs or None, retain_graph=retain)
             continue
-        if seed is None or seed.dtype != loss.dtype or seed.device != loss.device or seed.shape != loss.shape:
-            seed = torch.ones_like(loss)
-        _run_backward((loss,), (seed,), retain, False, inputs, True, True)
+        _run_backward((loss,), (torch.ones_like(loss),), retain, False, inputs, True, True)
