@@ -779,3 +779,44 @@ def test_a_pass_seed_adopted_by_a_leaf_is_not_the_next_pass_seed(name):
         seen.append((theta.grad.clone(), head.grad.clone()))
     for got, want in zip(*seen, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("jacobian", ["loop", "batched", "auto"])
+@pytest.mark.parametrize("heads", ["unweighted", "weighted"])
+def test_heads_that_one_pass_gives_the_same_tensor_get_their_own_gradients(jacobian, heads):
+    """A loss h₁ + h₂ hands both leaves one gradient tensor. Where J is too large for the passes to
+    accumulate into it (the loop route, its per-task gradients summed by the engine), each head must
+    still get its own sum, in a tensor of its own (h₁: 1 + 3, h₂: 1 + 5 unweighted)."""
+    from polytask.engine.backward import Engine
+    from polytask.engine.jacobian import ACCUMULATE_MAX_ENTRIES
+
+    theta = nn.Parameter(torch.linspace(-0.01, 0.01, ACCUMULATE_MAX_ENTRIES // 2))
+    h1, h2 = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.tensor(0.25))
+    losses = {"a": h1 + h2 + (theta ** 2).sum(), "b": h1 * 3.0 + theta.sum(), "c": (theta * 2).sum() + h2 * 5.0}
+    report = Engine("upgrad", [theta], params=[theta, h1, h2], heads=heads, jacobian=jacobian).backward(losses)
+    w = report.weights if heads == "weighted" else dict.fromkeys(report.weights, 1.0)
+    assert h1.grad.item() == pytest.approx(w["a"] + 3.0 * w["b"], rel=1e-6)
+    assert h2.grad.item() == pytest.approx(w["a"] + 5.0 * w["c"], rel=1e-6)
+    assert h1.grad.data_ptr() != h2.grad.data_ptr()
+
+
+@pytest.mark.parametrize("jacobian", ["batched", "loop"])
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcgrad"])
+def test_a_loss_scale_unscales_leaves_that_share_a_gradient_once(jacobian, name):
+    """With a loss scale (a GradScaler's), the gradients of the scaled losses are unscaled before the
+    method sees them. Where the model adds two parameters (z = θ₁ + θ₂, or θ₁ + a head's own
+    parameter of its shape) one pass hands both the same gradient tensor, and the batched route's
+    blocks of J were unscaled in place once per leaf: θ's gradient came out 1/scale too small. The
+    update at scale 4 must be the update at scale 1, times 4."""
+    from polytask.engine.backward import Engine
+
+    results = []
+    for scale in (1.0, 4.0):
+        t1, t2 = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([0.5, 0.25]))
+        t3, own = nn.Parameter(torch.tensor([0.3, 0.7])), nn.Parameter(torch.tensor([0.1, -0.2]))
+        z = t1 + t2  # each reached only through the sum: one gradient tensor for both
+        losses = {"a": (z ** 2).sum(), "b": ((t3 + own) * torch.tensor([1.0, 3.0])).sum(),
+                  "c": z.sum() * 2.0}  # t3 and the head own: one gradient tensor too
+        Engine(name, [t1, t2, t3], params=[t1, t2, t3, own], jacobian=jacobian).backward(losses, scale=scale)
+        results.append(torch.cat([t1.grad, t2.grad, t3.grad, own.grad]) / scale)
+    torch.testing.assert_close(results[1], results[0])

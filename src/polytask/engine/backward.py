@@ -850,6 +850,8 @@ class Engine:
             selector = eye[start:start + rows]
             grads = torch.autograd.grad(vec, inputs, grad_outputs=selector, retain_graph=start + rows < t,
                                         allow_unused=True, is_grads_batched=True)
+            if pieces is not None and scale != 1.0:
+                grads = _unaliased(grads)  # J's blocks are unscaled in place, the heads' kept scaled
             if pieces is None:
                 _write_row(jacobian[start:start + rows], grads[:n], sizes)  # type: ignore[index]
             else:
@@ -889,11 +891,11 @@ class Engine:
             present = [(k, g, c) for c, grads in zip(coefficients, grads_by_task, strict=True)
                        for k, g in enumerate(grads) if g is not None]
             # one fused multiply for every task's tensors, each by its task's weight (a small model pays
-            # per call); none when every weight is 1 (unweighted heads): the passes' own gradients,
-            # which nothing else holds
+            # per call), also where every weight is 1 (unweighted heads): a pass may return one tensor
+            # for two leaves (a loss h₁ + h₂ hands both the same gradient), so a gradient it returns is
+            # never added into in place nor made a leaf's .grad
             tensors = [g for _, g, _ in present]
-            scaled = (tensors if all(c == 1.0 for c in coefficients) else
-                      torch._foreach_mul(tensors, [c for _, _, c in present]) if tensors else [])
+            scaled = torch._foreach_mul(tensors, [c for _, _, c in present]) if tensors else []
             for (k, _, _), g in zip(present, scaled, strict=True):
                 totals[k] = g if k not in totals else totals[k].add_(g)
         for k, total in totals.items():
@@ -979,6 +981,24 @@ SMALL_JACOBIAN_CUDA = 2**27
 
 #: per method class: whether its ``weights_key`` and its ``host_update`` speak for it (:func:`_spoken`)
 _SPOKEN: weakref.WeakKeyDictionary[type, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+def _unaliased(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """``grads`` with each tensor whose memory an earlier one starts at replaced by a copy.
+
+    Why: a pass hands two leaves one gradient tensor where the model adds them (z = θ₁ + θ₂ gives
+    both the same gradient), and a step that works on the gradients in place (unscaling J's blocks)
+    would act on that memory twice."""
+    seen: set[int] = set()
+    out: list[Tensor | None] = []
+    for g in grads:
+        if g is not None:
+            pointer = g.data_ptr()
+            if pointer in seen:
+                g = g.clone()
+            seen.add(pointer)
+        out.append(g)
+    return tuple(out)
 
 
 def _spoken(cls: type) -> tuple[bool, bool]:
