@@ -5,8 +5,9 @@ tensor (z = θ₁ + θ₂), a view hands back a view of its input's gradient, an
 it is given as its ``.grad`` when nothing else holds it. The engine's fast paths work on gradients
 in place (J's blocks unscaled, the heads' per-task gradients summed) and seed backward passes with
 tensors they keep, so each of those shapes once gave wrong gradients. Here every registered method
-trains three steps on such a graph and on the same graph with a copy (``x * 1.0``) at each of those
-places, zeroing the gradients in place between steps, and the two must give the same gradients on
+trains four steps on such a graph (every task; one task without a loss; the tasks in another
+order; every task again, which meets what the first step left in the engine's caches) and on the same graph with a copy (``x * 1.0``) at each of those places, zeroing the
+gradients in place between steps, and the two must give the same gradients on
 every route: the default one, the vmapped passes, unweighted and weighted heads, a loss scale, J
 too large to accumulate, per-task clipping, the last shared layer, reused weights, and the no-J
 Gramian's route, which falls back to J with its warning here (the parameters are added outside any
@@ -82,13 +83,17 @@ def _train(name: str, route: str, clean: bool) -> list[list[Tensor | None]]:
     except InvalidParameterError as refused:  # a route the method cannot take: its error says why
         pytest.skip(str(refused))
     seen = []
-    for step in range(3):
+    for step in range(4):
         losses, z = _losses(theta, heads, clean, step)
 
         def outer(moved: dict[int, Tensor], batch: str = "outer", step: int = step) -> dict[str, Tensor]:
             return _losses([moved[id(p)] for p in theta], heads, clean, step + (batch == "outer"))[0]
 
         lookahead = outer if METHODS.get(name).lookahead else None
+        if step == 1:  # a task without a loss this step
+            losses["c"] = None  # type: ignore[assignment]
+        if step == 2:  # the tasks in another order
+            losses = dict(reversed(losses.items()))
         if "autogram" in route and step == 0:  # parameters added outside any layer: the no-J Gramian says so
             with pytest.warns(UserWarning, match="cannot be used for this model.*computing the task Jacobian instead"):
                 engine.backward(losses, features=[z], scale=scale, lookahead=lookahead)
