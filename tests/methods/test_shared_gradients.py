@@ -5,13 +5,14 @@ tensor (z = θ₁ + θ₂), a view hands back a view of its input's gradient, an
 it is given as its ``.grad`` when nothing else holds it. The engine's fast paths work on gradients
 in place (J's blocks unscaled, the heads' per-task gradients summed) and seed backward passes with
 tensors they keep, so each of those shapes once gave wrong gradients. Here every registered method
-trains four steps on such a graph (every task; one task without a loss; the tasks in another
-order; every task again, which meets what the first step left in the engine's caches) and on the same graph with a copy (``x * 1.0``) at each of those places, zeroing the
-gradients in place between steps, and the two must give the same gradients on
-every route: the default one, the vmapped passes, unweighted and weighted heads, a loss scale, J
-too large to accumulate, per-task clipping, the last shared layer, reused weights, and the no-J
-Gramian's route, which falls back to J with its warning here (the parameters are added outside any
-layer it knows). A route a method refuses, with its error, is skipped with that error.
+trains four steps on such a graph (every task; one task without a loss; the tasks in another order;
+every task again, which meets what the first step left in the engine's caches) and on the same
+graph with a copy (``x * 1.0``) at each of those places, zeroing the gradients in place between
+steps, and the two must give the same gradients on every route: the default one, the vmapped
+passes, unweighted and weighted heads, a loss scale, J too large to accumulate, per-task clipping,
+the last shared layer, the shared representation, reused weights, and the no-J Gramian's route,
+which falls back to J with its warning here (the parameters are added outside any layer it knows).
+A route a method refuses, with its error, is skipped with that error.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ ROUTES: dict[str, tuple[dict, float, bool, bool]] = {
     "autogram": ({"gramian": "autogram"}, 1.0, True, False),
     "autogram-scaled": ({"gramian": "autogram"}, 4.0, True, False),
     "every-2": ({"every": 2}, 1.0, True, False),
+    "features": ({"compare": "features"}, 1.0, True, False),
+    "features-scaled": ({"compare": "features"}, 4.0, True, False),
+    "features-unweighted": ({"compare": "features", "heads": "unweighted"}, 1.0, True, False),
 }
 LARGE = ACCUMULATE_MAX_ENTRIES // len(TASKS) + 1
 
