@@ -26,22 +26,28 @@ _TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 def host_tensor(values: Sequence[float], like: Tensor) -> Tensor:
     """``torch.tensor(values, dtype=like.dtype, device=like.device)``: a new tensor, the caller's own."""
-    code = _TYPECODES.get(like.dtype)
-    if code is None or not values:
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
-    out = torch.frombuffer(array(code, values), dtype=like.dtype)
-    return out if like.is_cpu else out.to(like.device)
+    memory = _memory(values, like)
+    return torch.tensor(values, dtype=like.dtype, device=like.device) if memory is None else _over(memory, like)
 
 
 def host_weights(values: Sequence[float], like: Tensor) -> tuple[Tensor, list[float]]:
     """``host_tensor(values, like)`` and its values as Python floats (rounded to ``like``'s dtype):
     what a method's :meth:`~polytask.methods.base.Method.host_update` hands the engine, which then
     reads nothing back from the tensor (a ``tolist`` inside a small model's step costs 2–3 µs)."""
-    code = _TYPECODES.get(like.dtype)
-    if code is None or not values:
+    memory = _memory(values, like)
+    if memory is None:
         out = torch.tensor(values, dtype=like.dtype, device=like.device)
         return out, out.tolist()
-    memory = array(code, values)
-    rounded = memory.tolist()  # read before the tensor holds the memory: the same values, as floats
+    return _over(memory, like), memory.tolist()  # the array's floats are the tensor's values
+
+
+def _memory(values: Sequence[float], like: Tensor) -> array | None:
+    """``values`` written as ``like``'s dtype into a new array; None for a dtype without a type code."""
+    code = _TYPECODES.get(like.dtype)
+    return None if code is None or not values else array(code, values)
+
+
+def _over(memory: array, like: Tensor) -> Tensor:
+    """A tensor over ``memory`` (which it alone holds from now on), on ``like``'s device."""
     out = torch.frombuffer(memory, dtype=like.dtype)
-    return (out if like.is_cpu else out.to(like.device)), rounded
+    return out if like.is_cpu else out.to(like.device)
