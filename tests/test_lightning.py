@@ -84,6 +84,39 @@ def test_task_weights_and_metrics_reach_lightnings_logger(tmp_path, one_thread):
     assert len(weights) == 12 and weights.iloc[-1] != weights.iloc[0]  # DWA moves the weights after epoch 2
 
 
+def test_the_learning_rate_schedule_steps_once_an_epoch(tmp_path, one_thread):
+    optim = {**OPTIM, "scheduler": "exponential"}  # γ = 0.5 an epoch
+    module = MultiTaskModule(model(), method="equal", optim=optim)
+    lightning_trainer(tmp_path, epochs=3).fit(module, loader())
+    assert [g["lr"] for g in module.optimizers().param_groups] == pytest.approx([0.05 * 0.5**3])
+    # the same three epochs by hand, the schedule stepped at each epoch's end
+    net = model()
+    engine = pt.Engine("equal", net.shared_parameters(), last_shared_params=net.last_shared_parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    data = loader()
+    for epoch in range(3):
+        data.sampler.set_epoch(epoch)
+        for x, y, m in data:
+            out = net(x)
+            opt.zero_grad(set_to_none=True)
+            engine.backward({t: net.tasks[t].loss(out[t], y[t].float(), m.get(t)) for t in ("a", "b")}, epoch=epoch)
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], 5.0)
+            opt.step()
+        schedule.step()
+    for (name, got), want in zip(module.model.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    # and resumed from the checkpoint of epoch 2, the schedule carries on where it was
+    first = MultiTaskModule(model(), method="equal", optim=optim)
+    lightning_trainer(tmp_path / "r", epochs=2).fit(first, loader())
+    resumed = MultiTaskModule(model(), method="equal", optim=optim)
+    lightning_trainer(tmp_path / "r", epochs=3).fit(resumed, loader(),
+                                                    ckpt_path=str(next((tmp_path / "r").rglob("*.ckpt"))))
+    assert [g["lr"] for g in resumed.optimizers().param_groups] == pytest.approx([0.05 * 0.5**3])
+    for got, want in zip(resumed.model.state_dict().values(), module.model.state_dict().values()):
+        torch.testing.assert_close(got, want)
+
+
 def test_engine_state_is_in_lightnings_checkpoint_and_resumes(tmp_path, one_thread):
     straight = MultiTaskModule(model(), method="famo", optim=OPTIM)
     lightning_trainer(tmp_path / "s", epochs=4).fit(straight, loader())

@@ -22,6 +22,8 @@ working:
 * **logging**: per-task losses and task weights go through ``self.log`` to whatever loggers the
   Trainer has (``train/loss/TASK``, ``train/weight/TASK``, ``val/loss/TASK`` and the tasks'
   validation metrics ``val/TASK/METRIC``);
+* **schedules**: ``optim.scheduler`` steps once an epoch, at its end, as in polytask's Trainer
+  (under manual optimisation Lightning leaves that to the module);
 * **checkpoints**: the engine's state (method state, step counter) is saved in Lightning's
   checkpoint and restored on resume.
 
@@ -213,6 +215,10 @@ class MultiTaskModule(pl.LightningModule):
         train_losses = {t: float(sums[i, 0] / sums[i, 1]) for i, t in enumerate(names) if sums[i, 1] > 0}
         self.method.on_epoch_end(self.current_epoch, train_losses, self._last_val)
         self._epoch_loss, self._epoch_count, self._last_val = {}, {}, None
+        # manual optimisation leaves the schedulers to the module: once an epoch, as polytask's Trainer
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def on_train_end(self) -> None:
         """Free what the engine keeps between steps (J's storage), as the Trainer does when fit ends."""
