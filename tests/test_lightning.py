@@ -84,6 +84,27 @@ def test_task_weights_and_metrics_reach_lightnings_logger(tmp_path, one_thread):
     assert len(weights) == 12 and weights.iloc[-1] != weights.iloc[0]  # DWA moves the weights after epoch 2
 
 
+@pytest.mark.parametrize("method", ["uncertainty", "upgrad"])
+def test_clipping_is_the_trainers_by_value_then_by_norm_on_the_models_parameters(tmp_path, method, one_thread):
+    optim = {**OPTIM, "clip": {"value": 0.02, "norm": 0.05}}  # both bind on every step here
+    module = MultiTaskModule(model(), method=method, optim=optim)
+    lightning_trainer(tmp_path, epochs=1).fit(module, loader())
+    net = model()
+    engine = pt.Engine(method, net.shared_parameters(), last_shared_params=net.last_shared_parameters())
+    opt = torch.optim.SGD([*net.parameters(), *engine.parameters()], lr=0.05)
+    for x, y, m in loader():
+        out = net(x)
+        opt.zero_grad(set_to_none=True)
+        engine.backward({t: net.tasks[t].loss(out[t], y[t].float(), m.get(t)) for t in ("a", "b")}, epoch=0)
+        torch.nn.utils.clip_grad_value_(net.parameters(), 0.02)  # the Trainer's order, the model's parameters
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        opt.step()
+    for (name, got), want in zip(module.model.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    for got, want in zip(module.method.parameters(), engine.parameters()):  # log-variances: not clipped
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_learning_rate_schedule_steps_once_an_epoch(tmp_path, one_thread):
     optim = {**OPTIM, "scheduler": "exponential"}  # γ = 0.5 an epoch
     module = MultiTaskModule(model(), method="equal", optim=optim)

@@ -176,11 +176,14 @@ class MultiTaskModule(pl.LightningModule):
         scale = float(scaler.scale(torch.ones((), device=self.device))) if scaler is not None else 1.0
         report = self.engine.backward(losses, features=features, epoch=self.current_epoch,
                                       extra_loss=self.model.extra_loss(), scale=scale)
+        # as polytask's Trainer clips: the model's parameters (not a method's own, such as uncertainty's
+        # log-variances), by value and then by norm; in the scaled units the .grad are in (the scaler
+        # unscales in optimizer.step), which clips exactly as in true units
         clip = self.optim_options.clip
-        if clip.norm is not None:  # in the scaled units the .grad are in (the scaler unscales in optimizer.step)
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], clip.norm * scale)
         if clip.value is not None:
-            torch.nn.utils.clip_grad_value_([p for p in self.parameters() if p.grad is not None], clip.value * scale)
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), clip.value * scale)
+        if clip.norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip.norm * scale)
         optimizer.step()
         present = {t: v.detach() for t, v in losses.items() if v is not None}
         logged = {f"train/loss/{t}": v for t, v in present.items()}
