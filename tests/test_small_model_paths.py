@@ -669,15 +669,61 @@ def test_step_losses_only_is_the_dataclass_step():
     assert torch.equal(torch.rand(4, generator=quick.generator), torch.rand(4, generator=full.generator))
 
 
-@pytest.mark.parametrize("log_var", [-800.0, -709.5, 800.0])
-def test_uncertainty_host_update_at_extreme_log_variances_is_update(log_var):
-    """Past e^x's float range the host path gives the weights torch's exp gives (inf, or 0), no error."""
-    losses = torch.tensor([1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("log_var", [-800.0, -709.78, -709.5, -100.0, 800.0, math.nan, -math.inf, math.inf])
+def test_uncertainty_host_update_at_extreme_log_variances_is_update(log_var, dtype):
+    """Past e^x's float range the host path gives the weights torch's exp gives (inf, or 0), no
+    error; a NaN log-variance gives a NaN weight (it gave inf)."""
+    losses = torch.tensor([1.0, 2.0], dtype=dtype)
     method = get_method("uncertainty")
     method.setup(("a", "b"))
     method.log_vars.data = torch.tensor([log_var, 0.0])
+    method.to(dtype)
     step = Step(tasks=("a", "b"), losses=losses)
-    assert torch.equal(method.host_update(step).weights, method.update(step).weights.detach())
+    # float64: e^(log ½ − s) against ½e^(−s), the rounding of the exponent's argument grows with |s|
+    torch.testing.assert_close(method.host_update(step).weights, method.update(step).weights.detach(),
+                               rtol=1e-13 if dtype == torch.float64 else 0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float64, 1.0), (torch.float64, 3.0), (torch.float16, 1.0),
+                                              (torch.float16, 32768.0), (torch.float16, 65536.0),
+                                              (torch.bfloat16, 65536.0)])
+def test_uncertainty_host_update_is_update_in_every_loss_dtype(dtype, scale):
+    """Losses in float64 or half precision, under a loss scale: the host path and ``update``'s
+    backward give the same weights and gradients. ``update`` worked in the log-variances' float32
+    (float64 weights 1e-8 off) and in float16 where the losses were (its log-variance gradient
+    overflowed to NaN under a loss scale of 65 536, -inf at 32 768, where the host path's is finite)."""
+    from polytask.engine.backward import Engine
+
+    grads = []
+    for host in (True, False):
+        theta = nn.Parameter(torch.tensor([0.7, -1.3]))
+        method = get_method("uncertainty")
+        if not host:
+            method.host_update = lambda step: None  # patched: the engine takes update()
+        method.setup(("a", "b"))
+        method.log_vars.data = torch.tensor([0.3, -1.7])
+        report = Engine(method, [theta]).backward({"a": (theta[0] ** 2).to(dtype), "b": (2.0 * theta[1]).to(dtype)},
+                                                   scale=scale)
+        grads.append((report.weights, theta.grad, method.log_vars.grad))
+    (w_host, theta_host, s_host), (w_update, theta_update, s_update) = grads
+    tolerance = {"rtol": 1e-15, "atol": 0} if dtype == torch.float64 else {"rtol": 0, "atol": 0}
+    for t in ("a", "b"):
+        torch.testing.assert_close(torch.tensor(w_host[t], dtype=torch.float64),
+                                   torch.tensor(w_update[t], dtype=torch.float64), **tolerance)
+    torch.testing.assert_close(theta_host, theta_update, rtol=1e-6, atol=0)  # inf where the true value overflows
+    torch.testing.assert_close(s_host, s_update, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(s_host).all()
+
+
+def test_uncertainty_in_float64_has_float64_weights():
+    """``method.double()`` derives log(scale) again in float64 (it kept float32's rounding of log ½)."""
+    method = get_method("uncertainty")
+    method.setup(("a", "b"))
+    method.double()
+    step = Step(tasks=("a", "b"), losses=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert method.update(step).weights.tolist() == [0.5, 0.5]
+    assert method.host_update(step).weights.tolist() == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("name", ["equal", "static", "dwa", "rlw", "famo", "uncertainty", "db_mtl"])

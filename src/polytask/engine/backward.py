@@ -546,7 +546,7 @@ class Engine:
             outputs, seeds = (vec, *(p for p, _ in own)), (seed, *(g for _, g in own))
             accumulate_seeded(outputs, seeds if scale == 1.0 else [seed * scale for seed in seeds])
         else:  # weights that learn (uncertainty's update): their gradient comes through the product
-            total = torch.dot(applied, vec)
+            total = _weighted_sum(update.weights, vec)
             if penalty is not None:
                 total = total + penalty
             accumulate(total * scale if scale != 1.0 else total)
@@ -662,7 +662,7 @@ class Engine:
                 if reached:
                     torch.autograd.backward(update.penalty * scale, inputs=reached)
             return
-        shared_total = torch.dot(applied.to(vec.dtype), vec)  # one node, where w·L as mul + sum takes two
+        shared_total = _weighted_sum(applied, vec)
         # what the task-specific parameters back-propagate (the method's penalty lands there too)
         head_total = shared_total if not split else (head.detach() * vec).sum()
         if update.penalty is not None:
@@ -965,6 +965,17 @@ class Engine:
 
 
 #: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
+def _weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
+    """wᵀL as one node (w·L as mul + sum takes two), in the losses' dtype or at least float32.
+
+    Why at least float32: where the weights learn, their gradient is the losses times the loss
+    scale, which overflows float16 (65 504) under a gradient scaler's usual 65 536 and rounds in
+    half precision; summed in float32, each loss's gradient is wᵢ·scale, as the seeded backward of
+    constant weights gives. For float32 and float64 losses both casts are no-ops."""
+    wide = torch.promote_types(losses.dtype, torch.float32)
+    return torch.dot(weights.to(wide), losses.to(wide))
+
+
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 #: under ``gramian: auto``, the share of θ the no-J Gramian must form in closed form to be taken

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +15,8 @@ from polytask.methods._weighting import PerTaskMethod, check_tasks
 from polytask.methods.base import HostUpdate, Step, Update, register
 
 FORMS = ("regression", "classification")
+#: the largest x with a finite e^x in a Python float (math.exp raises OverflowError beyond it)
+EXP_LIMIT = math.log(sys.float_info.max)
 
 
 @register("uncertainty")
@@ -74,6 +77,11 @@ class Uncertainty(PerTaskMethod):
                                       unexpected_keys, error_msgs)
         self._derive()  # the non-persistent buffers follow the loaded scale
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        out = super()._apply(fn, recurse)
+        self._derive()  # .double(), .to(device): log(scale) again in the new dtype, not the old one's rounding
+        return out
+
     def _derive(self) -> None:
         self.log_scale = self.scale.log()
         self.halves = torch.full_like(self.scale, 0.5)
@@ -81,11 +89,15 @@ class Uncertainty(PerTaskMethod):
 
     def update(self, step: Step) -> Update:
         log_vars = self.rows(self.log_vars, step)
-        weights = torch.exp(self.rows(self.log_scale, step) - log_vars)  # scale · e^(−s)
-        penalty = torch.dot(log_vars, self.rows(self.halves, step))  # ½ Σ s
-        dtype = step.losses.dtype
-        if weights.dtype != dtype:
-            weights, penalty = weights.to(dtype), penalty.to(dtype)
+        log_scale, halves = self.rows(self.log_scale, step), self.rows(self.halves, step)
+        # in the wider of the log-variances' and the losses' dtypes, at least float32: float64 losses get
+        # float64 weights (as host_update's), and half-precision losses no half-precision log-variance
+        # gradient (½ − wL would round, and overflow under a loss scale; the engine sums in float32 then)
+        wide = torch.promote_types(torch.promote_types(log_vars.dtype, step.losses.dtype), torch.float32)
+        if log_vars.dtype != wide:  # log(scale) in that dtype too, not the narrower one's rounding of it
+            log_vars, log_scale, halves = log_vars.to(wide), self.rows(self.scale, step).to(wide).log(), halves.to(wide)
+        weights = torch.exp(log_scale - log_vars)  # scale · e^(−s)
+        penalty = torch.dot(log_vars, halves)  # ½ Σ s
         return Update(weights, penalty=penalty)
 
     def host_update(self, step: Step) -> HostUpdate:
@@ -95,8 +107,9 @@ class Uncertainty(PerTaskMethod):
         parameter = self.log_vars
         plain = parameter.detach()  # a Parameter's every attribute passes through its __torch_function__
         scale, log_vars = self.__dict__["_host_scale"], plain.tolist()
-        # e^x overflows a float past x ≈ 709.78 (OverflowError), where torch's exp gives inf
-        weights = [scale[r] * (math.exp(-log_vars[r]) if log_vars[r] > -709.0 else math.inf) for r in rows]
+        # math.exp raises OverflowError past the largest float's logarithm, where torch's exp gives inf;
+        # written so that a NaN log-variance stays NaN (NaN < x is False), as in torch
+        weights = [scale[r] * (math.inf if log_vars[r] < -EXP_LIMIT else math.exp(-log_vars[r])) for r in rows]
         tensor, values = host_weights(weights, step.losses)
         if not parameter.requires_grad:
             return HostUpdate(tensor, values=values)
