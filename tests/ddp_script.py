@@ -36,6 +36,36 @@ def train(method: str, steps: int = 4, device: str = "cpu"):
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 
 
+def log_variances_left_out(comm: Communicator) -> dict[str, torch.Tensor]:
+    """The Engine used directly, its method's log-variances left out of ``reduce_params``: every rank's
+    log-variances after 20 steps on its own data (they drifted apart on ``update``'s route, which
+    back-propagates the rank's own losses into them), stacked by rank."""
+    from polytask.engine.backward import Engine
+    from polytask.methods.uncertainty import Uncertainty
+
+    class Differentiable(Uncertainty):
+        def host_update(self, step):  # declined: the engine takes update()'s backward
+            return None
+
+    out = {}
+    for cls in (Uncertainty, Differentiable):
+        method = cls()
+        method.setup(("a", "b"))
+        w = torch.nn.Parameter(torch.tensor([0.5, -0.5]))
+        engine = Engine(method, [w], comm=comm, reduce_params=[w])
+        opt = torch.optim.SGD([w, *method.parameters()], lr=0.1)
+        g = torch.Generator().manual_seed(comm.rank)
+        for _ in range(20):
+            opt.zero_grad()
+            y = torch.randn(2, generator=g) * (1 + comm.rank)
+            engine.backward({"a": (w[0] - y[0]) ** 2, "b": (w[1] - y[1]) ** 2})
+            opt.step()
+        ranks = [torch.zeros(2) for _ in range(comm.world_size)]
+        torch.distributed.all_gather(ranks, method.log_vars.detach().clone())
+        out[f"log_vars:{cls.__name__}"] = torch.stack(ranks)
+    return out
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     results = {}
@@ -44,6 +74,8 @@ if __name__ == "__main__":
         results[name] = state
         results[f"{name}:bytes"] = torch.tensor(trainer.comm.bytes if trainer.comm is not None else 0)
     comm = Communicator.from_env(torch.device("cpu"))
+    if comm is not None:
+        results.update(log_variances_left_out(comm))
     if comm is None or comm.is_main:
         torch.save(results, sys.argv[1])
     if torch.distributed.is_initialized():  # gloo's threads must stop before exit, or a rank can abort at shutdown

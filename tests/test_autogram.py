@@ -216,6 +216,134 @@ def test_parameters_read_twice_are_exact_on_the_weight_route():
         assert len(plan.layers) == 2 and plan.rest == [scale]
 
 
+def _hooked_linear():
+    torch.manual_seed(0)
+    lin1, lin2 = nn.Linear(16, 32).double(), nn.Linear(32, 3).double()
+    lin1.weight.register_hook(lambda g: g * 0.5)  # a user's scaling of one parameter's gradient
+    lin2.bias.register_hook(lambda g: g.clamp(-0.01, 0.01))
+    h = lin2(torch.tanh(lin1(torch.randn(4, 16, dtype=torch.double))))
+    return [(h[:, i] - i).pow(2).mean() for i in range(3)], [*lin1.parameters(), *lin2.parameters()]
+
+
+def _hooked_embedding():
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(20, 16).double(), nn.Linear(16, 3).double()
+    mask = torch.ones(20, 1, dtype=torch.double)
+    mask[:10] = 0  # rows 0-9 frozen: partial fine-tuning
+    emb.weight.register_hook(lambda g: g * mask)
+    h = lin(emb(torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))).mean(1))
+    return [(h[:, i] - i).pow(2).mean() for i in range(3)], [emb.weight, *lin.parameters()]
+
+
+class _Spectral(nn.Module):
+    """A real weight cast to complex before a product: rfft(x) @ W (spectral mixing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(9, 12, dtype=torch.double) * 0.3)
+        self.lin = nn.Linear(24, 3).double()
+
+    def forward(self, x):
+        m = torch.fft.rfft(x, dim=1) @ self.weight.to(torch.cdouble)
+        return self.lin(torch.tanh(torch.cat([m.real, m.imag], 1)))
+
+
+def _spectral():
+    torch.manual_seed(0)
+    model = _Spectral()
+    h = model(torch.randn(4, 16, dtype=torch.double))
+    return [(h[:, i] - i).pow(2).mean() for i in range(3)], list(model.parameters())
+
+
+@pytest.mark.parametrize("passes", ["streamed", "held"])
+@pytest.mark.parametrize("case", [_hooked_linear, _hooked_embedding, _spectral], ids=["hook", "embedding-hook", "complex"])
+def test_hooked_and_complex_parameters_take_the_weight_route(case, passes, monkeypatch):
+    """A gradient hook on a parameter (register_hook) runs on its gradient only, which the Gram
+    route never forms; a weight cast to complex needs A's conjugate, which the closed form has not.
+    Both gave a wrong G silently; now their per-task gradients are taken, and G is exact."""
+    monkeypatch.setattr(sys.modules[AutogramGramian.__module__], "UNRECOGNISED_SHARE", 1.0)  # the weight route, not the fallback
+    losses, params = case()
+    plan = assert_same_gramian(losses, params, strategy="loop", passes=passes)
+    hooked = [p for p in params if p._backward_hooks] or params[:1]
+    assert all(any(p is q for q in plan.rest) for p in hooked)
+
+
+def _dense_embedding_engine_case(kind):
+    """(losses, θ) of a model the no-J Gramian refuses: θ with a tensor that is not a leaf, a loss that
+    is itself a leaf, or a sparse embedding."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 3).double()
+    x = torch.randn(4, 16, dtype=torch.double)
+    if kind == "non-leaf":
+        raw = nn.Parameter(torch.randn(8, 16, dtype=torch.double))
+        weight = raw * 1.0  # a reparametrised weight handed over as a shared tensor
+        h = lin(torch.tanh(x @ weight.T @ torch.randn(8, 16, dtype=torch.double)))
+        return [(h[:, i] - i).pow(2).mean() for i in range(3)], [weight, *lin.parameters()]
+    if kind == "leaf-loss":
+        own = nn.Parameter(torch.tensor(2.0, dtype=torch.double))
+        h = lin(x)
+        return [(h[:, 0]).pow(2).mean(), (h[:, 1] - 1).pow(2).mean(), own], [own, *lin.parameters()]
+    emb = nn.Embedding(20, 16, sparse=True).double()
+    h = lin(emb(torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(1))).mean(1))
+    return [(h[:, i] - i).pow(2).mean() for i in range(3)], [emb.weight, *lin.parameters()]
+
+
+def test_a_shared_tensor_that_is_not_a_leaf_is_refused():
+    """Its block of G was dropped (no AccumulateGrad to find); the engine refuses it outright, since
+    what it is computed from would get no update on any route."""
+    losses, params = _dense_embedding_engine_case("non-leaf")
+    with pytest.raises(AutogramUnavailable, match="is not a leaf"):
+        AutogramGramian()(losses, params)
+    with pytest.raises(InvalidParameterError, match=r"shape \(8, 16\) is not a leaf tensor .*computed from"):
+        Engine("upgrad", params)
+
+
+@pytest.mark.parametrize(("kind", "why"), [("leaf-loss", "loss is itself a leaf"), ("sparse", "sparse embedding")])
+def test_what_the_no_j_gramian_cannot_see_falls_back_with_one_warning(kind, why):
+    """A loss that is a leaf (its row of G was dropped), a sparse embedding (the streamed update
+    raised): the J route, with the reason."""
+    losses, params = _dense_embedding_engine_case(kind)
+    with pytest.raises(AutogramUnavailable, match=why):
+        AutogramGramian()(losses, params)
+    rows = []
+    for loss in losses:  # J by hand: a sparse embedding's gradient is made dense
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else
+                               (g.to_dense() if g.is_sparse else g).reshape(-1) for g, p in zip(grads, params)]))
+    want = gramian(torch.stack(rows))
+    losses, params = _dense_embedding_engine_case(kind)
+    engine = Engine("upgrad", params, gramian="autogram")
+    with pytest.warns(UserWarning, match=f"no-J Gramian .*{why}.*task Jacobian instead"):
+        report = engine.backward({f"t{i}": loss for i, loss in enumerate(losses)})
+    torch.testing.assert_close(report.gramian, want)
+    assert engine.gramian_route == "jacobian"
+    losses, params = _dense_embedding_engine_case(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto decides on the J route without a word
+        engine = Engine("upgrad", params, gramian="auto")
+        engine._route(losses)
+    assert engine.gramian_route == "jacobian"
+
+
+@pytest.mark.parametrize(("route", "passes"), [("jacobian", "auto"), ("autogram", "streamed"), ("autogram", "held")])
+def test_a_tensor_listed_twice_in_theta_counts_once(route, passes):
+    """Tied weights collected module by module list one tensor twice: it is one tensor of θ (the
+    streamed update wrote it as 0, and G counted its block twice)."""
+    grads, gramians = [], []
+    for twice in (False, True):
+        torch.manual_seed(0)
+        enc, dec = nn.Linear(16, 32).double(), nn.Linear(32, 3).double()
+        theta = [*enc.parameters(), *dec.parameters(), *([enc.weight] if twice else [])]
+        h = dec(torch.tanh(enc(torch.randn(4, 16, dtype=torch.double))))
+        report = Engine("upgrad", theta, gramian=route, autogram_passes=passes).backward(
+            {f"t{i}": (h[:, i] - i).pow(2).mean() for i in range(3)})
+        grads.append([p.grad.clone() for p in (*enc.parameters(), *dec.parameters())])
+        gramians.append(report.gramian)
+    torch.testing.assert_close(gramians[1], gramians[0], rtol=1e-12, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_options_from_yaml_are_validated():
     with pytest.raises(InvalidParameterError, match="gramian"):
         Engine("upgrad", [nn.Parameter(torch.ones(2))], gramian="no_j")

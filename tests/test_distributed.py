@@ -58,6 +58,15 @@ def test_two_ranks_match_one_process(ddp_results, method):
     assert int(ddp_results[f"{method}:bytes"]) > 0
 
 
+@pytest.mark.parametrize("route", ["Uncertainty", "Differentiable"])
+def test_a_methods_own_parameters_are_averaged_over_ranks_even_if_left_out(ddp_results, route):
+    """The engine averages the method's own parameters' gradients with ``reduce_params`` whether or not
+    the caller listed them: both ranks' log-variances stay equal on both of the method's routes."""
+    ranks = ddp_results[f"log_vars:{route}"]
+    torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0)
+    assert not torch.equal(ranks[0], torch.zeros(2))
+
+
 def test_gramian_methods_send_the_jacobian(ddp_results):
     params = sum(v.numel() for k, v in ddp_results["equal"].items() if k.startswith("encoder"))
     # loss methods send the gradient once (+ T losses); Gramian methods also send J (T×P on θ)

@@ -276,8 +276,10 @@ def _consumers(roots: Sequence[Node]) -> dict[Node, list[tuple[Node, int]]]:
 
 def _past_casts(node: Node, slot: int, readers: dict[Node, list[tuple[Node, int]]]) -> tuple[Node, int]:
     """The first reader that is not a dtype copy (autocast's), when each copy has one reader: a
-    cast changes no value, so the layer's block of G is the same on the original parameter."""
-    while _name(node) == "ToCopyBackward0" and len(readers[node]) == 1:
+    cast between real dtypes changes no value, so the layer's block of G is the same on the original
+    parameter. A cast to a complex dtype is not passed (the closed forms are real: no conjugate)."""
+    while (_name(node) == "ToCopyBackward0" and len(readers[node]) == 1
+           and not node._input_metadata[0].dtype.is_complex):
         node, slot = readers[node][0]
     return node, slot
 
@@ -327,6 +329,14 @@ class AutogramPlanner:
         self.routes = routes
 
     def plan(self, losses: Sequence[Tensor], params: Sequence[Tensor]) -> Plan:
+        for p in params:
+            if p.grad_fn is not None:  # its gradient reaches no AccumulateGrad: its block would be dropped
+                raise AutogramUnavailable(_describe(p, "is not a leaf (it is computed from other tensors)"))
+            if p.is_sparse:
+                raise AutogramUnavailable(_describe(p, "is a sparse tensor"))
+        for loss in losses:
+            if loss.grad_fn is None and loss.requires_grad:  # the graph has no node for it to start at
+                raise AutogramUnavailable(f"a task's loss is itself a leaf tensor of shape {tuple(loss.shape)}")
         roots = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
         readers = _consumers(roots)
         accumulators = {id(fn.variable): fn for fn in readers if _name(fn) == "AccumulateGrad"}
@@ -350,6 +360,8 @@ class AutogramPlanner:
     def _layer(self, p: Tensor, accumulators: dict[int, Node], readers: dict[Node, list[tuple[Node, int]]],
                wanted: set[int], n_tasks: int) -> tuple[Layer | None, str]:
         """The Gram-route layer that owns p, or None and why not ("" when the weight route is by choice)."""
+        if p._backward_hooks:  # the Gram route forms its block from the layer's input, past the hook
+            return None, "has a gradient hook (register_hook), which only its own gradient goes through"
         users = readers[accumulators[id(p)]]
         if len(users) != 1:
             return None, f"is read by {len(users)} operations"
@@ -366,6 +378,9 @@ class AutogramPlanner:
             return self._product(node, p, transposed, accumulators, readers, wanted, n_tasks)
         if kind == "AddmmBackward0" and slot == 0 and p.dim() == 1:
             return None, ""  # a bias: with its weight on the Gram route, or small on the weight route
+        if kind in ("EmbeddingBackward0", "EmbeddingBagBackward0") and slot == 0 and node._saved_sparse:
+            # its gradient is sparse, which the passes (and the update's hooks) cannot flatten
+            raise AutogramUnavailable(_describe(p, "is a sparse embedding (sparse=True)"))
         if kind == "EmbeddingBackward0" and slot == 0:
             return self._lookup(node, p)
         if kind == "EmbeddingBagBackward0" and slot == 0:
@@ -383,6 +398,8 @@ class AutogramPlanner:
         a = node._saved_mat1 if addmm else node._saved_self
         if a is None or a.dim() != 2 or a.shape[1] != p.shape[1 if transposed else 0]:
             return None, "is read by a matrix product whose input autograd did not save"
+        if a.is_complex():  # K = A Aᵀ would need A's conjugate and the real part of each block
+            return None, "is read by a complex matrix product"
         params: tuple[Tensor, ...] = (p,)
         bias = False
         if addmm:
@@ -391,7 +408,7 @@ class AutogramPlanner:
                 first = first.next_functions[0][0]  # autocast's copy of the bias
             var = getattr(first, "variable", None) if first is not None else None
             out = p.numel() // a.shape[1]
-            if (var is not None and id(var) in wanted and var.shape == (out,)
+            if (var is not None and id(var) in wanted and var.shape == (out,) and not var._backward_hooks
                     and len(readers[accumulators[id(var)]]) == 1):
                 params, bias = (p, var), True
         n, fin = a.shape
@@ -490,6 +507,10 @@ class AutogramGramian:
         passes = self.passes
         if passes == "auto":
             passes = "held" if plan.held_size() <= plan.largest_gradient() else "streamed"
+        if passes == "streamed" and any(p._backward_hooks for p in params):
+            # the streamed update is one backward of Σ wᵢLᵢ, which runs a gradient hook on the combined
+            # gradient; the J route (and the held passes) run it on each task's, as a non-linear hook needs
+            passes = "held"
         self.last_passes = passes
         if passes == "streamed":
             try:

@@ -127,7 +127,14 @@ class Engine:
                                        "jacobian": jacobian, "chunk_size": chunk_size, "gramian": gramian}, "engine")
         self.options = opts
         self.method = get_method(method)
-        self.shared = [p for p in shared_params if p.requires_grad]
+        # each tensor once: a tensor listed twice (tied weights collected module by module) would count
+        # twice in G, and the streamed no-J update wrote it twice
+        self.shared = _unique(p for p in shared_params if p.requires_grad)
+        for p in self.shared:
+            if p.grad_fn is not None:
+                raise InvalidParameterError(
+                    f"a shared parameter of shape {tuple(p.shape)} is not a leaf tensor (it is computed from other "
+                    "tensors, which would get no update): pass the parameters it is computed from")
         self.compare = self._resolve_compare(opts.compare)
         if self.compare == "last_shared":
             if last_shared_params is None:
@@ -135,7 +142,7 @@ class Engine:
                 raise InvalidParameterError(
                     f"compare='last_shared'{whose} needs `last_shared_params`, the parameters of the last shared "
                     "layer (a polytask model gives them: model.last_shared_parameters())")
-            self.theta = [p for p in last_shared_params if p.requires_grad]
+            self.theta = _unique(p for p in last_shared_params if p.requires_grad)
         else:
             self.theta = self.shared
         self.heads = self._resolve_heads(opts.heads)
@@ -242,7 +249,11 @@ class Engine:
         elif len(parts) * total < (SMALL_JACOBIAN_CUDA if self.theta[0].is_cuda else SMALL_JACOBIAN):
             self.gramian_route = "jacobian"
         else:
-            plan = self.autogram.planner.plan(parts, self.theta)
+            try:
+                plan = self.autogram.planner.plan(parts, self.theta)
+            except AutogramUnavailable:  # auto: the J route, as for any model the no-J Gramian would not pay on
+                self.gramian_route = "jacobian"
+                return self.gramian_route
             closed = sum(p.numel() for layer in plan.layers for p in layer.params)
             self.gramian_route = "autogram" if closed >= AUTOGRAM_SHARE * total else "jacobian"
         return self.gramian_route
@@ -270,6 +281,13 @@ class Engine:
         if heads != "auto":
             return heads
         return self.method.heads or GRADIENT_METHOD_HEADS
+
+    def _reduced(self) -> list[Tensor]:
+        """What data-parallel steps average over ranks: ``reduce_params`` and the method's own
+        trainable parameters (uncertainty's log-variances), which a caller may leave out of them (each
+        rank's update of them then went its own way)."""
+        extra = [p for p in self.method.parameters() if p.requires_grad]
+        return _unique([*self.reduce_params, *extra]) if extra else self.reduce_params
 
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         """The method's learnable parameters (uncertainty log-variances, …): give them to the optimizer."""
@@ -326,7 +344,7 @@ class Engine:
             if extra_loss is not None:
                 (extra_loss * scale).backward()
             if self.comm is not None:
-                self.comm.mean_grads_(self.reduce_params)
+                self.comm.mean_grads_(self._reduced())
             return StepReport(index, (), torch.zeros(0), {t: 0.0 for t in losses}, self.compare, self.heads)
         if self._weights_losses and not diagnose and extra_loss is None and self.task_clip is None:
             return self._losses_step(losses, active, index, epoch, scale)
@@ -551,7 +569,7 @@ class Engine:
                 total = total + penalty
             accumulate(total * scale if scale != 1.0 else total)
         if self.comm is not None:
-            self.comm.mean_grads_(self.reduce_params)
+            self.comm.mean_grads_(self._reduced())
         if len(active) == len(losses):  # every task active, in the losses' order (active is drawn from it)
             weights = dict(zip(active, values))
         else:
@@ -688,7 +706,7 @@ class Engine:
                 torch.autograd.backward(head_total * scale, inputs=reached)
             if self.comm is not None:
                 theta = {id(p) for p in self.theta}
-                self.comm.mean_grads_([p for p in self.reduce_params if id(p) not in theta])
+                self.comm.mean_grads_([p for p in self._reduced() if id(p) not in theta])
             return
         if not split:
             accumulate(head_total * scale if scale != 1.0 else head_total)
@@ -713,7 +731,7 @@ class Engine:
             if shared:
                 torch.autograd.backward(shared_total * scale, inputs=shared)
         if self.comm is not None:
-            self.comm.mean_grads_(self.reduce_params)
+            self.comm.mean_grads_(self._reduced())
 
     def _can_fuse(self) -> bool:
         """Whether this step's task passes can also give the heads' gradients (see ``_fused_jacobian``)."""
@@ -965,6 +983,11 @@ class Engine:
 
 
 #: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
+def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """The tensors in their order, each once (by identity)."""
+    return list({id(t): t for t in tensors}.values())
+
+
 def _weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
     """wᵀL as one node (w·L as mul + sum takes two), in the losses' dtype or at least float32.
 

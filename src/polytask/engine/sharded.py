@@ -167,11 +167,12 @@ class ShardedEngine(Engine):
         total = (applied * vec).sum() if self.heads == "weighted" else (head.detach() * vec).sum()
         if update.penalty is not None:
             total = total + update.penalty
-        owned = {id(p) for p in self.reduce_params}
+        reduced = self._reduced()
+        owned = {id(p) for p in reduced}
         reached = [p for p in self._leaves(total, []) if id(p) in owned]
         if reached:
             torch.autograd.backward(total * scale, inputs=reached)
-        self.comm.mean_grads_(self.reduce_params)  # type: ignore[union-attr]
+        self.comm.mean_grads_(reduced)  # type: ignore[union-attr]
 
     @staticmethod
     def _add_grad(param: Tensor, values: Tensor) -> None:
