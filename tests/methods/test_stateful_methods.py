@@ -125,6 +125,29 @@ def test_famo_first_weights_and_state_round_trip():
     assert bool((method.logits[0] < method.logits[1]).item())  # the faster task loses weight
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_famo_a_non_finite_loss_leaves_its_state_as_a_missing_loss_would(bad):
+    """One NaN (or infinite) loss made every logit NaN for good, silently. It now moves no logit and
+    is not kept as the next step's "before": the state is the one a step without that task's loss
+    leaves, and the weights after it are finite."""
+    history = [[1.0, 2.0, 0.5], [0.8, 1.9, 0.45], [0.7, 1.8, 0.4], [0.6, 1.6, 0.38], [0.55, 1.5, 0.35]]
+    runs = []
+    for missing in (False, True):
+        method = build("famo", ABC, lr=0.1)
+        weights = []
+        for index, losses in enumerate(history):
+            if index == 2 and missing:
+                weights.append(w(method, [losses[1], losses[2]], tasks=("b", "c")))
+                continue
+            weights.append(w(method, [bad if index == 2 else losses[0], *losses[1:]], tasks=ABC))
+        runs.append((weights, {k: getattr(method, k).clone() for k in method.host_buffers}))
+    (weights, state), (_, without) = runs
+    for key, value in without.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert all(torch.isfinite(x).all() for x in weights[3:])
+    assert math.isfinite(float(state["logits"].sum()))
+
+
 # --- STCH, DTP, DB-MTL ------------------------------------------------------------------------------
 
 

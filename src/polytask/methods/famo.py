@@ -30,7 +30,9 @@ class FAMO(PerTaskMethod):
     Deviation: the paper (and its code) re-evaluates the losses on the *same* batch after the
     model update. The engine has no second forward pass, so "after" is the next step's losses (a
     different batch): δ includes batch-to-batch noise, and the logit update lags one step. Only
-    tasks active in two consecutive steps update their logits. Losses are floored at 1e-8. The
+    tasks active in two consecutive steps update their logits. Losses are floored at 1e-8. A NaN or
+    infinite loss leaves the state as it was (that step's weights are NaN, or 0 for an infinite loss,
+    as the formula gives; its gradient is not finite anyway), where it made every logit NaN for good. The
     state is kept on the host and the arithmetic on its T numbers in Python floats (float64), whatever
     the model's device.
     """
@@ -76,8 +78,11 @@ class FAMO(PerTaskMethod):
         losses = [max(x, EPS) for x in step.losses.tolist()]
         log, exp = math.log, math.exp
         # (row, δ) of the tasks active in the last step too: δ = log L(before) − log L(now)
+        # a NaN or infinite loss moves no logit and is not kept as "before" (NaN is kept: the next step's δ
+        # of that task is skipped too); it would make every logit NaN from then on
+        finite = math.isfinite
         moved = [(r, log(state[p + r]) - log(x)) for r, x in zip(rows, losses, strict=True)
-                 if not math.isnan(state[p + r])]
+                 if not math.isnan(state[p + r]) and finite(x)]
         if moved:
             top = max(state[r] for r, _ in moved)
             e = [exp(state[r] - top) for r, _ in moved]
@@ -94,7 +99,7 @@ class FAMO(PerTaskMethod):
         if len(rows) != n:  # only tasks active in consecutive steps update their logits
             state[p:p + n] = array(packed[1], [math.nan]) * n if packed is not None else [math.nan] * n
         for r, x in zip(rows, losses, strict=True):
-            state[p + r] = x
+            state[p + r] = x if finite(x) else math.nan
         if packed is None:
             self.store_host_values([state[k:k + n] for k in range(0, 5 * n, n)])
         top = max(state[r] for r in rows)
