@@ -5,6 +5,7 @@ method up from the first losses and the options it no longer takes."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 
@@ -283,6 +284,48 @@ def test_bad_weights_shape_is_reported():
     _, losses = model_losses(model, tasks, *data(2))
     with pytest.raises(pt.InvalidParameterError, match=r"shape \(5,\); expected \(2,\)"):
         pt.backward(losses, model.shared_parameters(), Wrong())
+
+
+@pytest.mark.parametrize("name", ["equal", "famo", "uncertainty", "upgrad", "pcgrad"])
+@pytest.mark.parametrize(("bad", "why"), [
+    (lambda loss: loss.detach(), r"loss of task 't1' does not require grad .*pass None"),
+    (lambda loss: loss.reshape(1), r"loss of task 't1' must be a scalar .*found shape \(1,\)"),
+    (lambda loss: loss.detach().item(), r"loss of task 't1' must be a scalar tensor or None; found float"),
+], ids=["detached", "shape (1,)", "float"])
+def test_a_bad_loss_is_one_clear_error_and_changes_nothing(name, bad, why):
+    """A loss without a gradient (torch's error, or none: a loss-weighting method weighted it and
+    trained nothing on it), not a scalar, or not a tensor: an error naming the task, before anything
+    is written (the gradients, the step counter and the method's state are as they were)."""
+    model, tasks = hard_sharing(2)
+    engine = Engine(name, model.shared_parameters())
+    _, losses = model_losses(model, tasks, *data(2))
+    engine.backward(losses)
+    before = ([p.grad.clone() for p in model.parameters()], engine.index, copy.deepcopy(engine.method.state_dict()))
+    _, losses = model_losses(model, tasks, *data(2, seed=1))
+    losses["t1"] = bad(losses["t1"])
+    with pytest.raises(pt.InvalidParameterError, match=why):
+        engine.backward(losses)
+    after = ([p.grad for p in model.parameters()], engine.index, engine.method.state_dict())
+    for a, b in zip(before[0], after[0], strict=True):
+        assert torch.equal(a, b)
+    assert before[1] == after[1]
+    assert_same_state(after[2], before[2])
+
+
+def assert_same_state(got, want) -> None:
+    """Nested state (dicts, lists, tensors, plain values) equal bit for bit, NaN equal to NaN."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_same_state(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert_same_state(a, b)
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert got == want or (got != got and want != want)
 
 
 def test_batched_jacobian_matches_loop_and_auto_picks_one():

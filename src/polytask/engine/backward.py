@@ -320,7 +320,8 @@ class Engine:
         """Accumulate the update into ``.grad``, advance the step counter and report the step.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
-        sample this step (it gets weight 0 and no gradient). ``features`` are the shared
+        sample this step (it gets weight 0 and no gradient). A loss that is not a scalar tensor with
+        a gradient is refused with an error naming the task, before anything is written. ``features`` are the shared
         representation tensors (needed by ``compare="features"``). ``extra_loss`` (e.g. a
         soft-sharing penalty) is added with weight 1. ``scale`` multiplies the total (a gradient
         scaler's loss scale, or gradient accumulation) without changing the weights: per-task
@@ -337,9 +338,14 @@ class Engine:
         self._private = None
         if not self.method.is_set_up:
             self.method.setup(list(losses))
-        index = self.index
-        self.index += 1
         active = tuple(t for t, v in losses.items() if v is not None)
+        parted = self.batch_parts > 1  # a loss per part of the batch: its shape is checked with the parts
+        for t in active:  # one clear error here, not autograd's (or none: a constant loss took a weight silently)
+            loss = losses[t]
+            if not isinstance(loss, Tensor) or (loss.dim() and not parted) or not loss.requires_grad:
+                raise _bad_loss(t, loss)
+        index = self.index  # counted once the losses are known good: a refused step changes nothing
+        self.index += 1
         if not active:
             if extra_loss is not None:
                 (extra_loss * scale).backward()
@@ -983,6 +989,19 @@ class Engine:
 
 
 #: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
+def _bad_loss(task: str, loss: Tensor) -> InvalidParameterError:
+    """The error for a task's loss that is not a scalar with a gradient."""
+    if not isinstance(loss, Tensor):
+        return InvalidParameterError(f"the loss of task '{task}' must be a scalar tensor or None; found "
+                                     f"{type(loss).__name__}")
+    if loss.dim():
+        return InvalidParameterError(f"the loss of task '{task}' must be a scalar (reduce it with .mean() or .sum()); "
+                                     f"found shape {tuple(loss.shape)}")
+    return InvalidParameterError(
+        f"the loss of task '{task}' does not require grad (it was computed under torch.no_grad, detached, or from no "
+        "parameter): it would train nothing; pass None for a task without a loss this step")
+
+
 def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
     """The tensors in their order, each once (by identity)."""
     return list({id(t): t for t in tensors}.values())
