@@ -320,9 +320,9 @@ class Engine:
         """Accumulate the update into ``.grad``, advance the step counter and report the step.
 
         ``losses`` maps every task to its scalar loss, or ``None`` when the task has no labelled
-        sample this step (it gets weight 0 and no gradient). A loss that is not a scalar tensor with
-        a gradient is refused with an error naming the task, before anything is written. ``features`` are the shared
-        representation tensors (needed by ``compare="features"``). ``extra_loss`` (e.g. a
+        sample this step (it gets weight 0 and no gradient); a loss that is not a scalar tensor with
+        a gradient is refused with an error naming the task, before anything is written.
+        ``features`` are the shared representation tensors (needed by ``compare="features"``). ``extra_loss`` (e.g. a
         soft-sharing penalty) is added with weight 1. ``scale`` multiplies the total (a gradient
         scaler's loss scale, or gradient accumulation) without changing the weights: per-task
         gradients are taken of the scaled losses (so fp16 gradients do not underflow) and
@@ -988,7 +988,6 @@ class Engine:
         return leaves
 
 
-#: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
 def _bad_loss(task: str, loss: Tensor) -> InvalidParameterError:
     """The error for a task's loss that is not a scalar with a gradient."""
     if not isinstance(loss, Tensor):
@@ -1018,6 +1017,7 @@ def _weighted_sum(weights: Tensor, losses: Tensor) -> Tensor:
     return torch.dot(weights.to(wide), losses.to(wide))
 
 
+#: the autograd node that writes a leaf's ``.grad`` (``.variable`` is the leaf)
 _ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 #: under ``gramian: auto``, the share of θ the no-J Gramian must form in closed form to be taken
