@@ -9,29 +9,36 @@ import torch
 from polytask.data import MultiOutputDataset
 from polytask.engine.comm import Communicator
 
-METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl"]
+#: ":rare": task b labelled on 6 rows of 96, trained with Adam (a head no rank has a gradient for must
+#: keep grad None, or Adam moves it)
+METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl", "equal:rare", "upgrad:rare"]
 
 
-def problem(seed: int = 0):
+def problem(seed: int = 0, rare: bool = False):
+    """Three tasks on 96 rows; task b labelled on ~70% of them, or (``rare``) on 6, so that most
+    steps have no b label on any rank."""
     import polytask as pt
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(96, 6, generator=g)
     targets = {"a": x[:, 0] * 2 + 0.1 * torch.randn(96, generator=g), "b": (x[:, 1] > 0).float(),
                "c": (x[:, 2] > x[:, 3]).long() + (x[:, 4] > 0).long()}
-    masks = {"b": torch.rand(96, generator=g) > 0.3}  # missing labels, unevenly spread over ranks
+    labelled = torch.rand(96, generator=g)
+    masks = {"b": labelled < 0.06 if rare else labelled > 0.3}  # missing labels, unevenly spread over ranks
     tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary"), pt.Task("c", kind="multiclass", num_classes=3)]
     return tasks, MultiOutputDataset(x, targets, masks)
 
 
-def train(method: str, steps: int = 4, device: str = "cpu"):
+def train(name: str, steps: int = 4, device: str = "cpu"):
     import polytask as pt
 
-    tasks, data = problem()
+    method, rare = name.split(":")[0], name.endswith(":rare")
+    tasks, data = problem(rare=rare)
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
-    trainer = pt.Trainer(model, tasks, method=method, loop={"epochs": 1, "batch_size": 20, "steps_per_epoch": steps}, optim={"lr": 0.05},
-                         run={"progress": False, "device": device})
+    loop = {"epochs": 1, "batch_size": 8} if rare else {"epochs": 1, "batch_size": 20, "steps_per_epoch": steps}
+    optim = {"optimizer": "adam", "lr": 0.01} if rare else {"lr": 0.05}
+    trainer = pt.Trainer(model, tasks, method=method, loop=loop, optim=optim, run={"progress": False, "device": device})
     trainer.fit(data)
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 

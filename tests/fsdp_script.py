@@ -20,20 +20,23 @@ from ddp_script import problem  # noqa: E402
 #: the FSDP units kept gathered through the per-task backward passes (ShardedEngine.keep_gathered), and
 #: upgrad on the last shared layer with unweighted heads (the layers below get Σ wᵢ∇Lᵢ, the heads Σ ∇Lᵢ)
 METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
-           "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}}
+           "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}, "upgrad:rare": {}}
+#: ":rare": task b labelled on 6 rows of 96, with Adam: a head no task reached keeps grad None
 STEPS = 3
 
 
 def build(name: str, distributed: str = "ddp", steps: int = STEPS, epochs: int = 1, **kwargs):
     import polytask as pt
 
-    method = name.split(":")[0]
-    tasks, data = problem()
+    method, rare = name.split(":")[0], name.endswith(":rare")
+    tasks, data = problem(rare=rare)
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
     clip = {"per_task": 0.5} if name.endswith(":clip") else {}
-    return pt.Trainer(model, tasks, method=method, loop={"epochs": epochs, "batch_size": 20, "steps_per_epoch": steps},
-                      optim={"lr": 0.05, "clip": clip}, engine=METHODS.get(name, {}),
+    loop = ({"epochs": epochs, "batch_size": 8} if rare else
+            {"epochs": epochs, "batch_size": 20, "steps_per_epoch": steps})
+    optim = {"optimizer": "adam", "lr": 0.01} if rare else {"lr": 0.05, "clip": clip}
+    return pt.Trainer(model, tasks, method=method, loop=loop, optim=optim, engine=METHODS.get(name, {}),
                       run={"progress": False, "distributed": distributed}, **kwargs), data
 
 

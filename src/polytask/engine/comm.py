@@ -56,16 +56,21 @@ class Communicator:
         return self.sum_(tensor).div_(self.world_size)
 
     def mean_grads_(self, params: Sequence[Tensor]) -> None:
-        """Average ``.grad`` of ``params`` across ranks in one flat all-reduce (missing grads as 0)."""
+        """Average ``.grad`` of ``params`` across ranks in one flat all-reduce (a missing grad counts
+        as 0). A parameter no rank has a gradient for keeps ``grad = None``, as in one process: a zero
+        gradient would still move it under momentum or Adam (and count an Adam step). Whether each
+        rank has one travels in the same all-reduce, one value per parameter."""
         params = [p for p in params if p.requires_grad]
         if not params:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        has = [p.grad is not None for p in params]
+        flat = torch.cat([*((p.grad if h else torch.zeros_like(p)).reshape(-1) for p, h in zip(params, has, strict=True)),
+                          torch.tensor(has, dtype=params[0].dtype, device=params[0].device)])
         self.mean_(flat)
-        offset = 0
-        for p in params:
+        offset, reached = 0, flat[-len(params):].tolist()
+        for p, anyone in zip(params, reached, strict=True):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset:offset + n].view_as(p).clone() if anyone > 0 else None
             offset += n
 
     def broadcast_object(self, obj: object) -> object:

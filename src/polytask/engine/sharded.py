@@ -102,6 +102,9 @@ class ShardedEngine(Engine):
         self.n_theta = sum(n for p, n in zip(self.order, self.sizes, strict=True) if id(p) in theta)
         self.n_shared = sum(n for p, n in zip(self.order, self.sizes, strict=True) if id(p) in shared)
         self._rest: list[Tensor] = []  # the non-θ columns of each Jacobian taken this step
+        #: per parameter of ``order``: whether any task's pass this step reached it (FSDP reduces the passes'
+        #: gradients, so every rank agrees); one that none reached keeps grad None, as in one process
+        self._reached: list[bool] | None = None
         self.keep_gathered = list(keep_gathered)
 
     # ---------------------------------------------------------------- the hooks of Engine.backward
@@ -109,6 +112,7 @@ class ShardedEngine(Engine):
         if computer is not self.jacobian:  # J_z on the features: activations, not sharded
             return super()._jacobian(computer, parts, inputs, scale)
         rows = torch.empty(len(parts), sum(self.sizes), dtype=self.order[0].dtype, device=self.order[0].device)
+        reached = self._reached or [False] * len(self.order)
         for i, loss in enumerate(parts):
             for p in self.order:
                 p.grad = None
@@ -117,13 +121,15 @@ class ShardedEngine(Engine):
                 unit.set_reshard_after_backward(last)  # type: ignore[operator]
             (loss * scale if scale != 1.0 else loss).backward(retain_graph=True)
             offset = 0
-            for p, n in zip(self.order, self.sizes, strict=True):
+            for k, (p, n) in enumerate(zip(self.order, self.sizes, strict=True)):
                 segment = rows[i, offset:offset + n]
                 if p.grad is None:  # this task's loss does not reach p (another task's head)
                     segment.zero_()
                 else:
                     segment.copy_(local_shard(p.grad).reshape(-1))
+                    reached[k] = True
                 offset += n
+        self._reached = reached
         for p in self.order:
             p.grad = None
         for unit in self.keep_gathered:  # a unit the last task's backward did not reach is still gathered
@@ -145,6 +151,7 @@ class ShardedEngine(Engine):
                feature_jacobian: list[Tensor] | None, extra_loss: Tensor | None, scale: float,
                clip: Tensor | None, use_direction: bool) -> None:
         rest, self._rest = self._rest, []
+        reached, self._reached = self._reached, None
         if jacobian is None or not self.theta:
             # no J this step (loss methods, features): one ordinary backward, FSDP reduces it
             super()._apply(vec, applied, update, jacobian, feature_jacobian, extra_loss, scale, clip, use_direction)
@@ -160,8 +167,9 @@ class ShardedEngine(Engine):
                           head.detach().to(jacobian.dtype) @ others[:, self.n_shared - self.n_theta:]]) * scale
         offset = 0
         with torch.no_grad():
-            for p, n in zip(self.order, self.sizes, strict=True):
-                self._add_grad(p, flat[offset:offset + n])
+            for k, (p, n) in enumerate(zip(self.order, self.sizes, strict=True)):
+                if reached is None or reached[k]:  # a zero gradient would still move it under momentum or Adam
+                    self._add_grad(p, flat[offset:offset + n])
                 offset += n
         # a method's own parameters (weights that learn, a penalty) are reached by the total too
         total = (applied * vec).sum() if self.heads == "weighted" else (head.detach() * vec).sum()
