@@ -10,20 +10,21 @@ from polytask.data import MultiOutputDataset
 from polytask.engine.comm import Communicator
 
 #: ":rare": task b labelled on 6 rows of 96, trained with Adam (a head no rank has a gradient for must
-#: keep grad None, or Adam moves it)
-METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl", "equal:rare", "upgrad:rare"]
+#: keep grad None, or Adam moves it); ":uneven": 97 rows in batches of 32, so the last batch has one row
+#: and one rank none (its mean loss was NaN)
+METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl", "equal:rare", "upgrad:rare", "upgrad:uneven"]
 
 
-def problem(seed: int = 0, rare: bool = False):
-    """Three tasks on 96 rows; task b labelled on ~70% of them, or (``rare``) on 6, so that most
-    steps have no b label on any rank."""
+def problem(seed: int = 0, rare: bool = False, rows: int = 96):
+    """Three tasks on ``rows`` rows; task b labelled on ~70% of them, or (``rare``) on ~6%, so that
+    most steps have no b label on any rank."""
     import polytask as pt
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(96, 6, generator=g)
-    targets = {"a": x[:, 0] * 2 + 0.1 * torch.randn(96, generator=g), "b": (x[:, 1] > 0).float(),
+    x = torch.randn(rows, 6, generator=g)
+    targets = {"a": x[:, 0] * 2 + 0.1 * torch.randn(rows, generator=g), "b": (x[:, 1] > 0).float(),
                "c": (x[:, 2] > x[:, 3]).long() + (x[:, 4] > 0).long()}
-    labelled = torch.rand(96, generator=g)
+    labelled = torch.rand(rows, generator=g)
     masks = {"b": labelled < 0.06 if rare else labelled > 0.3}  # missing labels, unevenly spread over ranks
     tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary"), pt.Task("c", kind="multiclass", num_classes=3)]
     return tasks, MultiOutputDataset(x, targets, masks)
@@ -32,11 +33,12 @@ def problem(seed: int = 0, rare: bool = False):
 def train(name: str, steps: int = 4, device: str = "cpu"):
     import polytask as pt
 
-    method, rare = name.split(":")[0], name.endswith(":rare")
-    tasks, data = problem(rare=rare)
+    method, rare, uneven = name.split(":")[0], name.endswith(":rare"), name.endswith(":uneven")
+    tasks, data = problem(rare=rare, rows=97 if uneven else 96)
     torch.manual_seed(1)
     model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
-    loop = {"epochs": 1, "batch_size": 8} if rare else {"epochs": 1, "batch_size": 20, "steps_per_epoch": steps}
+    loop = ({"epochs": 1, "batch_size": 8} if rare else {"epochs": 1, "batch_size": 32} if uneven
+            else {"epochs": 1, "batch_size": 20, "steps_per_epoch": steps})
     optim = {"optimizer": "adam", "lr": 0.01} if rare else {"lr": 0.05}
     trainer = pt.Trainer(model, tasks, method=method, loop=loop, optim=optim, run={"progress": False, "device": device})
     trainer.fit(data)

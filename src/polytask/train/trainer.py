@@ -495,8 +495,11 @@ class Trainer:
                     losses[t] = self._task(t).loss(outputs[t], batch.targets[t], mask)
                     if distributed:  # the counts rescale each rank's loss; one process needs none (and no sync)
                         counts[t] = len(batch) if mask is None else int(mask.sum())
-                        if losses[t] is None:
-                            losses[t] = outputs[t].sum() * 0.0  # keeps this rank's graph like the others'
+                        # no labelled row here (a last batch smaller than the world has none on some rank:
+                        # its mean loss is NaN, which a factor of 0 keeps NaN): a zero that keeps this
+                        # rank's graph like the others'
+                        if losses[t] is None or counts[t] == 0:
+                            losses[t] = outputs[t].sum() * 0.0
             features.append(z)
             self.metrics.update(outputs, batch.targets, batch.masks, {t: losses[t] for t in tasks})
             for objective in self.objectives:  # after the metrics: they report the tasks' own losses
