@@ -24,11 +24,24 @@ def _trainer(**optim) -> pt.Trainer:
     return pt.Trainer(model, TASKS, loop={"epochs": 2, "batch_size": 32}, optim=optim, run={"progress": False}, seed=0)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
-def test_fused_where_torch_has_it_unless_told(name):
+@pytest.mark.parametrize(("name", "momentum"), [("adam", 0.9), ("adamw", 0.9), ("sgd", 0.0)])
+def test_fused_where_torch_has_it_unless_told(name, momentum):
     params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
-    assert build_optimizer(name, [{"params": params}], lr=0.1).defaults["fused"] is True
-    assert not build_optimizer(name, [{"params": params}], lr=0.1, fused=False).defaults["fused"]
+    assert build_optimizer(name, [{"params": params}], lr=0.1, momentum=momentum).defaults["fused"] is True
+    assert not build_optimizer(name, [{"params": params}], lr=0.1, momentum=momentum, fused=False).defaults["fused"]
+
+
+def test_sgd_with_momentum_is_not_fused_and_takes_a_head_whose_labels_come_late():
+    """torch's fused SGD with momentum raises a TypeError on the step where a parameter gets its first
+    gradient after a step without one (a task whose first labelled batch is not the first)."""
+    trunk, head = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    optimizer = build_optimizer("sgd", [{"params": [trunk, head]}], lr=0.1, momentum=0.9)
+    assert not optimizer.defaults["fused"]
+    trunk.grad = torch.ones(2)
+    optimizer.step()  # the head's task had no label in this batch
+    trunk.grad, head.grad = torch.ones(2), torch.ones(2)
+    optimizer.step()
+    assert head.tolist() == pytest.approx([0.9, 0.9])
 
 
 def test_fusable_needs_floating_tensors_on_one_kind_of_device():

@@ -50,11 +50,15 @@ def parameter_groups(model: MultiTaskModel, tasks: Sequence[Task], extra: Iterab
 def build_optimizer(name: str, groups: list[dict], *, lr: float, momentum: float = 0.9,
                     fused: bool | None = None) -> torch.optim.Optimizer:
     """``name``'s torch optimiser over ``groups``; ``fused`` None: its fused kernel where torch has
-    one for these parameters (:func:`fusable`), torch's default implementation elsewhere."""
+    one for these parameters (:func:`fusable`) and it takes parameters that start late (not SGD with
+    momentum), torch's default implementation elsewhere."""
     if name not in OPTIMIZERS:
         raise InvalidParameterError(f"unknown optimizer '{name}'.{closest(name, OPTIMIZERS)} Valid: {', '.join(OPTIMIZERS)}")
     if fused is None:
-        fused = fusable([p for group in groups for p in group["params"]])
+        # not SGD with momentum: torch's fused SGD fails (TypeError) when a parameter gets its first
+        # gradient after a step that skipped it (a head whose task's first labels come late), as
+        # torch 2.13's kernel expects a momentum buffer for every parameter with a gradient
+        fused = fusable([p for group in groups for p in group["params"]]) and not (name == "sgd" and momentum)
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
     extra = {"momentum": momentum} if name == "sgd" else {}
     # fused=None, not False, when not fused: torch then picks its own default (foreach on a GPU)
