@@ -138,6 +138,35 @@ def test_the_learning_rate_schedule_steps_once_an_epoch(tmp_path, one_thread):
         torch.testing.assert_close(got, want)
 
 
+class FirstBatchOnly(Rows):
+    """Task b labelled in the first batch of 32 only (the loader below does not shuffle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.known = torch.arange(len(self.x)) < 32
+
+
+def test_a_tasks_weight_is_logged_on_the_steps_it_has_a_loss(tmp_path, one_thread):
+    """A step without b's labels logged b's weight as 0, so its epoch mean was 0.25 (the Trainer's is
+    the mean over the steps with a loss: 1 here)."""
+    module = MultiTaskModule(model(), method="equal", optim=OPTIM)
+    lightning_trainer(tmp_path, epochs=1).fit(module, DataLoader(FirstBatchOnly(), batch_size=32))
+    logged = pd.read_csv(tmp_path / "l" / "version_0" / "metrics.csv")
+    # (Lightning's CSV rows repeat a step value not logged again; the epoch's mean is over the logged ones)
+    assert logged["train/weight/b_epoch"].dropna().tolist() == [1.0]
+    assert logged["train/weight/a_epoch"].dropna().tolist() == [1.0]
+    assert logged["train/loss/b_epoch"].dropna().tolist() == pytest.approx(logged["train/loss/b_step"].iloc[:1].tolist())
+
+
+def test_cosine_without_max_epochs_is_refused(tmp_path, one_thread):
+    """Its period is the run's epochs; with max_steps alone it annealed to 0 and back every epoch."""
+    module = MultiTaskModule(model(), method="equal", optim={**OPTIM, "scheduler": "cosine"})
+    trainer = pl.Trainer(max_steps=20, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(InvalidParameterError, match="'cosine' anneals over the run's epochs.*max_epochs"):
+        trainer.fit(module, loader())
+
+
 def test_engine_state_is_in_lightnings_checkpoint_and_resumes(tmp_path, one_thread):
     straight = MultiTaskModule(model(), method="famo", optim=OPTIM)
     lightning_trainer(tmp_path / "s", epochs=4).fit(straight, loader())

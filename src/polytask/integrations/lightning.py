@@ -133,8 +133,13 @@ class MultiTaskModule(pl.LightningModule):
         o = self.optim_options
         groups = parameter_groups(self.model, self.tasks, self.method.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         optimizer = build_optimizer(o.optimizer, groups, lr=o.lr, momentum=o.momentum, fused=o.fused)
-        epochs = self.trainer.max_epochs if self.trainer is not None and self.trainer.max_epochs else 1
-        scheduler = build_scheduler(o.scheduler, optimizer, epochs=epochs)
+        epochs = self.trainer.max_epochs if self.trainer is not None else None
+        if o.scheduler == "cosine" and (epochs is None or epochs < 1):
+            # its period is the run's epochs (it steps once an epoch): without max_epochs it would be 1
+            raise InvalidParameterError("optim.scheduler 'cosine' anneals over the run's epochs: give the "
+                                        "lightning.Trainer max_epochs (found max_epochs="
+                                        f"{epochs!r}), or use scheduler 'step' or 'exponential'")
+        scheduler = build_scheduler(o.scheduler, optimizer, epochs=epochs if epochs and epochs > 0 else 1)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------------------ the step
@@ -166,6 +171,7 @@ class MultiTaskModule(pl.LightningModule):
             if loss is not None:
                 self._epoch_loss[t] = self._epoch_loss.get(t, 0.0) + float(loss.detach()) * counts[t]
                 self._epoch_count[t] = self._epoch_count.get(t, 0) + counts[t]
+        present = {t: v.detach() for t, v in losses.items() if v is not None}  # this rank's own losses, logged
         if self.engine.comm is not None:
             losses = self._rank_weighted(losses, counts)
         optimizer = self.optimizers()
@@ -185,9 +191,10 @@ class MultiTaskModule(pl.LightningModule):
         if clip.norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip.norm * scale)
         optimizer.step()
-        present = {t: v.detach() for t, v in losses.items() if v is not None}
+        # the tasks' own losses (not the rank-weighted ones the engine takes under DDP), and the weights of
+        # the tasks that had a loss this step: an epoch's mean weight is over those steps, as the Trainer's
         logged = {f"train/loss/{t}": v for t, v in present.items()}
-        logged |= {f"train/weight/{t}": float(w) for t, w in report.weights.items()}
+        logged |= {f"train/weight/{t}": report.weights[t] for t in report.tasks}
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=True, batch_size=len(data))
 
