@@ -75,6 +75,22 @@ def log_variances_left_out(comm: Communicator) -> dict[str, torch.Tensor]:
     return out
 
 
+def labels_on_one_rank() -> dict:
+    """``evaluate`` on data whose task b is labelled on even rows only: under 2 ranks (strided shards)
+    every b label is on rank 0. The rank without labels skipped the metrics' compute, a collective,
+    and the other waited for good; then torchmetrics' empty float32 lists aborted gloo."""
+    import polytask as pt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    data = MultiOutputDataset(x, {"a": x[:, 0], "b": (x[:, 1] > 0).float()}, {"b": torch.arange(64) % 2 == 0})
+    tasks = [pt.Task("a", kind="regression"), pt.Task("b", kind="binary")]
+    torch.manual_seed(1)
+    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[8]), tasks)
+    trainer = pt.Trainer(model, tasks, method="equal", loop={"epochs": 1, "batch_size": 64}, run={"progress": False})
+    return trainer.evaluate(data)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     results = {}
@@ -85,6 +101,9 @@ if __name__ == "__main__":
     comm = Communicator.from_env(torch.device("cpu"))
     if comm is not None:
         results.update(log_variances_left_out(comm))
+        every_rank: list = [None] * comm.world_size
+        torch.distributed.all_gather_object(every_rank, labels_on_one_rank())
+        results["evaluate:labels_on_one_rank"] = every_rank
     if comm is None or comm.is_main:
         torch.save(results, sys.argv[1])
     if torch.distributed.is_initialized():  # gloo's threads must stop before exit, or a rank can abort at shutdown

@@ -67,6 +67,15 @@ def test_a_methods_own_parameters_are_averaged_over_ranks_even_if_left_out(ddp_r
     assert not torch.equal(ranks[0], torch.zeros(2))
 
 
+def test_a_task_labelled_on_one_rank_only_is_evaluated_on_every_rank(ddp_results):
+    """Every rank gets the one process's metrics of a task whose labels all sit on rank 0 (it hung)."""
+    single = ddp_script.labels_on_one_rank()
+    for values in ddp_results["evaluate:labels_on_one_rank"]:
+        assert values.keys() == single.keys()
+        for task in single:
+            assert values[task] == pytest.approx(single[task], rel=1e-5), task
+
+
 def test_gramian_methods_send_the_jacobian(ddp_results):
     params = sum(v.numel() for k, v in ddp_results["equal"].items() if k.startswith("encoder"))
     # loss methods send the gradient once (+ T losses); Gramian methods also send J (T×P on θ)

@@ -124,12 +124,34 @@ class TaskMetrics:
         rows = torch.tensor(self._loss_rows[name], dtype=values.dtype, device=values.device)
         return list((values * rows).unbind())
 
+    def _empty_update(self, name: str) -> None:
+        """Give ``name``'s metrics that keep lists of samples (AUROC's predictions and targets) an
+        empty entry in the dtypes the other ranks' entries have. Why: torchmetrics gathers a rank's
+        empty list as float32, which does not gather with another rank's int64 targets (gloo aborts
+        the run); its metrics do not take an update of no sample (a reshape of 0 elements fails).
+        Metrics that keep sums gather their zeros as they are."""
+        group = self.metrics[name]
+        rows = _empty_rows(self.tasks[name], next(iter(group.values())).device)
+        if rows is None:
+            return
+        pred, target = rows
+        for metric in group.values():
+            for attr in metric._reductions:
+                value = getattr(metric, attr)
+                if isinstance(value, list) and not value:
+                    value.append(target if attr == "target" else pred)
+
     def compute(self) -> dict[str, dict[str, float]]:
         """Epoch values; under torch.distributed, summed over ranks (torchmetrics syncs itself)."""
         self._flush()
         names = list(self.metrics)
+        # per task: Σ Lᵢnᵢ, Σ nᵢ, the metrics' updates and R²'s samples. Summed over ranks before anything is
+        # decided from them: a metric's compute is a collective, so every rank must call it or none
+        # (a task labelled on one rank only had the other rank skip it, and the first waited for good)
         sums = torch.tensor([[float(torch.stack(self._loss_sums(t)).sum()) if self._losses[t] else 0.0,
-                              float(self._loss_n[t])] for t in names], dtype=torch.float64)
+                              float(self._loss_n[t]), float(sum(m.update_count for m in self.metrics[t].values())),
+                              float(sum(int(m.total) for m in self.metrics[t].values() if isinstance(m, R2Score)))]
+                             for t in names], dtype=torch.float64).reshape(len(names), 4)
         if dist.is_available() and dist.is_initialized():
             all_reduce_sum_(sums)
         out: dict[str, dict[str, float]] = {}
@@ -137,14 +159,28 @@ class TaskMetrics:
             values: dict[str, float] = {}
             if sums[i, 1] > 0:
                 values["loss"] = float(sums[i, 0] / sums[i, 1])
-            if any(m.update_count for m in group.values()):
+            if sums[i, 2] > 0:
+                if not any(m.update_count for m in group.values()):
+                    self._empty_update(name)
                 for metric_name, metric in group.items():
-                    if isinstance(metric, R2Score) and int(metric.total) < 2:
+                    if isinstance(metric, R2Score) and int(sums[i, 3]) < 2:
                         values[metric_name] = float("nan")  # R² is undefined for fewer than two samples
                         continue
                     values[metric_name] = float(metric.compute())
             out[name] = values
         return out
+
+
+def _empty_rows(task: Task, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """Predictions and targets of no sample, in the shapes and dtypes the tracker hands ``task``'s
+    metrics (None for a kind it does not track this way)."""
+    if task.kind not in ("regression", "binary", "multiclass", "multilabel"):
+        return None
+    wide = task.kind in ("multiclass", "multilabel")
+    pred = torch.zeros((0, task.num_classes) if wide else (0,), device=device)
+    target = torch.zeros((0, task.num_classes) if task.kind == "multilabel" else (0,), device=device,
+                         dtype=torch.float32 if task.kind == "regression" else torch.long)
+    return pred, target
 
 
 def _unchecked(metric: torchmetrics.Metric) -> torchmetrics.Metric:
