@@ -239,6 +239,16 @@ def test_fp16_with_the_gradient_scaler_skips_overflowing_steps_and_trains(method
     assert trainer.scaler.get_scale() >= 2.0 ** 8
 
 
+def test_fp16_steps_the_scaler_skips_leave_the_methods_state_as_it_was():
+    """Every step overflows (2^127 halved on each of 36 steps is still past fp16): FAMO's state stays its first."""
+    trainer, data = fp16_trainer("famo", 2.0 ** 127)
+    trainer.scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 127, growth_interval=10 ** 6)
+    trainer.fit(data)
+    assert trainer.scaler.get_scale() < 2.0 ** 127
+    assert torch.equal(trainer.engine.method.logits.cpu(), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(trainer.engine.method.adam_steps.cpu(), torch.zeros(3, dtype=torch.float64))
+
+
 def run_lightning(out: Path, precision: str) -> dict[str, torch.Tensor]:
     done = subprocess.run([sys.executable, str(HERE / "lightning_script.py"), str(out), "1", "upgrad", precision, "gpu"],
                           capture_output=True, text=True, timeout=600)

@@ -167,6 +167,22 @@ def test_cosine_without_max_epochs_is_refused(tmp_path, one_thread):
         trainer.fit(module, loader())
 
 
+def test_steps_the_scaler_skips_leave_the_methods_state_as_it_was(tmp_path, one_thread):
+    """fp16 with a loss scale so large that every step overflows: the scaler skips each, and FAMO's
+    logits and Adam moments stay where they were (they learned from two losses of one model)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = MultiTaskModule(model(), method="famo", optim=OPTIM)
+    module.method.setup(module.names)
+    before = {k: v.clone() for k, v in module.method.state_dict().items() if isinstance(v, torch.Tensor)}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
+    lightning_trainer(tmp_path, epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(module, loader())
+    assert scaler.get_scale() < 2.0 ** 127  # it overflowed and halved
+    after = module.method.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
 def test_engine_state_is_in_lightnings_checkpoint_and_resumes(tmp_path, one_thread):
     straight = MultiTaskModule(model(), method="famo", optim=OPTIM)
     lightning_trainer(tmp_path / "s", epochs=4).fit(straight, loader())

@@ -34,6 +34,7 @@ Needs ``pip install 'polytask[lightning]'``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -180,8 +181,14 @@ class MultiTaskModule(pl.LightningModule):
         # through scaler.scale, not get_scale: the scaler makes its scale tensor on its first scale call,
         # and its unscale_ in optimizer.step fails without one (the engine scales the losses itself)
         scale = float(scaler.scale(torch.ones((), device=self.device))) if scaler is not None else 1.0
+        # a step the scaler will skip (its gradients overflowed) must leave the method as it was: FAMO's
+        # logits would learn from two losses of one model
+        snapshot = copy.deepcopy(self.engine.state_dict()) if scaler is not None else None
         report = self.engine.backward(losses, features=features, epoch=self.current_epoch,
                                       extra_loss=self.model.extra_loss(), scale=scale)
+        if snapshot is not None and not all(torch.isfinite(p.grad).all() for p in self.model.parameters()
+                                            if p.grad is not None):
+            self.engine.load_state_dict(snapshot)
         # as polytask's Trainer clips: the model's parameters (not a method's own, such as uncertainty's
         # log-variances), by value and then by norm; in the scaled units the .grad are in (the scaler
         # unscales in optimizer.step), which clips exactly as in true units

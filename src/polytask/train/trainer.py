@@ -374,8 +374,10 @@ class Trainer:
         bad = [t for t, v in loss_values.items() if v is not None and not math.isfinite(v)]
         if bad and self.health.non_finite_losses(self.step_index, bad):
             return TrainStep(self.step_index, self.epoch, loss_values, {t: 0.0 for t in losses}, None, False)
-        # with policy "skip", a dropped step must leave the method exactly as it was
-        snapshot = copy.deepcopy(self.engine.state_dict()) if self.health_options.policy == "skip" else None
+        # with policy "skip", a dropped step must leave the method exactly as it was; so must an fp16 step the
+        # scaler skips (its gradients overflowed): FAMO's logits would learn from two losses of one model
+        snapshot = (copy.deepcopy(self.engine.state_dict())
+                    if self.health_options.policy == "skip" or self.scaler is not None else None)
         self._zero_grads()
         report = self.engine.backward(losses, features=features, epoch=self.epoch, extra_loss=self.model.extra_loss(),
                                       scale=self._loss_scale(),
@@ -387,6 +389,8 @@ class Trainer:
         # overflowing fp16 steps are the scaler's to skip; look only at finite ones
         overflow = self.scaler is not None and not all(
             torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
+        if overflow and snapshot is not None:
+            self.engine.load_state_dict(snapshot)
         if not overflow and self.health.check(self.step_index, report.tasks, report.gramian, report.task_norms):
             self._zero_grads()
             if snapshot is not None:
