@@ -183,6 +183,26 @@ def test_steps_the_scaler_skips_leave_the_methods_state_as_it_was(tmp_path, one_
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
+def test_a_checkpoint_in_the_middle_of_an_epoch_keeps_the_epochs_losses_so_far(tmp_path, one_thread):
+    """The method's end-of-epoch hook (DWA) reads the epoch's mean training losses: a run resumed from a
+    checkpoint saved mid-epoch had only the batches after it."""
+    module = MultiTaskModule(model(), method="dwa", optim=OPTIM)
+    trainer = lightning_trainer(tmp_path, epochs=1, limit_train_batches=2)
+    trainer.fit(module, loader())
+    module._epoch_loss, module._epoch_count = {"a": 6.0, "b": 1.5}, {"a": 64, "b": 48}  # two batches in
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = MultiTaskModule(model(), method="dwa", optim=OPTIM)
+    resumed.on_load_checkpoint(torch.load(_saved(checkpoint, tmp_path), weights_only=False))
+    assert resumed._epoch_loss == {"a": 6.0, "b": 1.5} and resumed._epoch_count == {"a": 64, "b": 48}
+
+
+def _saved(checkpoint: dict, folder: Path) -> Path:
+    path = folder / "mid.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
 def test_engine_state_is_in_lightnings_checkpoint_and_resumes(tmp_path, one_thread):
     straight = MultiTaskModule(model(), method="famo", optim=OPTIM)
     lightning_trainer(tmp_path / "s", epochs=4).fit(straight, loader())

@@ -270,8 +270,16 @@ class MultiTaskModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None:
             checkpoint["polytask_engine"] = self.engine.state_dict()
+        # the epoch so far, for the method's end-of-epoch hook after a resume from the middle of an epoch
+        # (this rank's sums: under DDP, rank 0's, which Lightning writes)
+        checkpoint["polytask_epoch"] = {"loss": dict(self._epoch_loss), "count": dict(self._epoch_count),
+                                        "val": self._last_val}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        epoch = checkpoint.get("polytask_epoch")
+        if epoch is not None:
+            self._epoch_loss, self._epoch_count = dict(epoch["loss"]), dict(epoch["count"])
+            self._last_val = epoch["val"]
         state = checkpoint.get("polytask_engine")
         if state is None:
             return
