@@ -67,7 +67,9 @@ class Communicator:
         flat = torch.cat([*((p.grad if h else torch.zeros_like(p)).reshape(-1) for p, h in zip(params, has, strict=True)),
                           torch.tensor(has, dtype=params[0].dtype, device=params[0].device)])
         self.mean_(flat)
-        offset, reached = 0, flat[-len(params):].tolist()
+        # read back (a device sync) only where this rank lacks a gradient: where it has one, some rank does
+        reached = has if all(has) else flat[-len(params):].tolist()
+        offset = 0
         for p, anyone in zip(params, reached, strict=True):
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone() if anyone > 0 else None
