@@ -76,6 +76,14 @@ def test_a_task_labelled_on_one_rank_only_is_evaluated_on_every_rank(ddp_results
             assert values[task] == pytest.approx(single[task], rel=1e-5), task
 
 
+def test_a_run_resumed_mid_epoch_keeps_every_ranks_share_of_the_epoch(ddp_results, tmp_path):
+    """DWA reads the epochs' mean training losses: after a resume from a mid-epoch checkpoint they are
+    the one process's, so are the parameters."""
+    torch.set_num_threads(1)
+    single = ddp_script.dwa_resumed_mid_epoch(tmp_path / "single")
+    assert_same_state(ddp_results["dwa:resumed"], single, "dwa resumed")
+
+
 def test_gramian_methods_send_the_jacobian(ddp_results):
     params = sum(v.numel() for k, v in ddp_results["equal"].items() if k.startswith("encoder"))
     # loss methods send the gradient once (+ T losses); Gramian methods also send J (T×P on θ)

@@ -148,6 +148,7 @@ class Trainer:
         if self.sharded:
             fsdp.shard_model(self.model)
         self._gathered: tuple[dict[str, Tensor], dict[str, Any] | None] | None = None  # full state under FSDP
+        self._rank_metrics: list[Any] | None = None  # every rank's partial epoch metrics, for a mid-epoch checkpoint
         self.method: Method = _build(METHODS, method, Method, "method")
         self.method.to(self.device)
         self.method_name = getattr(type(self.method), "registry_name", type(self.method).__name__)
@@ -341,9 +342,14 @@ class Trainer:
             every = self.loop.checkpoint_every
             if self.sharded and every and self.epoch_step % every == 0:
                 self._gathered = fsdp.full_state(self.model, self.optimizer)  # collective: rank 0 may checkpoint now
+            if self.comm is not None and every and self.epoch_step % every == 0:
+                # collective: every rank's share of the epoch's metrics so far goes into rank 0's checkpoint
+                ranks: list[Any] = [None] * self.comm.world_size
+                torch.distributed.all_gather_object(ranks, self.metrics.state_dict())
+                self._rank_metrics = ranks
             for callback in self.callbacks:
                 callback.on_step_end(self, step)
-            self._gathered = None
+            self._gathered = self._rank_metrics = None
         bar.close()
         self.epoch_step = 0
         computed = self.metrics.compute()
@@ -729,7 +735,8 @@ class Trainer:
                     "sampler": self.sampler_generator.get_state(), "schedule": self.schedule_generator.get_state()},
             "epoch_step": self.epoch_step, "epoch_rng": dict(self.epoch_rng),
             "weight_sums": dict(self.weight_sums), "weight_counts": dict(self.weight_counts),
-            "train_metrics": self.metrics.state_dict(), "health": self.health.state_dict(),
+            "train_metrics": self.metrics.state_dict(), "train_metrics_by_rank": self._rank_metrics,
+            "health": self.health.state_dict(),
             "epoch": self.epoch, "step": self.step_index, "best": dict(self.best), "bad_epochs": self.bad_epochs,
             "history": list(self.history), "train_seconds": self.train_seconds + self._segment(),
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
@@ -755,9 +762,12 @@ class Trainer:
         self.schedule_generator.set_state(state["rng"]["schedule"])
         self.epoch_step, self.epoch_rng = state["epoch_step"], dict(state["epoch_rng"])
         self.weight_sums, self.weight_counts = dict(state["weight_sums"]), dict(state["weight_counts"])
-        if self.is_main:
+        by_rank = state.get("train_metrics_by_rank")
+        if self.comm is not None and by_rank is not None and len(by_rank) == self.comm.world_size:
+            self.metrics.load_state_dict(by_rank[self.comm.rank])  # each rank its own share of the epoch so far
+        elif self.is_main:
             self.metrics.load_state_dict(state["train_metrics"])
-        else:  # rank 0's partial-epoch metrics are in the file; the other ranks restart theirs
+        else:  # only rank 0's partial-epoch metrics are in the file (another world size): the others restart
             self.metrics.reset()
         self.health.load_state_dict(state["health"])
         self.epoch, self.step_index = state["epoch"], state["step"]
