@@ -12,7 +12,45 @@ from polytask.engine.comm import Communicator
 #: ":rare": task b labelled on 6 rows of 96, trained with Adam (a head no rank has a gradient for must
 #: keep grad None, or Adam moves it); ":uneven": 97 rows in batches of 32, so the last batch has one row
 #: and one rank none (its mean loss was NaN)
-METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl", "equal:rare", "upgrad:rare", "upgrad:uneven"]
+METHODS = ["equal", "uncertainty", "pcgrad", "mgda", "nash_mtl", "equal:rare", "upgrad:rare", "upgrad:uneven",
+           "pcgrad:hooks", "uncertainty:hooks"]
+#: ":hooks": every parameter has a post-accumulate-grad hook (see watch_hooks), which changes nothing
+
+
+def watch_hooks(trainer) -> list[list[float]]:
+    """Give every parameter of the trainer's model a post-accumulate-grad hook that keeps a copy of
+    the gradient it sees, and check before each optimiser step that each parameter with a gradient
+    had its hook run once, seeing that gradient (this rank's shard under FSDP), and that the others
+    had none. Returns, per step, [parameters whose hook ran as it should, all parameters, the largest
+    difference between a hook's gradient and the stepped one]: a rank records, the test asserts
+    (a rank that raised would leave the other waiting in a collective)."""
+    from polytask.engine.sharded import local_shard
+
+    params = list(trainer.model.parameters())
+    seen: dict[int, list] = {}
+    log: list[list[float]] = []
+    for k, p in enumerate(params):
+        def hook(tensor, k=k):
+            seen.setdefault(k, []).append(local_shard(tensor.grad).clone())
+        p.register_post_accumulate_grad_hook(hook)
+    step = trainer._optimizer_step
+
+    def checked():
+        right, worst = 0, 0.0
+        for k, p in enumerate(params):
+            got = seen.get(k, [])
+            if p.grad is None:
+                right += not got
+            elif len(got) == 1:
+                right += 1
+                if got[0].numel():  # a rank's shard of a small tensor may be empty
+                    worst = max(worst, (got[0] - local_shard(p.grad)).abs().max().item())
+        log.append([right, len(params), worst])
+        seen.clear()
+        step()
+
+    trainer._optimizer_step = checked
+    return log
 
 
 def problem(seed: int = 0, rare: bool = False, rows: int = 96):
@@ -41,6 +79,7 @@ def train(name: str, steps: int = 4, device: str = "cpu"):
             else {"epochs": 1, "batch_size": 20, "steps_per_epoch": steps})
     optim = {"optimizer": "adam", "lr": 0.01} if rare else {"lr": 0.05}
     trainer = pt.Trainer(model, tasks, method=method, loop=loop, optim=optim, run={"progress": False, "device": device})
+    trainer.hook_log = watch_hooks(trainer) if name.endswith(":hooks") else None
     trainer.fit(data)
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 
@@ -135,6 +174,8 @@ if __name__ == "__main__":
         state, trainer = train(name)
         results[name] = state
         results[f"{name}:bytes"] = torch.tensor(trainer.comm.bytes if trainer.comm is not None else 0)
+        if trainer.hook_log is not None:
+            results[f"{name}:hooks"] = torch.tensor(trainer.hook_log)
     comm = Communicator.from_env(torch.device("cpu"))
     if comm is not None:
         results.update(log_variances_left_out(comm))

@@ -12,7 +12,7 @@ from polytask.engine.comm import CollectiveCounter
 from polytask.engine.sharded import local_shard
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from ddp_script import problem  # noqa: E402
+from ddp_script import problem, watch_hooks  # noqa: E402
 
 #: method → engine options: a loss method with learnable weights, the Gramian method (upgrad), a
 #: features-mode method (mgda_ub), one on the last shared layer with learnable weights (gradnorm),
@@ -20,8 +20,10 @@ from ddp_script import problem  # noqa: E402
 #: the FSDP units kept gathered through the per-task backward passes (ShardedEngine.keep_gathered), and
 #: upgrad on the last shared layer with unweighted heads (the layers below get Σ wᵢ∇Lᵢ, the heads Σ ∇Lᵢ)
 METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
-           "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}, "upgrad:rare": {}}
-#: ":rare": task b labelled on 6 rows of 96, with Adam: a head no task reached keeps grad None
+           "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}, "upgrad:rare": {},
+           "upgrad:hooks": {}}
+#: ":rare": task b labelled on 6 rows of 96, with Adam: a head no task reached keeps grad None; ":hooks":
+#: every parameter has a post-accumulate-grad hook (ddp_script.watch_hooks)
 STEPS = 3
 
 
@@ -46,6 +48,7 @@ def train(name: str, distributed: str = "ddp", steps: int = STEPS):
         from torch.distributed.fsdp import FSDPModule
 
         trainer.engine.keep_gathered = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+    trainer.hook_log = watch_hooks(trainer) if name.endswith(":hooks") else None
     world = trainer.comm.world_size if trainer.comm is not None else 1
     with CollectiveCounter(world) as counter:
         trainer.fit(data)
@@ -67,10 +70,12 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     results: dict = {}
     for name in METHODS:
-        state, counter, local, _ = train(name, "fsdp")
+        state, counter, local, trainer = train(name, "fsdp")
         results[name] = state
         results[f"{name}:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
         results[f"{name}:local"] = torch.tensor(local)
+        if name.endswith(":hooks"):
+            results[f"{name}:hook_log"] = torch.tensor(trainer.hook_log)
     _, counter, _, _ = train("upgrad", "ddp")
     results["upgrad:ddp:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
     results["resumed"] = resumed(Path(sys.argv[1]).parent / "run", "fsdp")

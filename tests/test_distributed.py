@@ -58,6 +58,19 @@ def test_two_ranks_match_one_process(ddp_results, method):
     assert int(ddp_results[f"{method}:bytes"]) > 0
 
 
+@pytest.mark.parametrize("method", [m for m in ddp_script.METHODS if m.endswith(":hooks")])
+def test_a_post_accumulate_hook_runs_once_a_step_on_the_averaged_gradient(ddp_results, method):
+    """A hook on every parameter (torch's optimiser-in-backward recipe) runs once per step on each
+    parameter with a gradient, seeing the gradient averaged over ranks that the optimiser steps with,
+    on two ranks as in one process (under pcgrad it ran on no shared parameter and on every head)."""
+    torch.set_num_threads(1)
+    _, trainer = ddp_script.train(method)
+    for log in (ddp_results[f"{method}:hooks"], torch.tensor(trainer.hook_log)):
+        assert len(log) == 4
+        for right, total, worst in log.tolist():
+            assert right == total and worst == 0.0
+
+
 @pytest.mark.parametrize("route", ["Uncertainty", "Differentiable"])
 def test_a_methods_own_parameters_are_averaged_over_ranks_even_if_left_out(ddp_results, route):
     """The engine averages the method's own parameters' gradients with ``reduce_params`` whether or not

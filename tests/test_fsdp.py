@@ -27,6 +27,15 @@ def test_two_sharded_ranks_match_one_process(fsdp_results, name):
     assert_same_state(fsdp_results[name], single, name)
 
 
+def test_a_post_accumulate_hook_runs_once_a_step_on_the_reduced_shard(fsdp_results):
+    """A hook on every sharded parameter runs once per step, after the per-task passes (FSDP runs the
+    hooks at each reduce-scatter), seeing the rank's shard of the gradient the optimiser steps with."""
+    log = fsdp_results["upgrad:hooks:hook_log"]
+    assert len(log) == fsdp_script.STEPS
+    for right, total, worst in log.tolist():
+        assert right == total and worst == 0.0
+
+
 def test_each_rank_holds_a_shard(fsdp_results):
     whole = sum(v.numel() for v in fsdp_results["equal"].values())
     assert int(fsdp_results["equal:local"]) < 0.6 * whole  # rank 0's slice of every parameter, not the model

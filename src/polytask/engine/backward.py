@@ -180,6 +180,7 @@ class Engine:
         #: the leaves outside θ the fused passes ask for: None until the first fused step has walked the
         #: graph (see ``params``), then ``params`` outside θ, or still None if the walk found more
         self._declared = None if params is None else list({id(p): p for p in params if p.requires_grad}.values())
+        self._params = self._declared  # kept: ``_declared`` is used up by the first walk
         self._private_leaves: list[Tensor] | None = None
         self._reached_numel = 0  # of those, the values the first walk found reached
         if comm is not None and not self.reduce_params:
@@ -289,6 +290,39 @@ class Engine:
         extra = [p for p in self.method.parameters() if p.requires_grad]
         return _unique([*self.reduce_params, *extra]) if extra else self.reduce_params
 
+    def _held_hooks(self) -> list[tuple[Tensor, dict[Any, Any], Tensor | None, int]] | None:
+        """The post-accumulate-grad hooks of the tensors the engine knows, taken out of them for the
+        step, with each tensor's ``.grad`` and its version as they were; None where none has a hook.
+
+        Why: a step may take several passes through the graph and write θ's update itself; autograd
+        would run a hook on every pass that reaches its tensor (T times, each with one task's
+        gradient) and none on the writes, so a hook that takes the optimiser's step left θ untrained
+        under a Gramian method and stepped a head once per pass on another route. The hooks' dict
+        is emptied, not dropped: autograd and FSDP read that same dict."""
+        held = None
+        for tensor in self._hook_tensors():
+            hooks = tensor._post_accumulate_grad_hooks
+            if hooks:
+                grad = tensor.grad
+                entry = (tensor, dict(hooks), grad, _version(grad))
+                hooks.clear()
+                held = [entry] if held is None else [*held, entry]
+        return held
+
+    def _hook_tensors(self) -> list[Tensor]:
+        """θ, ``params``, ``reduce_params``, the method's own parameters and the leaves the fused
+        passes found, each once; kept while those leaves are the same, once the method is set up
+        (its parameters are made then)."""
+        found = self._private_leaves
+        cached = self.__dict__.get("_hook_cache")
+        if cached is not None and cached[0] is found:
+            return cached[1]
+        tensors = _unique([*self.shared, *self.theta, *self.reduce_params, *(self._params or ()),
+                           *(p for p in self.method.parameters() if p.requires_grad), *(found or ())])
+        if self.method.is_set_up:
+            self._hook_cache = (found, tensors)
+        return tensors
+
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         """The method's learnable parameters (uncertainty log-variances, …): give them to the optimizer."""
         return self.method.parameters()
@@ -333,7 +367,27 @@ class Engine:
         ``report_gramian``: G is formed whenever J on θ is (a Jacobian method's G is otherwise formed
         only if the method reads it), for a caller that reads ``report.gramian`` every step; unlike
         ``diagnose`` it computes no J that the method does not need.
+
+        A post-accumulate-grad hook (``p.register_post_accumulate_grad_hook``: torch's recipe for the
+        optimiser's step in the backward) runs once on every parameter the step gives a gradient,
+        after the whole update is written (and averaged over ranks), as after one ``backward()``;
+        on the parameters the engine knows: θ, ``params``, ``reduce_params``, the method's own.
         """
+        losses_only = self._losses_only(diagnose, extra_loss)
+        held = None if losses_only and self.comm is None else self._held_hooks()
+        if held is None:  # one backward (autograd runs each hook once), or no hooks
+            return self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
+        try:
+            report = self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
+        except BaseException:
+            _release_hooks(held, run=False)
+            raise
+        _release_hooks(held, run=True)
+        return report
+
+    def _backward(self, losses: Mapping[str, Tensor | None], features: Iterable[Tensor] | None, epoch: int,
+                  extra_loss: Tensor | None, scale: float, diagnose: bool, lookahead: Outer | None,
+                  report_gramian: bool) -> StepReport:
         self._no_j = False
         self._private = None
         if not self.method.is_set_up:
@@ -352,7 +406,7 @@ class Engine:
             if self.comm is not None:
                 self.comm.mean_grads_(self._reduced())
             return StepReport(index, (), torch.zeros(0), {t: 0.0 for t in losses}, self.compare, self.heads)
-        if self._weights_losses and not diagnose and extra_loss is None and self.task_clip is None:
+        if self._losses_only(diagnose, extra_loss):
             return self._losses_step(losses, active, index, epoch, scale)
         if self._plain_gramian and not diagnose and extra_loss is None and self.gramian_route == "jacobian":
             report = self._gramian_step(losses, active, index, epoch, scale)
@@ -515,6 +569,10 @@ class Engine:
         """A plain loss-weighting method (no batch parts, no outer batch): its step needs no gradient
         but the one backward of Σ wᵢLᵢ."""
         return self.method.needs == "losses" and self.batch_parts == 1 and not self.lookahead
+
+    def _losses_only(self, diagnose: bool, extra_loss: Tensor | None) -> bool:
+        """Whether the step is :meth:`_losses_step`'s: one backward of Σ wᵢLᵢ."""
+        return self._weights_losses and not diagnose and extra_loss is None and self.task_clip is None
 
     def _losses_step(self, losses: Mapping[str, Tensor | None], active: tuple[str, ...], index: int, epoch: int,
                      scale: float) -> StepReport:
@@ -999,6 +1057,33 @@ def _bad_loss(task: str, loss: Tensor) -> InvalidParameterError:
     return InvalidParameterError(
         f"the loss of task '{task}' does not require grad (it was computed under torch.no_grad, detached, or from no "
         "parameter): it would train nothing; pass None for a task without a loss this step")
+
+
+def _release_hooks(held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]], *, run: bool) -> None:
+    """Give each tensor its hooks back (:meth:`Engine._held_hooks`) and, with ``run``, run them on
+    every tensor whose ``.grad`` the step wrote (a new tensor, or the old one changed in place), in
+    their order, without grad, a hook's return refused as torch refuses it: as autograd runs them
+    after a backward (and FSDP after its reduce-scatter)."""
+    for tensor, hooks, _, _ in held:
+        tensor._post_accumulate_grad_hooks.update(hooks)
+    if not run:
+        return
+    with torch.no_grad():
+        for tensor, hooks, before, version in held:
+            grad = tensor.grad
+            if grad is None or (grad is before and _version(grad) == version):
+                continue  # the step reached it not: autograd runs no hook there either
+            for hook in hooks.values():
+                if hook(tensor) is not None:
+                    raise RuntimeError("Tensor post accumulate grad hooks should return None.")
+
+
+def _version(grad: Tensor | None) -> int:
+    """The version counter of a ``.grad`` (-1 for None); of a DTensor's local shard, which FSDP's
+    gradients are added into (the DTensor's own counter does not move then)."""
+    if grad is None:
+        return -1
+    return (grad.to_local() if hasattr(grad, "to_local") else grad)._version
 
 
 def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
