@@ -231,16 +231,36 @@ def test_bad_arguments_are_clear_errors():
         MultiTaskModule(model(), method="pcgard")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["upgrad"])
-def test_two_process_ddp_equals_one_process(tmp_path, method):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """lightning_script.py with upgrad on one process and on two (Lightning's DDP strategy)."""
+    folder = tmp_path_factory.mktemp("lightning_ddp")
     for devices in (1, 2):
-        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / str(devices)), str(devices), method],
+        done = subprocess.run([sys.executable, str(SCRIPT), str(folder / str(devices)), str(devices), "upgrad"],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (torch.load(tmp_path / d / "params.pt") for d in ("1", "2"))
+    return folder
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(ddp_runs):
+    one, two = (torch.load(ddp_runs / d / "params.pt") for d in ("1", "2"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_under_ddp_the_epochs_losses_are_every_ranks_in_the_hook_and_the_checkpoint(ddp_runs):
+    """A mid-epoch checkpoint holds both ranks' sums (Lightning writes rank 0's, which held its own
+    share alone), added task by task where the ranks met their tasks in different orders (summed by
+    position, a's went with b's); rank 0 alone takes them back, and the end-of-epoch hook (DWA's
+    history) then gets the mean over both ranks' rows."""
+    ranks = torch.load(ddp_runs / "2" / "epoch.pt", weights_only=False)
+    for rank, got in enumerate(ranks):
+        assert got["hook"] == pytest.approx({"a": 8.0 / 128, "b": 2.0 / 64}), rank
+        assert got["saved"]["loss"] == pytest.approx({"a": 8.0, "b": 2.0}) and got["saved"]["count"] == {"a": 128, "b": 64}
+    assert ranks[0]["resumed"] == ({"a": 8.0, "b": 2.0}, {"a": 128, "b": 64})
+    assert ranks[1]["resumed"] == ({}, {})
 
 
 def test_a_gradient_scaler_in_lightnings_precision_plugin_trains_like_32_bits(tmp_path, one_thread):

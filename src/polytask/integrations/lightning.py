@@ -225,17 +225,26 @@ class MultiTaskModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         """The method's end-of-epoch hook (DWA, DTP, STCH, warm-up) with the epoch's mean training
         loss per task over all ranks and the validation metrics of this epoch, as the Trainer does."""
-        names = list(self._epoch_loss)
-        sums = torch.tensor([[self._epoch_loss[t], float(self._epoch_count[t])] for t in names], dtype=torch.float64)
-        if self.engine is not None and self.engine.comm is not None and names:
-            sums = self.engine.comm.sum_(sums)
-        train_losses = {t: float(sums[i, 0] / sums[i, 1]) for i, t in enumerate(names) if sums[i, 1] > 0}
+        loss, count = self._epoch_sums()
+        train_losses = {t: loss[t] / count[t] for t in loss}
         self.method.on_epoch_end(self.current_epoch, train_losses, self._last_val)
         self._epoch_loss, self._epoch_count, self._last_val = {}, {}, None
         # manual optimisation leaves the schedulers to the module: once an epoch, as polytask's Trainer
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def _epoch_sums(self) -> tuple[dict[str, float], dict[str, int]]:
+        """The epoch's training-loss sums and labelled counts per task so far, summed over ranks
+        (every rank takes part: a collective under DDP). Every task in the module's order on every
+        rank: a rank's dict holds a task from its first labelled batch on, so two ranks' dicts could
+        differ in length or order, and a sum of them mixed two tasks' losses."""
+        sums = torch.tensor([[self._epoch_loss.get(t, 0.0), float(self._epoch_count.get(t, 0))] for t in self.names],
+                            dtype=torch.float64)
+        if self.engine is not None and self.engine.comm is not None:
+            sums = self.engine.comm.sum_(sums)
+        return ({t: float(sums[i, 0]) for i, t in enumerate(self.names) if sums[i, 1] > 0},
+                {t: int(sums[i, 1]) for i, t in enumerate(self.names) if sums[i, 1] > 0})
 
     def on_train_end(self) -> None:
         """Free what the engine keeps between steps (J's storage), as the Trainer does when fit ends."""
@@ -270,15 +279,20 @@ class MultiTaskModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.engine is not None:
             checkpoint["polytask_engine"] = self.engine.state_dict()
-        # the epoch so far, for the method's end-of-epoch hook after a resume from the middle of an epoch
-        # (this rank's sums: under DDP, rank 0's, which Lightning writes)
-        checkpoint["polytask_epoch"] = {"loss": dict(self._epoch_loss), "count": dict(self._epoch_count),
-                                        "val": self._last_val}
+        # the epoch so far, for the method's end-of-epoch hook after a resume from the middle of an epoch:
+        # every rank's sums together (Lightning calls this hook on every rank and writes rank 0's
+        # checkpoint, which held rank 0's share alone), which rank 0 takes back on a resume
+        loss, count = self._epoch_sums()
+        checkpoint["polytask_epoch"] = {"loss": loss, "count": count, "val": self._last_val}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         epoch = checkpoint.get("polytask_epoch")
         if epoch is not None:
-            self._epoch_loss, self._epoch_count = dict(epoch["loss"]), dict(epoch["count"])
+            # the sums of all ranks: rank 0 resumes them, the others start from none, so that their sum at
+            # the epoch's end is the run's, whatever the world size of the resumed run
+            first = self.global_rank == 0
+            self._epoch_loss = dict(epoch["loss"]) if first else {}
+            self._epoch_count = dict(epoch["count"]) if first else {}
             self._last_val = epoch["val"]
         state = checkpoint.get("polytask_engine")
         if state is None:
