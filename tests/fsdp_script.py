@@ -42,8 +42,35 @@ def build(name: str, distributed: str = "ddp", steps: int = STEPS, epochs: int =
                       run={"progress": False, "distributed": distributed}, **kwargs), data
 
 
+def gathered(model) -> int:
+    """How many of the model's FSDP units hold their parameters gathered (unsharded) now."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    count = 0
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        count += group is not None and any(p.sharded_state != ShardedState.SHARDED for p in group.fsdp_params)
+    return count
+
+
+def watch_gathered(trainer) -> list[int]:
+    """The units left gathered at each optimiser step (a head no task's loss reached stayed so)."""
+    log: list[int] = []
+    step = trainer._optimizer_step
+
+    def checked():
+        log.append(gathered(trainer.model))
+        step()
+
+    trainer._optimizer_step = checked
+    return log
+
+
 def train(name: str, distributed: str = "ddp", steps: int = STEPS):
     trainer, data = build(name, distributed, steps)
+    trainer.gathered_log = watch_gathered(trainer) if distributed == "fsdp" else None
+    trainer.data = data
     if name.endswith(":kept") and trainer.sharded:
         from torch.distributed.fsdp import FSDPModule
 
@@ -76,6 +103,8 @@ if __name__ == "__main__":
         results[f"{name}:local"] = torch.tensor(local)
         if name.endswith(":hooks"):
             results[f"{name}:hook_log"] = torch.tensor(trainer.hook_log)
+        trainer.evaluate(trainer.data)  # a forward without backward
+        results[f"{name}:gathered"] = torch.tensor([*trainer.gathered_log, gathered(trainer.model)])
     _, counter, _, _ = train("upgrad", "ddp")
     results["upgrad:ddp:by_op"] = {k: torch.tensor(v) for k, v in counter.by_op.items()}
     results["resumed"] = resumed(Path(sys.argv[1]).parent / "run", "fsdp")

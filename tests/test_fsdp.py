@@ -36,6 +36,20 @@ def test_a_post_accumulate_hook_runs_once_a_step_on_the_reduced_shard(fsdp_resul
         assert right == total and worst == 0.0
 
 
+@pytest.mark.parametrize("name", list(fsdp_script.METHODS))
+def test_no_unit_stays_gathered_after_a_step_or_an_evaluation(fsdp_results, name):
+    """Every unit holds only its shard at each optimiser step and after an evaluation. FSDP2 had made
+    each unit a root, and a root keeps its parameters after its forward: an evaluation (a forward
+    without backward) left the whole model gathered on every rank, and in 8 of upgrad:rare's 12 steps
+    the head of the task without labels stayed gathered. (``:kept`` units stay gathered from their
+    forward to the step's last pass by design, so after an evaluation too.)"""
+    log = fsdp_results[f"{name}:gathered"].tolist()
+    steps, after_evaluation = log[:-1], log[-1]
+    assert steps and not any(steps)
+    if not name.endswith(":kept"):
+        assert after_evaluation == 0
+
+
 def test_each_rank_holds_a_shard(fsdp_results):
     whole = sum(v.numel() for v in fsdp_results["equal"].values())
     assert int(fsdp_results["equal:local"]) < 0.6 * whole  # rank 0's slice of every parameter, not the model

@@ -53,10 +53,11 @@ class ShardedEngine(Engine):
             ``reduce_params`` (a method's learnable weights).
         comm: required (the process group's ranks hold the shards).
         keep_gathered: FSDP units (``fully_shard`` ed modules) whose parameters stay gathered
-            through the T per-task backward passes of a step instead of being gathered again for
-            each: T − 1 fewer all-gathers of the model (about half the step's traffic), at the cost
-            of holding those units' full parameters for the whole Jacobian. Default: none (every
-            unit is re-gathered, the memory FSDP promises).
+            from their forward through the T per-task backward passes of a step instead of being
+            gathered again for each: T fewer all-gathers of them a step (about half the step's
+            traffic), at the cost of holding those units' full parameters for the whole Jacobian
+            (and after a forward without backward, an evaluation's, until the next step's passes).
+            Default: none (every unit is re-gathered, the memory FSDP promises).
 
     Task gradients on θ are taken by one ``backward`` per task (FSDP's hooks run only in a real
     backward), each leaving the rank's slice of every parameter's gradient; the rows of all
@@ -105,7 +106,25 @@ class ShardedEngine(Engine):
         #: per parameter of ``order``: whether any task's pass this step reached it (FSDP reduces the passes'
         #: gradients, so every rank agrees); one that none reached keeps grad None, as in one process
         self._reached: list[bool] | None = None
-        self.keep_gathered = list(keep_gathered)
+        self._keep_gathered: list[nn.Module] = []
+        self.keep_gathered = keep_gathered  # type: ignore[assignment]
+
+    @property
+    def keep_gathered(self) -> list[nn.Module]:
+        """The units kept gathered from their forward through the step's backward passes."""
+        return self._keep_gathered
+
+    @keep_gathered.setter
+    def keep_gathered(self, units: Iterable[nn.Module]) -> None:
+        # kept from the forward on too: a unit under the model's root unit frees its parameters after its
+        # forward, and gathering them again for the passes would be one all-gather more a step
+        units = list(units)
+        for unit in self._keep_gathered:
+            if unit not in units:
+                unit.set_reshard_after_forward(True, recurse=False)  # type: ignore[operator]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+        self._keep_gathered = units
 
     # ---------------------------------------------------------------- the hooks of Engine.backward
     def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
@@ -118,7 +137,7 @@ class ShardedEngine(Engine):
                 p.grad = None
             last = i == len(parts) - 1
             for unit in self.keep_gathered:  # gathered once for the step's backward passes, freed after the last
-                unit.set_reshard_after_backward(last)  # type: ignore[operator]
+                unit.set_reshard_after_backward(last, recurse=False)  # type: ignore[operator]
             (loss * scale if scale != 1.0 else loss).backward(retain_graph=True)
             offset = 0
             for k, (p, n) in enumerate(zip(self.order, self.sizes, strict=True)):

@@ -1,9 +1,10 @@
 """Fully sharded data parallelism for the Trainer (``run.distributed: fsdp`` under torchrun).
 
 The model is sharded with torch's FSDP2 (``torch.distributed.fsdp.fully_shard``; Zhao et al.,
-"PyTorch FSDP", VLDB 2023): every module that owns parameters becomes one FSDP unit, so a
-module's full parameters exist only during its own forward and backward, and each rank keeps
-1/W of every parameter, its gradient and its optimiser state. The engine's sharded variant
+"PyTorch FSDP", VLDB 2023): every module that owns parameters becomes one FSDP unit, under the
+model itself as the root unit, so a module's full parameters exist only during its own forward
+and backward, and each rank keeps 1/W of every parameter, its gradient and its optimiser state.
+The engine's sharded variant
 (:class:`polytask.engine.sharded.ShardedEngine`) computes the exact task Gramian from the ranks'
 column blocks. FSDP2 runs on CPU with gloo as on GPUs with nccl (torch ≥ 2.6); FSDP1
 (``FullyShardedDataParallel``) wraps the model in a module whose forward is the only entry
@@ -35,12 +36,31 @@ def owners(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """Shard every parameter-owning module of ``model`` in place with FSDP2 and return ``model``."""
-    from torch.distributed.fsdp import fully_shard
+#: the model's methods the Trainer calls besides ``forward``: FSDP runs its hooks around them too
+ENTRY_POINTS = ("encode",)
 
-    for module in owners(model):
-        fully_shard(module)
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard every parameter-owning module of ``model`` in place with FSDP2, and the model itself
+    as the root unit, and return ``model``.
+
+    Why the root: FSDP2 makes the first unit to run a forward the root of the units below it, and
+    a root keeps its parameters gathered after its forward (for training, its backward would gather
+    them again at once). With the owners alone every unit was a root: each stayed gathered from its
+    forward until a backward reached it, and after an evaluation (a forward without backward) or for
+    a head no task's loss reached, for good, so every rank held the whole model. Under the model's
+    unit the others free their parameters after their own forward and gather them again for their
+    backward. ``encode`` and ``decode`` run the root's hooks as ``forward`` does."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    units = owners(model)
+    for module in units:
+        if module is not model:
+            fully_shard(module)
+    fully_shard(model)
+    for name in ENTRY_POINTS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
     return model
 
 
