@@ -18,7 +18,10 @@ working:
   needs — task losses, task Jacobians or Gramians — and all-reduces the final update once, in
   place of DDP's gradient hooks, which manual optimisation leaves idle unless
   ``manual_backward`` is called (it is not). Each rank's loss is weighted by its labelled count,
-  so the update equals one process on the global batch;
+  so the update equals one process on the global batch. Under ``ddp_spawn`` the processes that
+  trained hand the parent the module's ``state_dict`` alone (Lightning's own rule): the model's
+  parameters and the method's buffers come back, the engine's step counter and routes do not,
+  and ``module.engine`` is None in the parent after ``fit``;
 * **logging**: per-task losses and task weights go through ``self.log`` to whatever loggers the
   Trainer has (``train/loss/TASK``, ``train/weight/TASK``, ``val/loss/TASK`` and the tasks'
   validation metrics ``val/TASK/METRIC``);
