@@ -291,7 +291,9 @@ def test_bad_weights_shape_is_reported():
     (lambda loss: loss.detach(), r"loss of task 't1' does not require grad .*pass None"),
     (lambda loss: loss.reshape(1), r"loss of task 't1' must be a scalar .*found shape \(1,\)"),
     (lambda loss: loss.detach().item(), r"loss of task 't1' must be a scalar tensor or None; found float"),
-], ids=["detached", "shape (1,)", "float"])
+    (lambda loss: loss * (1 + 1j), r"loss of task 't1' must be a real floating-point scalar; found dtype "
+                                   r"torch.complex64"),
+], ids=["detached", "shape (1,)", "float", "complex"])
 def test_a_bad_loss_is_one_clear_error_and_changes_nothing(name, bad, why):
     """A loss without a gradient (torch's error, or none: a loss-weighting method weighted it and
     trained nothing on it), not a scalar, or not a tensor: an error naming the task, before anything

@@ -334,6 +334,10 @@ class AutogramPlanner:
                 raise AutogramUnavailable(_describe(p, "is not a leaf (it is computed from other tensors)"))
             if p.is_sparse:
                 raise AutogramUnavailable(_describe(p, "is a sparse tensor"))
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:  # its blocks of G would be formed in each layer's own dtype
+            raise AutogramUnavailable(f"the shared parameters hold {len(dtypes)} dtypes "
+                                      f"({', '.join(sorted(str(d) for d in dtypes))})")
         for loss in losses:
             if loss.grad_fn is None and loss.requires_grad:  # the graph has no node for it to start at
                 raise AutogramUnavailable(f"a task's loss is itself a leaf tensor of shape {tuple(loss.shape)}")

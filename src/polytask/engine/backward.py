@@ -27,6 +27,7 @@ from polytask.engine.jacobian import (
     cross_gramian,
     gramian,
     host_gramian,
+    jacobian_dtype,
     row_views,
     transpose_times,
 )
@@ -129,20 +130,19 @@ class Engine:
         self.method = get_method(method)
         # each tensor once: a tensor listed twice (tied weights collected module by module) would count
         # twice in G, and the streamed no-J update wrote it twice
-        self.shared = _unique(p for p in shared_params if p.requires_grad)
-        for p in self.shared:
-            if p.grad_fn is not None:
-                raise InvalidParameterError(
-                    f"a shared parameter of shape {tuple(p.shape)} is not a leaf tensor (it is computed from other "
-                    "tensors, which would get no update): pass the parameters it is computed from")
+        given_shared = _unique(shared_params)
+        self.shared = [p for p in given_shared if p.requires_grad]
+        _check_leaves(self.shared)
         self.compare = self._resolve_compare(opts.compare)
+        given_last = None
         if self.compare == "last_shared":
             if last_shared_params is None:
                 whose = f" (the default of '{self.name}')" if opts.compare == "auto" else ""
                 raise InvalidParameterError(
                     f"compare='last_shared'{whose} needs `last_shared_params`, the parameters of the last shared "
                     "layer (a polytask model gives them: model.last_shared_parameters())")
-            self.theta = _unique(p for p in last_shared_params if p.requires_grad)
+            given_last = _unique(last_shared_params)
+            self.theta = [p for p in given_last if p.requires_grad]
         else:
             self.theta = self.shared
         self.heads = self._resolve_heads(opts.heads)
@@ -176,11 +176,17 @@ class Engine:
             raise InvalidParameterError(f"`task_clip` of the engine must be > 0 or None; found {task_clip!r}")
         self.task_clip = task_clip
         self.comm = comm
-        self.reduce_params = [p for p in (reduce_params or []) if p.requires_grad]
+        given_reduce = _unique(reduce_params or [])
+        self.reduce_params = [p for p in given_reduce if p.requires_grad]
+        given_params = None if params is None else _unique(params)
         #: the leaves outside θ the fused passes ask for: None until the first fused step has walked the
         #: graph (see ``params``), then ``params`` outside θ, or still None if the walk found more
-        self._declared = None if params is None else list({id(p): p for p in params if p.requires_grad}.values())
+        self._declared = None if given_params is None else [p for p in given_params if p.requires_grad]
         self._params = self._declared  # kept: ``_declared`` is used up by the first walk
+        #: every tensor given, trainable or not, and which of them were trainable (see _follow_trainable)
+        self._given = (given_shared, given_last, given_params, given_reduce)
+        self._watched = _unique([*given_shared, *(self._given[1] or ()), *(given_params or ()), *given_reduce])
+        self._trains = [p.requires_grad for p in self._watched]
         self._private_leaves: list[Tensor] | None = None
         self._reached_numel = 0  # of those, the values the first walk found reached
         if comm is not None and not self.reduce_params:
@@ -191,6 +197,8 @@ class Engine:
         #: how G on θ is computed: "jacobian", "autogram", or "auto" until the first step decides
         self.gramian_route = self._resolve_gramian(opts.gramian)
         self._no_j = False  # this step's G came from the autogram, which holds what d = Jᵀw needs
+        #: the post-accumulate-grad hooks taken out for the step in progress (see backward)
+        self._held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]] | None = None
         self._kept_jacobian: Tensor | None = None  # J's storage, kept from step to step (see _jacobian_storage)
 
     @property
@@ -290,24 +298,47 @@ class Engine:
         extra = [p for p in self.method.parameters() if p.requires_grad]
         return _unique([*self.reduce_params, *extra]) if extra else self.reduce_params
 
-    def _held_hooks(self) -> list[tuple[Tensor, dict[Any, Any], Tensor | None, int]] | None:
+    def _follow_trainable(self) -> None:
+        """θ, the shared parameters, ``params`` and ``reduce_params`` again from the tensors given,
+        after some tensor's ``requires_grad`` changed since the last step, and what was derived from
+        them forgotten.
+
+        Why: they were the given tensors that required grad when the engine was made. A shared layer
+        unfrozen later (a fine-tuning schedule) was then a leaf outside θ: it took the heads' Σ ∇Lᵢ
+        and counted in no Gramian (0.24 off UPGrad's update on its weight); one frozen later made the
+        J route raise torch's error and the no-J route write it a zero gradient, which AdamW's decay
+        still moved."""
+        shared, last, params, reduce = self._given
+        self.shared = [p for p in shared if p.requires_grad]
+        _check_leaves(self.shared)
+        self.theta = self.shared if last is None else [p for p in last if p.requires_grad]
+        self.reduce_params = [p for p in reduce if p.requires_grad]
+        self._declared = self._params = None if params is None else [p for p in params if p.requires_grad]
+        self._private_leaves, self._reached_numel = None, 0
+        self._kept_jacobian = None
+        for derived in ("_shared_id_cache", "_hook_cache", "_rows", "_theta_dtype_cache"):
+            self.__dict__.pop(derived, None)
+        self._trains = [p.requires_grad for p in self._watched]
+
+    def _held_hooks(self) -> list[tuple[Tensor, dict[Any, Any], Tensor | None, int]]:
         """The post-accumulate-grad hooks of the tensors the engine knows, taken out of them for the
-        step, with each tensor's ``.grad`` and its version as they were; None where none has a hook.
+        step, with each tensor's ``.grad`` and its version as they were (empty where none has a hook).
 
         Why: a step may take several passes through the graph and write θ's update itself; autograd
         would run a hook on every pass that reaches its tensor (T times, each with one task's
         gradient) and none on the writes, so a hook that takes the optimiser's step left θ untrained
         under a Gramian method and stepped a head once per pass on another route. The hooks' dict
         is emptied, not dropped: autograd and FSDP read that same dict."""
-        held = None
-        for tensor in self._hook_tensors():
-            hooks = tensor._post_accumulate_grad_hooks
-            if hooks:
-                grad = tensor.grad
-                entry = (tensor, dict(hooks), grad, _version(grad))
-                hooks.clear()
-                held = [entry] if held is None else [*held, entry]
+        held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]] = []
+        _hold(self._hook_tensors(), held)
         return held
+
+    def _hold_more(self, tensors: list[Tensor]) -> None:
+        """Take out the hooks of ``tensors`` too, for this step (leaves a walk of its graph found)."""
+        held = getattr(self, "_held", None)
+        if held is not None:
+            known = {id(entry[0]) for entry in held}
+            _hold([t for t in tensors if id(t) not in known], held)
 
     def _hook_tensors(self) -> list[Tensor]:
         """θ, ``params``, ``reduce_params``, the method's own parameters and the leaves the fused
@@ -373,16 +404,18 @@ class Engine:
         after the whole update is written (and averaged over ranks), as after one ``backward()``;
         on the parameters the engine knows: θ, ``params``, ``reduce_params``, the method's own.
         """
-        losses_only = self._losses_only(diagnose, extra_loss)
-        held = None if losses_only and self.comm is None else self._held_hooks()
-        if held is None:  # one backward (autograd runs each hook once), or no hooks
+        if self.comm is None and self._losses_only(diagnose, extra_loss):  # one backward: autograd runs each hook once
             return self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
+        self._held = self._held_hooks()
         try:
             report = self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
         except BaseException:
+            held, self._held = self._held, None
             _release_hooks(held, run=False)
             raise
-        _release_hooks(held, run=True)
+        held, self._held = self._held, None
+        if held:
+            _release_hooks(held, run=True)
         return report
 
     def _backward(self, losses: Mapping[str, Tensor | None], features: Iterable[Tensor] | None, epoch: int,
@@ -390,14 +423,19 @@ class Engine:
                   report_gramian: bool) -> StepReport:
         self._no_j = False
         self._private = None
+        self._theta_reached: set[int] | None = None  # θ's tensors this step's passes reached (see _add_flat_grad)
         if not self.method.is_set_up:
             self.method.setup(list(losses))
         active = tuple(t for t, v in losses.items() if v is not None)
         parted = self.batch_parts > 1  # a loss per part of the batch: its shape is checked with the parts
         for t in active:  # one clear error here, not autograd's (or none: a constant loss took a weight silently)
             loss = losses[t]
-            if not isinstance(loss, Tensor) or (loss.dim() and not parted) or not loss.requires_grad:
+            if (not isinstance(loss, Tensor) or (loss.dim() and not parted) or not loss.requires_grad
+                    or not loss.dtype.is_floating_point):
                 raise _bad_loss(t, loss)
+        if (self.comm is not None or not self._losses_only(diagnose, extra_loss)) and (
+                [p.requires_grad for p in self._watched] != self._trains):
+            self._follow_trainable()  # a loss step of one process reads none of them
         index = self.index  # counted once the losses are known good: a refused step changes nothing
         self.index += 1
         if not active:
@@ -552,7 +590,7 @@ class Engine:
                 raise InvalidParameterError(f"method '{self.name}' returned weights of shape "
                                             f"{tuple(applied.shape)}; expected ({len(active)},)")
         direction = applied.detach() @ jacobian
-        self._add_flat_grad(direction * scale if scale != 1.0 else direction)
+        self._add_flat_grad(direction * scale if scale != 1.0 else direction, self._theta_reached)
         if penalty is not None:  # the method's own parameters (log-variances, …), never θ
             reached = self._leaves(penalty, self.theta)
             if reached:
@@ -737,7 +775,8 @@ class Engine:
         if private is not None:
             direction = update.direction if use_direction else transpose_times(jacobian, applied.detach())  # type: ignore[arg-type]
             # the gradients may be views of what is passed: the method's own direction is copied
-            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction)
+            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction,
+                                self._theta_reached)
             self._add_private_grads(private, head.detach())
             if update.penalty is not None:  # the method's own parameters (log-variances, …), never θ
                 reached = self._leaves(update.penalty, self.theta)
@@ -756,9 +795,13 @@ class Engine:
             # into the other parameters, skipping a second pass through θ.
             direction = (update.direction if use_direction else applied.detach() @ jacobian if jacobian is not None
                          else self.autogram.direction(applied.detach()))
+            seen: list[Tensor] = []
+            reached = self._leaves(head_total, self.theta, excluded=seen)
+            self._hold_more(reached)
             # the gradients may be views of what is passed: the method's own direction is copied
-            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction)
-            reached = self._leaves(head_total, self.theta)
+            ids = {id(p) for p in seen}
+            self._add_flat_grad(direction * scale if scale != 1.0 or use_direction else direction,
+                                {k for k, p in enumerate(self.theta) if id(p) in ids})
             if split:
                 theta_below = [p for p in reached if id(p) in self._shared_ids]  # last_shared: the layers below
                 private = [p for p in reached if id(p) not in self._shared_ids]
@@ -777,17 +820,27 @@ class Engine:
         elif feature_jacobian is not None:
             # heads: Σ ∇Lᵢ; θ: back-propagate Σ wᵢ ∂Lᵢ/∂z from z, the gradients already computed
             jz, *zs = feature_jacobian
-            private = self._leaves(head_total, self.shared, stop=zs)
+            above = self._leaves(head_total, [], stop=zs)  # what the losses reach without passing z
+            self._hold_more(above)
+            private = [p for p in above if id(p) not in self._shared_ids]
+            # a shared tensor the heads read too (an embedding tied to the output layer): its gradient
+            # comes from Σ wᵢLᵢ along every path (z's included), not from z alone, which missed the heads'
+            tied = [p for p in above if id(p) in self._shared_ids]
             if private:
                 torch.autograd.backward(head_total * scale, inputs=private, retain_graph=True)
+            if tied:
+                torch.autograd.backward(shared_total * scale, inputs=tied, retain_graph=True)
             flat = (applied.detach().to(jz.dtype) @ jz) * scale
             grads, offset = [], 0
             for z in zs:
                 grads.append(flat[offset:offset + z.numel()].view_as(z).to(z.dtype))
                 offset += z.numel()
-            torch.autograd.backward(zs, grad_tensors=grads)
+            below = self._leaves(zs, tied) if tied else None  # the tied tensors have their gradient
+            if below is None or below:
+                torch.autograd.backward(zs, grad_tensors=grads, inputs=below)
         else:  # weights reused between recomputations: no J this step, split the two parts
             reached = self._leaves(shared_total, [])
+            self._hold_more(reached)
             private = [p for p in reached if id(p) not in self._shared_ids]
             shared = [p for p in reached if id(p) in self._shared_ids]
             if private:
@@ -834,12 +887,15 @@ class Engine:
             return jacobian
         grads_by_task: list[tuple[Tensor | None, ...]] = []
         last = len(parts) - 1
+        reached: set[int] = set()
         for i, loss in enumerate(parts):
             # the last pass frees the graph, as a plain backward would (the penalty, if any, has its own)
             grads = loss_grads(loss * scale if scale != 1.0 else loss, inputs, retain_graph=i < last)
             torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel())
                        for g, p in zip(grads[:n], self.theta, strict=True)], out=jacobian[i])
+            reached.update(k for k, g in enumerate(grads[:n]) if g is not None)
             grads_by_task.append(grads[n:])
+        self._theta_reached = reached
         if scale != 1.0:
             jacobian.div_(scale)  # the private gradients stay scaled: they are written as they are
         self._private = (private, grads_by_task, False)
@@ -847,10 +903,16 @@ class Engine:
 
     def _accumulate_jacobian(self, jacobian: Tensor, parts: list[Tensor], private: list[Tensor], scale: float) -> None:
         """J's rows and the leaves outside θ their Σᵢ ∇Lᵢ, by passes that accumulate
-        (:func:`~polytask.engine.jacobian.accumulate_rows`); the last pass frees the graph."""
+        (:func:`~polytask.engine.jacobian.accumulate_rows`); the last pass frees the graph. The θ
+        tensors some pass reached go to ``_theta_reached`` (a pass that reaches one adds into its
+        row's view, whose own version counter moves)."""
         jacobian.zero_()
+        views = self._row_views()[:len(parts)]
+        before = [[v._version for v in row] for row in views]
         accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
-                        self._row_views(), private, free_graph=True)
+                        views, private, free_graph=True)
+        self._theta_reached = {k for k in range(len(self.theta))
+                               if any(row[k]._version != was[k] for row, was in zip(views, before, strict=True))}
         if scale != 1.0:
             jacobian.div_(scale)  # the private gradients stay scaled, as the copying passes leave them
 
@@ -867,6 +929,7 @@ class Engine:
                 # what the losses reach of them, for the batched passes' size test (unreached ones get no gradient)
                 self._reached_numel = sum(p.numel() for p in found)
                 return self._private_leaves
+        self._hold_more(found)  # leaves the engine was not told of (no ``params``): their hooks too
         return found
 
     def _jacobian_storage(self, rows: int) -> tuple[Tensor, list[int]]:
@@ -883,12 +946,12 @@ class Engine:
         if not self.theta:
             return _empty_jacobian(rows, self.theta)  # its error: no shared parameter
         sizes = [p.numel() for p in self.theta]
-        width, like = sum(sizes), self.theta[0]
+        width, like, dtype = sum(sizes), self.theta[0], self._theta_dtype
         kept = self._kept_jacobian
-        if (kept is None or kept.shape[0] < rows or kept.shape[1] != width or kept.dtype != like.dtype
+        if (kept is None or kept.shape[0] < rows or kept.shape[1] != width or kept.dtype != dtype
                 or kept.device != like.device):
             self._kept_jacobian = None  # the old storage goes before the new one is made
-            kept = self._kept_jacobian = torch.empty(rows, width, dtype=like.dtype, device=like.device)
+            kept = self._kept_jacobian = torch.empty(rows, width, dtype=dtype, device=like.device)
         return kept[:rows], sizes
 
     def _row_views(self) -> list[list[Tensor]]:
@@ -927,11 +990,13 @@ class Engine:
         chunk = t if self.jacobian.chunk_size is None else min(self.jacobian.chunk_size, t)
         blocks: list[tuple[int, tuple[Tensor | None, ...]]] = []
         eye = self._eye(t, vec)
+        reached: set[int] = set()
         for start in range(0, t, chunk):
             rows = min(chunk, t - start)
             selector = eye[start:start + rows]
             grads = torch.autograd.grad(vec, inputs, grad_outputs=selector, retain_graph=start + rows < t,
                                         allow_unused=True, is_grads_batched=True)
+            reached.update(k for k, g in enumerate(grads[:n]) if g is not None)
             if pieces is not None and scale != 1.0:
                 grads = _unaliased(grads)  # J's blocks are unscaled in place, the heads' kept scaled
             if pieces is None:
@@ -939,9 +1004,10 @@ class Engine:
             else:
                 pieces.append((start, rows, [None if g is None else g.reshape(rows, -1) for g in grads[:n]]))
             blocks.append((start, grads[n:]))
-        result = jacobian if pieces is None else JacobianPieces(pieces, t, sizes, self.theta[0])
+        result = jacobian if pieces is None else JacobianPieces(pieces, t, sizes, self.theta[0], self._theta_dtype)
         if scale != 1.0:
             result.div_(scale)  # type: ignore[union-attr]
+        self._theta_reached = reached
         self._private = (private, blocks, True)
         return result  # type: ignore[return-value]
 
@@ -984,7 +1050,7 @@ class Engine:
             leaf = leaves[k]
             if total.dtype != leaf.dtype:
                 total = total.to(leaf.dtype)
-            leaf.grad = total if leaf.grad is None else leaf.grad + total
+            _accumulate_grad(leaf, total)
 
     def _eye(self, n: int, like: Tensor) -> Tensor:
         """The n×n identity in ``like``'s dtype and device, made once (the vmapped passes' selector)."""
@@ -994,6 +1060,14 @@ class Engine:
         if eye is None:
             eye = cache[key] = torch.eye(n, dtype=like.dtype, device=like.device)
         return eye
+
+    @property
+    def _theta_dtype(self) -> torch.dtype:
+        """J's dtype: the widest of θ's (see :func:`~polytask.engine.jacobian.jacobian_dtype`)."""
+        dtype = self.__dict__.get("_theta_dtype_cache")
+        if dtype is None:
+            dtype = self._theta_dtype_cache = jacobian_dtype(self.theta)
+        return dtype
 
     @property
     def _shared_ids(self) -> set[int]:
@@ -1009,20 +1083,30 @@ class Engine:
         norms = theta_gramian.diagonal().clamp_min(0).sqrt()
         return (self.task_clip / norms.clamp_min(1e-12)).clamp(max=1.0).to(theta_gramian.dtype)
 
-    def _add_flat_grad(self, flat: Tensor) -> None:
+    def _add_flat_grad(self, flat: Tensor, reached: set[int] | None) -> None:
+        """θ's ``.grad`` += ``flat`` (d, flat), on θ's tensors whose indices are in ``reached`` (every one
+        for None): one no task's loss depends on this step keeps its ``.grad`` as it is (None stays
+        None), as after autograd's backward; a zero gradient written there was still moved by momentum
+        and weight decay (AdamW: 0.006 a step on an unused layer). The routes that take J know which
+        they reached from their passes (a gradient None, a row's view not written), the others from
+        the walk of the graph they make anyway."""
         # ``flat`` is the caller's fresh tensor: a first gradient can be a view of it (its slices are
         # disjoint), which saves a copy per parameter; one call of torch's C++ makes every view shaped
         # as its parameter (a split and a view per parameter cost a dispatch each: 19 µs of a tiny
         # model's step for four tensors)
-        for p, g in zip(self.theta, torch._C._nn.unflatten_dense_tensors(flat, self.theta), strict=True):
+        for k, (p, g) in enumerate(zip(self.theta, torch._C._nn.unflatten_dense_tensors(flat, self.theta), strict=True)):
+            if reached is not None and k not in reached:
+                continue
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
-            p.grad = g if p.grad is None else p.grad + g
+            _accumulate_grad(p, g)
 
     @staticmethod
-    def _leaves(total: Tensor | list[Tensor], exclude: list[Tensor], stop: list[Tensor] = ()) -> list[Tensor]:  # type: ignore[assignment]
+    def _leaves(total: Tensor | list[Tensor], exclude: list[Tensor], stop: list[Tensor] = (),  # type: ignore[assignment]
+                excluded: list[Tensor] | None = None) -> list[Tensor]:
         """Leaf tensors requiring grad that ``total`` (a tensor or several) depends on, minus
-        ``exclude``, not looking past the tensors ``stop`` (the shared representation)."""
+        ``exclude``, not looking past the tensors ``stop`` (the shared representation); those of
+        ``exclude`` it depends on are appended to ``excluded`` when given."""
         skip = {id(p) for p in exclude}
         seen: set[int] = {id(z.grad_fn) for z in stop if z.grad_fn is not None}
         leaves: list[Tensor] = []
@@ -1040,10 +1124,20 @@ class Engine:
                 var = fn.variable
                 if id(var) not in skip:
                     leaves.append(var)
+                elif excluded is not None:
+                    excluded.append(var)
                 continue
             for next_fn, _ in fn.next_functions:
                 push(next_fn)
         return leaves
+
+
+def _check_leaves(shared: list[Tensor]) -> None:
+    for p in shared:
+        if p.grad_fn is not None:
+            raise InvalidParameterError(
+                f"a shared parameter of shape {tuple(p.shape)} is not a leaf tensor (it is computed from other "
+                "tensors, which would get no update): pass the parameters it is computed from")
 
 
 def _bad_loss(task: str, loss: Tensor) -> InvalidParameterError:
@@ -1054,9 +1148,23 @@ def _bad_loss(task: str, loss: Tensor) -> InvalidParameterError:
     if loss.dim():
         return InvalidParameterError(f"the loss of task '{task}' must be a scalar (reduce it with .mean() or .sum()); "
                                      f"found shape {tuple(loss.shape)}")
+    if not loss.dtype.is_floating_point:  # a complex loss: a weight per task has no order to minimise it in
+        return InvalidParameterError(f"the loss of task '{task}' must be a real floating-point scalar; found dtype "
+                                     f"{loss.dtype} (take .abs() or .real of a complex loss)")
     return InvalidParameterError(
         f"the loss of task '{task}' does not require grad (it was computed under torch.no_grad, detached, or from no "
         "parameter): it would train nothing; pass None for a task without a loss this step")
+
+
+def _hold(tensors: Iterable[Tensor], held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]]) -> None:
+    """Append to ``held`` each of ``tensors`` that has post-accumulate-grad hooks, with its hooks
+    (taken out of it: its dict emptied, which autograd and FSDP read), ``.grad`` and version."""
+    for tensor in tensors:
+        hooks = tensor._post_accumulate_grad_hooks
+        if hooks:
+            grad = tensor.grad
+            held.append((tensor, dict(hooks), grad, _version(grad)))
+            hooks.clear()
 
 
 def _release_hooks(held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]], *, run: bool) -> None:
@@ -1076,6 +1184,25 @@ def _release_hooks(held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]]
             for hook in hooks.values():
                 if hook(tensor) is not None:
                     raise RuntimeError("Tensor post accumulate grad hooks should return None.")
+
+
+def _accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """``param.grad`` += ``grad`` as autograd's AccumulateGrad does it: a first gradient laid out as
+    the parameter (its strides where it is dense and not overlapping, else contiguous), a later one
+    added in place. ``grad`` is the caller's own (no one else writes into it).
+
+    Why the layout: a first gradient written as a contiguous view of the engine's flat update gave
+    a channels_last or transposed weight a gradient of other strides, and torch's fused Adam and SGD
+    read it in the parameter's order: a channels_last convolution's weight was 0.2 off after one
+    Adam step at lr 0.1. Why in place: a caller may hold ``.grad`` (a CUDA graph's static gradient,
+    a bucket's view), and ``zero_grad(set_to_none=False)`` keeps its buffers for that."""
+    held = param.grad
+    if held is not None:
+        held.add_(grad)
+    elif (param.is_contiguous() and grad.is_contiguous()) or grad.stride() == param.stride():
+        param.grad = grad
+    else:
+        param.grad = torch.empty_like(param).copy_(grad)  # empty_like: the strides autograd gives
 
 
 def _version(grad: Tensor | None) -> int:

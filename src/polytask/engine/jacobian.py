@@ -35,13 +35,14 @@ def accumulates(tensors: Sequence[Tensor], jacobian: Tensor) -> bool:
     give, for J on ``tensors`` (θ, then any other leaves the passes also reach) in ``jacobian``.
 
     It needs leaves (only a leaf's ``.grad`` is written by a backward pass) of J's dtype and device
-    (a ``.grad`` must match its tensor), no post-accumulate hooks (they would run on every pass,
-    where passes that return the gradients run none) and, so that hooks stay torch's business
-    alone, no tensor hooks either; and a J small enough."""
+    (a ``.grad`` must match its tensor), contiguous (a row's view is, and autograd wants a ``.grad``
+    laid out as its tensor: a channels-last weight), no post-accumulate hooks (they would run on
+    every pass, where passes that return the gradients run none) and, so that hooks stay torch's
+    business alone, no tensor hooks either; and a J small enough."""
     if jacobian.numel() > ACCUMULATE_MAX_ENTRIES:
         return False
     dtype, device = jacobian.dtype, jacobian.device
-    return all(t.is_leaf and t.dtype == dtype and t.device == device and not t._backward_hooks
+    return all(t.is_leaf and t.dtype == dtype and t.device == device and t.is_contiguous() and not t._backward_hooks
                and t._post_accumulate_grad_hooks is None for t in tensors)
 
 
@@ -66,16 +67,29 @@ def accumulate_rows(losses: Sequence[Tensor], theta: Sequence[Tensor], rows: Seq
 
 
 def row_views(jacobian: Tensor, shapes: Sequence[torch.Size]) -> list[list[Tensor]]:
-    """For each row of ``jacobian`` (T×P), views of it shaped as ``shapes`` (P = Σ their sizes)."""
+    """For each row of ``jacobian`` (T×P), views of it shaped as ``shapes`` (P = Σ their sizes), each
+    with a version counter of its own (``.data``; a view shares its base's): a pass that accumulates
+    into one as a ``.grad`` moves that view's version alone, which tells which tensors it reached."""
     sizes = [s.numel() for s in shapes]
-    return [[part.view(shape) for part, shape in zip(row.split(sizes), shapes, strict=True)] for row in jacobian]
+    return [[part.view(shape).data for part, shape in zip(row.split(sizes), shapes, strict=True)]
+            for row in jacobian]
+
+
+def jacobian_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of J on ``inputs``: the widest of theirs. Why: J in the first tensor's dtype rounded
+    a float32 layer's gradients to bfloat16 where a bfloat16 layer came first (2e-3 off)."""
+    dtype = inputs[0].dtype
+    for p in inputs[1:]:
+        if p.dtype != dtype:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
 
 
 def _empty_jacobian(rows: int, inputs: Sequence[Tensor]) -> tuple[Tensor, list[int]]:
     if not inputs:
         raise InvalidParameterError("the task Jacobian needs at least one shared parameter; the model has none")
     sizes = [p.numel() for p in inputs]
-    return torch.empty(rows, sum(sizes), dtype=inputs[0].dtype, device=inputs[0].device), sizes
+    return torch.empty(rows, sum(sizes), dtype=jacobian_dtype(inputs), device=inputs[0].device), sizes
 
 
 def task_jacobian(losses: Sequence[Tensor], inputs: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -248,10 +262,10 @@ class JacobianPieces:
     """
 
     def __init__(self, chunks: list[tuple[int, int, list[Tensor | None]]], rows: int, sizes: Sequence[int],
-                 like: Tensor) -> None:
+                 like: Tensor, dtype: torch.dtype | None = None) -> None:
         self.chunks, self.sizes = chunks, list(sizes)
         self.shape = (rows, sum(self.sizes))
-        self.dtype, self.device = like.dtype, like.device
+        self.dtype, self.device = dtype or like.dtype, like.device
 
     def div_(self, value: float) -> JacobianPieces:
         for _, _, blocks in self.chunks:
@@ -269,6 +283,8 @@ class JacobianPieces:
                 for a, b in zip(blocks_a, blocks_b, strict=True):
                     if a is None or b is None:
                         continue
+                    if a.dtype != self.dtype:  # θ of several dtypes: each block in J's (the widest)
+                        a, b = a.to(self.dtype), b.to(self.dtype)
                     if a.is_cuda or a.shape[1] <= GRAM_BLOCK:
                         part.addmm_(a, b.T)
                     else:  # on the CPU a wide product is faster in column blocks (see `gramian`)
@@ -286,7 +302,7 @@ class JacobianPieces:
         for start, rows, blocks in self.chunks:
             for k, block in enumerate(blocks):
                 if block is not None:
-                    parts[k].addmv_(block.T, w[start:start + rows])
+                    parts[k].addmv_(block.T.to(self.dtype), w[start:start + rows])
         return out
 
 

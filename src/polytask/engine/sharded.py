@@ -127,6 +127,11 @@ class ShardedEngine(Engine):
         self._keep_gathered = units
 
     # ---------------------------------------------------------------- the hooks of Engine.backward
+    def _follow_trainable(self) -> None:
+        raise InvalidParameterError(
+            "a parameter's requires_grad changed after the sharded (FSDP) engine was made: its Jacobian's columns "
+            "and FSDP's units are laid out for the parameters that trained then; build the Trainer again")
+
     def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
         if computer is not self.jacobian:  # J_z on the features: activations, not sharded
             return super()._jacobian(computer, parts, inputs, scale)
