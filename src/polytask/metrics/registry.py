@@ -1,13 +1,21 @@
 """Per-task metrics built on torchmetrics, each knowing whether higher is better.
 
 What a metric's ``update(prediction, target)`` receives (labelled samples only, concatenated over
-up to 64 batches): regression values (N,) and float targets (N,); binary probabilities (N,)
-(sigmoid of the logit) and int64 targets; multiclass logits (N, C) and int64 class indices (N,);
-multilabel probabilities (N, C) and int64 0/1 targets (N, C). Vision kinds (``polytask.vision``):
-segmentation logits (N, C, H, W) and int64 maps (N, H, W) (−1 = unlabelled pixel); dense_regression
-values (N, H, W) and float maps (N, H, W) (NaN = no value); detection raw head outputs (N, A, 6 + C)
-and padded box rows (N, K, 5). Text kind (``polytask.text``): generation logits (N, T, V) and int64
-token ids (N, T).
+the batches of a flush, ``TaskMetrics.FLUSH_ELEMENTS``): regression values (N,) and float targets
+(N,), in the target's units (float32; float64 for the built-in mse, rmse, mae and r2); binary
+probabilities (N,) (sigmoid of the logit) and int64 targets; multiclass logits (N, C) and int64
+class indices (N,); multilabel probabilities (N, C) and int64 0/1 targets (N, C). Two exceptions,
+which give the values torchmetrics computes from those inputs, without its guess that a flush
+holding a value outside [0, 1] holds logits: a torchmetrics binary or multilabel classification
+metric with a ``threshold`` (accuracy, F1, precision, recall, balanced accuracy, …) receives the
+bool labels ``probability > threshold``, and a multiclass torchmetrics precision-recall-curve
+metric (AUROC, average precision, ROC) softmax probabilities (float32). A labelled row whose
+prediction is NaN (multiclass: also a +inf logit, or all −inf, which have no softmax) reaches the
+metrics as zeros, and every metric of its task is NaN for the epoch (see ``TaskMetrics``).
+Vision kinds (``polytask.vision``): segmentation logits (N, C, H, W) and int64 maps (N, H, W)
+(−1 = unlabelled pixel); dense_regression values (N, H, W) and float maps (N, H, W) (NaN = no
+value); detection raw head outputs (N, A, 6 + C) and padded box rows (N, K, 5). Text kind
+(``polytask.text``): generation logits (N, T, V) and int64 token ids (N, T).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ C = _Deferred("torchmetrics.classification")
 R = _Deferred("torchmetrics.regression")
 # polytask's own torchmetrics.Metric subclasses
 _AUROC, _TEXT = _Deferred("polytask.metrics.auroc"), _Deferred("polytask.text.metrics")
+_BALANCED, _R2 = _Deferred("polytask.metrics.balanced_accuracy"), _Deferred("polytask.metrics.r2")
 _COCO, _DENSE = _Deferred("polytask.vision.coco_eval"), _Deferred("polytask.vision.dense_metrics")
 
 
@@ -78,14 +87,17 @@ _SPECS = [
     MetricSpec("rmse", False, lambda t: R.MeanSquaredError(squared=False), ("regression",)),
     MetricSpec("mse", False, lambda t: R.MeanSquaredError(), ("regression",)),
     MetricSpec("mae", False, lambda t: R.MeanAbsoluteError(), ("regression",)),
-    MetricSpec("r2", True, lambda t: R.R2Score(), ("regression",)),
+    # R² with float64 sums, as sklearn's r2_score (polytask.metrics.r2)
+    MetricSpec("r2", True, lambda t: _R2.R2Score(), ("regression",)),
     MetricSpec("accuracy", True, _classification(
         lambda: C.BinaryAccuracy(), lambda num_classes: C.MulticlassAccuracy(num_classes=num_classes, average="micro"),
         lambda num_labels: C.MultilabelAccuracy(num_labels=num_labels)), _CLS),
+    # the mean recall over the classes present in the targets (sklearn's balanced_accuracy_score);
+    # multilabel: the mean over labels of each label's binary balanced accuracy (polytask.metrics.balanced_accuracy)
     MetricSpec("balanced_accuracy", True, _classification(
-        lambda: C.MulticlassAccuracy(num_classes=2, average="macro"),
-        lambda num_classes: C.MulticlassAccuracy(num_classes=num_classes, average="macro"),
-        lambda num_labels: C.MultilabelAccuracy(num_labels=num_labels, average="macro")), _CLS),
+        lambda: _BALANCED.BinaryBalancedAccuracy(),
+        lambda num_classes: _BALANCED.MulticlassBalancedAccuracy(num_classes=num_classes),
+        lambda num_labels: _BALANCED.MultilabelBalancedAccuracy(num_labels=num_labels)), _CLS),
     MetricSpec("f1", True, _classification(
         lambda: C.BinaryF1Score(), lambda num_classes: C.MulticlassF1Score(num_classes=num_classes, average="macro"),
         lambda num_labels: C.MultilabelF1Score(num_labels=num_labels, average="macro")), _CLS),

@@ -267,7 +267,7 @@ class Trainer:
             while self.epoch < self.loop.epochs and not self.stop:
                 rows = self._train_epoch(train)
                 if val is not None:
-                    rows += self._rows("val", self.evaluate(val))
+                    rows += self._rows("val", self._evaluate(val))
                 self.history.extend(rows)
                 self._end_epoch(rows, time.perf_counter() - started)
             summary = self._finish(train, val, test, time.perf_counter() - started)
@@ -284,21 +284,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Data) -> dict[str, dict[str, float]]:
-        """Per-task metrics and mean loss on ``data`` (each task on its own set if per-task)."""
+        """Per-task metrics and mean loss on ``data`` (each task on its own set if per-task).
+
+        ``data`` is validated as ``fit`` validates its splits (targets' shapes, ranges, NaN; a
+        ``TorchData`` already validated for these tasks is checked batch by batch as it is read,
+        and its first item is not read again). It may be called at any time, from a callback in
+        the middle of an epoch too: it accumulates into a tracker of its own (the training epoch's
+        metrics and losses are left as they were) and gives every module of the model back the
+        training mode it had.
+        """
         data = as_data(data, "evaluation data")
-        if isinstance(data, TorchData) and data.tasks is None or isinstance(data, TaskDatasets) and any(
-                isinstance(ds, TorchData) and ds.tasks is None for ds in data.datasets.values()):
+
+        def validated(ds: Any, tasks: Sequence[Task]) -> bool:  # a TorchData whose batches are checked for `tasks`
+            return (isinstance(ds, TorchData) and ds.tasks is not None and len(ds.tasks) == len(tasks)
+                    and all(a is b for a, b in zip(ds.tasks, tasks)))
+        by_name = {t.name: t for t in self.tasks}
+        parts = ([(ds, [by_name.get(t)]) for t, ds in data.datasets.items()] if isinstance(data, TaskDatasets)
+                 else [(data, self.tasks)])
+        if not all(validated(ds, tasks) for ds, tasks in parts):
             self._check_data(data, "evaluation")
-        self.model.eval()
-        tracker = self.metrics
+        return self._evaluate(data)
+
+    @torch.no_grad()
+    def _evaluate(self, data: Data) -> dict[str, dict[str, float]]:
+        """:meth:`evaluate` of data already validated (``fit``'s splits, checked once at its start)."""
+        tracker = getattr(self, "_eval_metrics", None)
+        if tracker is None:  # built at the first evaluation: not the training epoch's self.metrics
+            tracker = self._eval_metrics = TaskMetrics(self.tasks, self.device)
         tracker.reset()
-        for batch in self._eval_batches(data):
-            batch = batch.to(self.device)
-            active = self._active(batch)
-            outputs = self.model(batch.x, tasks=active, task=batch.source)
-            losses = {t: self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t)) for t in active}
-            tracker.update(outputs, batch.targets, batch.masks, losses)
-        return tracker.compute()
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            for batch in self._eval_batches(data):
+                batch = batch.to(self.device)
+                active = self._active(batch)
+                outputs = self.model(batch.x, tasks=active, task=batch.source)
+                losses = {t: self._task(t).loss(outputs[t], batch.targets[t], batch.masks.get(t)) for t in active}
+                tracker.update(outputs, batch.targets, batch.masks, losses)
+            return tracker.compute()
+        finally:
+            for module, training in modes:
+                module.training = training
 
     @torch.no_grad()
     def predict(self, x: Tensor, *, task: str | None = None, batch_size: int = 1024) -> dict[str, Tensor]:
@@ -597,7 +623,7 @@ class Trainer:
         if self._best_state is not None:
             self._load_model(self._best_state)
         split, data = ("test", test) if test is not None else ("val", val) if val is not None else ("train", train)
-        final = self.evaluate(data)
+        final = self._evaluate(data)
         summary: dict[str, Any] = {
             "tasks": final, "split": split, "best_epoch": self.best["epoch"], "epochs_run": self.epoch,
             "monitor": self.loop.monitor, "method": self.method_name, "main_metrics": self.main_metrics,
