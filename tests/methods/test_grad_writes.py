@@ -214,3 +214,49 @@ def test_theta_of_two_dtypes_is_taken_in_the_wider(route):
     want = reference(model, weights, eng.heads)
     for n in ("second.weight", "second.bias"):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("options", [{}, {"heads": "weighted"}, {"jacobian": "batched"}, {"task_clip": 0.5}],
+                         ids=["default", "weighted", "batched", "task-clip"])
+def test_a_heads_sparse_gradient_is_kept_sparse(options):
+    """A task's own nn.Embedding(sparse=True): its .grad is the sparse gradient autograd gives (the
+    layout-keeping copy raised "copy_() between dense and sparse Tensors")."""
+    torch.manual_seed(0)
+    trunk, table = nn.Linear(4, 3), nn.Embedding(6, 3, sparse=True)
+    x, ids = torch.randn(5, 4), torch.tensor([0, 2, 2, 5, 1])
+    eng = Engine("upgrad", list(trunk.parameters()), params=[*trunk.parameters(), table.weight], **options)
+    z = torch.tanh(trunk(x))
+    weights = eng.backward({"a": (z * table(ids)).sum(), "b": (z ** 2).mean()}, features=[z]).weights
+    got = table.weight.grad
+    assert got.layout == torch.sparse_coo
+    if "task_clip" in options:  # the heads take the clip factors too: the layout is what is checked here
+        return
+    table.weight.grad = None
+    z = torch.tanh(trunk(x))
+    head = (z * table(ids)).sum() * (weights["a"] if eng.heads == "weighted" else 1.0)
+    head.backward()
+    torch.testing.assert_close(got.to_dense(), table.weight.grad.to_dense())
+
+
+def test_j_follows_a_dtype_change_between_steps():
+    """``model.double()`` after a step: J is taken in float64 from then on (a dtype kept from the first
+    step rounded the float64 gradients to float32)."""
+    model = Net()
+    eng = engine(model, "accumulating")
+    step(model, eng, seed=0)
+    model.double()
+    model.zero_grad(set_to_none=True)
+
+    def losses(seed: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.tanh(model.first(torch.randn(8, 5, generator=gen).double()))
+        z = torch.tanh(model.second(h))
+        return z, {t: ((model.heads[t](z).squeeze(-1) - i) ** 2).mean() for i, t in enumerate(TASKS)}
+
+    model.losses = losses  # type: ignore[method-assign]
+    weights = step(model, eng)
+    assert eng._kept_jacobian.dtype == torch.float64
+    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    want = reference(model, weights, eng.heads)
+    for n in ("first.weight", "second.weight"):
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14, msg=n)

@@ -103,3 +103,34 @@ def test_hooks_take_the_optimisers_step_as_after_the_step(name, route, declared)
     assert want_calls[1][6] == want_calls[1][7] == 0  # t1's head (its weight and bias) had no gradient then
     for k, (a, b) in enumerate(zip(want, got, strict=True)):
         assert torch.equal(a, b), f"parameter {k}: {(a - b).abs().max().item()}"
+
+
+@pytest.mark.parametrize("options", [{}, {"heads": "weighted"}, {"gramian": "autogram"}],
+                         ids=["default", "weighted", "autogram"])
+def test_a_layer_unfrozen_now_and_a_head_an_extra_loss_reaches_run_their_hooks_once(options):
+    """A shared layer unfrozen before this step has its hook held and run too (θ was re-derived after
+    the hooks were taken: no call); a head that the soft-sharing penalty (``extra_loss``) also reaches,
+    on an engine without ``params``, runs its hook once (twice: inside the penalty's backward, then at
+    the end)."""
+    model = Tiny(TASKS, seed=2)
+    model.encoder[0].requires_grad_(False)
+    engine = Engine(build("upgrad", TASKS), model.shared(), seed=4, **options)
+    calls: Counter = Counter()
+
+    def count(params) -> None:
+        for name, p in params:
+            p.register_post_accumulate_grad_hook(lambda tensor, name=name: calls.update([name]))
+
+    count((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    for step in range(2):
+        if step == 1:
+            model.encoder[0].requires_grad_(True)
+            count(("encoder.0." + n, p) for n, p in model.encoder[0].named_parameters())
+        z, losses = model.losses(seed=step)
+        calls.clear()
+        penalty = (model.heads["t0"].weight ** 2).sum() * 0.1
+        engine.backward(losses, features=[z], extra_loss=penalty)
+        assert all(n == 1 for n in calls.values()), calls
+        assert ("encoder.0.weight" in calls) == (step == 1)
+        assert calls["heads.t0.weight"] == 1
+        model.zero_grad(set_to_none=True)

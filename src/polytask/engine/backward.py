@@ -316,7 +316,7 @@ class Engine:
         self._declared = self._params = None if params is None else [p for p in params if p.requires_grad]
         self._private_leaves, self._reached_numel = None, 0
         self._kept_jacobian = None
-        for derived in ("_shared_id_cache", "_hook_cache", "_rows", "_theta_dtype_cache"):
+        for derived in ("_shared_id_cache", "_hook_cache", "_rows"):
             self.__dict__.pop(derived, None)
         self._trains = [p.requires_grad for p in self._watched]
 
@@ -406,6 +406,8 @@ class Engine:
         """
         if self.comm is None and self._losses_only(diagnose, extra_loss):  # one backward: autograd runs each hook once
             return self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
+        if [p.requires_grad for p in self._watched] != self._trains:
+            self._follow_trainable()  # before the hooks are held: a layer unfrozen now has its hooks too
         self._held = self._held_hooks()
         try:
             report = self._backward(losses, features, epoch, extra_loss, scale, diagnose, lookahead, report_gramian)
@@ -433,9 +435,6 @@ class Engine:
             if (not isinstance(loss, Tensor) or (loss.dim() and not parted) or not loss.requires_grad
                     or not loss.dtype.is_floating_point):
                 raise _bad_loss(t, loss)
-        if (self.comm is not None or not self._losses_only(diagnose, extra_loss)) and (
-                [p.requires_grad for p in self._watched] != self._trains):
-            self._follow_trainable()  # a loss step of one process reads none of them
         index = self.index  # counted once the losses are known good: a refused step changes nothing
         self.index += 1
         if not active:
@@ -770,6 +769,7 @@ class Engine:
         if extra_loss is not None:
             # a regulariser on the parameters themselves (soft sharing), not a task: its gradient
             # is added as is, wherever it lands (shared parameters included)
+            self._hold_more(self._leaves(extra_loss, []))  # its leaves' hooks run once, at the step's end
             (extra_loss * scale).backward(retain_graph=True)
         private, self._private = self._private, None
         if private is not None:
@@ -1063,11 +1063,9 @@ class Engine:
 
     @property
     def _theta_dtype(self) -> torch.dtype:
-        """J's dtype: the widest of θ's (see :func:`~polytask.engine.jacobian.jacobian_dtype`)."""
-        dtype = self.__dict__.get("_theta_dtype_cache")
-        if dtype is None:
-            dtype = self._theta_dtype_cache = jacobian_dtype(self.theta)
-        return dtype
+        """J's dtype: the widest of θ's (see :func:`~polytask.engine.jacobian.jacobian_dtype`), read at
+        each step (``model.double()`` between steps changes it)."""
+        return jacobian_dtype(self.theta)
 
     @property
     def _shared_ids(self) -> set[int]:
@@ -1197,7 +1195,9 @@ def _accumulate_grad(param: Tensor, grad: Tensor) -> None:
     Adam step at lr 0.1. Why in place: a caller may hold ``.grad`` (a CUDA graph's static gradient,
     a bucket's view), and ``zero_grad(set_to_none=False)`` keeps its buffers for that."""
     held = param.grad
-    if held is not None:
+    if grad.layout != torch.strided or (held is not None and held.layout != torch.strided):
+        param.grad = grad if held is None else held + grad  # a sparse gradient (an embedding's) as it is
+    elif held is not None:
         held.add_(grad)
     elif (param.is_contiguous() and grad.is_contiguous()) or grad.stride() == param.stride():
         param.grad = grad

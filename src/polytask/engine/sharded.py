@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from polytask.core.errors import InvalidParameterError
-from polytask.engine.backward import Engine
+from polytask.engine.backward import Engine, _unique
 from polytask.engine.comm import Communicator
-from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian
+from polytask.engine.jacobian import JacobianComputer, cross_gramian, gramian, jacobian_dtype
 from polytask.methods.base import Method, Update
 
 
@@ -127,6 +127,11 @@ class ShardedEngine(Engine):
         self._keep_gathered = units
 
     # ---------------------------------------------------------------- the hooks of Engine.backward
+    def _hook_tensors(self) -> list[Tensor]:
+        """The sharded parameters too (the heads, which FSDP's own reduce-scatter would run the hooks of
+        in each task's pass), whether or not ``params`` were given."""
+        return _unique([*super()._hook_tensors(), *self.order])
+
     def _follow_trainable(self) -> None:
         raise InvalidParameterError(
             "a parameter's requires_grad changed after the sharded (FSDP) engine was made: its Jacobian's columns "
@@ -135,7 +140,7 @@ class ShardedEngine(Engine):
     def _jacobian(self, computer: JacobianComputer, parts: list[Tensor], inputs: list[Tensor], scale: float) -> Tensor:
         if computer is not self.jacobian:  # J_z on the features: activations, not sharded
             return super()._jacobian(computer, parts, inputs, scale)
-        rows = torch.empty(len(parts), sum(self.sizes), dtype=self.order[0].dtype, device=self.order[0].device)
+        rows = torch.empty(len(parts), sum(self.sizes), dtype=jacobian_dtype(self.order), device=self.order[0].device)
         reached = self._reached or [False] * len(self.order)
         for i, loss in enumerate(parts):
             for p in self.order:
@@ -181,6 +186,7 @@ class ShardedEngine(Engine):
             super()._apply(vec, applied, update, jacobian, feature_jacobian, extra_loss, scale, clip, use_direction)
             return
         if extra_loss is not None:
+            self._hold_more(self._leaves(extra_loss, []))  # its leaves' hooks run once, at the step's end
             (extra_loss * scale).backward(retain_graph=True)
         head = applied if self.heads == "weighted" else (clip if clip is not None else torch.ones_like(applied))
         # the Jacobian of the update's loss: with batch parts, the mean over the parts' Jacobians

@@ -50,7 +50,9 @@ def shard_model(model: nn.Module) -> nn.Module:
     forward until a backward reached it, and after an evaluation (a forward without backward) or for
     a head no task's loss reached, for good, so every rank held the whole model. Under the model's
     unit the others free their parameters after their own forward and gather them again for their
-    backward. ``encode`` and ``decode`` run the root's hooks as ``forward`` does."""
+    backward. ``encode`` runs the root's hooks as ``forward`` does (its output is what the losses'
+    backward passes through: the root's final callback is queued there); ``decode`` need not: the
+    units it runs (the heads) run their own."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     units = owners(model)
