@@ -81,6 +81,16 @@ def reference(model: Net, weights: dict[str, float], heads: str, seed: int = 1) 
     return out
 
 
+def assert_as_autograd(model: Net, weights: dict[str, float], heads: str) -> None:
+    """The model's gradients now are :func:`reference`'s (None where it has None)."""
+    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    want = reference(model, weights, heads)
+    for n in got:
+        assert (got[n] is None) == (want[n] is None), n
+        if got[n] is not None:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def step(model: Net, eng: Engine, seed: int = 1) -> dict[str, float]:
     z, losses = model.losses(seed)
     return eng.backward(losses, features=[z]).weights
@@ -127,12 +137,7 @@ def test_a_shared_layer_no_loss_reaches_keeps_no_gradient(route):
     eng = engine(model, route)
     weights = step(model, eng)
     assert model.unused.weight.grad is None and model.unused.bias.grad is None
-    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    want = reference(model, weights, eng.heads)
-    for n in got:
-        assert (got[n] is None) == (want[n] is None), n
-        if got[n] is not None:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_as_autograd(model, weights, eng.heads)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -149,12 +154,7 @@ def test_a_shared_layer_frozen_or_unfrozen_after_the_engine_was_made(route, chan
     model.zero_grad(set_to_none=True)
     model.first.requires_grad_(change == "unfrozen")
     weights = step(model, eng, seed=1)
-    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-    want = reference(model, weights, eng.heads)
-    for n in got:
-        assert (got[n] is None) == (want[n] is None), n
-        if got[n] is not None:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert_as_autograd(model, weights, eng.heads)
 
 
 @pytest.mark.parametrize("method", ["mgda_ub", "upgrad"])
