@@ -330,7 +330,9 @@ class Engine:
         under a Gramian method and stepped a head once per pass on another route. The hooks' dict
         is emptied, not dropped: autograd and FSDP read that same dict."""
         held: list[tuple[Tensor, dict[Any, Any], Tensor | None, int]] = []
-        _hold(self._hook_tensors(), held)
+        hooked = [t for t in self._hook_tensors() if t._post_accumulate_grad_hooks]  # usually none: one pass
+        if hooked:
+            _hold(hooked, held)
         return held
 
     def _hold_more(self, tensors: list[Tensor]) -> None:
@@ -905,14 +907,13 @@ class Engine:
         """J's rows and the leaves outside θ their Σᵢ ∇Lᵢ, by passes that accumulate
         (:func:`~polytask.engine.jacobian.accumulate_rows`); the last pass frees the graph. The θ
         tensors some pass reached go to ``_theta_reached`` (a pass that reaches one adds into its
-        row's view, whose own version counter moves)."""
+        row's view, and the views of one tensor share a version counter of their own, which moves)."""
         jacobian.zero_()
         views = self._row_views()[:len(parts)]
-        before = [[v._version for v in row] for row in views]
+        before = [v._version for v in views[0]]  # a tensor's views share one counter (see row_views)
         accumulate_rows([loss * scale for loss in parts] if scale != 1.0 else parts, self.theta,
                         views, private, free_graph=True)
-        self._theta_reached = {k for k in range(len(self.theta))
-                               if any(row[k]._version != was[k] for row, was in zip(views, before, strict=True))}
+        self._theta_reached = {k for k, (v, was) in enumerate(zip(views[0], before, strict=True)) if v._version != was}
         if scale != 1.0:
             jacobian.div_(scale)  # the private gradients stay scaled, as the copying passes leave them
 
@@ -1097,7 +1098,10 @@ class Engine:
                 continue
             if g.dtype != p.dtype:
                 g = g.to(p.dtype)
-            _accumulate_grad(p, g)
+            if p.grad is None and p.is_contiguous():  # the usual first gradient: the view itself (g is contiguous)
+                p.grad = g
+            else:
+                _accumulate_grad(p, g)
 
     @staticmethod
     def _leaves(total: Tensor | list[Tensor], exclude: list[Tensor], stop: list[Tensor] = (),  # type: ignore[assignment]

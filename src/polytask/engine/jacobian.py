@@ -67,12 +67,14 @@ def accumulate_rows(losses: Sequence[Tensor], theta: Sequence[Tensor], rows: Seq
 
 
 def row_views(jacobian: Tensor, shapes: Sequence[torch.Size]) -> list[list[Tensor]]:
-    """For each row of ``jacobian`` (T×P), views of it shaped as ``shapes`` (P = Σ their sizes), each
-    with a version counter of its own (``.data``; a view shares its base's): a pass that accumulates
-    into one as a ``.grad`` moves that view's version alone, which tells which tensors it reached."""
+    """For each row of ``jacobian`` (T×P), views of it shaped as ``shapes`` (P = Σ their sizes). The
+    views of one tensor's columns share a version counter of their own (their column block's
+    ``.data``; a view shares its base's): a pass that accumulates into one of them as a ``.grad``
+    moves that counter alone, which tells whether any pass reached the tensor."""
     sizes = [s.numel() for s in shapes]
-    return [[part.view(shape).data for part, shape in zip(row.split(sizes), shapes, strict=True)]
-            for row in jacobian]
+    blocks = [block.data for block in jacobian.split(sizes, dim=1)]
+    return [[block[i].view(shape) for block, shape in zip(blocks, shapes, strict=True)]
+            for i in range(jacobian.shape[0])]
 
 
 def jacobian_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
