@@ -21,9 +21,10 @@ from ddp_script import problem, watch_hooks  # noqa: E402
 #: upgrad on the last shared layer with unweighted heads (the layers below get Σ wᵢ∇Lᵢ, the heads Σ ∇Lᵢ)
 METHODS = {"equal": {}, "uncertainty": {}, "upgrad": {}, "mgda_ub": {}, "gradnorm": {}, "modo": {},
            "equal:clip": {}, "upgrad:kept": {}, "upgrad:last": {"compare": "last_shared"}, "upgrad:rare": {},
-           "upgrad:hooks": {}}
+           "upgrad:hooks": {}, "upgrad:cross_stitch": {}}
 #: ":rare": task b labelled on 6 rows of 96, with Adam: a head no task reached keeps grad None; ":hooks":
-#: every parameter has a post-accumulate-grad hook (ddp_script.watch_hooks)
+#: every parameter has a post-accumulate-grad hook (ddp_script.watch_hooks); ":cross_stitch": that model, whose
+#: mixing weights (an nn.ParameterList) are read in the model's encode
 STEPS = 3
 
 
@@ -33,7 +34,10 @@ def build(name: str, distributed: str = "ddp", steps: int = STEPS, epochs: int =
     method, rare = name.split(":")[0], name.endswith(":rare")
     tasks, data = problem(rare=rare)
     torch.manual_seed(1)
-    model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
+    if name.endswith(":cross_stitch"):
+        model = pt.models.CrossStitch(lambda: pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
+    else:
+        model = pt.models.HardSharing(pt.encoders.MLP(in_features=6, hidden=[16, 8]), tasks)
     clip = {"per_task": 0.5} if name.endswith(":clip") else {}
     loop = ({"epochs": epochs, "batch_size": 8} if rare else
             {"epochs": epochs, "batch_size": 20, "steps_per_epoch": steps})

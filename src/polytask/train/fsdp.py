@@ -16,10 +16,11 @@ under FSDP with any number of ranks (each cuts its slice from the full tensors).
 collective: every rank calls :func:`full_state` at the same point.
 
 Departures: units are the modules that own parameters directly (a size-based wrapping policy
-would group small layers; the gain is fewer collectives, the cost a coarser memory peak). So a
-parameter must be read inside its own module's ``forward``, as every torch layer's is: one read
-elsewhere (a parent's ``forward``, ``extra_loss``) meets a sharded DTensor, and torch refuses to
-mix it with ordinary tensors ("got mixed torch.Tensor and DTensor"); use ``distributed: ddp``.
+would group small layers; the gain is fewer collectives, the cost a coarser memory peak), but for
+parameter containers, whose parameters the unit above holds. So a parameter must be read inside
+its own module's ``forward`` (or, for a container's, its holder's), as every torch layer's is: one
+read elsewhere (a parent's ``forward``, ``extra_loss``) meets a sharded DTensor, and torch refuses
+to mix it with ordinary tensors ("got mixed torch.Tensor and DTensor"); use ``distributed: ddp``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ from torch import Tensor, nn
 
 
 def owners(model: nn.Module) -> list[nn.Module]:
-    """The modules that own trainable parameters directly, in registration order."""
-    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    """The modules that own trainable parameters directly, in registration order, but for parameter
+    containers (``nn.ParameterList``, ``nn.ParameterDict``): they have no forward of their own (their
+    parameters are read in a parent's, cross-stitch's mixing weights in the model's ``encode``), so a
+    unit made of one was never gathered ("mixed torch.Tensor and DTensor"); the unit above them (the
+    model's root unit at the top) holds their parameters instead."""
+    return [m for m in model.modules() if not isinstance(m, (nn.ParameterList, nn.ParameterDict))
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 #: the model's methods the Trainer calls besides ``forward``: FSDP runs its hooks around them too
@@ -59,7 +65,9 @@ def shard_model(model: nn.Module) -> nn.Module:
     for module in units:
         if module is not model:
             fully_shard(module)
-    fully_shard(model)
+    # the root's own parameters (cross-stitch's mixing weights) freed after its forward too, as the
+    # others: FSDP2 keeps a root's gathered by default, which after an evaluation meant for good
+    fully_shard(model, reshard_after_forward=True)
     for name in ENTRY_POINTS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
