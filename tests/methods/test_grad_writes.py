@@ -260,3 +260,28 @@ def test_j_follows_a_dtype_change_between_steps():
     want = reference(model, weights, eng.heads)
     for n in ("first.weight", "second.weight"):
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-14, msg=n)
+
+
+@pytest.mark.parametrize("route", ["accumulating", "loop-weighted", "batched"])
+def test_a_sparse_embedding_in_theta(route):
+    """A shared nn.Embedding(sparse=True): its per-task gradients are written into J as dense rows and
+    its update is dense, equal to autograd's sparse one (the weighted loop route raised "reshape is
+    not implemented for sparse tensors"); the vmapped passes cannot run it, and say what to use."""
+    torch.manual_seed(0)
+    table, heads = nn.Embedding(7, 3, sparse=True), nn.ModuleList([nn.Linear(3, 1) for _ in TASKS])
+    ids = torch.tensor([0, 3, 3, 6, 1])
+
+    def losses() -> dict[str, Tensor]:
+        z = torch.tanh(table(ids))
+        return {t: (head(z) ** 2).mean() * (i + 1) for i, (t, head) in enumerate(zip(TASKS, heads, strict=True))}
+
+    eng = Engine("upgrad", [table.weight], params=[table.weight, *heads.parameters()], **ROUTES[route])
+    if route == "batched":
+        with pytest.raises(RuntimeError, match=r"sparse embedding .* needs jacobian: loop"):
+            eng.backward(losses())
+        return
+    weights = eng.backward(losses()).weights
+    got = table.weight.grad.clone()
+    table.weight.grad = None
+    sum(weights[t] * loss for t, loss in losses().items()).backward(inputs=[table.weight])
+    torch.testing.assert_close(got, table.weight.grad.to_dense())

@@ -24,7 +24,9 @@ from polytask.engine.jacobian import (
     _write_row,
     accumulate_rows,
     accumulates,
+    batched_grads,
     cross_gramian,
+    dense,
     gramian,
     host_gramian,
     jacobian_dtype,
@@ -893,7 +895,7 @@ class Engine:
         for i, loss in enumerate(parts):
             # the last pass frees the graph, as a plain backward would (the penalty, if any, has its own)
             grads = loss_grads(loss * scale if scale != 1.0 else loss, inputs, retain_graph=i < last)
-            torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel())
+            torch.cat([dense(g).reshape(-1) if g is not None else p.new_zeros(p.numel())
                        for g, p in zip(grads[:n], self.theta, strict=True)], out=jacobian[i])
             reached.update(k for k, g in enumerate(grads[:n]) if g is not None)
             grads_by_task.append(grads[n:])
@@ -995,8 +997,7 @@ class Engine:
         for start in range(0, t, chunk):
             rows = min(chunk, t - start)
             selector = eye[start:start + rows]
-            grads = torch.autograd.grad(vec, inputs, grad_outputs=selector, retain_graph=start + rows < t,
-                                        allow_unused=True, is_grads_batched=True)
+            grads = batched_grads(vec, inputs, selector, retain_graph=start + rows < t)
             reached.update(k for k, g in enumerate(grads[:n]) if g is not None)
             if pieces is not None and scale != 1.0:
                 grads = _unaliased(grads)  # J's blocks are unscaled in place, the heads' kept scaled

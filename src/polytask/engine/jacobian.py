@@ -20,8 +20,30 @@ def _write_row(row: Tensor, grads: Sequence[Tensor | None], sizes: Sequence[int]
     unreached inputs get zeros. One ``torch.cat`` into the row: a slice and a copy per parameter
     cost four times as much on a small model (85 → 22 µs a row for four tensors)."""
     lead = row.shape[:-1]
-    torch.cat([g.reshape(*lead, n) if g is not None else row.new_zeros(*lead, n)
+    torch.cat([dense(g).reshape(*lead, n) if g is not None else row.new_zeros(*lead, n)
                for g, n in zip(grads, sizes, strict=True)], dim=-1, out=row)
+
+
+def batched_grads(outputs: Tensor, inputs: Sequence[Tensor], selector: Tensor, *,
+                  retain_graph: bool) -> tuple[Tensor | None, ...]:
+    """The gradients of ``outputs`` w.r.t. ``inputs`` for each row of ``selector``, by one vmapped
+    backward (``is_grads_batched``); a layer without a batched backward rule raises a RuntimeError
+    that says so and what to use instead (torch's own names an operator and a backend only)."""
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs=selector, retain_graph=retain_graph,
+                                   allow_unused=True, is_grads_batched=True)
+    except RuntimeError as err:  # NotImplementedError is one
+        raise RuntimeError(f"a vmapped backward pass (jacobian: batched) failed: a layer without a batched "
+                           f"backward rule, such as a sparse embedding (nn.Embedding(sparse=True)), needs "
+                           f"jacobian: loop (torch: {str(err).splitlines()[0]})") from err
+
+
+def dense(grad: Tensor) -> Tensor:
+    """``grad`` as a strided tensor: a sparse one (an ``nn.Embedding(sparse=True)``'s) is written
+    into J's dense row as its dense values. Departure from autograd: θ's update is then dense where
+    autograd gives such a weight a sparse gradient (values equal; ``torch.optim.SparseAdam``
+    refuses a dense one with its own error)."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 #: the most entries of J that :func:`accumulate_rows` writes; a larger J is written by copies. Why: a row
@@ -125,8 +147,7 @@ def batched_task_jacobian(losses: Tensor, inputs: Sequence[Tensor], chunk_size: 
         rows = min(chunk, n - start)
         selector = torch.zeros(rows, n, dtype=losses.dtype, device=losses.device)
         selector[torch.arange(rows), torch.arange(start, start + rows)] = 1.0
-        grads = torch.autograd.grad(losses, inputs, grad_outputs=selector, retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
+        grads = batched_grads(losses, inputs, selector, retain_graph=True)
         _write_row(jacobian[start:start + rows], grads, sizes)
     return jacobian
 
