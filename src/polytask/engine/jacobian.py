@@ -32,7 +32,7 @@ def batched_grads(outputs: Tensor, inputs: Sequence[Tensor], selector: Tensor, *
     try:
         return torch.autograd.grad(outputs, inputs, grad_outputs=selector, retain_graph=retain_graph,
                                    allow_unused=True, is_grads_batched=True)
-    except RuntimeError as err:  # NotImplementedError is one
+    except RuntimeError as err:  # torch's not-implemented errors are RuntimeErrors too
         raise RuntimeError(f"a vmapped backward pass (jacobian: batched) failed: a layer without a batched "
                            f"backward rule, such as a sparse embedding (nn.Embedding(sparse=True)), needs "
                            f"jacobian: loop (torch: {str(err).splitlines()[0]})") from err
