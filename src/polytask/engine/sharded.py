@@ -11,7 +11,8 @@ Jacobian on θ is then split by columns: rank r holds J_r = J[:, slice r] of the
 
 is exact from one all-reduce of T² values, and each rank applies the update d_r = J_rᵀ w to its
 own slice. No rank holds J (T × |θ|), and a module's parameters are whole only during its own
-forward and backward (or through the step's backward passes, for the ``keep_gathered`` units).
+forward and backward (or, for the ``keep_gathered`` units, from their forward through the step's
+backward passes, and after an evaluation's forward).
 The per-task reduce-scatters still move T × |θ| values, as FSDP's own gradient reduction would for
 T backward passes: the data-parallel part of the reduction that no Gramian can avoid.
 
