@@ -84,6 +84,24 @@ def train(name: str, steps: int = 4, device: str = "cpu"):
     return {k: v.clone() for k, v in model.state_dict().items()}, trainer
 
 
+def grads_averaged_in_place(comm: Communicator) -> dict[str, torch.Tensor]:
+    """``mean_grads_`` on a float32 weight with a gradient held by the caller, a float64 bias and a
+    channels-last convolution weight that has no gradient on rank 1: the held tensor is kept (the
+    mean written into it), each gradient has its parameter's dtype and the new one its layout."""
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    conv = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    rank = comm.rank
+    weight.grad = torch.full((3, 2), float(rank + 1))
+    bias.grad = torch.full((3,), 0.5 * (rank + 1), dtype=torch.float64)
+    conv.grad = torch.ones_like(conv) if rank == 0 else None
+    held = weight.grad
+    comm.mean_grads_([weight, bias, conv])
+    return {"kept": torch.tensor(weight.grad is held), "weight": weight.grad.clone(), "bias": bias.grad.clone(),
+            "bias_dtype_ok": torch.tensor(bias.grad.dtype == torch.float64),
+            "conv_strides_ok": torch.tensor(conv.grad.stride() == conv.stride()), "conv": conv.grad.clone()}
+
+
 def log_variances_left_out(comm: Communicator) -> dict[str, torch.Tensor]:
     """The Engine used directly, its method's log-variances left out of ``reduce_params``: every rank's
     log-variances after 20 steps on its own data (they drifted apart on ``update``'s route, which
@@ -179,6 +197,7 @@ if __name__ == "__main__":
     comm = Communicator.from_env(torch.device("cpu"))
     if comm is not None:
         results.update(log_variances_left_out(comm))
+        results["in_place"] = grads_averaged_in_place(comm)
         every_rank: list = [None] * comm.world_size
         torch.distributed.all_gather_object(every_rank, labels_on_one_rank())
         results["evaluate:labels_on_one_rank"] = every_rank

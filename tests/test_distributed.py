@@ -71,6 +71,18 @@ def test_a_post_accumulate_hook_runs_once_a_step_on_the_averaged_gradient(ddp_re
             assert right == total and worst == 0.0
 
 
+def test_averaged_gradients_are_written_into_the_held_tensors(ddp_results):
+    """The cross-rank mean goes into the ``.grad`` a rank holds (it was a new tensor: a caller's
+    reference to it was left with the rank's own gradient), in each parameter's dtype (a float64
+    bias next to float32 weights took the flat buffer's float32), and a gradient only another rank
+    had is laid out as its parameter (channels-last)."""
+    got = ddp_results["in_place"]
+    assert bool(got["kept"]) and bool(got["bias_dtype_ok"]) and bool(got["conv_strides_ok"])
+    torch.testing.assert_close(got["weight"], torch.full((3, 2), 1.5))
+    torch.testing.assert_close(got["bias"], torch.full((3,), 0.75, dtype=torch.float64))
+    torch.testing.assert_close(got["conv"], torch.full((4, 3, 3, 3), 0.5).to(memory_format=torch.channels_last))
+
+
 @pytest.mark.parametrize("route", ["Uncertainty", "Differentiable"])
 def test_a_methods_own_parameters_are_averaged_over_ranks_even_if_left_out(ddp_results, route):
     """The engine averages the method's own parameters' gradients with ``reduce_params`` whether or not

@@ -70,9 +70,13 @@ class Communicator:
         # read back (a device sync) only where this rank lacks a gradient: where it has one, some rank does
         reached = has if all(has) else flat[-len(params):].tolist()
         offset = 0
-        for p, anyone in zip(params, reached, strict=True):
+        for p, mine, anyone in zip(params, has, reached, strict=True):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone() if anyone > 0 else None
+            mean = flat[offset:offset + n].view_as(p)
+            if mine:  # in place, as autograd accumulates (a caller may hold .grad), in the gradient's dtype and layout
+                p.grad.copy_(mean)
+            else:  # laid out as the parameter, as autograd's first gradient
+                p.grad = torch.empty_like(p).copy_(mean) if anyone > 0 else None
             offset += n
 
     def broadcast_object(self, obj: object) -> object:
