@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -247,6 +248,17 @@ def test_two_process_ddp_equals_one_process(ddp_runs):
     one, two = (torch.load(ddp_runs / d / "params.pt") for d in ("1", "2"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_under_ddp_the_logged_step_losses_are_the_global_batchs(ddp_runs):
+    """Each step's train/loss/TASK is the loss on the global batch, as one process logs it (rank 0's
+    own half-batch loss reached the logger)."""
+    one, two = (pd.read_csv(ddp_runs / d / "logs" / "version_0" / "metrics.csv") for d in ("1", "2"))
+    for column in ("train/loss/a_step", "train/loss/b_step"):
+        a, b = one[column].dropna().to_numpy(), two[column].dropna().to_numpy()
+        assert len(a) == len(b) == 8, column
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=column)
 
 
 @pytest.mark.slow

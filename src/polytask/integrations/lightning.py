@@ -175,7 +175,6 @@ class MultiTaskModule(pl.LightningModule):
             if loss is not None:
                 self._epoch_loss[t] = self._epoch_loss.get(t, 0.0) + float(loss.detach()) * counts[t]
                 self._epoch_count[t] = self._epoch_count.get(t, 0) + counts[t]
-        present = {t: v.detach() for t, v in losses.items() if v is not None}  # this rank's own losses, logged
         if self.engine.comm is not None:
             losses = self._rank_weighted(losses, counts)
         optimizer = self.optimizers()
@@ -201,9 +200,11 @@ class MultiTaskModule(pl.LightningModule):
         if clip.norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip.norm * scale)
         optimizer.step()
-        # the tasks' own losses (not the rank-weighted ones the engine takes under DDP), and the weights of
-        # the tasks that had a loss this step: an epoch's mean weight is over those steps, as the Trainer's
-        logged = {f"train/loss/{t}": v for t, v in present.items()}
+        # each task's loss on the global batch (the report's: under DDP the mean over ranks of the
+        # rank-weighted losses, which is the labelled rows' mean over every rank, the same on each; a
+        # rank's own loss reached the logger from rank 0 alone), and the weights of the tasks that had
+        # a loss this step: an epoch's mean weight is over those steps, as the Trainer's
+        logged = {f"train/loss/{t}": report.losses[i] for i, t in enumerate(report.tasks)}
         logged |= {f"train/weight/{t}": report.weights[t] for t in report.tasks}
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=True, batch_size=len(data))
